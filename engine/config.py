@@ -1,0 +1,301 @@
+"""The run's configuration: one typed model for CLI flags, TOML keys, defaults and help.
+
+Every field is a kohya ``train_network.py`` flag spelled exactly as kohya spells it
+(plus a few of our own, marked in their help). The CLI parser, the TOML loader and
+the cockpit's form are all generated from :data:`FIELDS`, so a flag cannot exist in
+one place and not the others. This module is light: it imports no torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from engine.errors import ConfigError
+
+# Groups, in the order the cockpit's form shows them.
+GROUPS: dict[str, str] = {
+    "model": "Model",
+    "dataset": "Dataset",
+    "network": "Network",
+    "optimizer": "Optimizer & schedule",
+    "saving": "Saving",
+    "precision": "Precision & memory",
+}
+
+SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+OPTIMIZERS = ("AdamW",)
+PRECISIONS = ("no", "fp16", "bf16")
+SAVE_PRECISIONS = ("float", "fp16", "bf16")
+DEVICES = ("auto", "mps", "cuda", "cpu")
+NAN_POLICIES = ("stop", "skip", "rollback")
+
+
+def _f(default: Any, group: str, help: str, *, choices: Iterable[str] | None = None,
+       kind: str | None = None, ours: bool = False, minimum: float | None = None) -> Any:
+    meta = {"group": group, "help": help, "choices": tuple(choices) if choices else None,
+            "kind": kind, "ours": ours, "minimum": minimum}
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainConfig:
+    # --- model
+    pretrained_model_name_or_path: str = _f(
+        "", "model", "Base SD1.x model: a diffusers folder or a single-file .safetensors (LDM layout).", kind="path")
+    sd_config_dir: str = _f(
+        "", "model", "Local SD1.5 config folder for single-file models (default: the one shipped with spyke-cockpit).",
+        kind="path", ours=True)
+    allow_pickle: bool = _f(False, "model", "Allow loading pickle .ckpt/.pt base models (runs code from the file).",
+                            ours=True)
+    clip_skip: int | None = _f(None, "model", "Use the output of the n-th last text-encoder layer (2 = skip the last).",
+                               minimum=1)
+    # --- dataset
+    dataset_config: str = _f("", "dataset", "kohya dataset TOML ([general], [[datasets]], [[datasets.subsets]]).",
+                             kind="path")
+    train_data_dir: str = _f("", "dataset", "Image folder with kohya 'N_name' subfolders (N = repeats).", kind="path")
+    reg_data_dir: str = _f("", "dataset", "Regularisation image folder ('N_name' subfolders).", kind="path")
+    resolution: str = _f("512", "dataset", "Training resolution: 'N' or 'W,H'.")
+    train_batch_size: int = _f(1, "dataset", "Images per step.", minimum=1)
+    caption_extension: str = _f(".caption", "dataset", "Caption file extension.")
+    enable_bucket: bool = _f(False, "dataset", "Aspect-ratio buckets.")
+    min_bucket_reso: int = _f(256, "dataset", "Smallest bucket side.", minimum=64)
+    max_bucket_reso: int = _f(1024, "dataset", "Largest bucket side.", minimum=64)
+    bucket_reso_steps: int = _f(64, "dataset", "Bucket side step (multiple of 8).", minimum=8)
+    bucket_no_upscale: bool = _f(False, "dataset", "Never upscale an image to fit a bucket.")
+    shuffle_caption: bool = _f(False, "dataset", "Shuffle comma-separated caption tags.")
+    keep_tokens: int = _f(0, "dataset", "Leading caption tags kept in place when shuffling.", minimum=0)
+    flip_aug: bool = _f(False, "dataset", "Random horizontal flips.")
+    cache_latents: bool = _f(False, "dataset", "Encode every image with the VAE once, before training.")
+    max_data_loader_n_workers: int = _f(
+        8, "dataset", "Accepted for kohya compatibility; images load in-process and are kept decoded in memory.",
+        minimum=0)
+    persistent_data_loader_workers: bool = _f(False, "dataset", "Accepted for kohya compatibility (no effect).")
+    # --- network
+    network_module: str = _f("networks.lora", "network", "LoRA module (only kohya's networks.lora).",
+                             choices=("networks.lora",))
+    network_dim: int = _f(4, "network", "LoRA rank.", minimum=1)
+    network_alpha: float = _f(1.0, "network", "LoRA alpha; the update is scaled by alpha/dim.", minimum=0)
+    network_train_unet_only: bool = _f(False, "network", "Put LoRA only into the UNet.")
+    network_train_text_encoder_only: bool = _f(False, "network", "Train only the text encoder's LoRA.")
+    # --- optimizer & schedule
+    learning_rate: float = _f(2e-6, "optimizer", "Learning rate for groups without their own.", minimum=0)
+    unet_lr: float | None = _f(None, "optimizer", "UNet LoRA learning rate (overrides learning_rate; 0 freezes).",
+                               minimum=0)
+    text_encoder_lr: float | None = _f(None, "optimizer",
+                                       "Text-encoder LoRA learning rate (overrides learning_rate; 0 freezes).",
+                                       minimum=0)
+    optimizer_type: str = _f("AdamW", "optimizer", "Optimizer (torch AdamW with its defaults).", choices=OPTIMIZERS)
+    lr_scheduler: str = _f("constant", "optimizer", "Learning-rate schedule.", choices=SCHEDULERS)
+    lr_warmup_steps: int = _f(0, "optimizer", "Warm-up steps.", minimum=0)
+    lr_scheduler_num_cycles: int = _f(1, "optimizer", "Restarts for cosine_with_restarts.", minimum=1)
+    lr_scheduler_power: float = _f(1.0, "optimizer", "Power for polynomial.", minimum=0)
+    max_grad_norm: float = _f(1.0, "optimizer", "Clip gradient norm (0 = no clipping).", minimum=0)
+    max_train_steps: int = _f(1600, "optimizer", "Total steps (ignored when max_train_epochs is set).", minimum=1)
+    max_train_epochs: int | None = _f(None, "optimizer", "Total epochs (overrides max_train_steps).", minimum=1)
+    gradient_accumulation_steps: int = _f(1, "optimizer", "Batches per optimizer step.", minimum=1)
+    seed: int | None = _f(None, "optimizer", "Random seed (same seed, same run). Empty = a random one, recorded.",
+                          minimum=0)
+    noise_offset: float | None = _f(None, "optimizer", "Noise offset (e.g. 0.05).", minimum=0)
+    min_snr_gamma: float | None = _f(None, "optimizer", "Min-SNR loss weighting gamma (e.g. 5).", minimum=0)
+    prior_loss_weight: float = _f(1.0, "optimizer", "Loss weight of regularisation images.", minimum=0)
+    # --- saving
+    output_dir: str = _f("output", "saving", "Folder for checkpoints (and the run folder .spyke/).", kind="path")
+    output_name: str = _f("last", "saving", "Checkpoint base name.")
+    save_model_as: str = _f("safetensors", "saving", "File format (safetensors only).", choices=("safetensors",))
+    save_every_n_steps: int | None = _f(None, "saving", "Save a checkpoint every N steps.", minimum=1)
+    save_every_n_epochs: int | None = _f(None, "saving", "Save a checkpoint every N epochs.", minimum=1)
+    save_precision: str | None = _f(None, "saving", "Weights dtype in files (default: float).",
+                                    choices=SAVE_PRECISIONS)
+    save_state: bool = _f(False, "saving", "Save the training state beside each checkpoint (for --resume).")
+    resume: str = _f("", "saving", "Resume from a saved state folder, or 'latest'.", kind="path")
+    nan_policy: str = _f("stop", "saving", "On a non-finite loss: stop, skip the step, or rollback to the last state.",
+                         choices=NAN_POLICIES, ours=True)
+    # --- precision & memory
+    mixed_precision: str = _f("no", "precision", "Mixed precision.", choices=PRECISIONS)
+    no_half_vae: bool = _f(False, "precision", "Keep the VAE in fp32 under mixed precision.")
+    gradient_checkpointing: bool = _f(False, "precision", "Recompute activations to save memory.")
+    device: str = _f("auto", "precision", "Device: auto picks MPS, then CUDA, then CPU.", choices=DEVICES, ours=True)
+
+    # ---------------------------------------------------------------- derived
+    def resolution_wh(self) -> tuple[int, int]:
+        return parse_resolution(self.resolution, "resolution")
+
+    def effective_unet_lr(self) -> float:
+        return self.learning_rate if self.unet_lr is None else self.unet_lr
+
+    def effective_text_encoder_lr(self) -> float:
+        return self.learning_rate if self.text_encoder_lr is None else self.text_encoder_lr
+
+    def problems(self) -> dict[str, str]:
+        """Every invalid field with a one-line reason (empty when the config is valid)."""
+        out: dict[str, str] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            meta = f.metadata
+            if meta.get("choices") and value is not None and value not in meta["choices"]:
+                out[f.name] = f"must be one of {', '.join(meta['choices'])} (got {value!r})"
+            minimum = meta.get("minimum")
+            if minimum is not None and isinstance(value, (int, float)) and not isinstance(value, bool):
+                if value < minimum or (isinstance(value, float) and not math.isfinite(value)):
+                    out[f.name] = f"must be ≥ {minimum:g} (got {value!r})"
+        if not self.pretrained_model_name_or_path:
+            out["pretrained_model_name_or_path"] = "is required: a diffusers folder or an SD1.x .safetensors"
+        if not self.dataset_config and not self.train_data_dir:
+            out["dataset_config"] = "give --dataset_config=<dataset.toml> or --train_data_dir=<folder>"
+        try:
+            self.resolution_wh()
+        except ConfigError as err:
+            out["resolution"] = str(err).split(": ", 1)[-1]
+        if not self.output_name.strip() or any(c in self.output_name for c in "/\\"):
+            out["output_name"] = "must be a plain file name without slashes"
+        if self.network_train_unet_only and self.network_train_text_encoder_only:
+            out["network_train_text_encoder_only"] = "cannot be combined with network_train_unet_only"
+        return out
+
+    def validate(self) -> "TrainConfig":
+        """Raise a one-line ConfigError for the first problem; return self when valid."""
+        problems = self.problems()
+        if problems:
+            name, why = next(iter(problems.items()))
+            raise ConfigError(f"--{name} {why}")
+        return self
+
+    def to_dict(self, *, skip_defaults: bool = False) -> dict[str, Any]:
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if skip_defaults and value == f.default:
+                continue
+            out[f.name] = value
+        return out
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+
+FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in fields(TrainConfig)}
+
+
+def field_type(name: str) -> type:
+    """The scalar type of a field: bool, int, float or str (Optional unwrapped)."""
+    annotation = str(FIELDS[name].type)
+    for kind in ("bool", "int", "float", "str"):
+        if annotation.startswith(kind):
+            return {"bool": bool, "int": int, "float": float, "str": str}[kind]
+    raise AssertionError(f"unsupported field type {annotation} for {name}")
+
+
+def field_is_optional(name: str) -> bool:
+    return "None" in str(FIELDS[name].type)
+
+
+def fields_in_group(group: str) -> list[dataclasses.Field]:
+    return [f for f in fields(TrainConfig) if f.metadata["group"] == group]
+
+
+def parse_resolution(value: Any, where: str) -> tuple[int, int]:
+    """'512' -> (512, 512); '768,512' or [768, 512] -> (768, 512)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        parts = [value]
+    elif isinstance(value, (list, tuple)):
+        parts = list(value)
+    else:
+        parts = [p for p in str(value).replace("x", ",").split(",") if p.strip()]
+    try:
+        nums = [int(str(p).strip()) for p in parts]
+    except ValueError:
+        nums = []
+    if len(nums) == 1:
+        nums = nums * 2
+    if len(nums) != 2 or min(nums) < 64 or any(n % 8 for n in nums):
+        raise ConfigError(f"{where}: must be 'N' or 'W,H' with sides ≥ 64 and multiples of 8 (got {value!r})")
+    return nums[0], nums[1]
+
+
+def coerce_value(name: str, raw: Any, where: str) -> Any:
+    """Convert a TOML value or a CLI/form string into the field's type, or raise a one-line ConfigError."""
+    if name not in FIELDS:
+        raise ConfigError(f"{where}: unknown option {name!r}; see `spyke-cockpit train --help` for the flags")
+    kind = field_type(name)
+    if raw is None or (isinstance(raw, str) and raw.strip() == "" and kind is not str):
+        if field_is_optional(name):
+            return None
+        raise ConfigError(f"{where}: {name} needs a value")
+    if name == "resolution" and not isinstance(raw, str):
+        w, h = parse_resolution(raw, where)
+        return f"{w},{h}" if w != h else str(w)
+    try:
+        if kind is bool:
+            if isinstance(raw, bool):
+                return raw
+            text = str(raw).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if kind is int:
+            if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
+                raise ValueError
+            return int(raw) if not isinstance(raw, str) else int(raw.strip())
+        if kind is float:
+            if isinstance(raw, bool):
+                raise ValueError
+            return float(raw)
+        if isinstance(raw, (dict, list)):
+            raise ValueError
+        return str(raw)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: {name} must be {kind.__name__} (got {raw!r})") from None
+
+
+def load_toml_values(path: Path) -> dict[str, Any]:
+    """Read a preset TOML: keys at top level or in any tables (kohya's config_file style)."""
+    try:
+        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML ({err})") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: cannot read ({err})") from None
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            for sub, subvalue in value.items():
+                flat[sub] = coerce_value(sub, subvalue, f"{path} [{key}]")
+        else:
+            flat[key] = coerce_value(key, value, str(path))
+    return flat
+
+
+def build_config(toml_path: Path | None = None, overrides: Mapping[str, Any] | None = None) -> TrainConfig:
+    """Defaults, then the TOML, then ``overrides`` (already-typed values, e.g. from the CLI)."""
+    values: dict[str, Any] = {}
+    if toml_path is not None:
+        values.update(load_toml_values(Path(toml_path)))
+    if overrides:
+        values.update(overrides)
+    return TrainConfig(**values)
+
+
+def to_toml(config: TrainConfig, *, skip_defaults: bool = False) -> str:
+    """The config as a grouped TOML document (None values are left out)."""
+    import tomli_w
+
+    doc: dict[str, dict[str, Any]] = {}
+    for group in GROUPS:
+        table = {}
+        for f in fields_in_group(group):
+            value = getattr(config, f.name)
+            if value is None or (skip_defaults and value == f.default):
+                continue
+            table[f.name] = value
+        if table:
+            doc[group] = table
+    return tomli_w.dumps(doc)

@@ -1,0 +1,112 @@
+"""UI -> engine commands, applied by the engine at step boundaries.
+
+Any thread may call ``pause``/``resume``/``request_save``/``abort``; the training thread
+calls ``between_steps`` once per step and, while paused, waits there with the model
+kept loaded. Commands are idempotent flags, so a repeated key press is harmless.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from enum import Enum
+from typing import Callable
+
+
+class Command(str, Enum):
+    PAUSE = "pause"
+    RESUME = "resume"
+    SAVE = "save"
+    ABORT = "abort"             # save a checkpoint, then stop
+    ABORT_NO_SAVE = "abort_no_save"
+
+
+@dataclass(frozen=True)
+class BoundaryDecision:
+    save_now: bool
+    abort: bool
+    abort_save: bool
+
+
+class TrainingControl:
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._paused = False
+        self._save_requested = False
+        self._abort: bool | None = None   # None = no abort; True/False = with/without saving
+
+    # ------------------------------------------------------------ any thread
+    def submit(self, command: Command | str) -> None:
+        command = Command(command)
+        with self._cond:
+            if command is Command.PAUSE:
+                self._paused = True
+            elif command is Command.RESUME:
+                self._paused = False
+            elif command is Command.SAVE:
+                self._save_requested = True
+            elif command is Command.ABORT:
+                self._abort = True if self._abort is None else self._abort
+            elif command is Command.ABORT_NO_SAVE:
+                self._abort = False
+            self._cond.notify_all()
+
+    def pause(self) -> None:
+        self.submit(Command.PAUSE)
+
+    def resume(self) -> None:
+        self.submit(Command.RESUME)
+
+    def toggle_pause(self) -> bool:
+        with self._cond:
+            paused = self._paused
+        self.submit(Command.RESUME if paused else Command.PAUSE)
+        return not paused
+
+    def request_save(self) -> None:
+        self.submit(Command.SAVE)
+
+    def abort(self, save: bool = True) -> None:
+        self.submit(Command.ABORT if save else Command.ABORT_NO_SAVE)
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    @property
+    def abort_requested(self) -> bool:
+        return self._abort is not None
+
+    # ------------------------------------------------------------ engine thread
+    def _take(self) -> BoundaryDecision:
+        decision = BoundaryDecision(self._save_requested, self._abort is not None, bool(self._abort))
+        self._save_requested = False
+        return decision
+
+    def between_steps(self, on_pause: Callable[[bool], None], on_save: Callable[[], None],
+                      poll: Callable[[], None] | None = None, poll_interval: float = 0.25) -> BoundaryDecision:
+        """Apply pending commands. Blocks while paused (calling ``on_pause(True)`` once on entering
+        and ``on_pause(False)`` on leaving); a save request while paused is served at once via
+        ``on_save``. ``poll`` lets an external channel feed commands while waiting. Returns what
+        the loop must still do: save now (when not paused) and/or abort."""
+        if poll is not None:
+            poll()
+        with self._cond:
+            if not self._paused or self._abort is not None:
+                return self._take()
+        on_pause(True)
+        try:
+            while True:
+                with self._cond:
+                    if self._abort is not None or not self._paused:
+                        return self._take()
+                    save = self._save_requested
+                    self._save_requested = False
+                    if not save:
+                        self._cond.wait(poll_interval)
+                if save:
+                    on_save()
+                if poll is not None:
+                    poll()
+        finally:
+            on_pause(False)

@@ -1,0 +1,228 @@
+"""Typed run events and their JSONL form.
+
+The engine emits these dataclasses; a run folder's ``events.jsonl`` holds one per line
+(``{"v": 1, "type": "step", ...}``). The file outlives the process: the cockpit, ``attach``
+and ``ls`` rebuild a run from it, so a reader must tolerate a half-written last line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Iterable
+
+SCHEMA_VERSION = 1
+
+PHASES = ("loading", "caching", "training", "saving", "paused", "finished")
+
+
+@dataclass(frozen=True)
+class Event:
+    type: ClassVar[str] = "event"
+    t: float = field(default_factory=time.time, kw_only=True)
+
+    def to_json(self) -> str:
+        return json.dumps({"v": SCHEMA_VERSION, "type": self.type, **asdict(self)}, separators=(",", ":"),
+                          default=str)
+
+
+@dataclass(frozen=True)
+class RunStarted(Event):
+    type: ClassVar[str] = "run_started"
+    run_id: str
+    output_dir: str
+    output_name: str
+    total_steps: int
+    num_epochs: int
+    batches_per_epoch: int
+    device: str
+    pid: int
+    config: dict[str, Any]
+    checkpoint_steps: list[int] = field(default_factory=list)
+    start_step: int = 0
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class PhaseChanged(Event):
+    type: ClassVar[str] = "phase"
+    phase: str
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class StepCompleted(Event):
+    type: ClassVar[str] = "step"
+    step: int
+    epoch: int
+    loss: float
+    lrs: dict[str, float]
+    step_seconds: float
+    skipped: bool = False
+
+
+@dataclass(frozen=True)
+class MemorySample(Event):
+    type: ClassVar[str] = "memory"
+    device: str
+    rss: int
+    sys_used: int
+    sys_available: int
+    sys_total: int
+    allocated: int | None = None      # CUDA allocated / MPS current_allocated_memory
+    reserved: int | None = None       # CUDA reserved / MPS driver_allocated_memory
+    peak: int | None = None           # CUDA max_memory_allocated
+    device_total: int | None = None   # CUDA total / MPS recommended_max_memory
+
+
+@dataclass(frozen=True)
+class CheckpointSaved(Event):
+    type: ClassVar[str] = "checkpoint"
+    path: str
+    step: int
+    epoch: int
+    bytes: int
+    kind: str                         # step | epoch | final | manual | abort
+    loss: float | None = None
+    verified: bool = False
+    state_dir: str | None = None
+
+
+@dataclass(frozen=True)
+class LogMessage(Event):
+    type: ClassVar[str] = "log"
+    level: str                        # info | warning | error
+    message: str
+
+
+@dataclass(frozen=True)
+class RunFinished(Event):
+    type: ClassVar[str] = "finished"
+    status: str                       # completed | aborted | failed
+    step: int
+    error: str | None = None
+    final_path: str | None = None
+    resume_hint: str | None = None
+
+
+EVENT_TYPES: dict[str, type[Event]] = {
+    cls.type: cls for cls in (RunStarted, PhaseChanged, StepCompleted, MemorySample, CheckpointSaved, LogMessage,
+                              RunFinished)
+}
+
+
+def event_from_dict(data: dict[str, Any]) -> Event | None:
+    """Rebuild an event; unknown types and extra keys (newer writers) are tolerated."""
+    cls = EVENT_TYPES.get(data.get("type", ""))
+    if cls is None:
+        return None
+    names = {f.name for f in fields(cls)}
+    try:
+        return cls(**{k: v for k, v in data.items() if k in names})
+    except TypeError:
+        return None
+
+
+def parse_line(line: str) -> Event | None:
+    try:
+        return event_from_dict(json.loads(line))
+    except (ValueError, AttributeError):
+        return None
+
+
+class EventLog:
+    """Append-only JSONL writer. Each event is one ``write`` of a whole line, flushed at once."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = open(self.path, "a", encoding="utf-8")
+        self._lock = threading.Lock()
+        self._last_sync = time.monotonic()
+
+    def __call__(self, event: Event) -> None:
+        line = event.to_json() + "\n"
+        with self._lock:
+            if self._fh.closed:
+                return
+            self._fh.write(line)
+            self._fh.flush()
+            now = time.monotonic()
+            if not isinstance(event, StepCompleted) or now - self._last_sync > 5.0:
+                os.fsync(self._fh.fileno())
+                self._last_sync = now
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._fh.closed:
+                self._fh.flush()
+                os.fsync(self._fh.fileno())
+                self._fh.close()
+
+
+class EventTail:
+    """Incremental reader of an events.jsonl that may still be growing.
+
+    Keeps its byte offset; a half-written last line is left for the next ``read``.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.offset = 0
+        self._partial = b""
+
+    def read(self, max_bytes: int | None = None) -> list[Event]:
+        try:
+            with open(self.path, "rb") as fh:
+                fh.seek(self.offset)
+                chunk = fh.read() if max_bytes is None else fh.read(max_bytes)
+        except FileNotFoundError:
+            return []
+        if not chunk:
+            return []
+        self.offset += len(chunk)
+        data = self._partial + chunk
+        lines = data.split(b"\n")
+        self._partial = lines.pop()
+        out = []
+        for raw in lines:
+            if raw.strip():
+                event = parse_line(raw.decode("utf-8", errors="replace"))
+                if event is not None:
+                    out.append(event)
+        return out
+
+
+def read_events(path: Path) -> list[Event]:
+    """Every complete event in a file (a torn last line is skipped)."""
+    return EventTail(path).read()
+
+
+Sink = Callable[[Event], None]
+
+
+class EventBus:
+    """Fan-out of engine events to sinks (the JSONL log, a printer, the cockpit).
+
+    Sinks run on the engine thread and must not block. A sink that raises is dropped
+    (with a log event), so a broken viewer never stops a run.
+    """
+
+    def __init__(self, sinks: Iterable[Sink] = ()) -> None:
+        self._sinks: list[Sink] = list(sinks)
+
+    def add(self, sink: Sink) -> None:
+        self._sinks.append(sink)
+
+    def emit(self, event: Event) -> None:
+        for sink in list(self._sinks):
+            try:
+                sink(event)
+            except Exception as err:  # noqa: BLE001 - a viewer's bug must not kill training
+                self._sinks.remove(sink)
+                if not isinstance(event, LogMessage):
+                    self.emit(LogMessage(level="warning", message=f"event sink {sink!r} removed: {err}"))
