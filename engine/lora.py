@@ -1,0 +1,299 @@
+"""LoRA for SD1.5 via peft, laid out like kohya sd-scripts' ``networks.lora``.
+
+Which modules get an adapter (kohya's default ``networks.lora`` set, no conv_dim):
+
+* UNet: every ``nn.Linear`` and 1x1 ``nn.Conv2d`` inside the ``Transformer2DModel``
+  blocks of the down/mid/up blocks (``proj_in``, ``proj_out``, ``attn1``/``attn2``
+  ``to_q/to_k/to_v/to_out.0``, ``ff.net.0.proj``, ``ff.net.2``).
+* Text encoder (CLIPTextModel): ``q_proj, k_proj, v_proj, out_proj, fc1, fc2`` of
+  every encoder layer.
+
+The adapters are peft LoRA layers (adapter name ``"spyke"``), rank ``network_dim``,
+``lora_alpha = network_alpha`` (scale alpha/dim, as kohya), lora_A (kohya's
+``lora_down``) kaiming-uniform, lora_B (``lora_up``) zeros, no dropout.
+
+Files use kohya's key names (``lora_unet_...``/``lora_te_text_model_...`` with
+``.lora_down.weight``, ``.lora_up.weight``, ``.alpha``), so the result loads in
+ComfyUI, A1111/Forge and ``diffusers``' ``load_lora_weights``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from engine.errors import CheckpointError, ConfigError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from torch import Tensor
+
+ADAPTER_NAME = "spyke"
+
+# peft matches a string ``target_modules`` with re.fullmatch against each module's
+# qualified name.
+UNET_TARGET_REGEX = (
+    r"(?:down_blocks\.\d+|mid_block|up_blocks\.\d+)\.attentions\.\d+\."
+    r"(?:proj_in|proj_out|transformer_blocks\.\d+\."
+    r"(?:attn[12]\.(?:to_q|to_k|to_v|to_out\.0)|ff\.net\.0\.proj|ff\.net\.2))"
+)
+# transformers 5 flattens CLIPTextModel (``encoder.layers.N...``); older releases
+# nest it under ``text_model.``. Accept both.
+TEXT_ENCODER_TARGET_REGEX = (
+    r"(?:text_model\.)?encoder\.layers\.\d+\."
+    r"(?:self_attn\.(?:q_proj|k_proj|v_proj|out_proj)|mlp\.(?:fc1|fc2))"
+)
+
+UNET_PREFIX = "lora_unet_"
+TEXT_ENCODER_PREFIX = "lora_te_"
+
+
+def kohya_unet_name(module_name: str) -> str:
+    """``down_blocks.0.attentions.0.proj_in`` -> ``lora_unet_down_blocks_0_attentions_0_proj_in``."""
+    return UNET_PREFIX + module_name.replace(".", "_")
+
+
+def kohya_text_encoder_name(module_name: str) -> str:
+    """``encoder.layers.0.self_attn.q_proj`` -> ``lora_te_text_model_encoder_layers_0_self_attn_q_proj``.
+
+    kohya names the modules of the un-flattened CLIPTextModel (``text_model.``);
+    ComfyUI and diffusers only map that spelling, so it is kept under transformers 5.
+    """
+    if not module_name.startswith("text_model."):
+        module_name = "text_model." + module_name
+    return TEXT_ENCODER_PREFIX + module_name.replace(".", "_")
+
+
+def _is_kohya_target(module: nn.Module) -> bool:
+    if isinstance(module, nn.Linear):
+        return True
+    return isinstance(module, nn.Conv2d) and tuple(module.kernel_size) == (1, 1)
+
+
+@dataclass
+class _LoraModule:
+    kohya_name: str
+    module_name: str
+    layer: nn.Module  # the peft LoraLayer (lora.Linear / lora.Conv2d)
+    part: str  # "unet" or "text_encoder"
+
+    @property
+    def down(self) -> nn.Parameter:
+        return self.layer.lora_A[ADAPTER_NAME].weight
+
+    @property
+    def up(self) -> nn.Parameter:
+        return self.layer.lora_B[ADAPTER_NAME].weight
+
+
+@dataclass
+class LoraNetwork:
+    """The LoRA adapters injected into a UNet and (optionally) a text encoder."""
+
+    dim: int
+    alpha: float
+    unet_params: list[nn.Parameter] = field(default_factory=list)
+    text_encoder_params: list[nn.Parameter] = field(default_factory=list)
+    text_encoder_frozen: bool = False
+    modules: list[_LoraModule] = field(default_factory=list, repr=False)
+
+    # ------------------------------------------------------------------ info
+    def module_count(self) -> int:
+        """How many modules carry a LoRA (kohya logs these per UNet/text encoder)."""
+        return len(self.modules)
+
+    @property
+    def unet_module_names(self) -> list[str]:
+        return [m.kohya_name for m in self.modules if m.part == "unet"]
+
+    @property
+    def text_encoder_module_names(self) -> list[str]:
+        return [m.kohya_name for m in self.modules if m.part == "text_encoder"]
+
+    def trainable_params(self) -> list[nn.Parameter]:
+        """The parameters an optimizer should get (frozen text-encoder adapters excluded)."""
+        return [p for p in self.unet_params + self.text_encoder_params if p.requires_grad]
+
+    # ------------------------------------------------------------------ save
+    def state_dict_kohya(self, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+        """The adapters as kohya writes them: CPU, contiguous, ``dtype`` if given.
+
+        ``alpha`` is a 0-dim tensor holding ``network_alpha`` in the save dtype
+        (the LoRA weights' dtype when ``dtype`` is None).
+        """
+        out: dict[str, Tensor] = {}
+        for m in self.modules:
+            down = m.down.detach()
+            up = m.up.detach()
+            target = dtype or down.dtype
+            out[f"{m.kohya_name}.lora_down.weight"] = down.to("cpu", target).contiguous().clone()
+            out[f"{m.kohya_name}.lora_up.weight"] = up.to("cpu", target).contiguous().clone()
+            out[f"{m.kohya_name}.alpha"] = torch.tensor(float(self.alpha), dtype=target)
+        return out
+
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        shapes: dict[str, tuple[int, ...]] = {}
+        for m in self.modules:
+            shapes[f"{m.kohya_name}.lora_down.weight"] = tuple(m.down.shape)
+            shapes[f"{m.kohya_name}.lora_up.weight"] = tuple(m.up.shape)
+            shapes[f"{m.kohya_name}.alpha"] = ()
+        return shapes
+
+    # ------------------------------------------------------------------ load
+    def load_state_dict_kohya(self, sd: dict[str, Tensor], *, source: str = "the LoRA file") -> None:
+        """Copy a kohya-format state dict back into the adapters (resume). Strict.
+
+        Missing or unexpected keys, shape mismatches, non-finite values, or an
+        ``alpha`` different from this network's ``network_alpha`` raise CheckpointError.
+        """
+        expected = self.expected_shapes()
+        missing = sorted(set(expected) - set(sd))
+        unexpected = sorted(set(sd) - set(expected))
+        if missing or unexpected:
+            parts = []
+            if missing:
+                parts.append(f"{len(missing)} missing key(s) (first: {missing[0]})")
+            if unexpected:
+                parts.append(f"{len(unexpected)} unexpected key(s) (first: {unexpected[0]})")
+            raise CheckpointError(
+                f"{source} does not match this network: {'; '.join(parts)}; "
+                "resume with the same base model, network_dim and text-encoder settings as the run that wrote it"
+            )
+        for key, shape in expected.items():
+            got = tuple(sd[key].shape)
+            if got != shape:
+                raise CheckpointError(
+                    f"{source}: {key} has shape {list(got)} but this network expects {list(shape)}; "
+                    "resume with the same network_dim as the run that wrote it"
+                )
+            if not bool(torch.isfinite(sd[key]).all()):
+                raise CheckpointError(f"{source}: {key} contains NaN or Inf values; resume from an earlier file")
+        for m in self.modules:
+            file_alpha = sd[f"{m.kohya_name}.alpha"]
+            mine = torch.tensor(float(self.alpha), dtype=file_alpha.dtype)
+            if not math.isclose(float(file_alpha), float(mine), rel_tol=1e-6, abs_tol=1e-8):
+                raise CheckpointError(
+                    f"{source}: {m.kohya_name}.alpha is {float(file_alpha):g} but network_alpha is "
+                    f"{self.alpha:g}; resume with network_alpha = {float(file_alpha):g}"
+                )
+        with torch.no_grad():
+            for m in self.modules:
+                for param, key in ((m.down, "lora_down"), (m.up, "lora_up")):
+                    src = sd[f"{m.kohya_name}.{key}.weight"]
+                    param.copy_(src.to(device=param.device, dtype=param.dtype))
+
+
+def _validate(dim: object, alpha: object) -> tuple[int, float]:
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+        raise ConfigError(f"network_dim must be ≥ 1 (an integer rank), got {dim!r}; set network_dim = 4 … 128")
+    try:
+        alpha_f = float(alpha)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ConfigError(f"network_alpha must be a number ≥ 0, got {alpha!r}; set e.g. network_alpha = 1") from None
+    if not math.isfinite(alpha_f) or alpha_f < 0:
+        raise ConfigError(f"network_alpha must be a number ≥ 0, got {alpha!r}; set e.g. network_alpha = 1")
+    # kohya: alpha None or 0 means "no scaling" (alpha = dim), and that is what it saves.
+    if alpha_f == 0:
+        alpha_f = float(dim)
+    return dim, alpha_f
+
+
+def _inject(model: nn.Module, regex: str, dim: int, alpha: float) -> None:
+    from peft import LoraConfig, inject_adapter_in_model
+
+    config = LoraConfig(
+        r=dim,
+        lora_alpha=alpha,
+        lora_dropout=0.0,
+        bias="none",
+        target_modules=regex,
+        init_lora_weights=True,  # lora_A kaiming-uniform(a=sqrt(5)), lora_B zeros — as kohya
+        use_rslora=False,
+        use_dora=False,
+    )
+    add_adapter = getattr(model, "add_adapter", None)
+    if callable(add_adapter):
+        # diffusers / transformers models: registers the adapter so their enable/disable
+        # and set_adapters helpers know about it.
+        add_adapter(config, adapter_name=ADAPTER_NAME)
+    else:
+        inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
+
+
+def _collect(model: nn.Module, regex: str, part: str) -> list[_LoraModule]:
+    from peft.tuners.lora import LoraLayer
+
+    pattern = re.compile(regex)
+    found: list[_LoraModule] = []
+    for name, module in model.named_modules():
+        if not isinstance(module, LoraLayer) or ADAPTER_NAME not in module.lora_A:
+            continue
+        if not pattern.fullmatch(name):  # pragma: no cover - peft matched it, so do we
+            continue
+        if not _is_kohya_target(module.get_base_layer()):
+            raise ConfigError(
+                f"LoRA target {name} is a {type(module.get_base_layer()).__name__}, not a Linear or 1x1 Conv2d; "
+                "the base model is not SD1.5-shaped"
+            )
+        kohya = kohya_unet_name(name) if part == "unet" else kohya_text_encoder_name(name)
+        found.append(_LoraModule(kohya, name, module, part))
+    return found
+
+
+def apply_lora(
+    unet: nn.Module,
+    text_encoder: nn.Module | None,
+    *,
+    dim: int,
+    alpha: float,
+    train_unet: bool = True,
+    train_text_encoder: bool = True,
+    text_encoder_frozen: bool = False,
+) -> LoraNetwork:
+    """Inject kohya-layout LoRA adapters with peft and freeze every base weight.
+
+    * ``train_text_encoder=False`` (kohya ``--network_train_unet_only``): no adapters
+      in the text encoder at all; the file has only ``lora_unet_`` keys.
+    * ``text_encoder_frozen=True`` (kohya ``--text_encoder_lr 0``): text-encoder
+      adapters exist and are saved, but keep ``requires_grad=False``.
+    * ``train_unet=False`` (kohya ``--network_train_text_encoder_only``): the UNet
+      adapters exist (kohya still creates and saves them) but are frozen.
+    """
+    dim, alpha_f = _validate(dim, alpha)
+    for p in unet.parameters():
+        p.requires_grad_(False)
+    if text_encoder is not None:
+        for p in text_encoder.parameters():
+            p.requires_grad_(False)
+
+    _inject(unet, UNET_TARGET_REGEX, dim, alpha_f)
+    modules = _collect(unet, UNET_TARGET_REGEX, "unet")
+    if not modules:
+        raise ConfigError("no UNet module matched kohya's LoRA targets; the base model is not an SD1.5 UNet")
+    if train_text_encoder and text_encoder is not None:
+        _inject(text_encoder, TEXT_ENCODER_TARGET_REGEX, dim, alpha_f)
+        te_modules = _collect(text_encoder, TEXT_ENCODER_TARGET_REGEX, "text_encoder")
+        if not te_modules:
+            raise ConfigError(
+                "no text-encoder module matched kohya's LoRA targets; the base model's text encoder is not CLIP"
+            )
+        modules += te_modules
+
+    net = LoraNetwork(dim=dim, alpha=alpha_f, text_encoder_frozen=bool(text_encoder_frozen), modules=modules)
+    # Base weights stay frozen; only the LoRA matrices may train.
+    for p in unet.parameters():
+        p.requires_grad_(False)
+    if text_encoder is not None:
+        for p in text_encoder.parameters():
+            p.requires_grad_(False)
+    for m in modules:
+        trainable = train_unet if m.part == "unet" else not text_encoder_frozen
+        target = net.unet_params if m.part == "unet" else net.text_encoder_params
+        for p in (m.down, m.up):
+            p.requires_grad_(trainable)
+            target.append(p)
+    return net
