@@ -1,0 +1,393 @@
+"""Dataset configuration: kohya's dataset TOML and ``--train_data_dir`` folders → specs.
+
+Value fallback (kohya ``config_util``): subset → dataset → ``[general]`` → CLI
+(``DatasetArgs``). Option scopes follow kohya's schema:
+
+* subset-or-above: ``num_repeats``, ``caption_extension``, ``class_tokens``,
+  ``shuffle_caption``, ``keep_tokens``, ``flip_aug``
+* subset only: ``image_dir`` (required), ``is_reg``
+* dataset-or-general only: ``resolution`` (int or ``[w, h]``), ``batch_size``,
+  ``enable_bucket``, ``min_bucket_reso``, ``max_bucket_reso``, ``bucket_reso_steps``,
+  ``bucket_no_upscale``
+
+Other kohya options are accepted only when they hold kohya's default (so they change
+nothing); any other value, and any unknown key, is a ``DatasetError``.
+
+A relative ``image_dir`` is resolved against the TOML file's folder first; if no such
+folder exists there it is resolved against the current working directory (kohya's
+rule); if neither exists the error names both paths.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from engine.errors import DatasetError
+
+# kohya's --train_data_dir subfolder convention: "<repeats>_<class tokens>"
+FOLDER_RE = re.compile(r"^(\d+)(?:_(.*))?$", re.DOTALL)
+
+
+@dataclass
+class DatasetArgs:
+    """CLI-level fallbacks, with kohya flag names."""
+
+    dataset_config: Path | None = None
+    train_data_dir: Path | None = None
+    reg_data_dir: Path | None = None
+    resolution: tuple[int, int] = (512, 512)   # (width, height)
+    train_batch_size: int = 1
+    caption_extension: str = ".caption"
+    enable_bucket: bool = False
+    min_bucket_reso: int = 256
+    max_bucket_reso: int = 1024
+    bucket_reso_steps: int = 64
+    bucket_no_upscale: bool = False
+    shuffle_caption: bool = False
+    keep_tokens: int = 0
+    flip_aug: bool = False
+
+
+@dataclass(frozen=True)
+class SubsetSpec:
+    image_dir: Path
+    num_repeats: int
+    caption_extension: str
+    class_tokens: str | None
+    shuffle_caption: bool
+    keep_tokens: int
+    is_reg: bool
+    flip_aug: bool
+    where: str  # where it was declared, for messages ("ds.toml: datasets[0].subsets[1]")
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    resolution: tuple[int, int]
+    batch_size: int
+    enable_bucket: bool
+    min_bucket_reso: int
+    max_bucket_reso: int
+    bucket_reso_steps: int
+    bucket_no_upscale: bool
+    subsets: tuple[SubsetSpec, ...]
+    where: str
+
+
+SUBSET_ASCENDABLE = {
+    "num_repeats": "int",
+    "caption_extension": "str",
+    "class_tokens": "str",
+    "shuffle_caption": "bool",
+    "keep_tokens": "int",
+    "flip_aug": "bool",
+}
+SUBSET_ONLY = {"image_dir": "str", "is_reg": "bool"}
+DATASET_ASCENDABLE = {
+    "resolution": "resolution",
+    "batch_size": "int",
+    "enable_bucket": "bool",
+    "min_bucket_reso": "int",
+    "max_bucket_reso": "int",
+    "bucket_reso_steps": "int",
+    "bucket_no_upscale": "bool",
+}
+# CLI flag for each option (kohya names); options without a flag have a fixed default.
+CLI_FLAG = {"batch_size": "train_batch_size"}
+NO_CLI_DEFAULT = {"num_repeats": 1, "class_tokens": None, "is_reg": False}
+
+_ANY = object()      # any value is harmless (ignored)
+_ABSENT = object()   # kohya default is "not set": any value changes behaviour
+# kohya options this engine does not implement: scope -> {key: harmless value}
+UNSUPPORTED = {
+    "subset": {
+        "color_aug": False, "random_crop": False, "face_crop_aug_range": _ABSENT,
+        "keep_tokens_separator": "", "secondary_separator": _ABSENT, "caption_separator": ",",
+        "enable_wildcard": False, "token_warmup_min": 1, "token_warmup_step": 0,
+        "caption_prefix": _ABSENT, "caption_suffix": _ABSENT,
+        "caption_dropout_every_n_epochs": 0, "caption_dropout_rate": 0, "caption_tag_dropout_rate": 0,
+        "cache_info": _ANY, "custom_attributes": {},
+    },
+    "subset_only": {"alpha_mask": False, "metadata_file": _ABSENT, "conditioning_data_dir": _ABSENT},
+    "dataset": {"network_multiplier": 1.0, "validation_seed": _ANY, "validation_split": 0.0,
+                "resize_interpolation": _ABSENT},
+}
+_ALL_KNOWN = (
+    set(SUBSET_ASCENDABLE) | set(SUBSET_ONLY) | set(DATASET_ASCENDABLE)
+    | {k for table in UNSUPPORTED.values() for k in table}
+)
+
+
+def _tname(value: Any) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+            list: "a list", dict: "a table"}.get(type(value), type(value).__name__)
+
+
+def _check_type(kind: str, value: Any, where: str, key: str) -> Any:
+    """Validate a TOML/CLI value; returns it normalised (resolution -> (w, h))."""
+    if kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise DatasetError(f"{where}: {key} = {value!r} is {_tname(value)}; it must be an integer, e.g. {key} = 10")
+        return value
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise DatasetError(f"{where}: {key} = {value!r} is {_tname(value)}; it must be true or false")
+        return value
+    if kind == "str":
+        if not isinstance(value, str):
+            raise DatasetError(f"{where}: {key} = {value!r} is {_tname(value)}; it must be a quoted string")
+        return value
+    if kind == "resolution":
+        if isinstance(value, str):  # CLI style "512" or "512,768"
+            try:
+                value = [int(v) for v in value.split(",")]
+            except ValueError:
+                raise DatasetError(f"{where}: {key} = {value!r} must be an integer or width,height, e.g. 512 or 512,768") from None
+            if len(value) == 1:
+                value = value[0]
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = (value, value)
+        ok = (isinstance(value, (list, tuple)) and len(value) == 2
+              and all(isinstance(v, int) and not isinstance(v, bool) for v in value))
+        if not ok:
+            raise DatasetError(f"{where}: {key} = {value!r} must be an integer or [width, height], e.g. {key} = 512 or [512, 768]")
+        if value[0] <= 0 or value[1] <= 0:
+            raise DatasetError(f"{where}: {key} = {list(value)} must be positive, e.g. {key} = 512")
+        return (int(value[0]), int(value[1]))
+    raise AssertionError(kind)
+
+
+def _is_harmless(value: Any, harmless: Any) -> bool:
+    if harmless is _ANY:
+        return True
+    if harmless is _ABSENT:
+        return False
+    if isinstance(harmless, bool):
+        return value is harmless
+    if isinstance(harmless, (int, float)):
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and value == harmless
+    return type(value) is type(harmless) and value == harmless
+
+
+def _check_keys(table: dict, allowed: set[str], scope: str, where: str) -> None:
+    """Reject unknown keys, keys in the wrong section and unsupported kohya options."""
+    unsupported = dict(UNSUPPORTED["subset"])
+    if scope == "subset":
+        unsupported |= UNSUPPORTED["subset_only"]
+    if scope in ("dataset", "general"):
+        unsupported |= UNSUPPORTED["dataset"]
+    for key, value in table.items():
+        if key in allowed:
+            continue
+        if key in unsupported:
+            harmless = unsupported[key]
+            if _is_harmless(value, harmless):
+                continue
+            fix = "remove it" if harmless is _ABSENT or harmless is _ANY else f"remove it or set it to {harmless!r}"
+            raise DatasetError(f"{where}: kohya option {key} = {value!r} is not supported by spyke-cockpit; {fix}")
+        if key in _ALL_KNOWN:
+            if key in SUBSET_ONLY or key in UNSUPPORTED["subset_only"]:
+                raise DatasetError(f"{where}: {key} is a subset option; move it into a [[datasets.subsets]] table")
+            raise DatasetError(f"{where}: {key} is a dataset option; move it to its [[datasets]] table or to [general]")
+        close = difflib.get_close_matches(key, sorted(_ALL_KNOWN), n=1)
+        hint = f"; did you mean {close[0]}?" if close else "; remove it"
+        raise DatasetError(f"{where}: unknown key {key!r}{hint}")
+
+
+def _as_path(value: Any) -> Path | None:
+    if value is None or value == "":
+        return None
+    return Path(value).expanduser()
+
+
+def _cli_value(args: DatasetArgs, key: str) -> tuple[Any, str]:
+    if key in NO_CLI_DEFAULT:
+        return NO_CLI_DEFAULT[key], f"default {key}"
+    flag = CLI_FLAG.get(key, key)
+    return getattr(args, flag), f"--{flag}"
+
+
+def _pick(key: str, kind: str, layers: list[tuple[dict, str]], args: DatasetArgs) -> tuple[Any, str]:
+    """First layer that sets ``key`` wins, else the CLI. Returns (value, where)."""
+    for table, where in layers:
+        if key in table:
+            return _check_type(kind, table[key], where, key), f"{where}: {key}"
+    value, where = _cli_value(args, key)
+    if value is None:
+        return None, where
+    return _check_type(kind, value, where, key), where
+
+
+def _make_dataset(ds_layers: list[tuple[dict, str]], args: DatasetArgs, subsets: list[SubsetSpec],
+                  where: str, warnings: list[str]) -> DatasetSpec:
+    vals: dict[str, Any] = {}
+    srcs: dict[str, str] = {}
+    for key, kind in DATASET_ASCENDABLE.items():
+        vals[key], srcs[key] = _pick(key, kind, ds_layers, args)
+    for key in ("batch_size", "bucket_reso_steps", "min_bucket_reso", "max_bucket_reso"):
+        if vals[key] < 1:
+            raise DatasetError(f"{srcs[key]} = {vals[key]} must be at least 1")
+    steps = vals["bucket_reso_steps"]
+    if steps % 8:
+        raise DatasetError(f"{srcs['bucket_reso_steps']} = {steps} must be a multiple of 8 (the VAE downscale), e.g. 64")
+    res = vals["resolution"]
+    if vals["enable_bucket"]:
+        lo, hi = vals["min_bucket_reso"], vals["max_bucket_reso"]
+        if lo % steps:
+            lo -= lo % steps
+            warnings.append(f"{srcs['min_bucket_reso']} rounded down to {lo} (a multiple of bucket_reso_steps {steps})")
+        if hi % steps:
+            hi += steps - hi % steps
+            warnings.append(f"{srcs['max_bucket_reso']} rounded up to {hi} (a multiple of bucket_reso_steps {steps})")
+        if lo < steps:
+            lo = steps
+        if min(res) < lo and not vals["bucket_no_upscale"]:
+            raise DatasetError(f"{srcs['min_bucket_reso']} = {lo} is larger than resolution {res[0]}x{res[1]}; set min_bucket_reso <= {min(res)}")
+        if max(res) > hi and not vals["bucket_no_upscale"]:
+            raise DatasetError(f"{srcs['max_bucket_reso']} = {hi} is smaller than resolution {res[0]}x{res[1]}; set max_bucket_reso >= {max(res)}")
+        vals["min_bucket_reso"], vals["max_bucket_reso"] = lo, hi
+        if res[0] % steps or res[1] % steps:
+            warnings.append(f"{srcs['resolution']} {res[0]}x{res[1]} is not a multiple of bucket_reso_steps {steps}")
+    elif res[0] % 8 or res[1] % 8:
+        raise DatasetError(f"{srcs['resolution']} = {res[0]}x{res[1]} must be a multiple of 8 (the VAE downscale), e.g. 512")
+    return DatasetSpec(
+        resolution=res, batch_size=vals["batch_size"], enable_bucket=vals["enable_bucket"],
+        min_bucket_reso=vals["min_bucket_reso"], max_bucket_reso=vals["max_bucket_reso"],
+        bucket_reso_steps=steps, bucket_no_upscale=vals["bucket_no_upscale"],
+        subsets=tuple(subsets), where=where,
+    )
+
+
+def _make_subset(sub_layers: list[tuple[dict, str]], args: DatasetArgs, image_dir: Path,
+                 is_reg: bool, where: str) -> SubsetSpec:
+    vals: dict[str, Any] = {}
+    srcs: dict[str, str] = {}
+    for key, kind in SUBSET_ASCENDABLE.items():
+        vals[key], srcs[key] = _pick(key, kind, sub_layers, args)
+    if vals["num_repeats"] < 1:
+        raise DatasetError(f"{srcs['num_repeats']} = {vals['num_repeats']} must be at least 1")
+    if vals["keep_tokens"] < 0:
+        raise DatasetError(f"{srcs['keep_tokens']} = {vals['keep_tokens']} must be 0 or more")
+    class_tokens = vals["class_tokens"]
+    if class_tokens is not None and not class_tokens.strip():
+        class_tokens = None
+    return SubsetSpec(
+        image_dir=image_dir, num_repeats=vals["num_repeats"], caption_extension=vals["caption_extension"],
+        class_tokens=class_tokens, shuffle_caption=vals["shuffle_caption"], keep_tokens=vals["keep_tokens"],
+        is_reg=is_reg, flip_aug=vals["flip_aug"], where=where,
+    )
+
+
+def _resolve_image_dir(raw: str, toml_path: Path, where: str) -> Path:
+    p = Path(raw).expanduser()
+    if p.is_absolute():
+        return p
+    beside = (toml_path.parent / p)
+    if beside.exists():
+        return beside
+    in_cwd = Path.cwd() / p
+    if in_cwd.exists():
+        return in_cwd
+    raise DatasetError(f"{where}: image_dir {raw!r} not found (looked in {beside} and {in_cwd}); fix the path")
+
+
+def parse_dataset_toml(path: Path, args: DatasetArgs, warnings: list[str]) -> list[DatasetSpec]:
+    path = Path(path).expanduser()
+    name = str(path)
+    if not path.is_file():
+        raise DatasetError(f"dataset config {name} not found; check --dataset_config")
+    try:
+        doc = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as err:
+        raise DatasetError(f"{name}: invalid TOML: {err}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise DatasetError(f"{name}: cannot read: {err}") from None
+    for key in doc:
+        if key not in ("general", "datasets"):
+            close = difflib.get_close_matches(key, ["general", "datasets"], n=1)
+            hint = f"did you mean [{close[0]}]?" if close else "only [general] and [[datasets]] are allowed"
+            raise DatasetError(f"{name}: unknown key {key!r} at top level; {hint}")
+    general = doc.get("general", {})
+    if not isinstance(general, dict):
+        raise DatasetError(f"{name}: general must be a table; write it as [general]")
+    _check_keys(general, set(SUBSET_ASCENDABLE) | set(DATASET_ASCENDABLE), "general", f"{name}: general")
+    datasets = doc.get("datasets")
+    if datasets is None or datasets == []:
+        raise DatasetError(f"{name}: no [[datasets]] table; add one with at least one [[datasets.subsets]] image_dir")
+    if not isinstance(datasets, list) or not all(isinstance(d, dict) for d in datasets):
+        raise DatasetError(f"{name}: datasets must be an array of tables; write each as [[datasets]]")
+    gen_layer = (general, f"{name}: general")
+    specs: list[DatasetSpec] = []
+    for di, ds in enumerate(datasets):
+        ds_where = f"{name}: datasets[{di}]"
+        raw_subsets = ds.get("subsets")
+        ds_fields = {k: v for k, v in ds.items() if k != "subsets"}
+        _check_keys(ds_fields, set(SUBSET_ASCENDABLE) | set(DATASET_ASCENDABLE), "dataset", ds_where)
+        if not raw_subsets:
+            raise DatasetError(f"{ds_where} has no [[datasets.subsets]]; add one with image_dir = \"...\"")
+        if not isinstance(raw_subsets, list) or not all(isinstance(s, dict) for s in raw_subsets):
+            raise DatasetError(f"{ds_where}: subsets must be an array of tables; write each as [[datasets.subsets]]")
+        subsets = []
+        for si, sub in enumerate(raw_subsets):
+            s_where = f"{ds_where}.subsets[{si}]"
+            _check_keys(sub, set(SUBSET_ASCENDABLE) | set(SUBSET_ONLY), "subset", s_where)
+            if "image_dir" not in sub:
+                raise DatasetError(f"{s_where}: image_dir is missing; add image_dir = \"path/to/images\"")
+            raw_dir = _check_type("str", sub["image_dir"], s_where, "image_dir")
+            is_reg = _check_type("bool", sub.get("is_reg", False), s_where, "is_reg")
+            image_dir = _resolve_image_dir(raw_dir, path, s_where)
+            layers = [(sub, s_where), (ds_fields, ds_where), gen_layer]
+            subsets.append(_make_subset(layers, args, image_dir, is_reg, s_where))
+        specs.append(_make_dataset([(ds_fields, ds_where), gen_layer], args, subsets, ds_where, warnings))
+    return specs
+
+
+def _folder_subsets(base: Path, flag: str, is_reg: bool, args: DatasetArgs, warnings: list[str]) -> list[SubsetSpec]:
+    if not base.is_dir():
+        raise DatasetError(f"--{flag} {base} is not a folder; point it at the folder holding N_name subfolders")
+    out = []
+    loose_images = False
+    for child in sorted(base.iterdir()):
+        if not child.is_dir():
+            if child.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".bmp"):
+                loose_images = True
+            continue
+        if child.name.startswith("."):
+            continue
+        m = FOLDER_RE.match(child.name)
+        if not m or int(m.group(1)) < 1:
+            warnings.append(f"--{flag}: skipped folder {child.name!r}: its name must be <repeats>_<class tokens>, e.g. 10_spyke")
+            continue
+        repeats, tokens = int(m.group(1)), (m.group(2) or None)
+        sub = _make_subset([], args, child, is_reg, f"--{flag} {child}")
+        out.append(SubsetSpec(**{**sub.__dict__, "num_repeats": repeats, "class_tokens": tokens}))
+    if loose_images:
+        warnings.append(f"--{flag}: images directly inside {base} are ignored; kohya reads only N_name subfolders such as 10_spyke")
+    if not out and not is_reg:
+        raise DatasetError(f"--{flag} {base} has no <repeats>_<name> subfolders; put the images in a folder such as {base / '10_spyke'}")
+    if not out:
+        warnings.append(f"--{flag} {base} has no <repeats>_<name> subfolders; no regularisation images used")
+    return out
+
+
+def resolve_dataset_specs(args: DatasetArgs, warnings: list[str]) -> list[DatasetSpec]:
+    """DatasetArgs (+ TOML) → list of DatasetSpec. Raises DatasetError."""
+    config = _as_path(args.dataset_config)
+    train_dir = _as_path(args.train_data_dir)
+    reg_dir = _as_path(args.reg_data_dir)
+    if config is not None:
+        ignored = [f for f, v in (("train_data_dir", train_dir), ("reg_data_dir", reg_dir)) if v is not None]
+        if ignored:
+            warnings.append(f"--{' and --'.join(ignored)} ignored because --dataset_config is given (kohya behaviour)")
+        return parse_dataset_toml(config, args, warnings)
+    if train_dir is None:
+        raise DatasetError("no dataset given; pass --dataset_config file.toml or --train_data_dir folder (with N_name subfolders)")
+    subsets = _folder_subsets(train_dir, "train_data_dir", False, args, warnings)
+    if reg_dir is not None:
+        subsets += _folder_subsets(reg_dir, "reg_data_dir", True, args, warnings)
+    return [_make_dataset([], args, subsets, f"--train_data_dir {train_dir}", warnings)]
