@@ -1,0 +1,197 @@
+"""Load the SD1.x base model (UNet, VAE, CLIP text encoder, tokenizer), fp32 and offline.
+
+Two inputs are accepted, like kohya's ``--pretrained_model_name_or_path``:
+
+* a diffusers folder (``model_index.json`` + ``unet/ vae/ text_encoder/ tokenizer/``);
+* a single-file SD1.x ``.safetensors`` in the original LDM key layout, configured from
+  ``engine/assets/sd15/`` (or ``sd_config_dir``) so nothing is fetched from a hub.
+
+Pickle checkpoints (``.ckpt``/``.pt``/``.bin``/``.pth``) can run code when loaded and
+are refused unless ``allow_pickle`` (``--allow_pickle``) is set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from engine.errors import ModelLoadError
+
+DEFAULT_SD15_CONFIG_DIR = Path(__file__).resolve().parent / "assets" / "sd15"
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer")
+_HINT = "pass --pretrained_model_name_or_path=<a diffusers folder or an SD1.x .safetensors>"
+
+
+@dataclass
+class BaseModel:
+    unet: Any
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+    source: str  # "diffusers" | "single_file"
+    model_name: str  # file or folder name (metadata ss_sd_model_name)
+    path: Path
+    file_sha256: str | None = None
+
+    def sha256(self) -> str | None:
+        """Full sha256 hex of the single file (cached; metadata ss_new_sd_model_hash); None for folders."""
+        if self.source != "single_file":
+            return None
+        if self.file_sha256 is None:
+            digest = hashlib.sha256()
+            with open(self.path, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    digest.update(chunk)
+            self.file_sha256 = digest.hexdigest()
+        return self.file_sha256
+
+
+def load_base_model(
+    path: str | Path, *, sd_config_dir: Path | None = None, allow_pickle: bool = False
+) -> BaseModel:
+    """Load a diffusers folder or an SD1.x single file; raise ModelLoadError (one line) if it can't."""
+    _force_offline()
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ModelLoadError(f"base model not found: {path} — {_HINT}")
+    if path.is_dir():
+        return _load_diffusers_folder(path)
+    suffix = path.suffix.lower()
+    if suffix in PICKLE_SUFFIXES and not allow_pickle:
+        raise ModelLoadError(
+            f"refusing to load pickle checkpoint {path}: pickle files can run code when loaded — "
+            "convert it to .safetensors, or pass --allow_pickle if you trust its source"
+        )
+    if suffix != ".safetensors" and suffix not in PICKLE_SUFFIXES:
+        raise ModelLoadError(f"unsupported base model file type {suffix or '(none)'}: {path} — {_HINT}")
+    config_dir = Path(sd_config_dir) if sd_config_dir is not None else DEFAULT_SD15_CONFIG_DIR
+    if not (config_dir / "model_index.json").is_file():
+        raise ModelLoadError(f"SD config folder {config_dir} has no model_index.json — point it at a diffusers SD1.x config folder")
+    if suffix == ".safetensors":
+        _check_sd1_safetensors(path, config_dir)
+    return _load_single_file(path, config_dir)
+
+
+def _force_offline() -> None:
+    """Nothing in this engine may reach a model hub: set HF_HUB_OFFLINE for this process."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    import huggingface_hub.constants as hub_constants
+
+    hub_constants.HF_HUB_OFFLINE = True
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    first = lines[0] if lines else ""
+    if len(first) > 200:
+        first = first[:200].rstrip() + "…"
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def _load_diffusers_folder(folder: Path) -> BaseModel:
+    if not (folder / "model_index.json").is_file():
+        raise ModelLoadError(f"{folder} is not a diffusers model folder (no model_index.json) — {_HINT}")
+    missing = [name for name in COMPONENTS if not (folder / name).is_dir()]
+    if missing:
+        raise ModelLoadError(
+            f"diffusers folder {folder} lacks {', '.join(m + '/' for m in missing)} — "
+            "it needs unet/, vae/, text_encoder/ and tokenizer/"
+        )
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    kw = {"local_files_only": True}
+    try:
+        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=torch.float32, **kw)
+        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=torch.float32, **kw)
+        text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", dtype=torch.float32, **kw)
+        tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", **kw)
+    except Exception as exc:  # noqa: BLE001 - anything here is a broken model folder for the user
+        raise ModelLoadError(f"could not load diffusers folder {folder}: {_first_line(exc)}") from exc
+    return _finish(unet, vae, text_encoder, tokenizer, "diffusers", folder)
+
+
+def _check_sd1_safetensors(path: Path, config_dir: Path) -> None:
+    """Read only the header and refuse anything that is not an SD1.x LDM checkpoint."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+            in_key = "model.diffusion_model.input_blocks.0.0.weight"
+            in_shape = f.get_slice(in_key).get_shape() if in_key in keys else None
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+        raise ModelLoadError(
+            f"{path} is not a readable .safetensors file ({_first_line(exc)}) — re-download it or {_HINT}"
+        ) from exc
+
+    def has(prefix: str) -> bool:
+        return any(k.startswith(prefix) for k in keys)
+
+    if has("conditioner.embedders"):
+        raise ModelLoadError(f"{path} is an SDXL checkpoint; spyke trains SD1.x LoRAs — {_HINT}")
+    if has("cond_stage_model.model."):
+        raise ModelLoadError(f"{path} is an SD2.x checkpoint (OpenCLIP text encoder); spyke trains SD1.x LoRAs — {_HINT}")
+    if not has("model.diffusion_model."):
+        if any("lora_" in k or ".lora." in k or k.startswith("lora") for k in keys):
+            what = "a LoRA/network file, not a base model"
+        elif has("down_blocks.") or has("conv_in."):
+            what = "a single diffusers component (e.g. unet/*.safetensors) — pass the whole diffusers folder instead"
+        else:
+            what = "not a Stable Diffusion checkpoint (no model.diffusion_model.* weights)"
+        raise ModelLoadError(f"{path} is {what} — {_HINT}")
+    if not has("cond_stage_model.transformer."):
+        raise ModelLoadError(f"{path} has no CLIP text encoder weights (cond_stage_model.transformer.*) — {_HINT}")
+    if not has("first_stage_model."):
+        raise ModelLoadError(f"{path} has no VAE weights (first_stage_model.*) — {_HINT}")
+    if in_shape is not None:
+        import json
+
+        expected = json.loads((config_dir / "unet" / "config.json").read_text()).get("in_channels", 4)
+        if len(in_shape) == 4 and in_shape[1] != expected:
+            raise ModelLoadError(
+                f"{path} has a UNet with {in_shape[1]} input channels (an inpainting/instruct model?), "
+                f"the config in {config_dir} expects {expected} — {_HINT}"
+            )
+
+
+def _load_single_file(path: Path, config_dir: Path) -> BaseModel:
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    try:
+        pipe = StableDiffusionPipeline.from_single_file(
+            str(path),
+            config=str(config_dir),
+            local_files_only=True,
+            torch_dtype=torch.float32,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    except Exception as exc:  # noqa: BLE001 - report what broke in one line, never a traceback
+        raise ModelLoadError(
+            f"could not load {path} as an SD1.x checkpoint with the config in {config_dir}: {_first_line(exc)}"
+        ) from exc
+    return _finish(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, "single_file", path)
+
+
+def _finish(unet, vae, text_encoder, tokenizer, source: str, path: Path) -> BaseModel:
+    import torch
+
+    for module in (unet, vae, text_encoder):
+        if any(p.dtype != torch.float32 for p in module.parameters()):
+            module.to(dtype=torch.float32)
+        module.eval()
+        meta = [name for name, p in module.named_parameters() if p.is_meta]
+        if meta:
+            raise ModelLoadError(f"{path} is missing weights for {type(module).__name__} (e.g. {meta[0]}) — {_HINT}")
+    return BaseModel(
+        unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+        source=source, model_name=path.name, path=path,
+    )
