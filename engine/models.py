@@ -13,6 +13,7 @@ are refused unless ``allow_pickle`` (``--allow_pickle``) is set.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,8 +151,6 @@ def _check_sd1_safetensors(path: Path, config_dir: Path) -> None:
     if not has("first_stage_model."):
         raise ModelLoadError(f"{path} has no VAE weights (first_stage_model.*) — {_HINT}")
     if in_shape is not None:
-        import json
-
         expected = json.loads((config_dir / "unet" / "config.json").read_text()).get("in_channels", 4)
         if len(in_shape) == 4 and in_shape[1] != expected:
             raise ModelLoadError(
