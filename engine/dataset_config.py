@@ -287,7 +287,7 @@ def _resolve_image_dir(raw: str, toml_path: Path, where: str) -> Path:
     p = Path(raw).expanduser()
     if p.is_absolute():
         return p
-    beside = (toml_path.parent / p)
+    beside = (toml_path.parent / p).absolute()
     if beside.exists():
         return beside
     in_cwd = Path.cwd() / p
@@ -348,6 +348,7 @@ def parse_dataset_toml(path: Path, args: DatasetArgs, warnings: list[str]) -> li
 
 
 def _folder_subsets(base: Path, flag: str, is_reg: bool, args: DatasetArgs, warnings: list[str]) -> list[SubsetSpec]:
+    base = base.absolute()
     if not base.is_dir():
         raise DatasetError(f"--{flag} {base} is not a folder; point it at the folder holding N_name subfolders")
     out = []

@@ -441,3 +441,31 @@ def test_bucket_config_errors(tmp_path):
                                 "max_bucket_reso = 200\n" + sub)
     assert plan.datasets[0].min_bucket_reso == 64 and plan.datasets[0].max_bucket_reso == 256
     assert any("rounded down to 64" in w for w in plan.warnings)
+
+
+def test_two_datasets_keep_their_own_batch_size_and_buckets(tmp_path):
+    for i in range(3):
+        _img(tmp_path / "i" / f"{i}.png", caption="Tag, other")
+    plan = _plan_toml(tmp_path, """
+[general]
+resolution = 64
+[[datasets]]
+batch_size = 2
+  [[datasets.subsets]]
+  image_dir = "i"
+  num_repeats = 2
+[[datasets]]
+batch_size = 4
+  [[datasets.subsets]]
+  image_dir = "i"
+  num_repeats = 3
+""")
+    assert len(plan.entries) == 6 and plan.num_train_images == 15
+    assert plan.batches_per_epoch == 3 + 3        # ceil(6/2) + ceil(9/4), same 64x64 bucket kept apart
+    assert list(plan.buckets) == [(64, 64)]
+    for batch in plan.epoch_batches(2, seed=0):
+        datasets = {plan.entries[plan.sample_to_entry(s)].dataset_index for s in batch}
+        assert len(datasets) == 1
+        assert len(batch) <= (2 if datasets == {0} else 4)
+    # a folder counted by an earlier dataset is not counted again (kohya)
+    assert plan.tag_frequency() == {"i": {"tag": 3, "other": 3}}
