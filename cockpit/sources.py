@@ -1,0 +1,142 @@
+"""Where the cockpit's events come from: the live engine, or a fake for tests.
+
+An :class:`EventSource` starts a run and forwards its events to one callback. The callback
+may be called on any thread (the engine's) and never blocks. Control commands go the
+other way and are thread-safe. The attach command adds a source that tails a run folder's
+``events.jsonl``.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Callable, Protocol, runtime_checkable
+
+from engine.config import TrainConfig
+from engine.events import Event
+
+Deliver = Callable[[Event], None]
+
+
+@runtime_checkable
+class EventSource(Protocol):
+    def start(self, config: TrainConfig, deliver: Deliver) -> None:
+        """Begin a run; may raise SpykeError. Called from a worker thread (it may import torch)."""
+
+    def pause(self) -> None: ...
+
+    def resume(self) -> None: ...
+
+    def save(self) -> None: ...
+
+    def abort(self, save: bool) -> None: ...
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the run is over (True) or the timeout passes (False). True when nothing runs."""
+
+    @property
+    def running(self) -> bool: ...
+
+    @property
+    def run_dir(self) -> Path | None: ...
+
+
+class LiveSource:
+    """Runs the engine in this process on its own daemon thread (engine.session.start_training)."""
+
+    def __init__(self) -> None:
+        self._handle = None
+
+    def start(self, config: TrainConfig, deliver: Deliver) -> None:
+        from engine.session import start_training  # heavy (torch): only once a run starts
+
+        self._handle = start_training(config, [deliver])
+
+    @property
+    def control(self):
+        return None if self._handle is None else self._handle.control
+
+    def pause(self) -> None:
+        if self._handle is not None:
+            self._handle.control.pause()
+
+    def resume(self) -> None:
+        if self._handle is not None:
+            self._handle.control.resume()
+
+    def save(self) -> None:
+        if self._handle is not None:
+            self._handle.control.request_save()
+
+    def abort(self, save: bool) -> None:
+        if self._handle is not None:
+            self._handle.control.abort(save=save)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if self._handle is None:
+            return True
+        return bool(self._handle.wait(timeout))
+
+    @property
+    def running(self) -> bool:
+        return self._handle is not None and self._handle.thread.is_alive()
+
+    @property
+    def run_dir(self) -> Path | None:
+        return None if self._handle is None else self._handle.run_dir
+
+
+class FakeSource:
+    """A scripted source for tests: records commands; the test feeds events with :meth:`emit`."""
+
+    def __init__(self, *, start_error: Exception | None = None) -> None:
+        self.commands: list[str] = []
+        self.configs: list[TrainConfig] = []
+        self.start_error = start_error
+        self._deliver: Deliver | None = None
+        self._running = False
+        self._done = threading.Event()
+        self._done.set()
+
+    def start(self, config: TrainConfig, deliver: Deliver) -> None:
+        self.commands.append("start")
+        self.configs.append(config)
+        if self.start_error is not None:
+            raise self.start_error
+        self._deliver = deliver
+        self._running = True
+        self._done.clear()
+
+    def emit(self, *events: Event) -> None:
+        assert self._deliver is not None, "start() first"
+        for event in events:
+            self._deliver(event)
+            if event.type == "finished":
+                self.finish()
+
+    def finish(self) -> None:
+        self._running = False
+        self._done.set()
+
+    def pause(self) -> None:
+        self.commands.append("pause")
+
+    def resume(self) -> None:
+        self.commands.append("resume")
+
+    def save(self) -> None:
+        self.commands.append("save")
+
+    def abort(self, save: bool) -> None:
+        self.commands.append("abort" if save else "abort_no_save")
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._done.wait(timeout)
+
+    @property
+    def running(self) -> bool:
+        return self._running
+
+    @property
+    def run_dir(self) -> Path | None:
+        return None

@@ -1,0 +1,383 @@
+"""The cockpit's UI state: a pure reducer over engine events (no Textual, no clock, no I/O).
+
+``reduce(state, event) -> state`` folds one engine event (or one local UI action) into a new
+:class:`CockpitState`. Widgets only render the state; derived figures that depend on the wall
+clock (elapsed, ETA) are functions of ``(state, now)`` so a test can pin the clock.
+
+The loss history is the one piece that grows with the run, so it is a bounded, append-only
+:class:`LossHistory` (pairs of buckets merge when it fills up): memory and redraw cost stay
+the same at step 100 and at step 1,000,000. States share it; a state handed to ``reduce``
+must not be used for history queries afterwards.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from engine.events import (CheckpointSaved, Event, LogMessage, MemorySample, PhaseChanged, RunFinished,
+                           RunStarted, StepCompleted)
+
+RATE_WINDOW = 20          # steps used for it/s
+LOG_LIMIT = 200           # lines kept in the log panel
+MEMORY_HISTORY = 60       # memory samples kept for the sparkline
+DEFAULT_SMOOTHING = 0.9
+
+
+# ---------------------------------------------------------------- local UI actions
+@dataclass(frozen=True)
+class StartRequested:
+    """The user pressed Start; the engine has not said anything yet."""
+
+
+@dataclass(frozen=True)
+class StartFailed:
+    """The engine could not even start (bad config, missing model...)."""
+    error: str
+
+
+@dataclass(frozen=True)
+class PauseRequested:
+    """The user asked to pause (True) or resume (False); shown at once, applied at the next step boundary."""
+    paused: bool
+
+
+@dataclass(frozen=True)
+class AbortRequested:
+    save: bool
+
+
+@dataclass(frozen=True)
+class SaveRequested:
+    pass
+
+
+@dataclass(frozen=True)
+class SmoothingChanged:
+    smoothing: float
+
+
+Action = Event | StartRequested | StartFailed | PauseRequested | AbortRequested | SaveRequested | SmoothingChanged
+
+
+# ---------------------------------------------------------------- loss history
+class LossHistory:
+    """Bounded history of per-step losses: at most ``capacity`` buckets of equal step count.
+
+    When full, neighbouring buckets merge and the bucket size doubles, so appends are O(1)
+    amortised and every query is O(capacity) whatever the run length.
+    """
+
+    def __init__(self, capacity: int = 2048) -> None:
+        self.capacity = capacity
+        self.bucket_size = 1
+        self.steps: list[int] = []        # last step in each bucket
+        self.sums: list[float] = []
+        self.counts: list[int] = []
+        self.total = 0                    # steps recorded
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def append(self, step: int, loss: float) -> None:
+        if not math.isfinite(loss):
+            return
+        self.total += 1
+        if self.counts and self.counts[-1] < self.bucket_size:
+            self.steps[-1] = step
+            self.sums[-1] += loss
+            self.counts[-1] += 1
+            return
+        self.steps.append(step)
+        self.sums.append(loss)
+        self.counts.append(1)
+        if len(self.steps) > self.capacity:
+            self._compact()
+
+    def _compact(self) -> None:
+        n = len(self.steps) // 2 * 2
+        steps = [self.steps[i + 1] for i in range(0, n, 2)]
+        sums = [self.sums[i] + self.sums[i + 1] for i in range(0, n, 2)]
+        counts = [self.counts[i] + self.counts[i + 1] for i in range(0, n, 2)]
+        if n < len(self.steps):
+            steps.append(self.steps[-1])
+            sums.append(self.sums[-1])
+            counts.append(self.counts[-1])
+        self.steps, self.sums, self.counts = steps, sums, counts
+        self.bucket_size *= 2
+
+    def series(self, width: int) -> tuple[list[int], list[float], list[int]]:
+        """At most ``width`` points: (last step, mean loss, steps in the point)."""
+        return downsample(self.steps, self.sums, self.counts, width)
+
+
+def downsample(steps: Sequence[int], sums: Sequence[float], counts: Sequence[int],
+               width: int) -> tuple[list[int], list[float], list[int]]:
+    n = len(steps)
+    width = max(1, width)
+    if n <= width:
+        return list(steps), [s / c for s, c in zip(sums, counts)], list(counts)
+    xs, ys, ns = [], [], []
+    for i in range(width):
+        lo, hi = i * n // width, (i + 1) * n // width
+        if hi <= lo:
+            continue
+        total = sum(sums[lo:hi])
+        count = sum(counts[lo:hi])
+        xs.append(steps[hi - 1])
+        ys.append(total / count)
+        ns.append(count)
+    return xs, ys, ns
+
+
+def smooth(values: Sequence[float], counts: Sequence[int], smoothing: float) -> list[float]:
+    """Debiased EMA (TensorBoard style); a point that stands for k steps decays by smoothing**k."""
+    out = []
+    acc = 0.0
+    weight = 0.0
+    for value, k in zip(values, counts):
+        decay = smoothing ** max(1, k)
+        acc = acc * decay + (1 - decay) * value
+        weight = weight * decay + (1 - decay)
+        out.append(acc / weight if weight > 0 else value)
+    return out
+
+
+# ---------------------------------------------------------------- state
+@dataclass(frozen=True)
+class CheckpointRow:
+    step: int
+    name: str
+    path: str
+    bytes: int
+    loss: float | None
+    verified: bool
+    kind: str
+
+
+@dataclass(frozen=True)
+class LogLine:
+    t: float
+    level: str
+    message: str
+
+
+@dataclass(frozen=True)
+class CockpitState:
+    status: str = "idle"                 # idle | starting | running | completed | aborted | failed
+    phase: str = ""
+    phase_detail: str = ""
+    run_id: str = ""
+    output_dir: str = ""
+    output_name: str = ""
+    device: str = ""
+    total_steps: int = 0
+    num_epochs: int = 0
+    batches_per_epoch: int = 0
+    start_step: int = 0
+    checkpoint_steps: tuple[int, ...] = ()
+    step: int = 0
+    epoch: int = 0
+    loss: float | None = None
+    loss_ema: float | None = None
+    ema_weight: float = 0.0
+    smoothing: float = DEFAULT_SMOOTHING
+    lrs: tuple[tuple[str, float], ...] = ()
+    skipped_steps: int = 0
+    started_at: float | None = None
+    finished_at: float | None = None
+    last_event_at: float | None = None
+    rate_window: tuple[tuple[float, int], ...] = ()
+    memory: MemorySample | None = None
+    memory_history: tuple[int, ...] = ()
+    checkpoints: tuple[CheckpointRow, ...] = ()
+    log: tuple[LogLine, ...] = ()
+    paused: bool = False                  # the engine says it is paused
+    pause_requested: bool = False         # the user's latest wish
+    abort_requested: bool = False
+    error: str | None = None
+    final_path: str | None = None
+    resume_hint: str | None = None
+    history: LossHistory = field(default_factory=LossHistory, compare=False, repr=False)
+    version: int = 0                      # bumped on every change (widgets skip redraws when equal)
+
+    @property
+    def running(self) -> bool:
+        return self.status in ("starting", "running")
+
+
+def _log(state: CockpitState, t: float, level: str, message: str) -> tuple[LogLine, ...]:
+    line = LogLine(t, level, " ".join(str(message).split()))
+    return (state.log + (line,))[-LOG_LIMIT:]
+
+
+def reduce(state: CockpitState, event: Action) -> CockpitState:
+    """Fold one engine event or UI action into a new state."""
+    v = state.version + 1
+    if isinstance(event, StepCompleted):
+        return _reduce_step(state, event, v)
+    if isinstance(event, MemorySample):
+        value = event.allocated if event.allocated is not None else event.rss
+        return replace(state, memory=event, memory_history=(state.memory_history + (value,))[-MEMORY_HISTORY:],
+                       version=v)
+    if isinstance(event, RunStarted):
+        return replace(
+            CockpitState(smoothing=state.smoothing, log=state.log),
+            status="running", phase=state.phase or "loading", run_id=event.run_id, output_dir=event.output_dir,
+            output_name=event.output_name, device=event.device, total_steps=event.total_steps,
+            num_epochs=event.num_epochs, batches_per_epoch=event.batches_per_epoch, start_step=event.start_step,
+            checkpoint_steps=tuple(sorted(event.checkpoint_steps)), step=event.start_step,
+            started_at=event.t, last_event_at=event.t, pause_requested=state.pause_requested,
+            version=v)
+    if isinstance(event, PhaseChanged):
+        paused = event.phase == "paused"
+        pause_requested = state.pause_requested
+        if paused and not state.paused:
+            pause_requested = True
+        elif state.paused and not paused:
+            pause_requested = False
+        return replace(state, phase=event.phase, phase_detail=event.detail, paused=paused,
+                       pause_requested=pause_requested, rate_window=(), last_event_at=event.t,
+                       status="running" if state.status in ("idle", "starting") else state.status, version=v)
+    if isinstance(event, CheckpointSaved):
+        row = CheckpointRow(step=event.step, name=Path(event.path).name, path=event.path, bytes=event.bytes,
+                            loss=event.loss, verified=event.verified, kind=event.kind)
+        rows = tuple(r for r in state.checkpoints if r.path != row.path) + (row,)
+        return replace(state, checkpoints=rows, last_event_at=event.t, version=v)
+    if isinstance(event, LogMessage):
+        return replace(state, log=_log(state, event.t, event.level, event.message), version=v)
+    if isinstance(event, RunFinished):
+        log = state.log
+        if event.status == "failed" and event.error:
+            log = _log(state, event.t, "error", event.error)
+        elif event.status == "aborted":
+            log = _log(state, event.t, "warning", f"run aborted at step {event.step}")
+        return replace(state, status=event.status, phase="finished", paused=False, pause_requested=False,
+                       step=max(state.step, event.step), error=event.error, final_path=event.final_path,
+                       resume_hint=event.resume_hint, finished_at=event.t, last_event_at=event.t, log=log,
+                       version=v)
+    if isinstance(event, StartRequested):
+        return replace(CockpitState(smoothing=state.smoothing, log=state.log), status="starting",
+                       phase="loading", version=v)
+    if isinstance(event, StartFailed):
+        return replace(state, status="failed", phase="finished", error=event.error,
+                       log=_log(state, state.last_event_at or 0.0, "error", event.error), version=v)
+    if isinstance(event, PauseRequested):
+        return replace(state, pause_requested=event.paused, version=v)
+    if isinstance(event, AbortRequested):
+        return replace(state, abort_requested=True, pause_requested=False, version=v)
+    if isinstance(event, SaveRequested):
+        return state
+    if isinstance(event, SmoothingChanged):
+        s = min(0.999, max(0.0, float(event.smoothing)))
+        xs, ys, ns = state.history.series(len(state.history) or 1)
+        ema = smooth(ys, ns, s)
+        return replace(state, smoothing=s, loss_ema=ema[-1] if ema else None, ema_weight=1.0 if ema else 0.0,
+                       version=v)
+    return state
+
+
+def _reduce_step(state: CockpitState, event: StepCompleted, version: int) -> CockpitState:
+    loss = event.loss
+    ema, weight = state.loss_ema, state.ema_weight
+    if not event.skipped and math.isfinite(loss):
+        state.history.append(event.step, loss)
+        # debiased EMA: keep the raw accumulator in loss_ema * ema_weight
+        s = state.smoothing
+        acc = (ema or 0.0) * weight * s + (1 - s) * loss
+        weight = weight * s + (1 - s)
+        ema = acc / weight if weight > 0 else loss
+    window = (state.rate_window + ((event.t, event.step),))[-RATE_WINDOW:]
+    return replace(state, step=event.step, epoch=event.epoch, loss=loss, loss_ema=ema, ema_weight=weight,
+                   lrs=tuple(sorted(event.lrs.items())), rate_window=window,
+                   skipped_steps=state.skipped_steps + (1 if event.skipped else 0),
+                   last_event_at=event.t, status="running" if state.status == "starting" else state.status,
+                   version=version)
+
+
+def reduce_all(state: CockpitState, events: Iterable[Action]) -> CockpitState:
+    for event in events:
+        state = reduce(state, event)
+    return state
+
+
+# ---------------------------------------------------------------- derived figures
+def steps_per_second(state: CockpitState) -> float | None:
+    w = state.rate_window
+    if len(w) < 2:
+        return None
+    dt = w[-1][0] - w[0][0]
+    ds = w[-1][1] - w[0][1]
+    if dt <= 0 or ds <= 0:
+        return None
+    return ds / dt
+
+
+def elapsed(state: CockpitState, now: float) -> float:
+    if state.started_at is None:
+        return 0.0
+    end = state.finished_at if state.finished_at is not None else now
+    return max(0.0, end - state.started_at)
+
+
+def eta_seconds(state: CockpitState) -> float | None:
+    rate = steps_per_second(state)
+    if rate is None or not state.total_steps:
+        return None
+    return max(0, state.total_steps - state.step) / rate
+
+
+def next_checkpoint(state: CockpitState) -> int | None:
+    for step in state.checkpoint_steps:
+        if step > state.step:
+            return step
+    return None
+
+
+def eta_next_checkpoint(state: CockpitState) -> float | None:
+    rate = steps_per_second(state)
+    target = next_checkpoint(state)
+    if rate is None or target is None:
+        return None
+    return (target - state.step) / rate
+
+
+def format_duration(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "--:--"
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
+
+
+def format_bytes(n: int | None) -> str:
+    if n is None:
+        return "–"
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"
+
+
+def memory_pressure(sample: MemorySample | None) -> float:
+    """The fullest of the limits that matter, 0..1 (device budget, then system RAM)."""
+    if sample is None:
+        return 0.0
+    levels = []
+    if sample.device_total:
+        used = sample.reserved if sample.reserved is not None else sample.allocated
+        if used is not None:
+            levels.append(used / sample.device_total)
+    if sample.sys_total:
+        levels.append(1.0 - sample.sys_available / sample.sys_total)
+    return max(levels, default=0.0)
+
+
+def progress_text(state: CockpitState) -> str:
+    """The line scripts read through tmux: always contains ``step N/TOTAL``."""
+    return f"step {state.step}/{state.total_steps}"
