@@ -1,0 +1,114 @@
+"""Headless training: one progress line per step, one per checkpoint; Ctrl-C saves and stops."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from typing import TextIO
+
+from engine.config import TrainConfig
+from engine.control import TrainingControl
+from engine.events import CheckpointSaved, Event, LogMessage, PhaseChanged, RunFinished, RunStarted, StepCompleted
+
+SECOND_SIGINT_WINDOW = 3.0
+
+
+def format_duration(seconds: float | None) -> str:
+    if seconds is None or seconds != seconds or seconds == float("inf"):
+        return "--:--:--"
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def format_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    value = float(n)
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if value < 1000 or unit == "TB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{n} B"
+
+
+class ProgressPrinter:
+    """Turns events into the headless output lines (an event sink)."""
+
+    def __init__(self, out: TextIO = sys.stdout) -> None:
+        self.out = out
+        self.total = 0
+        self.num_epochs = 0
+        self.started: float | None = None
+        self.start_step = 0
+        self.recent: list[float] = []
+
+    def _print(self, line: str) -> None:
+        self.out.write(line + "\n")
+        self.out.flush()
+
+    def __call__(self, event: Event) -> None:
+        if isinstance(event, RunStarted):
+            self.total, self.num_epochs, self.start_step = event.total_steps, event.num_epochs, event.start_step
+            self._print(f"run {event.run_id}: {event.total_steps} steps, {event.num_epochs} epochs, "
+                        f"{event.batches_per_epoch} batches/epoch on {event.device}; seed {event.seed}; "
+                        f"events in {event.output_dir}/.spyke/{event.run_id}/events.jsonl")
+        elif isinstance(event, StepCompleted):
+            now = time.monotonic()
+            if self.started is None:
+                self.started = now - event.step_seconds
+            self.recent = (self.recent + [event.step_seconds])[-20:]
+            avg = sum(self.recent) / len(self.recent)
+            its = 1.0 / avg if avg > 0 else 0.0
+            eta = (self.total - event.step) * avg
+            lrs = "/".join(f"{v:.2e}" for v in event.lrs.values())
+            loss = "nan (skipped)" if event.skipped else f"{event.loss:.4f}"
+            self._print(f"step {event.step}/{self.total} | epoch {event.epoch}/{self.num_epochs} | loss {loss} | "
+                        f"lr {lrs} | {its:.2f} it/s | ETA {format_duration(eta)}")
+        elif isinstance(event, CheckpointSaved):
+            state = f", state {event.state_dir}" if event.state_dir else ""
+            self._print(f"checkpoint ({event.kind}) step {event.step}: {event.path} "
+                        f"({format_bytes(event.bytes)}{', verified' if event.verified else ''}{state})")
+        elif isinstance(event, PhaseChanged) and event.phase in ("loading", "caching", "paused"):
+            if event.phase != "caching" or event.detail.endswith(("/0", "0/")) is False:
+                self._print(f"{event.phase}{': ' + event.detail if event.detail else ''}")
+        elif isinstance(event, LogMessage) and event.level in ("warning", "error"):
+            self._print(f"{event.level}: {event.message}")
+        elif isinstance(event, RunFinished):
+            line = f"finished: {event.status} at step {event.step}"
+            if event.final_path:
+                line += f" -> {event.final_path}"
+            self._print(line)
+            if event.status != "completed" and event.resume_hint:
+                self._print(f"to resume: {event.resume_hint}")
+
+
+def run_headless(config: TrainConfig, *, out: TextIO = sys.stdout) -> int:
+    """Train in this thread. SIGINT/SIGTERM: save a checkpoint + state and stop (exit 0);
+    a second SIGINT within 3 s exits at once (files are atomic, so none is partial)."""
+    from engine.trainer import Trainer
+
+    control = TrainingControl()
+    last_sigint = [0.0]
+
+    def on_signal(signum, _frame) -> None:
+        now = time.monotonic()
+        if signum == signal.SIGINT and now - last_sigint[0] < SECOND_SIGINT_WINDOW:
+            out.write("interrupted again: exiting now (no checkpoint written)\n")
+            out.flush()
+            import os
+
+            os._exit(130)
+        last_sigint[0] = now
+        out.write(f"stopping ({signal.Signals(signum).name}): saving a checkpoint and state at the current step"
+                  " — press Ctrl-C again within 3 s to exit at once\n")
+        out.flush()
+        control.abort(save=True)
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        result = Trainer(config, control=control, sinks=[ProgressPrinter(out)]).run()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return 0 if result.status in ("completed", "aborted") else 1

@@ -1,0 +1,123 @@
+"""What a config will do, computed before any model loads (no torch).
+
+The trainer runs exactly this plan, and the cockpit's form shows it as a preview:
+images per subset, steps per epoch, total steps, and every checkpoint's file name.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from engine.checkpoint import checkpoint_filename
+from engine.config import TrainConfig
+from engine.dataset import DatasetArgs, DatasetPlan, compute_total_steps, load_dataset_plan
+
+
+@dataclass(frozen=True)
+class SubsetSummary:
+    image_dir: str
+    num_images: int
+    num_repeats: int
+    is_reg: bool
+
+
+@dataclass(frozen=True)
+class PlannedCheckpoint:
+    step: int
+    epoch: int
+    kind: str            # step | epoch | final
+    filename: str
+
+
+@dataclass
+class RunPlan:
+    dataset: DatasetPlan
+    subsets: list[SubsetSummary]
+    batches_per_epoch: int
+    steps_per_epoch: int
+    total_steps: int
+    num_epochs: int
+    checkpoints: list[PlannedCheckpoint]
+    output_dir: Path
+    free_bytes: int | None
+    warnings: list[str] = field(default_factory=list)
+
+    def checkpoint_at(self, step: int) -> list[PlannedCheckpoint]:
+        return [c for c in self.checkpoints if c.step == step]
+
+
+def dataset_args(config: TrainConfig) -> DatasetArgs:
+    return DatasetArgs(
+        dataset_config=Path(config.dataset_config) if config.dataset_config else None,
+        train_data_dir=Path(config.train_data_dir) if config.train_data_dir else None,
+        reg_data_dir=Path(config.reg_data_dir) if config.reg_data_dir else None,
+        resolution=config.resolution_wh(),
+        train_batch_size=config.train_batch_size,
+        caption_extension=config.caption_extension,
+        enable_bucket=config.enable_bucket,
+        min_bucket_reso=config.min_bucket_reso,
+        max_bucket_reso=config.max_bucket_reso,
+        bucket_reso_steps=config.bucket_reso_steps,
+        bucket_no_upscale=config.bucket_no_upscale,
+        shuffle_caption=config.shuffle_caption,
+        keep_tokens=config.keep_tokens,
+        flip_aug=config.flip_aug,
+    )
+
+
+def schedule_checkpoints(config: TrainConfig, total_steps: int, num_epochs: int,
+                         steps_per_epoch: int) -> list[PlannedCheckpoint]:
+    """kohya's rules: a step file whenever ``global_step % save_every_n_steps == 0``; an epoch file
+    after every n-th epoch except the last; the final file at the end."""
+    out: list[PlannedCheckpoint] = []
+    n = config.save_every_n_steps
+    if n:
+        for step in range(n, total_steps + 1, n):
+            epoch = min(num_epochs, (step - 1) // steps_per_epoch + 1)
+            out.append(PlannedCheckpoint(step, epoch, "step", checkpoint_filename(config.output_name, step=step)))
+    m = config.save_every_n_epochs
+    if m:
+        for epoch in range(m, num_epochs, m):
+            step = min(total_steps, epoch * steps_per_epoch)
+            out.append(PlannedCheckpoint(step, epoch, "epoch", checkpoint_filename(config.output_name, epoch=epoch)))
+    out.sort(key=lambda c: (c.step, c.kind != "step"))
+    out.append(PlannedCheckpoint(total_steps, num_epochs, "final", checkpoint_filename(config.output_name)))
+    return out
+
+
+def free_space(path: Path) -> int | None:
+    probe = Path(path).absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        return shutil.disk_usage(probe).free
+    except OSError:
+        return None
+
+
+def plan_run(config: TrainConfig) -> RunPlan:
+    """Validate the config and scan the dataset; raises a one-line SpykeError on bad input."""
+    config.validate()
+    dataset = load_dataset_plan(dataset_args(config))
+    total_steps, num_epochs = compute_total_steps(
+        dataset.batches_per_epoch, config.max_train_epochs, config.max_train_steps,
+        config.gradient_accumulation_steps)
+    steps_per_epoch = -(-dataset.batches_per_epoch // config.gradient_accumulation_steps)
+    subsets: dict[tuple[str, int, bool], int] = {}
+    for entry in dataset.entries:
+        key = (str(entry.path.parent), entry.num_repeats, entry.is_reg)
+        subsets[key] = subsets.get(key, 0) + 1
+    return RunPlan(
+        dataset=dataset,
+        subsets=[SubsetSummary(d, n, r, reg) for (d, r, reg), n in subsets.items()],
+        batches_per_epoch=dataset.batches_per_epoch,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+        num_epochs=num_epochs,
+        checkpoints=schedule_checkpoints(config, total_steps, num_epochs, steps_per_epoch),
+        output_dir=Path(config.output_dir),
+        free_bytes=free_space(Path(config.output_dir)),
+        warnings=list(getattr(dataset, "warnings", [])),
+    )

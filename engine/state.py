@@ -1,0 +1,219 @@
+"""Training state beside a checkpoint: everything needed to continue a run exactly.
+
+A state folder holds the LoRA weights (fp32), optimizer, LR scheduler, every RNG
+(python, numpy, torch CPU and device, the engine's own noise generator and data RNG),
+and the run's position (global step, epoch, batch index in that epoch's order). It is
+written into a temp folder and renamed, so it is complete or absent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from engine.errors import CheckpointError, ConfigError
+
+PROGRESS = "progress.json"
+STATE_FORMAT = 1
+TMP_MARK = ".tmp-"
+
+
+@dataclass
+class Progress:
+    global_step: int
+    epoch: int                  # 0-based epoch the next step belongs to
+    batch_in_epoch: int         # index of the next batch in that epoch's order
+    seed: int
+    run_id: str
+    config: dict[str, Any]
+    lr_scale: float = 1.0       # halved by the rollback NaN policy
+    nan_skipped: int = 0
+    format: int = STATE_FORMAT
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def state_dirname(output_name: str, step: int | None) -> str:
+    return f"{output_name}-step{step:08d}-state" if step is not None else f"{output_name}-state"
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def capture_rng(noise_generator, data_rng: random.Random, device_type: str) -> dict[str, Any]:
+    import numpy as np
+    import torch
+
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": [x.tolist() if hasattr(x, "tolist") else x for x in np.random.get_state()],
+        "torch": torch.get_rng_state(),
+        "noise": noise_generator.get_state(),
+        "data": data_rng.getstate(),
+    }
+    try:
+        if device_type == "cuda" and torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        elif device_type == "mps" and torch.backends.mps.is_available():
+            state["mps"] = torch.mps.get_rng_state()
+    except Exception:  # noqa: BLE001 - a device RNG we cannot read is not worth failing a save
+        pass
+    return state
+
+
+def restore_rng(state: dict[str, Any], noise_generator, data_rng: random.Random) -> None:
+    import numpy as np
+    import torch
+
+    def as_tuple(x):
+        return tuple(as_tuple(i) for i in x) if isinstance(x, (list, tuple)) else x
+
+    random.setstate(as_tuple(state["python"]))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    noise_generator.set_state(state["noise"])
+    data_rng.setstate(as_tuple(state["data"]))
+    try:
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+        if "mps" in state and torch.backends.mps.is_available():
+            torch.mps.set_rng_state(state["mps"])
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def save_state(dest: Path, *, lora_tensors: dict, optimizer_state: dict, scheduler_state: dict,
+               rng_state: dict, progress: Progress) -> Path:
+    """Write the state folder atomically (temp folder + rename). Raises CheckpointError."""
+    import torch
+    from safetensors.torch import save_file
+
+    dest = Path(dest)
+    tmp = dest.with_name(f".{dest.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:6]}")
+    try:
+        tmp.mkdir(parents=True)
+        save_file({k: v.contiguous() for k, v in lora_tensors.items()}, str(tmp / "lora.safetensors"))
+        torch.save(optimizer_state, tmp / "optimizer.pt")
+        torch.save(scheduler_state, tmp / "scheduler.pt")
+        torch.save(rng_state, tmp / "rng.pt")
+        (tmp / PROGRESS).write_text(json.dumps(asdict(progress), indent=1, default=str))
+        for child in tmp.iterdir():
+            with open(child, "rb") as fh:
+                os.fsync(fh.fileno())
+        _fsync_dir(tmp)
+        old = None
+        if dest.exists():
+            old = dest.with_name(f".{dest.name}{TMP_MARK}old-{uuid.uuid4().hex[:6]}")
+            os.rename(dest, old)
+        os.rename(tmp, dest)
+        _fsync_dir(dest.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"could not write training state {dest}: {err.strerror or err}") from None
+    return dest
+
+
+@dataclass
+class LoadedState:
+    path: Path
+    progress: Progress
+    lora_tensors: dict
+    optimizer_state: dict
+    scheduler_state: dict
+    rng_state: dict
+
+
+def load_state(path: Path) -> LoadedState:
+    import torch
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not (path / PROGRESS).is_file():
+        raise ConfigError(f"--resume={path}: not a spyke-cockpit state folder (no {PROGRESS}); "
+                          "pass a '*-state' folder written with --save_state, or 'latest'")
+    try:
+        raw = json.loads((path / PROGRESS).read_text())
+        progress = Progress(**{k: v for k, v in raw.items() if k in Progress.__dataclass_fields__})
+        return LoadedState(
+            path=path,
+            progress=progress,
+            lora_tensors=load_file(str(path / "lora.safetensors")),
+            optimizer_state=torch.load(path / "optimizer.pt", weights_only=True),
+            scheduler_state=torch.load(path / "scheduler.pt", weights_only=True),
+            rng_state=torch.load(path / "rng.pt", weights_only=True),
+        )
+    except Exception as err:  # noqa: BLE001 - any corruption is one clear line
+        raise ConfigError(f"--resume={path}: the state folder is damaged ({type(err).__name__}: {err}); "
+                          "resume from an earlier '*-state' folder") from None
+
+
+def find_latest_state(output_dir: Path, output_name: str) -> Path | None:
+    """The state folder with the highest global step for ``output_name`` in ``output_dir``."""
+    best: tuple[int, float, Path] | None = None
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return None
+    for child in folder.iterdir():
+        if not child.is_dir() or child.name.startswith(".") or not child.name.startswith(output_name):
+            continue
+        if not child.name.endswith("-state") or not (child / PROGRESS).is_file():
+            continue
+        try:
+            step = int(json.loads((child / PROGRESS).read_text())["global_step"])
+        except (OSError, ValueError, KeyError):
+            continue
+        key = (step, child.stat().st_mtime, child)
+        if best is None or key[:2] > best[:2]:
+            best = key
+    return best[2] if best else None
+
+
+def cleanup_temp_dirs(folder: Path) -> list[Path]:
+    """Remove state temp folders left by a killed run."""
+    removed = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return removed
+    for child in folder.iterdir():
+        if child.is_dir() and child.name.startswith(".") and TMP_MARK in child.name:
+            shutil.rmtree(child, ignore_errors=True)
+            removed.append(child)
+    return removed
+
+
+# Fields whose change makes a resumed run a different run.
+RUN_DEFINING = (
+    "pretrained_model_name_or_path", "dataset_config", "train_data_dir", "reg_data_dir", "resolution",
+    "train_batch_size", "enable_bucket", "network_dim", "network_alpha", "network_train_unet_only",
+    "network_train_text_encoder_only", "learning_rate", "unet_lr", "text_encoder_lr", "optimizer_type",
+    "lr_scheduler", "lr_warmup_steps", "lr_scheduler_num_cycles", "lr_scheduler_power", "max_train_steps",
+    "max_train_epochs", "gradient_accumulation_steps", "seed", "clip_skip", "noise_offset", "min_snr_gamma",
+    "prior_loss_weight", "mixed_precision", "output_name", "caption_extension", "shuffle_caption", "keep_tokens",
+    "flip_aug",
+)
+
+
+def config_mismatches(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    out = []
+    for name in RUN_DEFINING:
+        if name in saved and saved.get(name) != current.get(name):
+            out.append(f"{name}: saved {saved.get(name)!r}, now {current.get(name)!r}")
+    return out
