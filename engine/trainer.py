@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
+from engine.channel import ControlChannel
 from engine.checkpoint import build_metadata, checkpoint_filename, cleanup_temp_files, save_lora_file
 from engine.config import TrainConfig, to_toml
 from engine.control import TrainingControl
@@ -103,7 +104,8 @@ class Trainer:
         self.config = config
         self.control = control or TrainingControl()
         self.bus = EventBus(sinks)
-        self.run_id = run_id or new_run_id(config.output_name or "run")
+        self.run_id = run_id or os.environ.get("SPYKE_RUN_ID") or new_run_id(config.output_name or "run")
+        self.channel: ControlChannel | None = None
         self.loss_hook = loss_hook
         self.run_dir: Path | None = None
         self.global_step = 0
@@ -121,6 +123,8 @@ class Trainer:
         status, error, final_path, hint = "failed", None, None, None
         try:
             final_path, status = self._run()
+            if status == "aborted":
+                hint = self._resume_hint()
         except SpykeError as err:
             error = str(err)
             hint = self._resume_hint()
@@ -194,6 +198,8 @@ class Trainer:
         self._log = EventLog(run_dir / "events.jsonl")
         self.bus.add(self._log)
         self.run_dir = run_dir
+        self.channel = ControlChannel(run_dir, self.control, on_command=lambda command, sender: self._emit(
+            LogMessage(level="info", message=f"control: {command.value}" + (f" from {sender}" if sender else ""))))
         return run_dir
 
     # ------------------------------------------------------------------ the job
@@ -625,7 +631,7 @@ class _Job:
         accum = cfg.gradient_accumulation_steps
         last_mem = 0.0
         control = t.control
-        poll = getattr(control, "poll_external", None)
+        poll = t.channel.poll if t.channel is not None else None
 
         def on_pause(entering: bool) -> None:
             t._phase("paused" if entering else "training")

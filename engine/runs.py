@@ -1,0 +1,152 @@
+"""Find runs and tell their state from their run folders (``<output_dir>/.spyke/<run_id>/``)."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from engine.events import EventTail, PhaseChanged, RunFinished, RunStarted, StepCompleted, parse_line
+
+EVENTS = "events.jsonl"
+TAIL_BYTES = 256 * 1024
+
+
+@dataclass
+class RunInfo:
+    run_dir: Path
+    run_id: str
+    state: str                 # live | paused | finished | aborted | failed | stale
+    step: int
+    total: int
+    last_loss: float | None
+    started: float | None
+    pid: int | None
+    output_name: str = ""
+
+
+def pid_alive(pid: int | None, started: float | None = None) -> bool:
+    if not pid:
+        return False
+    try:
+        import psutil
+
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        # A reused pid belongs to a process created after our run started.
+        return started is None or proc.create_time() <= started + 1.0
+    except Exception:  # noqa: BLE001 - no such process, or no access
+        return False
+
+
+def _first_event(path: Path):
+    with open(path, "rb") as fh:
+        return parse_line(fh.readline().decode("utf-8", "replace"))
+
+
+def _tail_events(path: Path, nbytes: int = TAIL_BYTES):
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        fh.seek(max(0, size - nbytes))
+        data = fh.read()
+    lines = data.split(b"\n")
+    if size > nbytes:
+        lines = lines[1:]          # the first line may be cut
+    out = []
+    for raw in lines:
+        event = parse_line(raw.decode("utf-8", "replace")) if raw.strip() else None
+        if event is not None:
+            out.append(event)
+    return out
+
+
+def summarize(run_dir: Path) -> RunInfo | None:
+    path = Path(run_dir) / EVENTS
+    if not path.is_file():
+        return None
+    try:
+        first = _first_event(path)
+        tail = _tail_events(path)
+    except OSError:
+        return None
+    if not isinstance(first, RunStarted):
+        return None
+    step, loss, phase, finished = first.start_step, None, None, None
+    for event in tail:
+        if isinstance(event, StepCompleted):
+            step, loss = event.step, event.loss
+        elif isinstance(event, PhaseChanged):
+            phase = event.phase
+        elif isinstance(event, RunFinished):
+            finished = event
+            step = event.step
+    if finished is not None:
+        state = {"completed": "finished"}.get(finished.status, finished.status)
+    elif pid_alive(first.pid, first.t):
+        state = "paused" if phase == "paused" else "live"
+    else:
+        state = "stale"
+    return RunInfo(Path(run_dir), first.run_id, state, step, first.total_steps, loss, first.t, first.pid,
+                   first.output_name)
+
+
+def find_run_dirs(root: Path, max_depth: int = 4) -> list[Path]:
+    """Run folders under ``root`` (``root`` itself may be a run folder, an output dir or above)."""
+    root = Path(root)
+    if (root / EVENTS).is_file():
+        return [root]
+    found: list[Path] = []
+    base_depth = len(root.parts)
+    for dirpath, dirnames, _files in os.walk(root):
+        depth = len(Path(dirpath).parts) - base_depth
+        if Path(dirpath).name == ".spyke":
+            found += [Path(dirpath) / d for d in dirnames if (Path(dirpath) / d / EVENTS).is_file()]
+            dirnames[:] = []
+            continue
+        if depth >= max_depth:
+            dirnames[:] = []
+        else:
+            dirnames[:] = [d for d in dirnames if d == ".spyke" or not d.startswith(".")]
+    return found
+
+
+def list_runs(root: Path) -> list[RunInfo]:
+    infos = [i for i in (summarize(d) for d in find_run_dirs(root)) if i is not None]
+    return sorted(infos, key=lambda i: i.started or 0.0, reverse=True)
+
+
+def latest_live_run(root: Path) -> RunInfo | None:
+    runs = list_runs(root)
+    live = [r for r in runs if r.state in ("live", "paused")]
+    return (live or runs or [None])[0]
+
+
+def format_table(runs: Sequence[RunInfo]) -> str:
+    rows = [("RUN", "STATE", "STEP", "LOSS", "STARTED", "PID", "FOLDER")]
+    for r in runs:
+        started = dt.datetime.fromtimestamp(r.started).strftime("%Y-%m-%d %H:%M") if r.started else "-"
+        loss = f"{r.last_loss:.4f}" if r.last_loss is not None else "-"
+        rows.append((r.run_id, r.state, f"{r.step}/{r.total}", loss, started, str(r.pid or "-"), str(r.run_dir)))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
+
+
+def main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="spyke-cockpit ls", description="List training runs under a folder.")
+    parser.add_argument("folder", nargs="?", default=".", help="where to look (default: the current folder)")
+    parser.add_argument("--json", action="store_true", help="one JSON object per run")
+    ns = parser.parse_args(list(argv))
+    runs = list_runs(Path(ns.folder))
+    if ns.json:
+        for r in runs:
+            print(json.dumps({**r.__dict__, "run_dir": str(r.run_dir)}))
+    elif not runs:
+        print(f"no runs under {Path(ns.folder).resolve()}")
+    else:
+        print(format_table(runs))
+    return 0
