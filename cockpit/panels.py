@@ -281,10 +281,11 @@ def preview_text(plan: Any) -> Text:
             if ck is None:
                 text.append("   …\n", style="dim")
                 continue
-            text.append(f"  {ck.step:>7}  {ck.filename}  ")
-            text.append(f"{ck.kind}\n", style="dim")
+            text.append(f"{ck.step:>6} ", style="dim")
+            text.append(f"{ck.filename}\n")
     free = getattr(plan, "free_bytes", None)
-    text.append(f"output {plan.output_dir}  (free {format_bytes(free)})")
+    text.append(f"output {plan.output_dir}\n")
+    text.append(f"free space {format_bytes(free)}")
     for warning in getattr(plan, "warnings", []) or []:
         text.append(f"\n⚠ {warning}", style="yellow")
     return text

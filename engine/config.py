@@ -113,6 +113,9 @@ class TrainConfig:
                                     choices=SAVE_PRECISIONS)
     save_state: bool = _f(False, "saving", "Save the training state beside each checkpoint (for --resume).")
     resume: str = _f("", "saving", "Resume from a saved state folder, or 'latest'.", kind="path")
+    resume_force: bool = _f(False, "saving", "Resume even if run-defining settings differ from the saved state.",
+                            ours=True)
+    overwrite: bool = _f(False, "saving", "Allow replacing existing checkpoint files of the same name.", ours=True)
     nan_policy: str = _f("stop", "saving", "On a non-finite loss: stop, skip the step, or rollback to the last state.",
                          choices=NAN_POLICIES, ours=True)
     # --- precision & memory
