@@ -548,7 +548,7 @@ class _Job:
         import torch
 
         if self.latent_cache is not None:
-            return torch.stack([self.latent_cache[(i, f)] for i, f in zip(batch.indices, batch.flipped)])
+            return torch.stack([self.latent_cache[(i, f)] for i, f in zip(batch.entry_indices, batch.flipped)])
         return self._vae_latents(batch.pixel_values, self.noise_gen).to(self.weight_dtype)
 
     # ------------------------------------------------------------------ one step
