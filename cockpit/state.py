@@ -59,7 +59,23 @@ class SmoothingChanged:
     smoothing: float
 
 
-Action = Event | StartRequested | StartFailed | PauseRequested | AbortRequested | SaveRequested | SmoothingChanged
+@dataclass(frozen=True)
+class HistoryLoaded:
+    """A viewer rebuilt the loss history from a run's events.jsonl (``spyke-cockpit attach``).
+
+    Replaces the history, the EMA and the skipped-step count in one action, so reloading a
+    run of 1,000,000 steps costs one reduce instead of one per step. ``exact`` is False for
+    a coarse first picture (sampled from a big file) that an exact one replaces shortly.
+    """
+    history: "LossHistory"
+    loss_ema: float | None
+    ema_weight: float
+    skipped_steps: int
+    exact: bool = True
+
+
+Action = (Event | StartRequested | StartFailed | PauseRequested | AbortRequested | SaveRequested
+          | SmoothingChanged | HistoryLoaded)
 
 
 # ---------------------------------------------------------------- loss history
@@ -270,6 +286,9 @@ def reduce(state: CockpitState, event: Action) -> CockpitState:
         return replace(state, abort_requested=True, pause_requested=False, version=v)
     if isinstance(event, SaveRequested):
         return state
+    if isinstance(event, HistoryLoaded):
+        return replace(state, history=event.history, loss_ema=event.loss_ema, ema_weight=event.ema_weight,
+                       skipped_steps=event.skipped_steps, version=v)
     if isinstance(event, SmoothingChanged):
         s = min(0.999, max(0.0, float(event.smoothing)))
         xs, ys, ns = state.history.series(len(state.history) or 1)
