@@ -517,7 +517,13 @@ def run_cockpit(config: TrainConfig | None, *, demo: bool, autostart: bool, conf
             return prepare_demo(**overrides)
     app = CockpitApp(LiveSource(), config=config, config_path=config_path, demo=demo, autostart=autostart,
                      demo_preparer=preparer)
-    result = app.run()
+    from cockpit.hangup import HangupGuard
+
+    guard = HangupGuard(app)
+    with guard:                 # the terminal going away (SIGHUP) closes the UI, not the run
+        result = app.run()
+    if guard.hung_up:
+        return guard.detach()   # no terminal any more: train to the end, then exit
     if app.return_code not in (None, 0):
         return int(app.return_code)
     return int(result or 0)
