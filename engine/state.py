@@ -105,6 +105,10 @@ def save_state(dest: Path, *, lora_tensors: dict, optimizer_state: dict, schedul
     from safetensors.torch import save_file
 
     dest = Path(dest)
+    for key, tensor in lora_tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"not saving training state {dest}: {key} contains NaN or Inf; training "
+                                  "diverged — lower the learning rate or resume from an earlier state")
     tmp = dest.with_name(f".{dest.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:6]}")
     try:
         tmp.mkdir(parents=True)

@@ -208,6 +208,7 @@ class Trainer:
         enable_mps_fallback()
         plan = plan_run(cfg)
         loaded_state = None
+        resume_warnings: list[str] = []
         if cfg.resume:
             state_path = (find_latest_state(Path(cfg.output_dir), cfg.output_name)
                           if cfg.resume == "latest" else Path(cfg.resume))
@@ -222,6 +223,9 @@ class Trainer:
             if mismatches and not cfg.resume_force:
                 raise ConfigError(f"--resume={state_path}: the run's settings changed ({'; '.join(mismatches)}); "
                                   "use the saved settings, or add --resume_force to continue anyway")
+            if mismatches:
+                resume_warnings.append(f"--resume_force: continuing {state_path} with changed settings "
+                                       f"({'; '.join(mismatches)})")
             self.run_id = loaded_state.progress.run_id or self.run_id
         seed = cfg.seed if cfg.seed is not None else random.SystemRandom().randrange(2**31)
         cfg = cfg.replace(seed=seed)
@@ -238,7 +242,7 @@ class Trainer:
             num_epochs=plan.num_epochs, batches_per_epoch=plan.batches_per_epoch, device=str(device),
             pid=os.getpid(), config=cfg.to_dict(), checkpoint_steps=[c.step for c in plan.checkpoints],
             start_step=loaded_state.progress.global_step if loaded_state else 0, seed=seed))
-        for warning in plan.warnings:
+        for warning in plan.warnings + resume_warnings:
             self._emit(LogMessage(level="warning", message=warning))
         self._phase("loading", cfg.pretrained_model_name_or_path)
         self._sample_memory(device_type)
@@ -451,7 +455,10 @@ class _Job:
         out = Path(self.cfg.output_dir)
         loss = self.t.losses[-1] if self.t.losses else None
         tensors = self.network.state_dict_kohya(self.save_dtype)
-        saved = save_lora_file(out / name, tensors, self._metadata(step, epoch))
+        try:
+            saved = save_lora_file(out / name, tensors, self._metadata(step, epoch))
+        except CheckpointError as err:
+            raise CheckpointError(f"{err}{self._state_after_failed_save()}") from None
         self.t._saved_steps.add(key)
         self.t.saved.append(saved.path)
         self.t.last_checkpoint = saved.path
@@ -463,6 +470,14 @@ class _Job:
                                      state_dir=str(state_dir) if state_dir else None))
         self.t._phase("training" if kind != "final" else "finished")
         return saved.path
+
+    def _state_after_failed_save(self) -> str:
+        """A checkpoint could not be written: keep the run resumable if a state still can be."""
+        try:
+            path = self.save_training_state()
+        except SpykeError:
+            return ""
+        return f" (training state saved to {path})"
 
     def save_training_state(self, final: bool = False) -> Path:
         dest = Path(self.cfg.output_dir) / state_dirname(self.cfg.output_name, None if final else self.t.global_step)
@@ -482,7 +497,7 @@ class _Job:
             p.data = p.data.float()
         self.optimizer.load_state_dict(snap["optimizer"])
         self.lr_scheduler.load_state_dict(snap["scheduler"])
-        restore_rng(snap["rng"], self.noise_gen, self.data_rng)
+        # The RNGs are not rewound: the same weights with the same noise would hit the same NaN again.
         prog = snap["progress"]
         self.t.global_step, self.t.epoch, self.t.batch_in_epoch = prog.global_step, prog.epoch, prog.batch_in_epoch
         del self.t.losses[prog.global_step:]

@@ -1,0 +1,461 @@
+"""Durable runs (issue 3): exact resume, the NaN guard, write faults, verified saves.
+
+Every run here trains the tiny offline model on a 4-image 64 px dataset (4 batches per
+epoch), so a 6-step run crosses an epoch boundary. The subprocess tests (SIGKILL at
+random moments, SIGINT of the headless CLI) are in tests/test_kill.py.
+"""
+
+from __future__ import annotations
+
+import errno
+import math
+import os
+import types
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from engine.control import TrainingControl
+from engine.errors import ConfigError
+from engine.events import CheckpointSaved, LogMessage, RunFinished, RunStarted, StepCompleted
+
+N_STEPS = 6
+ABORT_AT = 3
+
+
+# --------------------------------------------------------------------------- helpers
+@dataclass
+class Assets:
+    root: Path          # prepare_demo cache: tiny-sd15/ (+ demo-dataset/)
+    dataset_toml: Path  # 4 images x 1 repeat, 64 px
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory) -> Assets:
+    from engine.tiny import build_tiny_model, generate_dataset
+
+    root = tmp_path_factory.mktemp("durable_assets")
+    build_tiny_model(root / "tiny-sd15")
+    ds = generate_dataset(root / "small-dataset", num_images=4, num_repeats=1, resolution=64)
+    return Assets(root, ds.dataset_toml)
+
+
+def make_config(assets: Assets, out_dir: Path, **overrides):
+    """A valid tiny config: 6 steps over 2 epochs, a checkpoint + state every 2 steps, fixed seed."""
+    from engine.demo import prepare_demo
+
+    values = dict(dataset_config=str(assets.dataset_toml), resolution="64", max_train_steps=N_STEPS,
+                  max_train_epochs=None, save_every_n_steps=2, save_state=True, gradient_checkpointing=False,
+                  seed=42, output_dir=str(out_dir))
+    values.update(overrides)
+    return prepare_demo(assets.root, out_dir.parent, **values).validate()
+
+
+@dataclass
+class Run:
+    result: object
+    events: list
+
+    def of(self, cls) -> list:
+        return [e for e in self.events if isinstance(e, cls)]
+
+    @property
+    def steps(self) -> list[StepCompleted]:
+        return self.of(StepCompleted)
+
+    @property
+    def finished(self) -> RunFinished:
+        (fin,) = self.of(RunFinished)
+        return fin
+
+
+def train(config, *, abort_at: int | None = None, loss_hook=None) -> Run:
+    from engine.trainer import Trainer
+
+    events: list = []
+    control = TrainingControl()
+
+    def sink(event) -> None:
+        events.append(event)
+        if abort_at is not None and isinstance(event, StepCompleted) and event.step == abort_at:
+            control.abort(save=True)
+
+    result = Trainer(config, control=control, sinks=[sink], loss_hook=loss_hook).run()
+    return Run(result, events)
+
+
+def read_tensors(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def max_abs_diff(a: dict, b: dict) -> float:
+    assert set(a) == set(b)
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+def check_output_folder(out: Path) -> int:
+    """Every checkpoint complete, loadable and finite; every state folder loadable. Returns files checked."""
+    import torch
+    from safetensors import safe_open
+
+    from engine.state import load_state
+
+    checked = 0
+    for path in sorted(out.glob("*.safetensors")):
+        assert path.stat().st_size > 0, path
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            keys = list(f.keys())
+            assert keys, path
+            for key in keys:
+                assert bool(torch.isfinite(f.get_tensor(key)).all()), f"{path}: {key} not finite"
+        checked += 1
+    for folder in sorted(p for p in out.glob("*-state") if p.is_dir()):
+        state = load_state(folder)
+        assert all(bool(torch.isfinite(t).all()) for t in state.lora_tensors.values()), folder
+        checked += 1
+    return checked
+
+
+def lrs_of(run: Run) -> dict[int, dict[str, float]]:
+    return {e.step: e.lrs for e in run.steps}
+
+
+# --------------------------------------------------------------------------- shared runs
+@pytest.fixture(scope="module")
+def straight(assets, tmp_path_factory) -> Run:
+    run = train(make_config(assets, tmp_path_factory.mktemp("straight") / "out"))
+    assert run.result.status == "completed", run.result.error
+    assert [e.step for e in run.steps] == list(range(1, N_STEPS + 1))
+    return run
+
+
+@pytest.fixture(scope="module")
+def aborted(assets, tmp_path_factory) -> Run:
+    run = train(make_config(assets, tmp_path_factory.mktemp("aborted") / "out"), abort_at=ABORT_AT)
+    assert run.result.status == "aborted", run.result.error
+    return run
+
+
+# --------------------------------------------------------------------------- exact resume
+def test_abort_then_resume_equals_the_straight_run(assets, straight, aborted):
+    out = Path(aborted.result.final_path).parent
+    # The abort saved a checkpoint and a state at the step it stopped on.
+    (abort_ckpt,) = [e for e in aborted.of(CheckpointSaved) if e.kind == "abort"]
+    assert abort_ckpt.step == ABORT_AT and Path(abort_ckpt.path).name == f"spyke_demo-step{ABORT_AT:08d}.safetensors"
+    state_dir = out / f"spyke_demo-step{ABORT_AT:08d}-state"
+    assert abort_ckpt.state_dir == str(state_dir) and state_dir.is_dir()
+    assert aborted.finished.resume_hint and str(state_dir) in aborted.finished.resume_hint
+
+    resumed = train(make_config(assets, out, resume=str(state_dir)))
+    assert resumed.result.status == "completed", resumed.result.error
+    (started,) = resumed.of(RunStarted)
+    assert started.start_step == ABORT_AT
+
+    # Step numbering, epochs, LR schedule and losses continue exactly where they stopped.
+    ref = {e.step: e for e in straight.steps}
+    got = [e.step for e in aborted.steps] + [e.step for e in resumed.steps]
+    assert got == list(range(1, N_STEPS + 1))
+    for e in aborted.steps + resumed.steps:
+        assert e.loss == ref[e.step].loss, f"step {e.step}: {e.loss!r} != {ref[e.step].loss!r}"
+        assert e.lrs == ref[e.step].lrs, f"step {e.step}"
+        assert e.epoch == ref[e.step].epoch, f"step {e.step}"
+    assert {e.epoch for e in resumed.steps} == {1, 2}  # the resumed part crosses into epoch 2
+
+    # The same checkpoint names as the straight run (plus the abort one), the final tensors equal.
+    straight_out = Path(straight.result.final_path).parent
+    names = {p.name for p in straight_out.glob("*.safetensors")}
+    assert names == {"spyke_demo-step00000002.safetensors", "spyke_demo-step00000004.safetensors",
+                     "spyke_demo-step00000006.safetensors", "spyke_demo.safetensors"}
+    assert {p.name for p in out.glob("*.safetensors")} == names | {abort_ckpt.path.rsplit("/", 1)[-1]}
+    diff = max_abs_diff(read_tensors(straight.result.final_path), read_tensors(resumed.result.final_path))
+    print(f"resume (abort at {ABORT_AT}) final LoRA max |diff| = {diff:.3g}")
+    assert diff <= 1e-6
+    for step in (4, 6):
+        name = f"spyke_demo-step{step:08d}.safetensors"
+        assert max_abs_diff(read_tensors(straight_out / name), read_tensors(out / name)) <= 1e-6
+    # Every save was read back and checked.
+    assert all(e.verified for e in straight.of(CheckpointSaved) + aborted.of(CheckpointSaved)
+               + resumed.of(CheckpointSaved))
+    assert check_output_folder(out) >= 6
+
+
+def test_resume_latest_with_cached_latents_and_accumulation(assets, tmp_path):
+    """--resume latest, with cache_latents and gradient_accumulation_steps=2 (2 steps per epoch)."""
+    opts = dict(cache_latents=True, gradient_accumulation_steps=2, max_train_steps=4, save_every_n_steps=1)
+    ref = train(make_config(assets, tmp_path / "ref", **opts))
+    assert ref.result.status == "completed", ref.result.error
+    assert [(e.step, e.epoch) for e in ref.steps] == [(1, 1), (2, 1), (3, 2), (4, 2)]
+
+    out = tmp_path / "run"
+    first = train(make_config(assets, out, **opts), abort_at=2)  # stops exactly at the epoch boundary
+    assert first.result.status == "aborted"
+    resumed = train(make_config(assets, out, resume="latest", **opts))
+    assert resumed.result.status == "completed", resumed.result.error
+    assert [(e.step, e.epoch) for e in resumed.steps] == [(3, 2), (4, 2)]
+    by_step = {e.step: e for e in ref.steps}
+    for e in first.steps + resumed.steps:
+        assert (e.loss, e.lrs) == (by_step[e.step].loss, by_step[e.step].lrs), f"step {e.step}"
+    diff = max_abs_diff(read_tensors(ref.result.final_path), read_tensors(resumed.result.final_path))
+    print(f"resume latest (cache_latents, accumulation 2) final LoRA max |diff| = {diff:.3g}")
+    assert diff <= 1e-6
+
+
+def test_resume_with_changed_settings_is_one_clear_error_unless_forced(assets, aborted, tmp_path):
+    import shutil
+
+    src = Path(aborted.result.final_path).parent / f"spyke_demo-step{ABORT_AT:08d}-state"
+    out = tmp_path / "out"
+    state_dir = out / src.name
+    shutil.copytree(src, state_dir)
+    changed = make_config(assets, out, resume=str(state_dir), network_dim=4)
+    run = train(changed)
+    assert run.result.status == "failed"
+    message = run.result.error
+    assert "\n" not in message and "network_dim" in message and "--resume_force" in message
+    assert "8" in message and "4" in message  # saved and new values
+    assert isinstance(ConfigError(message), ConfigError)
+
+    # A setting that does not change the run (how often to save) is not a mismatch; --resume_force
+    # continues despite a changed one, and says so.
+    forced = train(make_config(assets, out, resume=str(state_dir), max_train_steps=ABORT_AT + 1,
+                               save_every_n_steps=None, resume_force=True))
+    assert forced.result.status == "completed", forced.result.error
+    assert [e.step for e in forced.steps] == [ABORT_AT + 1]
+    assert any(e.level == "warning" and "max_train_steps" in e.message for e in forced.of(LogMessage))
+
+    missing = train(make_config(assets, tmp_path / "empty", resume="latest"))
+    assert missing.result.status == "failed" and "--resume latest" in missing.result.error
+
+
+def test_damaged_state_is_a_clear_error(assets, aborted, tmp_path):
+    import shutil
+
+    src = Path(aborted.result.final_path).parent / f"spyke_demo-step{ABORT_AT:08d}-state"
+    bad = tmp_path / src.name
+    shutil.copytree(src, bad)
+    (bad / "lora.safetensors").write_bytes((bad / "lora.safetensors").read_bytes()[:100])
+    run = train(make_config(assets, tmp_path, resume=str(bad)))
+    assert run.result.status == "failed"
+    assert "damaged" in run.result.error and "\n" not in run.result.error
+
+
+# --------------------------------------------------------------------------- NaN guard
+def nan_at(*steps: int):
+    def hook(step, loss):
+        return loss * float("nan") if step in steps else loss
+
+    return hook
+
+
+def test_nan_stop_names_step_and_last_good_checkpoint(assets, tmp_path):
+    out = tmp_path / "out"
+    run = train(make_config(assets, out), loss_hook=nan_at(3))
+    assert run.result.status == "failed"
+    fin = run.finished
+    assert fin.status == "failed" and fin.step == 2
+    last_good = out / "spyke_demo-step00000002.safetensors"
+    assert "step 3" in fin.error and str(last_good) in fin.error and "\n" not in fin.error
+    assert fin.resume_hint and str(out / "spyke_demo-step00000002-state") in fin.resume_hint
+    assert [e.step for e in run.steps] == [1, 2]
+    assert sorted(p.name for p in out.glob("*.safetensors")) == [last_good.name]  # nothing after the NaN
+    assert not (out / "spyke_demo.safetensors").exists()
+    check_output_folder(out)
+
+
+def test_nan_skip_drops_the_update_and_stops_after_too_many(assets, tmp_path):
+    from engine.trainer import NAN_SKIP_LIMIT
+
+    total = 3 + NAN_SKIP_LIMIT + 1
+    out = tmp_path / "out"
+    bad = (2,) + tuple(range(4, 4 + NAN_SKIP_LIMIT))  # one lone NaN, then NAN_SKIP_LIMIT in a row
+    seen: list[int] = []
+
+    def hook(step, loss):
+        seen.append(step)
+        return loss * float("nan") if step in bad else loss
+
+    run = train(make_config(assets, out, nan_policy="skip", max_train_steps=total, save_every_n_steps=1),
+                loss_hook=hook)
+    steps = {e.step: e for e in run.steps}
+    assert steps[2].skipped and math.isnan(steps[2].loss)
+    assert not steps[3].skipped and math.isfinite(steps[3].loss)  # training went on after the lone NaN
+    assert [s for s, e in steps.items() if e.skipped] == [2] + list(range(4, 3 + NAN_SKIP_LIMIT))
+    assert run.result.status == "failed"
+    assert f"{NAN_SKIP_LIMIT} skipped steps in a row" in run.result.error
+    assert f"step {3 + NAN_SKIP_LIMIT}" in run.result.error
+    assert max(seen) == 3 + NAN_SKIP_LIMIT  # stopped there, not at the end
+    # A skipped step leaves the weights alone: the step-2 checkpoint equals the step-1 one.
+    w1 = read_tensors(out / "spyke_demo-step00000001.safetensors")
+    w2 = read_tensors(out / "spyke_demo-step00000002.safetensors")
+    assert max_abs_diff(w1, w2) == 0.0
+    assert not (out / "spyke_demo.safetensors").exists()
+    check_output_folder(out)
+
+
+def test_nan_rollback_restores_last_state_with_half_the_learning_rate(assets, straight, tmp_path):
+    """The NaN at step 3 comes from the input (the same weights and noise give NaN again), so a
+    rollback has to continue with other noise to get past it, at half the learning rate."""
+    poisoned: list[float] = []
+
+    def hook(step, loss):
+        value = float(loss.detach())
+        if step == 3 and (not poisoned or value in poisoned):
+            poisoned.append(value)
+            return loss * float("nan")
+        return loss
+
+    out = tmp_path / "out"
+    run = train(make_config(assets, out, nan_policy="rollback"), loss_hook=hook)
+    assert run.result.status == "completed", run.result.error
+    assert len(poisoned) == 1
+    assert [e.step for e in run.steps] == list(range(1, N_STEPS + 1))
+    assert any("rolled back to step 2" in e.message for e in run.of(LogMessage))
+    ref = lrs_of(straight)
+    got = lrs_of(run)
+    for step in (1, 2):
+        assert got[step] == ref[step]
+        assert run.steps[step - 1].loss == straight.steps[step - 1].loss
+    for step in range(3, N_STEPS + 1):
+        for group, lr in ref[step].items():
+            assert got[step][group] == pytest.approx(lr * 0.5, rel=1e-9), (step, group)
+    assert len(run.result.losses) == N_STEPS and all(math.isfinite(x) for x in run.result.losses)
+    assert check_output_folder(out) >= 4
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_absurd_learning_rate_never_writes_a_non_finite_file(assets, tmp_path, policy):
+    out = tmp_path / "out"
+    run = train(make_config(assets, out, unet_lr=1e6, text_encoder_lr=1e6, learning_rate=1e6, max_train_steps=5,
+                            save_every_n_steps=1, nan_policy=policy))
+    # It diverges (stop: the run fails at the NaN; skip: NaN steps are dropped), and nothing
+    # non-finite is ever on disk.
+    if policy == "stop":
+        assert run.result.status == "failed" and "non-finite" in run.result.error and "\n" not in run.result.error
+    else:
+        assert any(e.skipped for e in run.steps)
+    assert check_output_folder(out) >= 2
+
+
+def test_state_writer_refuses_non_finite_weights(tmp_path):
+    import torch
+
+    from engine.errors import CheckpointError
+    from engine.state import Progress, save_state
+
+    dest = tmp_path / "run-step00000001-state"
+    with pytest.raises(CheckpointError, match="NaN or Inf"):
+        save_state(dest, lora_tensors={"a": torch.tensor([1.0, float("inf")])}, optimizer_state={},
+                   scheduler_state={}, rng_state={}, progress=Progress(1, 0, 1, 0, "r", {}))
+    assert not dest.exists() and not list(tmp_path.iterdir())
+
+
+# --------------------------------------------------------------------------- write faults
+class _FaultyFile:
+    """Writes half the bytes, then fails like a full disk / a revoked permission."""
+
+    def __init__(self, fh, err: int) -> None:
+        self.fh, self.err = fh, err
+
+    def write(self, data) -> int:
+        self.fh.write(bytes(data[: len(data) // 2]))
+        self.fh.flush()
+        raise OSError(self.err, os.strerror(self.err))
+
+    def __getattr__(self, name):
+        return getattr(self.fh, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.fh.close()
+        return False
+
+
+def _break_checkpoint_writes(monkeypatch, err: int, after: int) -> None:
+    """The checkpoint writer's ``after``+1-th file and later ones fail with ``err``."""
+    import engine.checkpoint as ckpt
+
+    calls = [0]
+    real_fdopen = os.fdopen
+
+    def fdopen(fd, *args, **kwargs):
+        calls[0] += 1
+        fh = real_fdopen(fd, *args, **kwargs)
+        return _FaultyFile(fh, err) if calls[0] > after else fh
+
+    proxy = types.SimpleNamespace(**{k: getattr(os, k) for k in dir(os) if not k.startswith("__")})
+    proxy.fdopen = fdopen
+    monkeypatch.setattr(ckpt, "os", proxy)
+
+
+def test_disk_full_during_a_save_keeps_earlier_files_and_leaves_a_resumable_state(assets, straight, tmp_path,
+                                                                                 monkeypatch):
+    out = tmp_path / "out"
+    first = out / "spyke_demo-step00000002.safetensors"
+    before: dict[str, bytes] = {}
+
+    def hook(step, loss):
+        if step == 3 and not before:
+            before["bytes"] = first.read_bytes()
+        return loss
+
+    _break_checkpoint_writes(monkeypatch, errno.ENOSPC, after=1)
+    run = train(make_config(assets, out), loss_hook=hook)
+    fin = run.finished
+    assert fin.status == "failed" and fin.step == 4
+    assert "No space left on device" in fin.error and "spyke_demo-step00000004.safetensors" in fin.error
+    assert "\n" not in fin.error
+    assert any(e.level == "error" and e.message == fin.error for e in run.of(LogMessage))
+    assert first.read_bytes() == before["bytes"]  # the earlier checkpoint is untouched
+    assert not (out / "spyke_demo-step00000004.safetensors").exists()
+    assert not [p for p in out.iterdir() if ".tmp-" in p.name]  # the half-written temp file is gone
+    # The weights at step 4 were still saved as a state (the state writer still worked).
+    state4 = out / "spyke_demo-step00000004-state"
+    assert state4.is_dir() and fin.resume_hint and str(state4) in fin.resume_hint
+    check_output_folder(out)
+
+    # That state resumes to the same result as the uninterrupted run.
+    monkeypatch.undo()
+    resumed = train(make_config(assets, out, resume=str(state4)))
+    assert resumed.result.status == "completed", resumed.result.error
+    assert [e.loss for e in resumed.steps] == [e.loss for e in straight.steps[4:]]
+    assert max_abs_diff(read_tensors(straight.result.final_path), read_tensors(resumed.result.final_path)) <= 1e-6
+
+
+def test_permission_lost_during_a_save_is_one_clear_line(assets, tmp_path, monkeypatch):
+    import safetensors.torch
+
+    out = tmp_path / "out"
+    _break_checkpoint_writes(monkeypatch, errno.EACCES, after=1)
+    real_save_file = safetensors.torch.save_file
+    state_calls = [0]
+
+    def save_file(*args, **kwargs):  # the state writer loses the permission at the same time
+        state_calls[0] += 1
+        if state_calls[0] > 1:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+        return real_save_file(*args, **kwargs)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+    first = out / "spyke_demo-step00000002.safetensors"
+    before: dict[str, bytes] = {}
+
+    def hook(step, loss):
+        if step == 3 and not before:
+            before["bytes"] = first.read_bytes()
+        return loss
+
+    run = train(make_config(assets, out), loss_hook=hook)
+    fin = run.finished
+    assert fin.status == "failed" and "Permission denied" in fin.error and "\n" not in fin.error
+    assert "permissions" in fin.error  # says what to do
+    assert first.read_bytes() == before["bytes"]
+    assert not [p for p in out.iterdir() if ".tmp-" in p.name]
+    # No new state could be written: the hint points at the last good one.
+    assert fin.resume_hint and str(out / "spyke_demo-step00000002-state") in fin.resume_hint
+    assert not (out / "spyke_demo-step00000004-state").exists()
+    check_output_folder(out)
