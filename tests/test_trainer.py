@@ -1,0 +1,556 @@
+"""The training engine end to end on the tiny model: step math, files, metadata,
+reproducibility, kohya semantics, control (pause/resume/save/abort) and events.
+
+Runs are a few steps at 64 px on a 4-image dataset; every run shares one tiny model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.config import build_config
+from engine.demo import prepare_demo
+from engine.events import (
+    CheckpointSaved,
+    EventTail,
+    PhaseChanged,
+    RunFinished,
+    RunStarted,
+    StepCompleted,
+    read_events,
+)
+from engine.plan import plan_run
+from engine.tiny import generate_dataset
+
+REPO = Path(__file__).resolve().parent.parent
+SEED_PRESET = REPO / "configs" / "spyke_plasma_v1.toml"
+NAME = "spyke_plasma_v1"
+
+ISSUE_METADATA = """ss_session_id ss_training_started_at ss_training_finished_at ss_output_name ss_sd_model_name
+ss_base_model_version ss_v2 ss_network_module ss_network_dim ss_network_alpha ss_learning_rate ss_unet_lr
+ss_text_encoder_lr ss_lr_scheduler ss_lr_warmup_steps ss_optimizer ss_max_grad_norm ss_num_train_images
+ss_num_reg_images ss_num_batches_per_epoch ss_num_epochs ss_max_train_steps ss_steps ss_epoch
+ss_gradient_checkpointing ss_mixed_precision ss_clip_skip ss_seed ss_cache_latents ss_prior_loss_weight
+ss_noise_offset ss_min_snr_gamma ss_dataset_dirs ss_tag_frequency ss_new_sd_model_hash sshs_model_hash
+modelspec.sai_model_spec modelspec.architecture modelspec.implementation modelspec.title modelspec.resolution
+modelspec.date modelspec.prediction_type modelspec.encoder_layer""".split()
+
+
+# ----------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory):
+    """The tiny model (built once) and a 4-image 64 px dataset (1 repeat: 4 steps per epoch)."""
+    root = tmp_path_factory.mktemp("trainer_assets")
+    prepare_demo(root=root, output_root=root / "unused")
+    small = generate_dataset(root / "small", num_images=4, num_repeats=1, resolution=64, seed=3)
+    return {"root": root, "model": root / "tiny-sd15", "small": small}
+
+
+def make_config(assets, out: Path, **overrides):
+    """The demo preset (seed flags scaled down) on the small dataset, a few steps, no saves unless asked."""
+    values = dict(dataset_config=str(assets["small"].dataset_toml), resolution="64", max_train_epochs=None,
+                  max_train_steps=3, save_every_n_steps=None, save_state=False, output_name=NAME, network_dim=4,
+                  network_alpha=2.0)
+    values.update(overrides)
+    return prepare_demo(root=assets["root"], output_root=out, **values)
+
+
+def train(cfg, **kwargs):
+    from engine.trainer import Trainer
+
+    events: list = []
+    result = Trainer(cfg, sinks=[events.append], **kwargs).run()
+    return result, events
+
+
+def of(events, cls):
+    return [e for e in events if isinstance(e, cls)]
+
+
+def read(path: Path):
+    from engine.checkpoint import read_lora_file
+
+    return read_lora_file(path)
+
+
+# ----------------------------------------------------------------------------- step math (no torch)
+@pytest.fixture(scope="module")
+def seed_dataset(tmp_path_factory):
+    return generate_dataset(tmp_path_factory.mktemp("seed23"), num_images=23, num_repeats=10, resolution=64)
+
+
+def seed_config(ds, **overrides):
+    paths = {"pretrained_model_name_or_path": "unused", "dataset_config": str(ds.dataset_toml),
+             "output_dir": str(ds.root / "out")}
+    return build_config(SEED_PRESET, {**paths, **overrides})
+
+
+def test_seed_step_math_and_checkpoint_names(seed_dataset):
+    assert seed_dataset.image_dir.name == "10_spyke"
+    plan = plan_run(seed_config(seed_dataset))
+    assert plan.batches_per_epoch == 230 and plan.steps_per_epoch == 230
+    assert plan.num_epochs == 4 and plan.total_steps == 920
+    assert [(c.step, c.kind, c.filename) for c in plan.checkpoints] == [
+        (200, "step", f"{NAME}-step00000200.safetensors"),
+        (400, "step", f"{NAME}-step00000400.safetensors"),
+        (600, "step", f"{NAME}-step00000600.safetensors"),
+        (800, "step", f"{NAME}-step00000800.safetensors"),
+        (920, "final", f"{NAME}.safetensors"),
+    ]
+    # the same run from the folder convention (--train_data_dir with 10_spyke)
+    plan2 = plan_run(seed_config(seed_dataset, dataset_config="", train_data_dir=str(seed_dataset.image_dir.parent)))
+    assert plan2.total_steps == 920 and plan2.dataset.num_train_images == 230
+
+
+def test_max_train_epochs_overrides_steps_and_steps_alone(seed_dataset):
+    assert plan_run(seed_config(seed_dataset, max_train_steps=5)).total_steps == 920
+    plan = plan_run(seed_config(seed_dataset, max_train_epochs=None, max_train_steps=500))
+    assert plan.total_steps == 500 and plan.num_epochs == 3
+    assert [c.step for c in plan.checkpoints] == [200, 400, 500]
+
+
+def test_epoch_save_names_not_for_last_epoch(seed_dataset):
+    plan = plan_run(seed_config(seed_dataset, save_every_n_steps=None, save_every_n_epochs=1))
+    assert [(c.step, c.epoch, c.kind, c.filename) for c in plan.checkpoints] == [
+        (230, 1, "epoch", f"{NAME}-000001.safetensors"),
+        (460, 2, "epoch", f"{NAME}-000002.safetensors"),
+        (690, 3, "epoch", f"{NAME}-000003.safetensors"),
+        (920, 4, "final", f"{NAME}.safetensors"),
+    ]
+    plan = plan_run(seed_config(seed_dataset, save_every_n_steps=None, save_every_n_epochs=2))
+    assert [c.filename for c in plan.checkpoints] == [f"{NAME}-000002.safetensors", f"{NAME}.safetensors"]
+
+
+def test_bucketed_step_math(tmp_path):
+    # 3 wide + 1 tall + 1 square image, batch 2: buckets are batched separately (kohya),
+    # so 2 + 1 + 1 = 4 batches per epoch, not ceil(5 / 2) = 3.
+    ds = generate_dataset(tmp_path / "b", num_images=5, num_repeats=1,
+                          sizes=[(384, 128), (384, 128), (384, 128), (128, 384), (128, 128)])
+    toml = tmp_path / "bucket.toml"
+    toml.write_text(
+        "[general]\nenable_bucket = true\nmin_bucket_reso = 64\nmax_bucket_reso = 256\nbucket_reso_steps = 64\n"
+        f"[[datasets]]\nresolution = 128\nbatch_size = 2\n[[datasets.subsets]]\nimage_dir = {json.dumps(str(ds.image_dir))}\n"
+        "num_repeats = 1\n")
+    cfg = seed_config(ds, dataset_config=str(toml), max_train_epochs=3, save_every_n_steps=5)
+    plan = plan_run(cfg)
+    buckets: dict = {}
+    for e in plan.dataset.entries:
+        buckets[e.bucket] = buckets.get(e.bucket, 0) + e.num_repeats
+    assert len(buckets) == 3
+    assert all(w * h <= 128 * 128 and w % 64 == 0 and h % 64 == 0 for w, h in buckets)
+    assert plan.batches_per_epoch == sum(math.ceil(n / 2) for n in buckets.values()) == 4
+    assert plan.total_steps == 12
+    assert [(c.step, c.kind) for c in plan.checkpoints] == [(5, "step"), (10, "step"), (12, "final")]
+    # every batch of an epoch holds samples of one bucket only
+    for batch in plan.dataset.epoch_batches(0, 42):
+        assert len({plan.dataset.entries[plan.dataset.sample_to_entry(s)].bucket for s in batch}) == 1
+
+
+# ----------------------------------------------------------------------------- a real run
+@pytest.fixture(scope="module")
+def main_run(assets, tmp_path_factory):
+    """8 steps over 2 epochs with step, epoch and final saves (seed flags: clip_skip 2, cosine, seed 42…)."""
+    out = tmp_path_factory.mktemp("main_run")
+    cfg = make_config(assets, out, max_train_epochs=2, save_every_n_steps=3, save_every_n_epochs=1, seed=42,
+                      network_dim=8, network_alpha=4.0)
+    result, events = train(cfg)
+    assert result.status == "completed", result.error
+    return cfg, result, events
+
+
+def test_run_writes_exactly_the_kohya_file_names(main_run):
+    cfg, result, events = main_run
+    out = Path(cfg.output_dir)
+    assert result.global_step == 8
+    assert sorted(p.name for p in out.glob("*.safetensors")) == sorted([
+        f"{NAME}-step00000003.safetensors", f"{NAME}-000001.safetensors", f"{NAME}-step00000006.safetensors",
+        f"{NAME}.safetensors"])          # no -000002: the last epoch's file is the final one
+    assert result.final_path == out / f"{NAME}.safetensors"
+    assert [(e.kind, e.step, Path(e.path).name) for e in of(events, CheckpointSaved)] == [
+        ("step", 3, f"{NAME}-step00000003.safetensors"), ("epoch", 4, f"{NAME}-000001.safetensors"),
+        ("step", 6, f"{NAME}-step00000006.safetensors"), ("final", 8, f"{NAME}.safetensors")]
+    assert all(e.bytes == Path(e.path).stat().st_size for e in of(events, CheckpointSaved))
+    assert not list(out.glob("*.tmp*")) and not list(out.glob(".*.safetensors*"))
+
+
+def test_final_file_metadata(main_run):
+    cfg, result, _ = main_run
+    tensors, meta = read(result.final_path)
+    missing = [k for k in ISSUE_METADATA if k not in meta]
+    assert missing == []
+    assert all(isinstance(v, str) for v in meta.values())
+    expect = {
+        "ss_output_name": NAME, "ss_base_model_version": "sd_v1", "ss_v2": "False",
+        "ss_network_module": "networks.lora", "ss_network_dim": "8", "ss_network_alpha": "4.0",
+        "ss_steps": "8", "ss_epoch": "2", "ss_num_epochs": "2", "ss_max_train_steps": "8",
+        "ss_num_batches_per_epoch": "4", "ss_num_train_images": "4", "ss_num_reg_images": "0",
+        "ss_seed": "42", "ss_clip_skip": "2", "ss_lr_scheduler": "cosine", "ss_lr_warmup_steps": "0",
+        "ss_gradient_checkpointing": "True", "ss_mixed_precision": "no", "ss_cache_latents": "False",
+        "ss_prior_loss_weight": "1.0", "ss_max_grad_norm": "1.0", "ss_session_id": result.run_dir.name,
+        "modelspec.architecture": "stable-diffusion-v1/lora", "modelspec.title": NAME,
+        "modelspec.resolution": "64x64", "modelspec.prediction_type": "epsilon", "modelspec.encoder_layer": "2",
+    }
+    assert {k: meta[k] for k in expect} == expect
+    assert float(meta["ss_unet_lr"]) == 1e-4 and float(meta["ss_text_encoder_lr"]) == 5e-5
+    assert float(meta["ss_learning_rate"]) == 1e-4
+    assert "AdamW" in meta["ss_optimizer"]
+    assert float(meta["ss_training_started_at"]) <= float(meta["ss_training_finished_at"])
+    dirs = json.loads(meta["ss_dataset_dirs"])
+    assert list(dirs.values()) == [{"n_repeats": 1, "img_count": 4}]
+    tags = json.loads(meta["ss_tag_frequency"])
+    assert sum(next(iter(tags.values())).values()) >= 4 and "spyke" in next(iter(tags.values()))
+    assert len(meta["sshs_model_hash"]) == 64   # ss_new_sd_model_hash: file bases only (this is a folder)
+    # an intermediate file records its own step and epoch
+    _, step_meta = read(Path(cfg.output_dir) / f"{NAME}-step00000003.safetensors")
+    assert (step_meta["ss_steps"], step_meta["ss_epoch"]) == ("3", "1")
+    _, epoch_meta = read(Path(cfg.output_dir) / f"{NAME}-000001.safetensors")
+    assert (epoch_meta["ss_steps"], epoch_meta["ss_epoch"]) == ("4", "1")
+
+
+def test_trained_lora_changed_and_alpha(main_run):
+    cfg, result, _ = main_run
+    tensors, _ = read(result.final_path)
+    ups = {k: v for k, v in tensors.items() if k.endswith(".lora_up.weight")}
+    assert any(k.startswith("lora_unet_") for k in ups) and any(k.startswith("lora_te_text_model_") for k in ups)
+    # clip_skip=2: the text encoder's last layer (4 of 0..4) never runs, so its adapters get no gradient
+    skipped = {k for k in ups if k.startswith("lora_te_text_model_encoder_layers_4_")}
+    assert len(skipped) == 6 and all(torch.count_nonzero(ups[k]) == 0 for k in skipped)
+    assert all(v.abs().max() > 0 for k, v in ups.items() if k not in skipped)   # everything else learnt
+    alphas = {k: v for k, v in tensors.items() if k.endswith(".alpha")}
+    assert len(alphas) == len(ups) and all(v.ndim == 0 and float(v) == 4.0 for v in alphas.values())
+    assert all(v.dtype == torch.float32 for v in tensors.values())      # save_precision float
+    # the step-3 file differs from the final one (training went on)
+    early, _ = read(Path(cfg.output_dir) / f"{NAME}-step00000003.safetensors")
+    assert any(not torch.equal(early[k], tensors[k]) for k in ups)
+
+
+def test_lrs_per_group_follow_cosine_to_zero(main_run):
+    _, _, events = main_run
+    steps = of(events, StepCompleted)
+    assert [e.step for e in steps] == list(range(1, 9))
+    assert [e.epoch for e in steps] == [1] * 4 + [2] * 4
+    n = 8
+    for e in steps:
+        factor = 0.5 * (1 + math.cos(math.pi * (e.step - 1) / n))
+        assert set(e.lrs) == {"unet", "text_encoder"}
+        assert e.lrs["unet"] == pytest.approx(1e-4 * factor, rel=1e-6, abs=1e-15)
+        assert e.lrs["text_encoder"] == pytest.approx(5e-5 * factor, rel=1e-6, abs=1e-15)
+    assert all(math.isfinite(e.loss) and e.loss > 0 for e in steps)
+
+
+def test_cosine_scheduler_reaches_zero(assets, tmp_path):
+    job = make_job(assets, tmp_path, max_train_steps=10, lr_scheduler="cosine")
+    lrs = []
+    for _ in range(10):
+        job.optimizer.step()
+        job.lr_scheduler.step()
+        lrs.append([g["lr"] for g in job.optimizer.param_groups])
+    assert lrs[-1] == [0.0, 0.0]
+    assert all(a >= b for a, b in zip([l[0] for l in lrs], [l[0] for l in lrs][1:]))
+
+
+def test_events_jsonl(main_run):
+    cfg, result, events = main_run
+    run_dir = result.run_dir
+    assert run_dir == Path(cfg.output_dir) / ".spyke" / run_dir.name
+    assert (run_dir / "config.toml").exists()
+    assert build_config(run_dir / "config.toml").network_dim == 8
+    logged = read_events(run_dir / "events.jsonl")
+    types = [e.type for e in logged]
+    assert types[0] == "run_started" and types[-1] == "finished"
+    assert {"run_started", "phase", "step", "memory", "checkpoint", "finished"} <= set(types)
+    started = logged[0]
+    assert isinstance(started, RunStarted)
+    assert (started.total_steps, started.num_epochs, started.batches_per_epoch, started.seed) == (8, 2, 4, 42)
+    assert started.checkpoint_steps == [3, 4, 6, 8] and started.config["network_dim"] == 8
+    phases = [e.phase for e in logged if isinstance(e, PhaseChanged)]
+    assert phases[0] == "loading" and "training" in phases and "saving" in phases and phases[-1] == "finished"
+    assert [e.step for e in logged if isinstance(e, StepCompleted)] == list(range(1, 9))
+    assert [e.loss for e in logged if isinstance(e, StepCompleted)] == result.losses
+    fin = logged[-1]
+    assert isinstance(fin, RunFinished) and fin.status == "completed" and fin.step == 8
+    assert fin.final_path == str(result.final_path)
+    # the file and the in-process sinks saw the same stream
+    assert [e.type for e in events] == types
+    for line in (run_dir / "events.jsonl").read_text().splitlines():
+        assert json.loads(line)["v"] == 1
+
+
+def test_event_tail_tolerates_a_half_written_line(tmp_path):
+    from engine.events import LogMessage
+
+    path = tmp_path / "events.jsonl"
+    tail = EventTail(path)
+    assert tail.read() == []                       # not there yet
+    a = StepCompleted(step=1, epoch=1, loss=0.5, lrs={"unet": 1e-4}, step_seconds=0.1).to_json()
+    b = LogMessage(level="info", message="hello, ünïcode").to_json()
+    blob = (a + "\n" + b + "\n").encode()
+    cut = len(a) + 1 + len(b) // 2
+    path.write_bytes(blob[:cut])
+    first = tail.read()
+    assert [e.step for e in first] == [1]
+    assert read_events(path) == first              # a one-shot reader skips the torn line too
+    with open(path, "ab") as fh:
+        fh.write(blob[cut:] + b"garbage{\n" + b'{"v": 1, "type": "from_the_future", "x": 1}\n')
+    second = tail.read()
+    assert len(second) == 1 and second[0].message == "hello, ünïcode"
+    assert tail.read() == []
+
+
+# ----------------------------------------------------------------------------- reproducibility
+def test_same_seed_same_losses_different_seed_different(assets, tmp_path):
+    r1, _ = train(make_config(assets, tmp_path / "a", seed=1))
+    r2, _ = train(make_config(assets, tmp_path / "b", seed=1))
+    r3, _ = train(make_config(assets, tmp_path / "c", seed=2))
+    assert r1.status == r2.status == r3.status == "completed"
+    assert len(r1.losses) == 3
+    assert r1.losses == r2.losses
+    assert r1.losses != r3.losses
+    t1, _ = read(r1.final_path)
+    t2, _ = read(r2.final_path)
+    t3, _ = read(r3.final_path)
+    assert all(torch.equal(t1[k], t2[k]) for k in t1)
+    assert any(not torch.equal(t1[k], t3[k]) for k in t1)
+
+
+# ----------------------------------------------------------------------------- semantics on a loaded job
+def make_job(assets, out: Path, **overrides):
+    """The loaded models/optimizer of a run, without running the loop."""
+    from engine.models import load_base_model
+    from engine.trainer import Trainer, _Job
+
+    cfg = make_config(assets, out, **{"seed": 0, **overrides}).validate()
+    plan = plan_run(cfg)
+    base = load_base_model(cfg.pretrained_model_name_or_path)
+    trainer = Trainer(cfg)
+    return _Job(trainer, cfg, plan, base, torch.device("cpu"), None, cfg.seed, time.time(), out)
+
+
+@pytest.fixture(scope="module")
+def job(assets, tmp_path_factory):
+    return make_job(assets, tmp_path_factory.mktemp("job"), clip_skip=2, gradient_checkpointing=True)
+
+
+def test_param_groups_and_gradient_checkpointing(job):
+    assert job.group_names == ["unet", "text_encoder"]
+    assert [g["lr"] for g in job.optimizer.param_groups] == [1e-4, 5e-5]
+    unet_ids = {id(p) for p in job.network.unet_params}
+    assert {id(p) for p in job.optimizer.param_groups[0]["params"]} == unet_ids
+    assert all(p.requires_grad for g in job.optimizer.param_groups for p in g["params"])
+    trainable = [n for n, p in list(job.unet.named_parameters()) + list(job.te.named_parameters()) if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert job.unet.is_gradient_checkpointing
+    assert job.te.is_gradient_checkpointing
+    assert all(not p.requires_grad for p in job.vae.parameters())
+
+
+def test_clip_skip_2_is_penultimate_layer_through_final_layer_norm(job, assets):
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    captions = ["spyke, red jacket", "a city at night"]
+    with torch.no_grad():
+        ours = job._encode_prompts(captions)
+        te = CLIPTextModel.from_pretrained(assets["model"] / "text_encoder").eval()
+        tok = CLIPTokenizer.from_pretrained(assets["model"] / "tokenizer")
+        ids = tok(captions, padding="max_length", truncation=True, max_length=tok.model_max_length,
+                  return_tensors="pt").input_ids
+        out = te(ids, output_hidden_states=True)
+        expected = getattr(te, "text_model", te).final_layer_norm(out.hidden_states[-2])  # transformers 5 flattens
+        last = out.last_hidden_state
+    assert ours.shape == (2, tok.model_max_length, te.config.hidden_size)
+    assert torch.allclose(ours, expected, atol=1e-6)      # LoRA up is zero at init: same as the base model
+    assert not torch.allclose(ours, last, atol=1e-3)      # …and really not the last layer
+    job.cfg = job.cfg.replace(clip_skip=None)
+    try:
+        with torch.no_grad():
+            assert torch.allclose(job._encode_prompts(captions), last, atol=1e-6)
+    finally:
+        job.cfg = job.cfg.replace(clip_skip=2)
+
+
+def _loss_with(job, batch, state, **cfg_changes):
+    """job._loss on ``batch`` with the noise generator at ``state``; returns (loss, noise, timesteps)."""
+    seen = {}
+    add_noise = job.noise_scheduler.add_noise
+
+    def spy(latents, noise, timesteps):
+        seen["noise"], seen["t"] = noise.clone(), timesteps.clone()
+        return add_noise(latents, noise, timesteps)
+
+    saved = job.cfg
+    job.cfg = job.cfg.replace(**cfg_changes)
+    job.noise_scheduler.add_noise = spy
+    try:
+        job.noise_gen.set_state(state)
+        with torch.no_grad():
+            loss = job._loss(batch)
+    finally:
+        job.cfg = saved
+        del job.noise_scheduler.add_noise
+    return float(loss), seen["noise"], seen["t"]
+
+
+def test_min_snr_gamma_noise_offset_prior_loss_weight(job):
+    import random
+
+    batch = job.plan.dataset.load_batch(job.plan.dataset.epoch_batches(0, 0)[0], random.Random(0))
+    job.latent_cache = None
+    gen = torch.Generator().manual_seed(0)
+    # the VAE sample also draws from noise_gen: compare runs from identical generator states
+    weighted = 0
+    for k in range(16):
+        if weighted and k >= 4:
+            break
+        gen.manual_seed(k)
+        state = gen.get_state()
+        base, noise0, t0 = _loss_with(job, batch, state)
+        gamma, _, t1 = _loss_with(job, batch, state, min_snr_gamma=5.0)
+        assert torch.equal(t0, t1)
+        ac = float(job.alphas_cumprod[t0[0]])
+        snr = ac / (1 - ac)
+        assert gamma == pytest.approx(base * min(snr, 5.0) / snr, rel=1e-5)
+        weighted += snr > 5.0
+    assert weighted > 0        # some timesteps actually got down-weighted
+    state = gen.get_state()
+    base, noise0, t0 = _loss_with(job, batch, state)
+    offset, noise1, t1 = _loss_with(job, batch, state, noise_offset=0.1)
+    assert offset != base
+    diff = noise1 - noise0     # the offset is one value per sample and channel
+    assert diff.abs().max() > 0
+    assert torch.allclose(diff, diff[:, :, :1, :1].expand_as(diff), atol=1e-6)
+    # prior_loss_weight scales only regularisation samples
+    reg = type(batch)(**{**batch.__dict__, "is_reg": torch.ones_like(batch.is_reg)})
+    assert _loss_with(job, reg, state, prior_loss_weight=0.25)[0] == pytest.approx(base * 0.25, rel=1e-6)
+    assert _loss_with(job, batch, state, prior_loss_weight=0.25)[0] == pytest.approx(base, rel=1e-6)
+
+
+# ----------------------------------------------------------------------------- more runs
+def test_cache_latents_encodes_once_and_text_encoder_lr_0_freezes_te(assets, tmp_path, monkeypatch):
+    from diffusers import AutoencoderKL
+
+    calls = []
+    encode = AutoencoderKL.encode
+
+    def counting(self, x, *a, **k):
+        calls.append(x.shape[0])
+        return encode(self, x, *a, **k)
+
+    monkeypatch.setattr(AutoencoderKL, "encode", counting)
+    cfg = make_config(assets, tmp_path, cache_latents=True, text_encoder_lr=0.0, max_train_steps=6)
+    result, events = train(cfg)
+    assert result.status == "completed", result.error
+    assert sum(calls) == 4                      # 4 images, each encoded once, none per step
+    assert "caching" in [e.phase for e in of(events, PhaseChanged)]
+    steps = of(events, StepCompleted)
+    assert len(steps) == 6 and all(set(e.lrs) == {"unet"} for e in steps)
+    tensors, meta = read(result.final_path)
+    assert meta["ss_cache_latents"] == "True" and float(meta["ss_text_encoder_lr"]) == 0.0
+    te_up = [v for k, v in tensors.items() if k.startswith("lora_te_") and k.endswith("lora_up.weight")]
+    unet_up = [v for k, v in tensors.items() if k.startswith("lora_unet_") and k.endswith("lora_up.weight")]
+    assert te_up and all(torch.count_nonzero(v) == 0 for v in te_up)       # kohya still saves them, untrained
+    assert any(torch.count_nonzero(v) > 0 for v in unet_up)
+
+
+def test_bf16_runs_on_cpu_and_fp16_is_a_clear_error(assets, tmp_path):
+    result, _ = train(make_config(assets, tmp_path / "bf16", mixed_precision="bf16", max_train_steps=2))
+    assert result.status == "completed", result.error
+    assert all(math.isfinite(x) for x in result.losses)
+    tensors, meta = read(result.final_path)
+    assert meta["ss_mixed_precision"] == "bf16"
+    assert all(v.dtype == torch.float32 for v in tensors.values())   # save_precision float
+    result, events = train(make_config(assets, tmp_path / "fp16", mixed_precision="fp16", max_train_steps=2))
+    assert result.status == "failed"
+    assert "fp16" in result.error and "\n" not in result.error and "bf16" in result.error
+    assert not list((tmp_path / "fp16").rglob("*.safetensors"))
+    assert of(events, RunFinished)[-1].status == "failed"
+
+
+# ----------------------------------------------------------------------------- control
+def wait_for(pred, timeout=60.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_pause_save_resume_abort_with_save(assets, tmp_path):
+    from engine.session import start_training
+
+    events: list = []
+    lock = threading.Lock()
+    holder: dict = {}
+
+    def sink(e):
+        with lock:
+            events.append(e)
+        if isinstance(e, StepCompleted) and e.step == 2:
+            holder["h"].control.pause()
+        if isinstance(e, StepCompleted) and e.step == 4:
+            holder["h"].control.abort(save=True)
+
+    cfg = make_config(assets, tmp_path, max_train_steps=8)
+    holder["h"] = handle = start_training(cfg, [sink])
+    assert wait_for(lambda: any(isinstance(e, PhaseChanged) and e.phase == "paused" for e in events))
+    time.sleep(0.6)
+    with lock:
+        assert [e.step for e in of(events, StepCompleted)] == [1, 2]
+        n_before = len(events)
+    handle.control.request_save()             # served while paused
+    assert wait_for(lambda: any(isinstance(e, CheckpointSaved) for e in events))
+    time.sleep(0.2)
+    with lock:
+        assert of(events, StepCompleted)[-1].step == 2
+        manual = of(events, CheckpointSaved)
+    assert [(c.kind, c.step) for c in manual] == [("manual", 2)]
+    assert Path(manual[0].path).name == f"{NAME}-step00000002.safetensors"
+    handle.control.resume()
+    assert handle.wait(120)
+    result = handle.result
+    assert result.status == "aborted"
+    assert [e.step for e in of(events, StepCompleted)] == [1, 2, 3, 4]
+    after_pause = events[n_before:]
+    assert "training" in [e.phase for e in of(after_pause, PhaseChanged)]
+    saved = of(events, CheckpointSaved)
+    assert [(c.kind, c.step) for c in saved] == [("manual", 2), ("abort", 4)]
+    abort_file = Path(cfg.output_dir) / f"{NAME}-step00000004.safetensors"
+    assert Path(saved[-1].path) == abort_file and abort_file.exists()
+    assert saved[-1].state_dir and Path(saved[-1].state_dir).name == f"{NAME}-step00000004-state"
+    assert Path(saved[-1].state_dir).is_dir()
+    assert not (Path(cfg.output_dir) / f"{NAME}.safetensors").exists()
+    _, meta = read(abort_file)
+    assert meta["ss_steps"] == "4"
+    fin = of(events, RunFinished)[-1]
+    assert fin.status == "aborted" and fin.step == 4
+
+
+def test_save_now_then_abort_without_saving(assets, tmp_path):
+    from engine.session import start_training
+
+    holder: dict = {}
+    events: list = []
+
+    def sink(e):
+        events.append(e)
+        if isinstance(e, StepCompleted) and e.step == 1:
+            holder["h"].control.request_save()
+        if isinstance(e, StepCompleted) and e.step == 2:
+            holder["h"].control.abort(save=False)
+
+    cfg = make_config(assets, tmp_path, max_train_steps=8)
+    holder["h"] = handle = start_training(cfg, [sink])
+    assert handle.wait(120)
+    assert handle.result.status == "aborted"
+    assert [(c.kind, c.step) for c in of(events, CheckpointSaved)] == [("manual", 1)]
+    out = Path(cfg.output_dir)
+    assert sorted(p.name for p in out.glob("*.safetensors")) == [f"{NAME}-step00000001.safetensors"]
+    assert not [p for p in out.iterdir() if p.name.endswith("-state")]
+    assert [e.step for e in of(events, StepCompleted)] == [1, 2]
