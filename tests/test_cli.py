@@ -1,0 +1,168 @@
+"""The `spyke-cockpit` command as a user runs it (subprocesses): the headless demo, flags
+over TOML, and bad input answered with one clear line, never a traceback, never
+overwriting an earlier checkpoint."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+EXE = Path(sys.executable).parent / "spyke-cockpit"
+if not EXE.exists():
+    EXE = REPO / ".venv" / "bin" / "spyke-cockpit"
+
+
+@pytest.fixture(scope="session")
+def cli_assets(tmp_path_factory):
+    """A demo cache (tiny model + demo dataset) and a 4-image 64 px dataset."""
+    from engine.demo import prepare_demo
+    from engine.tiny import generate_dataset
+
+    cache = tmp_path_factory.getbasetemp() / "spyke-tiny-shared"   # test_trainer.py reuses the same build
+    prepare_demo(root=cache, output_root=cache / "unused")
+    small = generate_dataset(tmp_path_factory.mktemp("cli_small"), num_images=4, num_repeats=1, resolution=64, seed=5)
+    return {"cache": cache, "model": cache / "tiny-sd15", "small": small}
+
+
+def env_for(cache: Path) -> dict:
+    env = dict(os.environ)
+    env["SPYKE_CACHE"] = str(cache)
+    env.pop("PYTHONWARNINGS", None)
+    return env
+
+
+def start(args, cwd: Path, cache: Path) -> subprocess.Popen:
+    return subprocess.Popen([str(EXE), *map(str, args)], cwd=cwd, env=env_for(cache), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 180) -> tuple[int, str, str]:
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, out, err
+
+
+def run(args, cwd: Path, cache: Path, timeout: float = 180) -> tuple[int, str, str]:
+    return finish(start(args, cwd, cache), timeout)
+
+
+def error_lines(out: str, err: str) -> list[str]:
+    return [l for l in (out + err).splitlines() if re.match(r"^(spyke-cockpit: )?error:", l)]
+
+
+def train_args(assets, out_dir: Path, *extra) -> list[str]:
+    return ["train", "--headless", f"--pretrained_model_name_or_path={assets['model']}",
+            f"--dataset_config={assets['small'].dataset_toml}", f"--output_dir={out_dir}", "--resolution=64",
+            "--max_train_steps=2", "--output_name=cli", "--network_dim=4", "--seed=1", *extra]
+
+
+def test_demo_headless_trains_and_flags_override_the_preset(cli_assets, tmp_path):
+    # configs/demo.toml says network_dim 8 and save_every_n_steps 40: the command line wins.
+    code, out, err = run(["demo", "--headless", f"--dataset_config={cli_assets['small'].dataset_toml}",
+                          "--max_train_epochs=1", "--save_every_n_steps=2", "--network_dim=4"],
+                         tmp_path, cli_assets["cache"])
+    assert code == 0, out + err
+    assert "Traceback" not in out + err
+    steps = re.findall(r"^step (\d+)/(\d+) \| epoch (\d+)/(\d+) \| loss (\S+) \| lr \S+ \| [\d.]+ it/s \| ETA \S+$",
+                       out, re.M)
+    assert [(int(s), int(t)) for s, t, *_ in steps] == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    assert all(float(loss) > 0 for *_, loss in steps)
+    ckpts = re.findall(r"^checkpoint \((\w+)\) step (\d+): (\S+\.safetensors) ", out, re.M)
+    assert [(k, int(s)) for k, s, _ in ckpts] == [("step", 2), ("step", 4), ("final", 4)]
+    final = Path(ckpts[-1][2])
+    assert final.name == "spyke_demo.safetensors" and final.exists()
+    assert final.is_relative_to(tmp_path / "spyke-demo-output")        # demo output under the cwd
+    assert "finished: completed at step 4" in out
+    from engine.checkpoint import read_lora_file
+
+    _, meta = read_lora_file(final)
+    assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "4.0"   # alpha still from the preset
+
+    # a second run into the same folder with the same name refuses; the first files stay byte-identical
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in final.parent.glob("*.safetensors")}
+    code, out, err = run(["train", "--headless", f"--pretrained_model_name_or_path={cli_assets['model']}",
+                          f"--dataset_config={cli_assets['small'].dataset_toml}", f"--output_dir={final.parent}",
+                          "--output_name=spyke_demo", "--max_train_steps=2", "--save_every_n_steps=2"],
+                         tmp_path, cli_assets["cache"])
+    assert code != 0
+    lines = error_lines(out, err)
+    assert len(lines) == 1 and "spyke_demo-step00000002.safetensors" in lines[0] and "--output_name" in lines[0], \
+        out + err
+    assert "Traceback" not in out + err
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in final.parent.glob("*.safetensors")} == before
+
+
+BAD_INPUT = {
+    # name: (argv builder, expected exit code, text the one error line must contain)
+    "unknown flag": (lambda a, t: ["train", "--headless", "--netwrok_dim=8"], 2, "--netwrok_dim"),
+    "unknown demo flag": (lambda a, t: ["demo", "--headless", "--bogus"], 2, "--bogus"),
+    "wrong type": (lambda a, t: train_args(a, t / "o") + ["--network_dim=abc"], 2, "network_dim"),
+    "dim 0": (lambda a, t: train_args(a, t / "o") + ["--network_dim=0"], 2, "network_dim"),
+    "bad choice": (lambda a, t: train_args(a, t / "o") + ["--lr_scheduler=sometimes"], 2, "lr_scheduler"),
+    "missing toml": (lambda a, t: ["train", "--headless", str(t / "nope.toml")], 2, "nope.toml"),
+    "missing model": (lambda a, t: train_args(a, t / "o") + [f"--pretrained_model_name_or_path={t / 'no_model'}"],
+                      1, "no_model"),
+    "missing image dir": (lambda a, t: train_args(a, t / "o") + [f"--dataset_config={t / 'missing_dir.toml'}"],
+                          1, "missing_images"),
+    "empty image dir": (lambda a, t: train_args(a, t / "o") + [f"--dataset_config={t / 'empty_dir.toml'}"],
+                        1, "empty_images"),
+    "no caption": (lambda a, t: train_args(a, t / "o") + [f"--dataset_config={t / 'no_caption.toml'}"],
+                   1, "lonely.png"),
+    "corrupt image": (lambda a, t: train_args(a, t / "o") + [f"--dataset_config={t / 'corrupt.toml'}"],
+                      1, "broken.png"),
+    "output dir under a file": (lambda a, t: train_args(a, Path("/etc/passwd/x")), 1, "/etc/passwd/x"),
+}
+
+
+def _bad_datasets(tmp: Path) -> None:
+    from PIL import Image
+
+    def toml(name: str, folder: Path, class_tokens: bool = True) -> None:
+        (tmp / name).write_text(f"[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = \"{folder}\"\n"
+                                + ('class_tokens = "spyke"\n' if class_tokens else ""))
+
+    toml("missing_dir.toml", tmp / "missing_images")
+    (tmp / "empty_images").mkdir()
+    (tmp / "empty_images" / "notes.txt").write_text("no images here")
+    toml("empty_dir.toml", tmp / "empty_images")
+    (tmp / "nocap").mkdir()
+    Image.new("RGB", (64, 64), (10, 20, 30)).save(tmp / "nocap" / "lonely.png")
+    toml("no_caption.toml", tmp / "nocap", class_tokens=False)
+    (tmp / "corrupt").mkdir()
+    Image.new("RGB", (64, 64), (10, 20, 30)).save(tmp / "corrupt" / "fine.png")
+    (tmp / "corrupt" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00garbage" * 20)
+    toml("corrupt.toml", tmp / "corrupt")
+
+
+def test_bad_input_is_one_clear_line_never_a_traceback(cli_assets, tmp_path):
+    _bad_datasets(tmp_path)
+    procs = {}
+    for name, (argv, _, _) in BAD_INPUT.items():     # all at once: most fail before torch loads
+        cwd = tmp_path / re.sub(r"\W", "_", name)
+        cwd.mkdir()
+        procs[name] = start(argv(cli_assets, tmp_path), cwd, cli_assets["cache"])
+    failures = []
+    for name, proc in procs.items():
+        code, out, err = finish(proc)
+        _, want_code, needle = BAD_INPUT[name]
+        lines = error_lines(out, err)
+        ok = (code == want_code and "Traceback" not in out + err and len(lines) == 1 and needle in lines[0]
+              and len(err.strip().splitlines()) <= 1)
+        if not ok:
+            failures.append(f"{name}: exit {code}\n--- stdout\n{out}\n--- stderr\n{err}")
+    assert not failures, "\n\n".join(failures)
+    # a bad dataset never leaves an output folder behind
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").glob("*.safetensors"))
+
+
+def test_help_lists_kohya_flags(cli_assets, tmp_path):
+    code, out, err = run(["train", "--help"], tmp_path, cli_assets["cache"])
+    assert code == 0
+    for flag in ("--pretrained_model_name_or_path", "--network_dim", "--text_encoder_lr", "--save_every_n_steps",
+                 "--gradient_checkpointing", "--clip_skip", "--min_snr_gamma"):
+        assert flag in out
