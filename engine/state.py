@@ -198,6 +198,15 @@ def cleanup_temp_dirs(folder: Path) -> list[Path]:
         return removed
     for child in folder.iterdir():
         if child.is_dir() and child.name.startswith(".") and TMP_MARK in child.name:
+            # A kill between "move the old state aside" and "move the new one in" leaves only the
+            # old one, complete, under its temp name: put it back rather than lose it.
+            original = folder / child.name[1:].split(f"{TMP_MARK}old-")[0]
+            if f"{TMP_MARK}old-" in child.name and not original.exists() and (child / PROGRESS).is_file():
+                try:
+                    os.rename(child, original)
+                    continue
+                except OSError:
+                    pass
             shutil.rmtree(child, ignore_errors=True)
             removed.append(child)
     return removed

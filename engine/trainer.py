@@ -347,6 +347,7 @@ class _Job:
         self.rollbacks = 0
         self.latent_cache: dict[tuple[int, bool], object] | None = None
         self.token_cache: dict[str, object] = {}
+        self.state_step: int | None = None  # global step of the last state written or resumed from
         if loaded_state is not None:
             self._restore(loaded_state)
         self.snapshot = self._capture_snapshot()
@@ -363,6 +364,7 @@ class _Job:
         self.t.global_step, self.t.epoch, self.t.batch_in_epoch = prog.global_step, prog.epoch, prog.batch_in_epoch
         self.lr_scale, self.nan_skipped = prog.lr_scale, prog.nan_skipped
         self.t.last_state_dir = state.path
+        self.state_step = prog.global_step
         self.t._emit(LogMessage(level="info", message=f"resumed from {state.path} at step {prog.global_step}"))
 
     def _progress(self) -> Progress:
@@ -450,6 +452,8 @@ class _Job:
             name = checkpoint_filename(self.cfg.output_name, step=step)
         key = (step, name)
         if key in self.t._saved_steps and kind in ("manual", "abort"):
+            if with_state and self.state_step != step:  # e.g. an abort right after a save without --save_state
+                self.save_training_state()
             return self.t.last_checkpoint
         self.t._phase("saving", name)
         out = Path(self.cfg.output_dir)
@@ -464,7 +468,10 @@ class _Job:
         self.t.last_checkpoint = saved.path
         state_dir = None
         if with_state if with_state is not None else self.cfg.save_state:
-            state_dir = self.save_training_state(final=(kind == "final"))
+            if kind != "final" and self.state_step == step and self.t.last_state_dir is not None:
+                state_dir = self.t.last_state_dir  # unchanged since (e.g. aborted right after resuming)
+            else:
+                state_dir = self.save_training_state(final=(kind == "final"))
         self.t._emit(CheckpointSaved(path=str(saved.path), step=step, epoch=epoch, bytes=saved.bytes, kind=kind,
                                      loss=loss, verified=saved.verified,
                                      state_dir=str(state_dir) if state_dir else None))
@@ -487,6 +494,7 @@ class _Job:
                           rng_state=capture_rng(self.noise_gen, self.data_rng, self.device_type),
                           progress=self._progress())
         self.t.last_state_dir = path
+        self.state_step = self.t.global_step
         self.snapshot = self._capture_snapshot()
         return path
 
@@ -498,6 +506,7 @@ class _Job:
         self.optimizer.load_state_dict(snap["optimizer"])
         self.lr_scheduler.load_state_dict(snap["scheduler"])
         # The RNGs are not rewound: the same weights with the same noise would hit the same NaN again.
+        self.state_step = None  # the learning rate changed: a state saved now differs from the last one
         prog = snap["progress"]
         self.t.global_step, self.t.epoch, self.t.batch_in_epoch = prog.global_step, prog.epoch, prog.batch_in_epoch
         del self.t.losses[prog.global_step:]

@@ -182,6 +182,45 @@ def test_abort_then_resume_equals_the_straight_run(assets, straight, aborted):
     assert check_output_folder(out) >= 6
 
 
+def test_abort_always_leaves_a_state_even_without_save_state(assets, tmp_path):
+    """Without --save_state the step-2 checkpoint has no state; an abort at step 2 must still write one.
+    Resuming from it and aborting before the first step keeps that state as it was."""
+    out = tmp_path / "out"
+    run = train(make_config(assets, out, save_state=False), abort_at=2)
+    state = out / "spyke_demo-step00000002-state"
+    assert run.result.status == "aborted" and state.is_dir()
+    assert run.finished.resume_hint and str(state) in run.finished.resume_hint
+    assert not (out / "spyke_demo-step00000001-state").exists()
+    inode = state.stat().st_ino
+
+    from engine.trainer import Trainer
+
+    control = TrainingControl()
+    control.abort(save=True)  # before the first step of the resumed run
+    result = Trainer(make_config(assets, out, save_state=False, resume="latest"), control=control).run()
+    assert result.status == "aborted" and result.global_step == 2
+    assert state.stat().st_ino == inode  # not rewritten (a kill mid-rewrite could have lost it)
+    check_output_folder(out)
+
+
+def test_cleanup_puts_back_a_state_moved_aside_by_a_killed_rewrite(tmp_path):
+    import torch
+
+    from engine.state import Progress, cleanup_temp_dirs, load_state, save_state
+
+    dest = tmp_path / "run-step00000002-state"
+    save_state(dest, lora_tensors={"a": torch.ones(2)}, optimizer_state={}, scheduler_state={}, rng_state={},
+               progress=Progress(2, 0, 2, 0, "r", {}))
+    aside = tmp_path / f".{dest.name}.tmp-old-abc123"  # killed between the two renames of a rewrite
+    dest.rename(aside)
+    partial = tmp_path / f".{dest.name}.tmp-999-def456"
+    partial.mkdir()
+    (partial / "lora.safetensors").write_bytes(b"12")
+    removed = cleanup_temp_dirs(tmp_path)
+    assert removed == [partial] and not partial.exists() and not aside.exists()
+    assert load_state(dest).progress.global_step == 2
+
+
 def test_resume_latest_with_cached_latents_and_accumulation(assets, tmp_path):
     """--resume latest, with cache_latents and gradient_accumulation_steps=2 (2 steps per epoch)."""
     opts = dict(cache_latents=True, gradient_accumulation_steps=2, max_train_steps=4, save_every_n_steps=1)
@@ -459,3 +498,284 @@ def test_permission_lost_during_a_save_is_one_clear_line(assets, tmp_path, monke
     assert fin.resume_hint and str(out / "spyke_demo-step00000002-state") in fin.resume_hint
     assert not (out / "spyke_demo-step00000004-state").exists()
     check_output_folder(out)
+
+
+# --------------------------------------------------------------------------- subprocesses
+# A "zygote" process imports torch/diffusers/transformers once (about 5 s) and forks one
+# child per training run; each child is a real headless run (engine.headless.run_headless,
+# as `spyke-cockpit train --headless` calls it) that the test can SIGKILL. The zygote runs
+# no tensor op before forking, so each child starts its own thread pools.
+ZYGOTE = r"""
+import json, os, signal, sys, traceback
+from pathlib import Path
+import torch, diffusers, transformers, accelerate, peft, safetensors.torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTokenizer
+import engine.trainer, engine.models, engine.lora, engine.dataset, engine.state, engine.checkpoint
+from engine.config import build_config
+from engine.headless import run_headless
+signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel
+print("ready", flush=True)
+for line in sys.stdin:
+    req = json.loads(line)
+    sys.stdout.flush()
+    pid = os.fork()
+    if pid == 0:
+        rc = 3
+        try:
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            fd = os.open(req["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+            rc = run_headless(build_config(Path(req["toml"]), req["overrides"]).validate(), out=sys.stdout)
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            os._exit(rc)
+    print(pid, flush=True)
+"""
+
+
+class Zygote:
+    def __init__(self) -> None:
+        import subprocess
+        import sys
+
+        self.proc = subprocess.Popen([sys.executable, "-c", ZYGOTE], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True, cwd=Path(__file__).resolve().parent.parent)
+        assert self.proc.stdout.readline().strip() == "ready"
+        self.children: list[int] = []
+
+    def spawn(self, toml: Path, log: Path, **overrides) -> int:
+        import json
+
+        self.proc.stdin.write(json.dumps({"toml": str(toml), "log": str(log), "overrides": overrides}) + "\n")
+        self.proc.stdin.flush()
+        pid = int(self.proc.stdout.readline())
+        self.children.append(pid)
+        return pid
+
+    def close(self) -> None:
+        import signal
+
+        for pid in self.children:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        self.proc.stdin.close()
+        self.proc.wait(timeout=30)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def kill9(pid: int) -> None:
+    import signal
+    import time
+
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while alive(pid):  # the zygote ignores SIGCHLD, so the pid vanishes once the child is dead
+        assert time.monotonic() < deadline, f"pid {pid} did not die"
+        time.sleep(0.002)
+
+
+def wait_for(predicate, timeout: float, what: str, pid: int | None = None, poll: float = 0.002):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if pid is not None and not alive(pid):
+            return None
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(poll)
+
+
+def text_of(path: Path) -> str:
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        return ""
+
+
+def temp_entries(out: Path) -> set[str]:
+    try:
+        return {e.name for e in os.scandir(out) if ".tmp-" in e.name}
+    except FileNotFoundError:
+        return set()
+
+
+@pytest.fixture(scope="module")
+def zygote():
+    z = Zygote()
+    yield z
+    z.close()
+
+
+def write_toml(config, path: Path) -> Path:
+    from engine.config import to_toml
+
+    path.write_text(to_toml(config))
+    return path
+
+
+def events_of(out: Path) -> list:
+    from engine.events import parse_line
+
+    events = []
+    for log in sorted(out.glob(".spyke/*/events.jsonl")):
+        events += [e for e in map(parse_line, log.read_text().splitlines()) if e is not None]
+    return events
+
+
+def test_sigkill_then_resume_latest_equals_the_straight_run(assets, straight, zygote, tmp_path):
+    from engine.state import find_latest_state
+
+    out = tmp_path / "out"
+    toml = write_toml(make_config(assets, out, save_every_n_steps=1), tmp_path / "run.toml")
+    pid = zygote.spawn(toml, tmp_path / "child.log")
+    wait_for(lambda: (out / "spyke_demo-step00000003-state").is_dir(), 120, "the step-3 state", pid)
+    kill9(pid)
+    latest = find_latest_state(out, "spyke_demo")
+    killed_at = int(latest.name.split("-step")[1][:8])
+    assert killed_at >= 3 and not (out / "spyke_demo.safetensors").exists()
+    check_output_folder(out)
+
+    resumed = train(make_config(assets, out, save_every_n_steps=1, resume="latest"))
+    assert resumed.result.status == "completed", resumed.result.error
+    ref = {e.step: e.loss for e in straight.steps}
+    killed_losses = {e.step: e.loss for e in events_of(out) if isinstance(e, StepCompleted) and e.step <= killed_at}
+    assert killed_losses == {s: ref[s] for s in range(1, killed_at + 1)}
+    assert {e.step: e.loss for e in resumed.steps} == {s: ref[s] for s in range(killed_at + 1, N_STEPS + 1)}
+    diff = max_abs_diff(read_tensors(straight.result.final_path), read_tensors(resumed.result.final_path))
+    print(f"resume after SIGKILL at step {killed_at}: final LoRA max |diff| = {diff:.3g}")
+    assert diff <= 1e-6
+
+
+KILLS = 10
+
+
+def test_sigkill_at_random_moments_never_leaves_a_partial_file(assets, zygote, tmp_path):
+    """Kill -9 a training that saves a checkpoint + state every step, 10 times: over half of the kills
+    land while a temp file/folder of the save is open. After each, every file must be complete."""
+    import random
+    import time
+
+    from engine.state import find_latest_state
+
+    seed = random.SystemRandom().randrange(10**6)
+    rng = random.Random(seed)
+    out = tmp_path / "out"
+    toml = write_toml(make_config(assets, out, save_every_n_steps=1, max_train_steps=10_000), tmp_path / "run.toml")
+    leftovers: set[str] = set()
+    files_checked = mid_save = cleaned = 0
+    for i in range(KILLS):
+        last = i == KILLS - 1
+        resume = find_latest_state(out, "spyke_demo") is not None and not last
+        # the last run is a fresh one into the same folder (overwriting): it must clean up too
+        overrides = {"resume": "latest"} if resume else {"overwrite": True}
+        log = tmp_path / f"child{i}.log"
+        pid = zygote.spawn(toml, log, **overrides)
+        started = wait_for(lambda: "\nrun " in "\n" + text_of(log), 60, f"run {i} to start", pid)
+        if started and leftovers:
+            assert not leftovers & temp_entries(out), f"run {i} did not clean up {leftovers & temp_entries(out)}"
+            cleaned += len(leftovers)
+            leftovers = set()
+        if i % 2 == 0 or last:  # during a save: the moment this child's temp file/folder appears
+            mark = f".tmp-{pid}-"
+            want = rng.choice([".safetensors", "-state"])
+            hit = wait_for(lambda: [n for n in temp_entries(out) if mark in n and want in n], 60,
+                           f"a save by run {i}", pid, poll=0.0005)
+            mid_save += bool(hit)
+        else:  # a random moment of training (after the first step)
+            wait_for(lambda: "\nstep " in text_of(log), 60, f"run {i}'s first step", pid)
+            time.sleep(rng.uniform(0.0, 1.5))
+        assert alive(pid), f"run {i} ended by itself:\n{text_of(log)[-2000:]}"
+        kill9(pid)
+        files_checked += check_output_folder(out)
+        leftovers |= temp_entries(out)
+    print(f"kill seed {seed}: {KILLS} kills ({mid_save} mid-save), {files_checked} files checked, "
+          f"{cleaned} leftover temps cleaned up by the next run")
+    assert mid_save >= KILLS // 2 and cleaned > 0
+    assert list(out.glob("*.safetensors")) and list(out.glob("*-state"))
+
+
+# --------------------------------------------------------------------------- the headless CLI
+def start_cli(args: list[str], log: Path):
+    import subprocess
+    import sys
+
+    exe = Path(sys.executable).parent / "spyke-cockpit"
+    fh = open(log, "w")
+    return subprocess.Popen([str(exe), *args], stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
+                            cwd=Path(__file__).resolve().parent.parent)
+
+
+def test_sigint_saves_at_the_current_step_and_the_printed_resume_finishes(assets, straight, tmp_path):
+    import re
+    import shlex
+    import signal
+
+    out = tmp_path / "out"
+    toml = write_toml(make_config(assets, out, save_every_n_steps=None), tmp_path / "run.toml")
+    log = tmp_path / "first.log"
+    proc = start_cli(["train", "--headless", str(toml)], log)
+    wait_for(lambda: "\nstep 2/" in text_of(log), 120, "step 2", proc.pid)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 0, text_of(log)
+    text = text_of(log)
+    assert "stopping (SIGINT)" in text
+    step = int(re.search(r"^finished: aborted at step (\d+)", text, re.M).group(1))
+    assert 2 <= step < N_STEPS
+    assert (out / f"spyke_demo-step{step:08d}.safetensors").is_file()
+    state = out / f"spyke_demo-step{step:08d}-state"
+    assert state.is_dir() and f"state {state}" in text
+    hint = re.search(r"^to resume: (.*)$", text, re.M).group(1)
+    assert hint.startswith("spyke-cockpit train --headless --resume ") and str(state) in hint
+    assert "Traceback" not in text
+
+    args = shlex.split(hint.replace("[your config and flags]", str(toml)))[1:]
+    log2 = tmp_path / "resume.log"
+    proc = start_cli(args, log2)
+    assert proc.wait(timeout=180) == 0, text_of(log2)
+    text = text_of(log2)
+    assert re.search(rf"^step {step + 1}/{N_STEPS} ", text, re.M) and f"finished: completed at step {N_STEPS}" in text
+    diff = max_abs_diff(read_tensors(straight.result.final_path), read_tensors(out / "spyke_demo.safetensors"))
+    print(f"resume after SIGINT at step {step} (CLI): final LoRA max |diff| = {diff:.3g}")
+    assert diff <= 1e-6
+
+
+def test_second_sigint_exits_at_once_without_partial_files(assets, tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    toml = write_toml(make_config(assets, out, save_every_n_steps=None, max_train_steps=1000), tmp_path / "run.toml")
+    log = tmp_path / "cli.log"
+    proc = start_cli(["train", "--headless", str(toml)], log)
+    wait_for(lambda: "\nstep 1/" in text_of(log), 120, "step 1", proc.pid)
+    proc.send_signal(signal.SIGINT)
+    first = time.monotonic()
+    wait_for(lambda: "stopping (SIGINT)" in text_of(log), 2, "the first SIGINT to be seen", proc.pid)
+    # Aim the second one at the abort's save (its temp file or folder), within the 3 s window.
+    before = temp_entries(out)
+    try:
+        during_save = wait_for(lambda: temp_entries(out) - before, 2.5 - (time.monotonic() - first),
+                               "the abort's save", proc.pid, poll=0.0005)
+    except AssertionError:
+        during_save = None
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    rc = proc.wait(timeout=10)
+    assert rc == 130 and time.monotonic() - sent < 2.0, text_of(log)
+    assert "interrupted again" in text_of(log)
+    print(f"second SIGINT {'during the abort save' if during_save else 'before the abort save'}")
+    check_output_folder(out)  # whatever was being written is a temp file, never a partial checkpoint
