@@ -1,0 +1,232 @@
+"""Bench for ``spyke-cockpit attach`` (by hand, not a test): needs tmux.
+
+    .venv/bin/python bench/bench_attach.py [--steps 1000000] [--skip-training]
+
+1. first full screen: a finished run whose events.jsonl holds N step records (plus memory
+   samples, phases, checkpoints); ``spyke-cockpit attach`` starts in a real terminal (tmux,
+   160x50) and the clock stops when the screen shows ``step N/N`` and the checkpoint table's
+   "K saved" (launch of the process included). Target ≤ 1 s for N = 1,000,000.
+2. CPU while tailing: the same viewer on a live run that this script extends by ~20 steps/s;
+   the viewer's CPU over 10 s once it settled. Target ≤ 5 % of a core.
+3. training steps/s with 0 vs 3 read-only viewers: one headless demo run, its step rate
+   measured (from the step records' timestamps) in alternating windows 0 / 3 / 0 / 3 viewers.
+   Target: equal within ±2 %.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+EXE = str(ROOT / ".venv" / "bin" / "spyke-cockpit")
+
+
+def make_run(base: Path, n_steps: int, *, pid: int, finished: bool, run_id: str = "bench-run") -> Path:
+    """A run folder with ``n_steps`` step records, written as the engine writes them."""
+    from engine.events import CheckpointSaved, MemorySample, PhaseChanged, RunFinished, RunStarted
+
+    run_dir = base / "out" / ".spyke" / run_id
+    (run_dir / "control").mkdir(parents=True)
+    os.chmod(run_dir, 0o700)
+    t0 = time.time() - n_steps * 0.01 - 10
+    every = max(1, n_steps // 20)
+    with open(run_dir / "events.jsonl", "w") as fh:
+        fh.write(RunStarted(run_id=run_id, output_dir=str(base / "out"), output_name="bench", total_steps=n_steps,
+                            num_epochs=1, batches_per_epoch=n_steps, device="cpu", pid=pid, config={},
+                            checkpoint_steps=list(range(every, n_steps + 1, every)), t=t0).to_json() + "\n")
+        fh.write(PhaseChanged(phase="training", t=t0).to_json() + "\n")
+        lines = []
+        for i in range(1, n_steps + 1):
+            t = t0 + i * 0.01
+            loss = 0.5 + 0.4 * ((i * 7919) % 1000) / 1000.0
+            lines.append(f'{{"v":1,"type":"step","t":{t!r},"step":{i},"epoch":1,"loss":{loss!r},'
+                         f'"lrs":{{"unet":0.0001,"text_encoder":5e-05}},"step_seconds":0.01,"skipped":false}}')
+            if i % 200 == 0:
+                lines.append(MemorySample(device="cpu", rss=100 << 20, sys_used=1 << 30, sys_available=3 << 30,
+                                          sys_total=4 << 30, t=t).to_json())
+            if i % every == 0:
+                lines.append(CheckpointSaved(path=str(base / "out" / f"bench-{i:06d}.safetensors"), step=i, epoch=1,
+                                             bytes=1 << 20, kind="step", loss=loss, verified=True, t=t).to_json())
+            if len(lines) >= 100_000:
+                fh.write("\n".join(lines) + "\n")
+                lines = []
+        if lines:
+            fh.write("\n".join(lines) + "\n")
+        if finished:
+            fh.write(RunFinished(status="completed", step=n_steps, t=t0 + n_steps * 0.01 + 1).to_json() + "\n")
+    return run_dir
+
+
+def tmux(*args: str, check: bool = True) -> str:
+    return subprocess.run(["tmux", *args], capture_output=True, text=True, check=check).stdout
+
+
+def screen(session: str) -> str:
+    return tmux("capture-pane", "-p", "-t", session, check=False)
+
+
+def first_screen(run_dir: Path, n_steps: int, n_checkpoints: int) -> float:
+    session = f"bench-first-{os.getpid()}"
+    t0 = time.perf_counter()
+    tmux("new-session", "-d", "-s", session, "-x", "160", "-y", "50", f"exec {EXE} attach --read-only {run_dir}")
+    try:
+        while time.perf_counter() - t0 < 30:
+            text = screen(session)
+            if f"step {n_steps}/{n_steps}" in text and f"{n_checkpoints} saved" in text:
+                return time.perf_counter() - t0
+            time.sleep(0.01)
+        raise RuntimeError("the screen never showed the run:\n" + screen(session))
+    finally:
+        tmux("kill-session", "-t", session, check=False)
+
+
+def pane_pid(session: str) -> int:
+    return int(tmux("display-message", "-p", "-t", session, "#{pane_pid}").strip())
+
+
+class Appender(threading.Thread):
+    """Extends a live run's events.jsonl like a training at ``rate`` steps/s."""
+
+    def __init__(self, path: Path, first_step: int, rate: float = 20.0) -> None:
+        super().__init__(daemon=True)
+        self.path, self.step, self.rate = path, first_step, rate
+        self.stop_event = threading.Event()
+
+    def run(self) -> None:
+        with open(self.path, "a") as fh:
+            while not self.stop_event.wait(1.0 / self.rate):
+                self.step += 1
+                fh.write(f'{{"v":1,"type":"step","t":{time.time()!r},"step":{self.step},"epoch":1,"loss":0.5,'
+                         f'"lrs":{{"unet":0.0001}},"step_seconds":0.05,"skipped":false}}\n')
+                fh.flush()
+
+
+def tail_cpu(base: Path, n_steps: int) -> float:
+    import psutil
+
+    run_dir = make_run(base / "live", n_steps, pid=os.getpid(), finished=False, run_id="bench-live")
+    appender = Appender(run_dir / "events.jsonl", n_steps)
+    appender.start()
+    session = f"bench-tail-{os.getpid()}"
+    tmux("new-session", "-d", "-s", session, "-x", "160", "-y", "50", f"exec {EXE} attach --read-only {run_dir}")
+    try:
+        proc = psutil.Process(pane_pid(session))
+        time.sleep(15)              # snapshot + exact history in the background, then steady tailing
+        c0, t0 = sum(proc.cpu_times()[:2]), time.monotonic()
+        time.sleep(10)
+        c1, t1 = sum(proc.cpu_times()[:2]), time.monotonic()
+        if appender.step not in (None,) and f"step {appender.step}" not in screen(session) and \
+                "step" not in screen(session):
+            raise RuntimeError("viewer not showing steps:\n" + screen(session))
+        return 100.0 * (c1 - c0) / (t1 - t0)
+    finally:
+        appender.stop_event.set()
+        tmux("kill-session", "-t", session, check=False)
+
+
+def step_rate(events: Path, t_from: float, t_to: float) -> tuple[float, int]:
+    ts = []
+    with open(events, "rb") as fh:
+        for raw in fh:
+            if raw.startswith(b'{"v":1,"type":"step"'):
+                t = json.loads(raw)["t"]
+                if t_from <= t <= t_to:
+                    ts.append(t)
+    if len(ts) < 2:
+        return 0.0, len(ts)
+    return (len(ts) - 1) / (ts[-1] - ts[0]), len(ts)
+
+
+def training_with_viewers(base: Path, window: float = 20.0) -> list[tuple[int, float, int]]:
+    work = base / "train"
+    work.mkdir()
+    env = dict(os.environ)
+    env.setdefault("SPYKE_CACHE", str(Path(tempfile.gettempdir()) / "spyke-bench-cache"))
+    proc = subprocess.Popen([EXE, "demo", "--headless", "--max_train_epochs=100", "--save_every_n_steps=100000"],
+                            cwd=work, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    results = []
+    try:
+        events = None
+        deadline = time.time() + 300
+        while events is None and time.time() < deadline:
+            found = list(work.glob("spyke-demo-output/*/.spyke/*/events.jsonl"))
+            if found and b'"type":"step"' in found[0].read_bytes():
+                events = found[0]
+            time.sleep(0.5)
+        if events is None:
+            raise RuntimeError("the demo run did not start")
+        time.sleep(5)                       # warm up
+        for viewers in (0, 3, 0, 3):
+            sessions = []
+            for k in range(viewers):
+                name = f"bench-view-{os.getpid()}-{k}"
+                tmux("new-session", "-d", "-s", name, "-x", "160", "-y", "50",
+                     f"exec {EXE} attach --read-only {events.parent}")
+                sessions.append(name)
+            time.sleep(3)                   # viewers loaded
+            t_from = time.time()
+            time.sleep(window)
+            rate, n = step_rate(events, t_from, time.time())
+            results.append((viewers, rate, n))
+            for name in sessions:
+                tmux("kill-session", "-t", name, check=False)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return results
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=1_000_000)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--skip-training", action="store_true")
+    ns = parser.parse_args()
+    if shutil.which("tmux") is None:
+        print("tmux is needed (apt-get install tmux)")
+        return 2
+    base = Path(tempfile.mkdtemp(prefix="spyke-bench-attach-"))
+    try:
+        t = time.perf_counter()
+        run_dir = make_run(base / "finished", ns.steps, pid=1 << 22, finished=True)
+        size = (run_dir / "events.jsonl").stat().st_size
+        print(f"events.jsonl: {ns.steps:,} step records, {size / 1e6:.0f} MB (written in {time.perf_counter() - t:.1f} s)")
+        from cockpit.attach import load_snapshot
+
+        t = time.perf_counter()
+        load_snapshot(run_dir / "events.jsonl")
+        print(f"snapshot alone (in process): {time.perf_counter() - t:.3f} s")
+        times = [first_screen(run_dir, ns.steps, 20) for _ in range(ns.repeats)]
+        print(f"first full screen (process launch -> 'step {ns.steps}/{ns.steps}' + checkpoint table): "
+              f"median {statistics.median(times):.2f} s  (runs: {', '.join(f'{x:.2f}' for x in times)})")
+        cpu = tail_cpu(base, ns.steps)
+        print(f"viewer CPU while tailing a live run (+20 steps/s): {cpu:.1f} % of a core")
+        if not ns.skip_training:
+            results = training_with_viewers(base)
+            for viewers, rate, n in results:
+                print(f"training with {viewers} viewers: {rate:.3f} steps/s ({n} steps)")
+            zero = [r for v, r, _ in results if v == 0]
+            three = [r for v, r, _ in results if v == 3]
+            if zero and three and statistics.mean(zero) > 0:
+                print(f"3 viewers / 0 viewers: {statistics.mean(three) / statistics.mean(zero):.3f}")
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
