@@ -87,7 +87,7 @@ class DemoReady(Message):
 
 
 class CockpitApp(App[int]):
-    CSS_PATH = "cockpit.tcss"
+    CSS_PATH = Path(__file__).resolve().parent / "cockpit.tcss"
     TITLE = "spyke-cockpit"
 
     BINDINGS = [
@@ -338,6 +338,9 @@ class CockpitApp(App[int]):
 
     @on(DemoReady)
     def _demo_ready(self, message: DemoReady) -> None:
+        if not self.form.ready:              # the form mounts its later groups after the first frame
+            self.set_timer(0.05, lambda: self._demo_ready(message))
+            return
         if message.error or message.config is None:
             self.preview.show_message(f"demo not ready: {message.error}", error=True)
             self._apply(LogMessage(level="error", message=f"demo not ready: {message.error}", t=self.clock()))
@@ -348,6 +351,9 @@ class CockpitApp(App[int]):
 
     def _autostart(self) -> None:
         form = self.form
+        if not form.ready:
+            self.set_timer(0.05, self._autostart)
+            return
         form.validate_all()
         if form.config is None:
             problems = "; ".join(f"{k} {v}" for k, v in form.problems.items())

@@ -7,19 +7,21 @@ problems to the app (which keeps Start disabled while there are any).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
+from rich.text import Text
 from textual import on
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.message import Message
 from textual.widgets import Checkbox, Input, Label, Select, Static
 
-from engine.config import GROUPS, TrainConfig, coerce_value, field_is_optional, field_type, fields_in_group
+from engine.config import FIELDS, GROUPS, TrainConfig, coerce_value, field_is_optional, field_type, fields_in_group
 from engine.errors import ConfigError
 
 _DEFAULTS = TrainConfig()
+FIRST_FRAME_GROUPS = 1
 
 
 def _display(value: Any) -> str:
@@ -49,22 +51,45 @@ class ConfigForm(VerticalScroll):
         self._initial = config or TrainConfig()
         self.problems: dict[str, str] = {}
         self.config: TrainConfig | None = None
-        self._filling = False
+        self._editors: dict[str, Any] = {}
+        self._labels: dict[str, Label] = {}
+        self._notes: dict[str, Static] = {}
+        self._shown: dict[str, str] = {}
+        self._pending: TrainConfig | None = None
+        self.ready = False
 
     # ------------------------------------------------------------------ build
     def compose(self) -> ComposeResult:
-        for group, title in GROUPS.items():
-            yield Static(title, classes="group-title")
-            for f in fields_in_group(group):
-                yield self._row(f, getattr(self._initial, f.name))
+        # Only the first groups are in the first frame; the rest mount right after it
+        # (a full form is ~250 widgets, too many for a sub-second first frame).
+        for group in list(GROUPS)[:FIRST_FRAME_GROUPS]:
+            yield from self._group(group)
 
-    def _row(self, f: Any, value: Any) -> Vertical:
+    def _group(self, group: str) -> ComposeResult:
+        yield Static(GROUPS[group], classes="group-title")
+        for f in fields_in_group(group):
+            yield from self._row(f, getattr(self._initial, f.name))
+
+    def on_mount(self) -> None:
+        self.call_after_refresh(self._mount_rest)      # after the first frame has been painted
+
+    def _mount_rest(self) -> None:
+        widgets = [w for group in list(GROUPS)[FIRST_FRAME_GROUPS:] for w in self._group(group)]
+        self.mount_all(widgets)   # not awaited: awaiting a mount from inside this pump's handler deadlocks
+        self.ready = True
+        if self._pending is not None:
+            config, self._pending = self._pending, None
+            self.set_config(config)
+        else:
+            self.validate_all()
+
+    def _row(self, f: Any, value: Any) -> ComposeResult:
         name = f.name
         meta = f.metadata
         kind = field_type(name)
         editor_id = f"field-{name}"
         if kind is bool:
-            editor = Checkbox(name, value=bool(value), id=editor_id, classes="editor")
+            editor: Any = Checkbox(name, value=bool(value), id=editor_id, classes="editor")
             label = None
         elif meta.get("choices"):
             options = [(c, c) for c in meta["choices"]]
@@ -78,34 +103,45 @@ class ConfigForm(VerticalScroll):
             editor = Input(_display(value), placeholder=placeholder, compact=True, id=editor_id,
                            classes="editor")
             label = Label(name, classes="field-name")
-        help_text = meta.get("help", "") + (" [ours]" if meta.get("ours") else "")
-        widgets = [w for w in (label, editor) if w is not None]
-        # long names get their own line so the editor keeps a usable width
-        line = (Vertical(*widgets, classes="field-line -stacked") if label is not None and len(name) > 20
-                else Horizontal(*widgets, classes="field-line"))
-        parts = [line,
-                 Static(help_text, classes="help", markup=False),
-                 Static("", classes="error", id=f"error-{name}", markup=False)]
-        return Vertical(*parts, classes="field", id=f"row-{name}")
+        self._editors[name] = editor
+        if label is None:
+            yield editor
+        else:
+            self._labels[name] = label
+            # long names get their own line so the editor keeps a usable width
+            stacked = len(name) > 20
+            yield (Vertical if stacked else Horizontal)(label, editor,
+                                                       classes="field-line -stacked" if stacked else "field-line")
+        note = Static(self._note(name, ""), classes="note", id=f"note-{name}")
+        self._notes[name] = note
+        yield note
 
-    def on_mount(self) -> None:
-        self.validate_all()
+    def _note(self, name: str, why: str) -> Text:
+        meta = FIELDS[name].metadata
+        text = Text(meta.get("help", "") + (" [ours]" if meta.get("ours") else ""), style="dim")
+        if why:
+            text.append(f"\n⚠ {why}", style="bold red")
+        return text
 
     # ------------------------------------------------------------------ values
     def raw_values(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
-        for f in fields(TrainConfig):
-            widget = self.query_one(f"#field-{f.name}")
+        for name, widget in self._editors.items():
             if isinstance(widget, Checkbox):
-                out[f.name] = widget.value
+                out[name] = widget.value
             elif isinstance(widget, Select):
-                out[f.name] = None if widget.is_blank() else widget.value
+                out[name] = None if widget.is_blank() else widget.value
             else:
-                out[f.name] = widget.value
+                out[name] = widget.value
         return out
+
+    def error_for(self, name: str) -> str:
+        return self.problems.get(name, "")
 
     def validate_all(self) -> tuple[TrainConfig | None, dict[str, str]]:
         """Parse every field, then run the config's own checks; show each problem under its field."""
+        if not self.ready:
+            return None, {"": "the form is still loading"}
         problems: dict[str, str] = {}
         values: dict[str, Any] = {}
         for name, raw in self.raw_values().items():
@@ -121,12 +157,15 @@ class ConfigForm(VerticalScroll):
             merged = {**_DEFAULTS.to_dict(), **values}
             for name, why in TrainConfig(**merged).problems().items():
                 problems.setdefault(name, why)
-        for f in fields(TrainConfig):
-            err = self.query_one(f"#error-{f.name}", Static)
-            why = problems.get(f.name, "")
-            err.update(f"⚠ {why}" if why else "")
-            err.set_class(bool(why), "-shown")
-            self.query_one(f"#row-{f.name}").set_class(bool(why), "-invalid")
+        for name in self._editors:
+            why = problems.get(name, "")
+            if why == self._shown.get(name, ""):
+                continue
+            self._shown[name] = why
+            self._notes[name].update(self._note(name, why))
+            label = self._labels.get(name)
+            if label is not None:
+                label.set_class(bool(why), "-invalid")
         self.problems = problems
         self.config = config if not problems else None
         self.post_message(self.Changed(self, self.config, dict(problems)))
@@ -134,10 +173,12 @@ class ConfigForm(VerticalScroll):
 
     def set_config(self, config: TrainConfig) -> None:
         """Fill every field from ``config`` (e.g. a preset or the demo)."""
+        if not self.ready:
+            self._pending = config
+            return
         with self.prevent(Input.Changed, Checkbox.Changed, Select.Changed):
-            for f in fields(TrainConfig):
-                value = getattr(config, f.name)
-                widget = self.query_one(f"#field-{f.name}")
+            for name, widget in self._editors.items():
+                value = getattr(config, name)
                 if isinstance(widget, Checkbox):
                     widget.value = bool(value)
                 elif isinstance(widget, Select):
@@ -152,8 +193,8 @@ class ConfigForm(VerticalScroll):
     @on(Select.Changed, ".editor")
     def _edited(self, event: Message) -> None:
         event.stop()
-        self.validate_all()
+        if self.ready:
+            self.validate_all()
 
     def set_enabled(self, enabled: bool) -> None:
-        for widget in self.query(".editor"):
-            widget.disabled = not enabled
+        self.disabled = not enabled     # children inherit it (one restyle, not one per field)

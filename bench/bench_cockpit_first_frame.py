@@ -1,0 +1,56 @@
+"""First frame of the cockpit's form after launch (target ≤ 1.0 s), and that torch is not imported by then.
+
+Runs a fresh interpreter per sample: ``python -m bench.bench_cockpit_first_frame [--runs N]``.
+The child starts the real app (live source, demo off) headless at 120×40 and records the
+wall time from process creation to the first completed screen refresh.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+CHILD = r"""
+import sys, time, json
+import psutil
+born = psutil.Process().create_time()
+from cockpit.app import CockpitApp
+from cockpit.sources import LiveSource
+
+class Probe(CockpitApp):
+    def on_mount(self):
+        super().on_mount()
+        self.call_after_refresh(self._first_frame)
+    def _first_frame(self):
+        self._t = time.time() - born
+        self._torch = "torch" in sys.modules
+        self.exit(0)
+
+app = Probe(LiveSource())
+app.run(headless=True, size=(120, 40))
+print(json.dumps({"first_frame_s": app._t, "torch_loaded": app._torch}))
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=int, default=5)
+    args = parser.parse_args()
+    samples = []
+    for _ in range(args.runs):
+        out = subprocess.run([sys.executable, "-c", CHILD], cwd=ROOT, capture_output=True, text=True, check=True)
+        samples.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    times = [s["first_frame_s"] for s in samples]
+    print(json.dumps({"runs": len(times), "median_s": round(statistics.median(times), 3),
+                      "min_s": round(min(times), 3), "max_s": round(max(times), 3),
+                      "torch_loaded_before_first_frame": any(s["torch_loaded"] for s in samples)}))
+
+
+if __name__ == "__main__":
+    main()

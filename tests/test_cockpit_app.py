@@ -1,0 +1,335 @@
+"""Pilot tests of the cockpit with a fake event source: keys → commands, events → panels, modals, form."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import tomllib
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from textual.widgets import Button, DataTable, Input, RichLog, Select, Static
+
+from cockpit.app import CockpitApp
+from cockpit.modals import ConfirmAbortScreen, HelpScreen
+from cockpit.sources import FakeSource
+from engine.config import TrainConfig
+from engine.errors import ModelLoadError
+from engine.events import (CheckpointSaved, LogMessage, MemorySample, PhaseChanged, RunFinished, RunStarted,
+                           StepCompleted)
+
+SIZE = (120, 40)
+T0 = 1_700_000_000.0
+
+
+def sync(fn):
+    """Run an async test body in its own event loop (no pytest-asyncio in this project)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        return asyncio.run(fn(*args, **kwargs))
+    return wrapper
+
+
+def valid_config(**changes) -> TrainConfig:
+    return TrainConfig(pretrained_model_name_or_path="/models/sd15", train_data_dir="/data/train",
+                       output_dir="/out", output_name="plasma", **changes)
+
+
+def fake_plan(config: TrainConfig):
+    return SimpleNamespace(
+        subsets=[SimpleNamespace(image_dir="/data/train/10_plasma", num_images=12, num_repeats=10, is_reg=False)],
+        batches_per_epoch=120, num_epochs=2, total_steps=240,
+        checkpoints=[SimpleNamespace(step=120, epoch=1, kind="epoch", filename="plasma-000001.safetensors"),
+                     SimpleNamespace(step=240, epoch=2, kind="final", filename="plasma.safetensors")],
+        output_dir=config.output_dir, free_bytes=50 * 2**30, warnings=[])
+
+
+def make_app(source=None, config=None, **kwargs) -> CockpitApp:
+    kwargs.setdefault("presets_dir", Path("/nonexistent-presets"))
+    return CockpitApp(source or FakeSource(), config=config, clock=lambda: T0 + 42, planner=fake_plan, **kwargs)
+
+
+def run_started(total=100):
+    return RunStarted(run_id="r1", output_dir="/out", output_name="plasma", total_steps=total, num_epochs=2,
+                      batches_per_epoch=50, device="cpu", pid=1, config={}, checkpoint_steps=[50, 100], t=T0)
+
+
+def text_of(app: CockpitApp, selector: str) -> str:
+    return str(app.screen_stack[0].query_one(selector, Static).render())
+
+
+async def settle(app, pilot, delay: float = 0.0) -> None:
+    for _ in range(100):                      # the form mounts its later groups after the first frame
+        if getattr(app, "form", None) is not None and app.form.ready:
+            break
+        await pilot.pause(0.02)
+    await app.workers.wait_for_complete()
+    await pilot.pause(delay or None)
+    await pilot.pause()
+
+
+async def start_run(app, pilot):
+    await settle(app, pilot)
+    await pilot.press("ctrl+r")
+    await settle(app, pilot)
+    app.source.emit(run_started(), PhaseChanged(phase="training", t=T0 + 1))
+    await settle(app, pilot)
+
+
+@sync
+async def test_invalid_input_shows_why_and_blocks_start():
+    app = make_app(config=valid_config())
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        start = app.query_one("#start", Button)
+        assert not start.disabled and app.check_action("start", ()) is True
+        field = app.query_one("#field-train_batch_size", Input)
+        field.value = "two"
+        await settle(app, pilot)
+        assert start.disabled and app.check_action("start", ()) is None
+        assert "must be int" in text_of(app, "#note-train_batch_size")
+        await pilot.press("ctrl+r")
+        await settle(app, pilot)
+        assert app.source.commands == []
+        field.value = "0"
+        await settle(app, pilot)
+        assert "≥ 1" in text_of(app, "#note-train_batch_size") and start.disabled
+        field.value = "2"
+        await settle(app, pilot)
+        assert text_of(app, "#note-train_batch_size").count("⚠") == 0 and not start.disabled
+
+
+@sync
+async def test_empty_form_names_the_missing_fields():
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        assert app.query_one("#start", Button).disabled
+        assert "is required" in text_of(app, "#note-pretrained_model_name_or_path")
+        assert "to fix" in text_of(app, "#preview-text")
+
+
+@sync
+async def test_preview_shows_the_plan():
+    app = make_app(config=valid_config())
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot, 0.5)
+        await settle(app, pilot)
+        preview = text_of(app, "#preview-text")
+        assert "240 total steps" in preview and "plasma-000001.safetensors" in preview
+        assert "12 images × 10" in preview
+
+
+@sync
+async def test_keys_send_the_right_commands_and_pause_shows_at_once():
+    app = make_app(config=valid_config())
+    async with app.run_test(size=SIZE) as pilot:
+        assert app.check_action("toggle_pause", ()) is None       # dimmed before a run
+        await start_run(app, pilot)
+        source = app.source
+        assert source.commands == ["start"] and source.configs[0].output_name == "plasma"
+        assert app.check_action("toggle_pause", ()) is True and app.check_action("start", ()) is None
+        assert app.query_one("#field-output_name", Input).is_disabled   # form is read-only while training
+        await pilot.press("space")
+        await pilot.pause()
+        assert source.commands[-1] == "pause" and "PAUSED" in text_of(app, "#progress-text")
+        source.emit(PhaseChanged(phase="paused", t=T0 + 2))
+        await settle(app, pilot)
+        assert "PAUSED" in text_of(app, "#progress-text")
+        await pilot.press("p")
+        assert source.commands[-1] == "resume"
+        source.emit(PhaseChanged(phase="training", t=T0 + 3))
+        await settle(app, pilot)
+        assert "PAUSED" not in text_of(app, "#progress-text")
+        await pilot.press("s")
+        assert source.commands[-1] == "save"
+
+
+@sync
+async def test_events_show_up_in_the_panels():
+    app = make_app(config=valid_config())
+    async with app.run_test(size=SIZE) as pilot:
+        await start_run(app, pilot)
+        steps = [StepCompleted(step=i, epoch=1, loss=1.0 / i, lrs={"unet": 1e-4}, step_seconds=0.5,
+                               t=T0 + 2 + i * 0.5) for i in range(1, 51)]
+        app.source.emit(*steps, MemorySample(device="cpu", rss=2**30, sys_used=2**33, sys_available=2**33,
+                                             sys_total=2**34, t=T0 + 30))
+        app.source.emit(CheckpointSaved(path="/out/plasma-step00000050.safetensors", step=50, epoch=1,
+                                        bytes=3 * 2**20, kind="step", loss=0.02, verified=True, t=T0 + 30),
+                        LogMessage(level="warning", message="loss spike at step 42", t=T0 + 31))
+        await settle(app, pilot, 0.3)
+        progress = text_of(app, "#progress-text")
+        assert "step 50/100" in progress and "2.00 it/s" in progress and "ETA 00:25" in progress
+        table = app.query_one("#checkpoints-table", DataTable)
+        assert table.row_count == 1
+        assert table.get_row_at(0)[:3] == ["50", "plasma-step00000050.safetensors", "3.0 MiB"]
+        assert "RSS 1.0 GiB" in text_of(app, "#memory-text")
+        log_text = "\n".join(line.text for line in app.query_one(RichLog).lines)
+        assert "loss spike at step 42" in log_text
+        assert len(app.state.history) == 50
+
+
+@sync
+async def test_abort_confirm_paths():
+    app = make_app(config=valid_config())
+    async with app.run_test(size=SIZE) as pilot:
+        await start_run(app, pilot)
+        source = app.source
+        await pilot.press("a")
+        await pilot.pause()
+        assert isinstance(app.screen, ConfirmAbortScreen)
+        await pilot.press("escape")
+        await pilot.pause()
+        assert not isinstance(app.screen, ConfirmAbortScreen) and source.commands == ["start"]
+        await pilot.press("ctrl+x")
+        await pilot.pause()
+        await pilot.press("n")
+        await pilot.pause()
+        assert source.commands[-1] == "abort_no_save" and "stopping" in text_of(app, "#progress-text")
+        assert app.check_action("abort", ()) is None
+        source.emit(RunFinished(status="aborted", step=7, t=T0 + 9))
+        await settle(app, pilot)
+        assert not app.query_one("#field-output_name", Input).is_disabled    # form usable again
+        assert app.check_action("start", ()) is True
+
+
+@sync
+async def test_abort_save_button():
+    app = make_app(config=valid_config())
+    async with app.run_test(size=SIZE) as pilot:
+        await start_run(app, pilot)
+        await pilot.press("a")
+        await pilot.pause()
+        await pilot.click("#confirm-save")
+        await pilot.pause()
+        assert app.source.commands[-1] == "abort"
+
+
+@sync
+async def test_quit_while_training_asks_then_waits_for_the_engine():
+    app = make_app(config=valid_config())
+    async with app.run_test(size=SIZE) as pilot:
+        await start_run(app, pilot)
+        await pilot.press("ctrl+c")
+        await pilot.pause()
+        assert isinstance(app.screen, ConfirmAbortScreen)
+        await pilot.press("s")
+        await pilot.pause(0.2)
+        assert app.source.commands[-1] == "abort" and app.is_running     # still waiting for the engine
+        app.source.emit(RunFinished(status="aborted", step=3, t=T0 + 5))
+        for _ in range(50):
+            if not app.is_running:
+                break
+            await asyncio.sleep(0.05)
+    assert app.return_code == 0
+
+
+@sync
+async def test_quit_when_idle_exits_at_once():
+    app = make_app(config=valid_config())
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        app.set_focus(None)
+        await pilot.press("q")
+        await pilot.pause()
+    assert app.return_code == 0
+
+
+@sync
+async def test_engine_failure_is_a_message_not_a_crash():
+    app = make_app(config=valid_config())
+    async with app.run_test(size=SIZE) as pilot:
+        await start_run(app, pilot)
+        app.source.emit(RunFinished(status="failed", step=2, error="CUDA out of memory: lower train_batch_size",
+                                    t=T0 + 4))
+        await settle(app, pilot)
+        assert "FAILED" in text_of(app, "#progress-text")
+        assert "lower train_batch_size" in text_of(app, "#progress-text")
+        assert not app.query_one("#field-train_batch_size", Input).is_disabled
+        assert app.check_action("start", ()) is True
+
+
+@sync
+async def test_start_error_keeps_the_app_usable():
+    source = FakeSource(start_error=ModelLoadError("/models/sd15: not found; give a diffusers folder"))
+    app = make_app(source, config=valid_config())
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        await pilot.press("ctrl+r")
+        await settle(app, pilot)
+        assert "not found" in text_of(app, "#progress-text") and app.state.status == "failed"
+        assert not app.query_one("#start", Button).disabled
+
+
+@sync
+async def test_engine_thread_dying_silently_is_reported():
+    app = make_app(config=valid_config())
+    async with app.run_test(size=SIZE) as pilot:
+        await start_run(app, pilot)
+        app.source.finish()            # thread gone, no RunFinished
+        await settle(app, pilot, 0.3)
+        assert app.state.status == "failed" and "without reporting" in (app.state.error or "")
+
+
+@sync
+async def test_help_and_smoothing_keys():
+    app = make_app(config=valid_config())
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        app.set_focus(None)
+        await pilot.press("question_mark")
+        await pilot.pause()
+        assert isinstance(app.screen, HelpScreen)
+        await pilot.press("escape")
+        await pilot.press("right_square_bracket")
+        await pilot.pause()
+        assert app.state.smoothing == pytest.approx(0.95)
+
+
+@sync
+async def test_preset_select_loads_a_toml(tmp_path):
+    (tmp_path / "plasma.toml").write_text(
+        '[model]\npretrained_model_name_or_path = "/m"\n[dataset]\ntrain_data_dir = "/d"\ntrain_batch_size = 3\n')
+    app = make_app(presets_dir=tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        app.query_one("#preset", Select).value = str(tmp_path / "plasma.toml")
+        await settle(app, pilot)
+        assert app.query_one("#field-train_batch_size", Input).value == "3"
+        assert not app.query_one("#start", Button).disabled
+
+
+@sync
+async def test_save_toml_round_trips(tmp_path):
+    target = tmp_path / "saved.toml"
+    app = make_app(config=valid_config(network_dim=16))
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+        app.screen.query_one("#save-path", Input).value = str(target)
+        await pilot.click("#save-ok")
+        await pilot.pause()
+    data = tomllib.loads(target.read_text())
+    assert data["network"]["network_dim"] == 16 and data["model"]["pretrained_model_name_or_path"] == "/models/sd15"
+
+
+@sync
+async def test_demo_fills_the_form_and_autostarts():
+    app = make_app(demo=True, autostart=True, demo_preparer=lambda: valid_config(output_name="demo"))
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        await settle(app, pilot)
+        assert app.query_one("#field-output_name", Input).value == "demo"
+        assert app.source.commands == ["start"]
+
+
+@sync
+async def test_remapped_keys_by_binding_id():
+    app = make_app(config=valid_config(), keymap={"pause": "z"})
+    async with app.run_test(size=SIZE) as pilot:
+        await start_run(app, pilot)
+        await pilot.press("z")
+        await pilot.pause()
+        assert app.source.commands[-1] == "pause"

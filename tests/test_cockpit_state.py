@@ -1,0 +1,171 @@
+"""The cockpit's reducer, without Textual: phases, ETA, EMA, checkpoints, bounded history."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+
+from cockpit.state import (AbortRequested, CockpitState, LossHistory, PauseRequested, SmoothingChanged, StartFailed,
+                           StartRequested, elapsed, eta_next_checkpoint, eta_seconds, format_duration,
+                           memory_pressure, next_checkpoint, progress_text, reduce, reduce_all, smooth,
+                           steps_per_second)
+from engine.events import (CheckpointSaved, LogMessage, MemorySample, PhaseChanged, RunFinished, RunStarted,
+                           StepCompleted)
+
+T0 = 1_000.0
+
+
+def started(total=100, checkpoints=(25, 50, 100), t=T0):
+    return RunStarted(run_id="r", output_dir="/out", output_name="x", total_steps=total, num_epochs=4,
+                      batches_per_epoch=25, device="cpu", pid=1, config={}, checkpoint_steps=list(checkpoints), t=t)
+
+
+def step(n, loss=1.0, t=None, epoch=1, skipped=False):
+    return StepCompleted(step=n, epoch=epoch, loss=loss, lrs={"unet": 1e-4}, step_seconds=0.5,
+                         skipped=skipped, t=T0 + 10 + n * 0.5 if t is None else t)
+
+
+def test_run_lifecycle_phases_and_status():
+    s = reduce(CockpitState(), StartRequested())
+    assert s.status == "starting" and s.running
+    s = reduce(s, started())
+    assert s.status == "running" and s.total_steps == 100 and s.checkpoint_steps == (25, 50, 100)
+    s = reduce(s, PhaseChanged(phase="caching", detail="latents", t=T0 + 1))
+    assert (s.phase, s.phase_detail) == ("caching", "latents")
+    s = reduce(s, PhaseChanged(phase="training", t=T0 + 2))
+    s = reduce_all(s, [step(i) for i in range(1, 11)])
+    assert s.step == 10 and progress_text(s) == "step 10/100"
+    s = reduce(s, RunFinished(status="completed", step=100, final_path="/out/x.safetensors", t=T0 + 70))
+    assert s.status == "completed" and not s.running and s.phase == "finished" and s.step == 100
+
+
+def test_pause_is_visible_at_once_and_confirmed_by_the_engine():
+    s = reduce_all(CockpitState(), [started(), PhaseChanged(phase="training"), step(1)])
+    s = reduce(s, PauseRequested(True))
+    assert s.pause_requested and not s.paused          # shown at once, engine not there yet
+    s = reduce(s, PhaseChanged(phase="paused"))
+    assert s.paused and s.pause_requested
+    s = reduce(s, PauseRequested(False))
+    assert s.paused and not s.pause_requested          # resuming…
+    s = reduce(s, PhaseChanged(phase="training"))
+    assert not s.paused and not s.pause_requested
+
+
+def test_engine_initiated_pause_sets_the_request_too():
+    s = reduce_all(CockpitState(), [started(), PhaseChanged(phase="paused")])
+    assert s.paused and s.pause_requested
+
+
+def test_rate_eta_and_next_checkpoint():
+    s = reduce_all(CockpitState(), [started(total=100), PhaseChanged(phase="training")])
+    s = reduce_all(s, [step(i, t=T0 + 10 + i * 0.5) for i in range(1, 21)])   # 2 it/s
+    assert steps_per_second(s) == pytest.approx(2.0)
+    assert eta_seconds(s) == pytest.approx(80 / 2.0)
+    assert next_checkpoint(s) == 25
+    assert eta_next_checkpoint(s) == pytest.approx(5 / 2.0)
+    assert elapsed(s, T0 + 30) == pytest.approx(30)
+    s = reduce_all(s, [step(i, t=T0 + 10 + i * 0.5) for i in range(21, 60)])
+    assert next_checkpoint(s) == 100
+    s = reduce(s, RunFinished(status="completed", step=100, t=T0 + 100))
+    assert elapsed(s, T0 + 5000) == pytest.approx(100)    # frozen once finished
+
+
+def test_rate_window_resets_across_a_pause():
+    s = reduce_all(CockpitState(), [started(), PhaseChanged(phase="training")])
+    s = reduce_all(s, [step(i, t=T0 + i) for i in range(1, 5)])
+    s = reduce(s, PhaseChanged(phase="paused", t=T0 + 5))
+    s = reduce(s, PhaseChanged(phase="training", t=T0 + 500))
+    s = reduce_all(s, [step(5, t=T0 + 501), step(6, t=T0 + 502)])
+    assert steps_per_second(s) == pytest.approx(1.0)     # the 500 s pause does not count
+
+
+def test_ema_is_debiased_and_adjustable():
+    s = reduce_all(CockpitState(), [started(), PhaseChanged(phase="training")])
+    s = reduce(s, step(1, loss=2.0))
+    assert s.loss_ema == pytest.approx(2.0)               # debiased: first value is the value
+    s = reduce(s, step(2, loss=0.0))
+    expected = (0.9 * 0.1 * 2.0 + 0.1 * 0.0) / (0.9 * 0.1 + 0.1)
+    assert s.loss_ema == pytest.approx(expected)
+    s = reduce(s, SmoothingChanged(0.0))
+    assert s.smoothing == 0.0 and s.loss_ema == pytest.approx(0.0)
+    s = reduce(s, SmoothingChanged(5))
+    assert s.smoothing == 0.999
+
+
+def test_non_finite_and_skipped_steps_do_not_poison_the_ema():
+    s = reduce_all(CockpitState(), [started(), step(1, loss=1.0), step(2, loss=math.nan, skipped=True)])
+    assert s.loss_ema == pytest.approx(1.0) and s.skipped_steps == 1 and s.history.total == 1
+
+
+def test_checkpoint_rows_append_and_deduplicate():
+    s = reduce(CockpitState(), started())
+    a = CheckpointSaved(path="/out/x-step00000025.safetensors", step=25, epoch=1, bytes=1000, kind="step",
+                        loss=0.5, verified=True)
+    b = CheckpointSaved(path="/out/x-step00000030.safetensors", step=30, epoch=2, bytes=1000, kind="manual")
+    s = reduce_all(s, [a, b, a])
+    assert [r.step for r in s.checkpoints] == [30, 25]
+    assert s.checkpoints[1].name == "x-step00000025.safetensors" and s.checkpoints[1].verified
+
+
+def test_failure_and_start_failure_are_logged_one_line():
+    s = reduce_all(CockpitState(), [started(), RunFinished(status="failed", step=3, error="out of\nmemory")])
+    assert s.status == "failed" and s.log[-1].level == "error" and s.log[-1].message == "out of memory"
+    s = reduce(s, StartRequested())
+    assert s.running and s.error is None and s.log      # log kept across runs
+    s = reduce(s, StartFailed("model not found"))
+    assert s.status == "failed" and not s.running and s.log[-1].message == "model not found"
+
+
+def test_log_is_bounded():
+    s = reduce_all(CockpitState(), [LogMessage(level="warning", message=f"m{i}") for i in range(1000)])
+    assert len(s.log) == 200 and s.log[-1].message == "m999"
+
+
+def test_abort_clears_a_pending_pause():
+    s = reduce_all(CockpitState(), [started(), PauseRequested(True), AbortRequested(save=True)])
+    assert s.abort_requested and not s.pause_requested
+
+
+def test_memory_history_and_pressure():
+    samples = [MemorySample(device="cuda:0", rss=100, sys_used=50, sys_available=50, sys_total=100,
+                            allocated=10 * i, reserved=90, peak=95, device_total=100) for i in range(100)]
+    s = reduce_all(CockpitState(), samples)
+    assert len(s.memory_history) == 60 and s.memory_history[-1] == 990
+    assert memory_pressure(s.memory) == pytest.approx(0.9)
+    assert memory_pressure(MemorySample(device="cpu", rss=1, sys_used=1, sys_available=25, sys_total=100)) \
+        == pytest.approx(0.75)
+
+
+def test_loss_history_stays_bounded_and_keeps_the_mean():
+    h = LossHistory(capacity=64)
+    for i in range(1, 10_001):
+        h.append(i, float(i % 2))
+    assert len(h) <= 64 and h.total == 10_000
+    xs, ys, ns = h.series(16)
+    assert len(xs) == 16 and xs[-1] == 10_000 and sum(ns) == 10_000
+    assert sum(y * n for y, n in zip(ys, ns)) / sum(ns) == pytest.approx(0.5)
+
+
+def test_smooth_accounts_for_points_standing_for_many_steps():
+    assert smooth([1.0, 1.0], [1, 1], 0.9) == pytest.approx([1.0, 1.0])
+    fine = smooth([2.0] + [0.0] * 10, [1] * 11, 0.9)[-1]
+    coarse = smooth([2.0, 0.0], [1, 10], 0.9)[-1]
+    assert coarse == pytest.approx(fine)
+
+
+def test_reducing_a_million_steps_is_fast_enough_to_replay():
+    s = reduce(CockpitState(), started(total=1_000_000))
+    events = [StepCompleted(step=i, epoch=1, loss=1.0, lrs={}, step_seconds=0.1, t=float(i))
+              for i in range(1, 50_001)]
+    t0 = time.perf_counter()
+    s = reduce_all(s, events)
+    assert time.perf_counter() - t0 < 5.0
+    assert len(s.history) <= s.history.capacity
+
+
+def test_format_duration():
+    assert format_duration(None) == "--:--"
+    assert format_duration(65) == "01:05"
+    assert format_duration(3725) == "1:02:05"
