@@ -185,8 +185,6 @@ def _snapshot(data, size: int, exact_limit: int, smoothing: float) -> Snapshot:
             break
         start, raw = _line_at(data, m.start(), end)
         event = parse_record(raw)
-        if isinstance(event, RunStarted):
-            found.clear()                     # a resumed run appends a new start: the reducer starts over there
         if event is not None and not isinstance(event, (StepCompleted, MemorySample)):
             found[start] = event
         pos = start + len(raw) + 1
@@ -212,8 +210,10 @@ def _snapshot(data, size: int, exact_limit: int, smoothing: float) -> Snapshot:
     if run_started is None:                   # not written by a spyke engine we know: parse it all
         found = {i: e for i, e in enumerate(parse_record(r) for r in bytes(data[:end]).split(b"\n")) if e}
 
+    # A resumed run appends a new start: the reducer starts over there (keeping only the log).
     events = [found[k] for k in sorted(found)]
-    finished = next((e for e in reversed(events) if isinstance(e, RunFinished)), None)
+    finished = next((found[k] for k in sorted(found, reverse=True) if k > (starts[-1] if starts else -1)
+                     and isinstance(found[k], RunFinished)), None)
     builder = HistoryBuilder(smoothing)
     exact = end - body <= exact_limit
     if exact:
