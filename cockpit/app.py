@@ -308,7 +308,7 @@ class CockpitApp(App[int]):
         self.start_button.disabled = not self._can_start()
 
     def _can_start(self) -> bool:
-        return self._form_valid and not self.state.running and not self._start_in_flight and not self._quitting
+        return self.form.config is not None and not self.state.running and not self._start_in_flight and not self._quitting
 
     @on(Select.Changed, "#preset")
     def _preset_chosen(self, event: Select.Changed) -> None:

@@ -76,6 +76,9 @@ class ConfigForm(VerticalScroll):
     def _mount_rest(self) -> None:
         widgets = [w for group in list(GROUPS)[FIRST_FRAME_GROUPS:] for w in self._group(group)]
         self.mount_all(widgets)   # not awaited: awaiting a mount from inside this pump's handler deadlocks
+        self.call_after_refresh(self._became_ready)
+
+    def _became_ready(self) -> None:
         self.ready = True
         if self._pending is not None:
             config, self._pending = self._pending, None

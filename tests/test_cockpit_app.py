@@ -32,8 +32,9 @@ def sync(fn):
 
 
 def valid_config(**changes) -> TrainConfig:
-    return TrainConfig(pretrained_model_name_or_path="/models/sd15", train_data_dir="/data/train",
-                       output_dir="/out", output_name="plasma", **changes)
+    values = dict(pretrained_model_name_or_path="/models/sd15", train_data_dir="/data/train", output_dir="/out",
+                  output_name="plasma")
+    return TrainConfig(**{**values, **changes})
 
 
 def fake_plan(config: TrainConfig):
