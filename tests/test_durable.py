@@ -503,10 +503,11 @@ def test_permission_lost_during_a_save_is_one_clear_line(assets, tmp_path, monke
 # --------------------------------------------------------------------------- subprocesses
 # A "zygote" process imports torch/diffusers/transformers once (about 5 s) and forks one
 # child per training run; each child is a real headless run (engine.headless.run_headless,
-# as `spyke-cockpit train --headless` calls it) that the test can SIGKILL. The zygote runs
-# no tensor op before forking, so each child starts its own thread pools.
+# as `spyke-cockpit train --headless` calls it, signal handlers included) that the test can
+# SIGKILL or SIGINT. The zygote runs no tensor op before forking, so each child starts its
+# own thread pools. The real CLI is run once, for the printed resume command.
 ZYGOTE = r"""
-import json, os, signal, sys, traceback
+import json, os, select, signal, sys, traceback
 from pathlib import Path
 import torch, diffusers, transformers, accelerate, peft, safetensors.torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -514,16 +515,30 @@ from transformers import CLIPTextModel, CLIPTokenizer
 import engine.trainer, engine.models, engine.lora, engine.dataset, engine.state, engine.checkpoint
 from engine.config import build_config
 from engine.headless import run_headless
-signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel
+children = {}
+
+def reap():  # each child's exit code goes to <log>.rc once it is gone
+    while children:
+        pid, status = os.waitpid(-1, os.WNOHANG)
+        if pid == 0:
+            return
+        Path(children.pop(pid) + ".rc").write_text(str(os.waitstatus_to_exitcode(status)))
+
 print("ready", flush=True)
-for line in sys.stdin:
+while True:
+    ready = select.select([sys.stdin], [], [], 0.002)[0]
+    reap()
+    if not ready:
+        continue
+    line = sys.stdin.readline()
+    if not line:
+        break
     req = json.loads(line)
     sys.stdout.flush()
     pid = os.fork()
     if pid == 0:
         rc = 3
         try:
-            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             fd = os.open(req["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             os.dup2(fd, 1)
             os.dup2(fd, 2)
@@ -533,8 +548,15 @@ for line in sys.stdin:
         finally:
             sys.stdout.flush()
             os._exit(rc)
+    children[pid] = req["log"]
     print(pid, flush=True)
 """
+
+
+def exit_code(log: Path, timeout: float = 120) -> int:
+    rc = Path(f"{log}.rc")
+    wait_for(rc.exists, timeout, f"the exit code of {log.name}", poll=0.01)
+    return int(rc.read_text())
 
 
 class Zygote:
@@ -580,7 +602,7 @@ def kill9(pid: int) -> None:
 
     os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + 10
-    while alive(pid):  # the zygote ignores SIGCHLD, so the pid vanishes once the child is dead
+    while alive(pid):  # the zygote reaps its children, so the pid vanishes once the child is dead
         assert time.monotonic() < deadline, f"pid {pid} did not die"
         time.sleep(0.002)
 
@@ -697,7 +719,7 @@ def test_sigkill_at_random_moments_never_leaves_a_partial_file(assets, zygote, t
             mid_save += bool(hit)
         else:  # a random moment of training (after the first step)
             wait_for(lambda: "\nstep " in text_of(log), 60, f"run {i}'s first step", pid)
-            time.sleep(rng.uniform(0.0, 1.5))
+            time.sleep(rng.uniform(0.0, 0.8))
         assert alive(pid), f"run {i} ended by itself:\n{text_of(log)[-2000:]}"
         kill9(pid)
         files_checked += check_output_folder(out)
@@ -719,7 +741,9 @@ def start_cli(args: list[str], log: Path):
                             cwd=Path(__file__).resolve().parent.parent)
 
 
-def test_sigint_saves_at_the_current_step_and_the_printed_resume_finishes(assets, straight, tmp_path):
+def test_sigint_saves_at_the_current_step_and_the_printed_resume_finishes(assets, straight, zygote, tmp_path):
+    """SIGINT to a headless run (a zygote child in run_headless) saves and exits 0; the resume line it
+    prints, run as a real `spyke-cockpit` command, finishes the run exactly."""
     import re
     import shlex
     import signal
@@ -727,12 +751,12 @@ def test_sigint_saves_at_the_current_step_and_the_printed_resume_finishes(assets
     out = tmp_path / "out"
     toml = write_toml(make_config(assets, out, save_every_n_steps=None), tmp_path / "run.toml")
     log = tmp_path / "first.log"
-    proc = start_cli(["train", "--headless", str(toml)], log)
-    wait_for(lambda: "\nstep 2/" in text_of(log), 120, "step 2", proc.pid)
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=120) == 0, text_of(log)
+    pid = zygote.spawn(toml, log)
+    wait_for(lambda: "\nstep 2/" in text_of(log), 120, "step 2", pid)
+    os.kill(pid, signal.SIGINT)
+    assert exit_code(log) == 0, text_of(log)
     text = text_of(log)
-    assert "stopping (SIGINT)" in text
+    assert "stopping (SIGINT)" in text and "Traceback" not in text, text
     step = int(re.search(r"^finished: aborted at step (\d+)", text, re.M).group(1))
     assert 2 <= step < N_STEPS
     assert (out / f"spyke_demo-step{step:08d}.safetensors").is_file()
@@ -740,12 +764,11 @@ def test_sigint_saves_at_the_current_step_and_the_printed_resume_finishes(assets
     assert state.is_dir() and f"state {state}" in text
     hint = re.search(r"^to resume: (.*)$", text, re.M).group(1)
     assert hint.startswith("spyke-cockpit train --headless --resume ") and str(state) in hint
-    assert "Traceback" not in text
 
     args = shlex.split(hint.replace("[your config and flags]", str(toml)))[1:]
     log2 = tmp_path / "resume.log"
     proc = start_cli(args, log2)
-    assert proc.wait(timeout=180) == 0, text_of(log2)
+    assert proc.wait(timeout=300) == 0, text_of(log2)
     text = text_of(log2)
     assert re.search(rf"^step {step + 1}/{N_STEPS} ", text, re.M) and f"finished: completed at step {N_STEPS}" in text
     diff = max_abs_diff(read_tensors(straight.result.final_path), read_tensors(out / "spyke_demo.safetensors"))
@@ -753,29 +776,75 @@ def test_sigint_saves_at_the_current_step_and_the_printed_resume_finishes(assets
     assert diff <= 1e-6
 
 
-def test_second_sigint_exits_at_once_without_partial_files(assets, tmp_path):
+def test_second_sigint_exits_at_once_without_partial_files(assets, zygote, tmp_path):
     import signal
     import time
 
     out = tmp_path / "out"
     toml = write_toml(make_config(assets, out, save_every_n_steps=None, max_train_steps=1000), tmp_path / "run.toml")
     log = tmp_path / "cli.log"
-    proc = start_cli(["train", "--headless", str(toml)], log)
-    wait_for(lambda: "\nstep 1/" in text_of(log), 120, "step 1", proc.pid)
-    proc.send_signal(signal.SIGINT)
+    pid = zygote.spawn(toml, log)
+    wait_for(lambda: "\nstep 1/" in text_of(log), 120, "step 1", pid)
+    os.kill(pid, signal.SIGINT)
     first = time.monotonic()
-    wait_for(lambda: "stopping (SIGINT)" in text_of(log), 2, "the first SIGINT to be seen", proc.pid)
+    wait_for(lambda: "stopping (SIGINT)" in text_of(log), 2, "the first SIGINT to be seen", pid)
     # Aim the second one at the abort's save (its temp file or folder), within the 3 s window.
     before = temp_entries(out)
     try:
         during_save = wait_for(lambda: temp_entries(out) - before, 2.5 - (time.monotonic() - first),
-                               "the abort's save", proc.pid, poll=0.0005)
+                               "the abort's save", pid, poll=0.0005)
     except AssertionError:
         during_save = None
     sent = time.monotonic()
-    proc.send_signal(signal.SIGINT)
-    rc = proc.wait(timeout=10)
-    assert rc == 130 and time.monotonic() - sent < 2.0, text_of(log)
-    assert "interrupted again" in text_of(log)
+    os.kill(pid, signal.SIGINT)
+    assert exit_code(log, 10) == 130, text_of(log)
+    assert time.monotonic() - sent < 2.0
+    text = text_of(log)
+    assert "interrupted again" in text and "finished:" not in text, text
     print(f"second SIGINT {'during the abort save' if during_save else 'before the abort save'}")
     check_output_folder(out)  # whatever was being written is a temp file, never a partial checkpoint
+
+
+def test_output_folder_removed_mid_run_is_one_clear_line(assets, tmp_path):
+    import shutil
+
+    out = tmp_path / "out"
+
+    def hook(step, loss):
+        if step == 3 and out.exists():
+            shutil.rmtree(out)
+        return loss
+
+    run = train(make_config(assets, out), loss_hook=hook)
+    fin = run.finished
+    assert fin.status == "failed" and fin.step == 4 and "\n" not in fin.error
+    assert "No such file or directory" in fin.error and "spyke_demo-step00000004.safetensors" in fin.error
+    # The state writer recreates the folder: the run is still resumable from step 4.
+    assert fin.resume_hint and str(out / "spyke_demo-step00000004-state") in fin.resume_hint
+    check_output_folder(out)
+
+
+def test_sigterm_in_headless_mode_saves_and_exits_zero(assets, tmp_path):
+    """run_headless in this process: a SIGTERM after step 2 stops the run with a checkpoint + state."""
+    import io
+    import signal
+
+    from engine.headless import run_headless
+
+    class Out(io.StringIO):
+        def write(self, text):
+            if text.startswith("step 2/"):
+                os.kill(os.getpid(), signal.SIGTERM)
+            return super().write(text)
+
+    out = tmp_path / "out"
+    buf = Out()
+    before = signal.getsignal(signal.SIGTERM)
+    rc = run_headless(make_config(assets, out, save_every_n_steps=None), out=buf)
+    text = buf.getvalue()
+    assert rc == 0, text
+    assert signal.getsignal(signal.SIGTERM) == before  # handlers restored
+    assert "stopping (SIGTERM)" in text and "finished: aborted at step" in text and "to resume:" in text
+    step = int(text.split("finished: aborted at step ")[1].split()[0])
+    assert (out / f"spyke_demo-step{step:08d}.safetensors").is_file()
+    assert (out / f"spyke_demo-step{step:08d}-state").is_dir()
