@@ -301,8 +301,11 @@ class CockpitApp(App[int]):
         preview = self.preview
         if message.error:
             preview.show_message(message.error, error=True)
-        else:
+            return
+        try:
             preview.show_plan(message.plan)
+        except Exception as err:  # noqa: BLE001 - an odd plan must not take the app down
+            preview.show_message(f"preview unavailable: {_one_line(err)}", error=True)
 
     def _update_start_button(self) -> None:
         self.start_button.disabled = not self._can_start()
