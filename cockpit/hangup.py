@@ -55,7 +55,7 @@ class HangupGuard:
             return
         self.hung_up = True
         self.hung_up_at = time.time()
-        self.redirect_stdio()
+        self.redirect_stdio(to_log=False)       # the app's last frames go nowhere, not into console.log
         app = self.app
 
         def ask_exit() -> None:
@@ -71,14 +71,14 @@ class HangupGuard:
         run_dir = getattr(source, "run_dir", None) if source is not None else None
         return Path(run_dir) / "console.log" if run_dir else None
 
-    def redirect_stdio(self) -> None:
-        """fd 0 <- /dev/null; fds 1, 2 -> console.log of the run (append) or /dev/null."""
+    def redirect_stdio(self, to_log: bool = True) -> None:
+        """fd 0 <- /dev/null; fds 1, 2 -> console.log of the run (append) when ``to_log``, else /dev/null."""
         try:
             null = os.open(os.devnull, os.O_RDWR)
         except OSError:
             return
         out = null
-        log = self.console_path()
+        log = self.console_path() if to_log else None
         if log is not None:
             try:
                 out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
@@ -106,7 +106,7 @@ class HangupGuard:
         ``wait`` seconds passed), 1 if the run did not complete."""
         if hasattr(signal, "SIGHUP"):
             signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        self.redirect_stdio()
+        self.redirect_stdio(to_log=True)
         app = self.app
         try:
             app._buffer = collections.deque(maxlen=0)     # nobody will drain it any more
