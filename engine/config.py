@@ -33,6 +33,7 @@ PRECISIONS = ("no", "fp16", "bf16")
 SAVE_PRECISIONS = ("float", "fp16", "bf16")
 DEVICES = ("auto", "mps", "cuda", "cpu")
 NAN_POLICIES = ("stop", "skip", "rollback")
+FP32_MAX = 3.4028234663852886e38
 
 
 def _f(default: Any, group: str, help: str, *, choices: Iterable[str] | None = None,
@@ -142,6 +143,9 @@ class TrainConfig:
             meta = f.metadata
             if meta.get("choices") and value is not None and value not in meta["choices"]:
                 out[f.name] = f"must be one of {', '.join(meta['choices'])} (got {value!r})"
+            if isinstance(value, float) and (not math.isfinite(value) or abs(value) > FP32_MAX):
+                out[f.name] = f"must be a finite number within float32 range (got {value!r})"
+                continue
             minimum = meta.get("minimum")
             if minimum is not None and isinstance(value, (int, float)) and not isinstance(value, bool):
                 if value < minimum or (isinstance(value, float) and not math.isfinite(value)):

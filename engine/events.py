@@ -152,7 +152,7 @@ class EventLog:
             self._fh.write(line)
             self._fh.flush()
             now = time.monotonic()
-            if not isinstance(event, StepCompleted) or now - self._last_sync > 5.0:
+            if not isinstance(event, (StepCompleted, MemorySample)) or now - self._last_sync > 5.0:
                 os.fsync(self._fh.fileno())
                 self._last_sync = now
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from engine.checkpoint import checkpoint_filename
 from engine.config import TrainConfig
+from engine.errors import ConfigError
 from engine.dataset import DatasetArgs, DatasetPlan, compute_total_steps, load_dataset_plan
 
 
@@ -100,6 +101,10 @@ def free_space(path: Path) -> int | None:
 def plan_run(config: TrainConfig) -> RunPlan:
     """Validate the config and scan the dataset; raises a one-line SpykeError on bad input."""
     config.validate()
+    model = Path(config.pretrained_model_name_or_path).expanduser()
+    if not model.exists():
+        raise ConfigError(f"--pretrained_model_name_or_path={model}: not found; pass a diffusers folder or an "
+                          "SD1.x .safetensors file")
     dataset = load_dataset_plan(dataset_args(config))
     total_steps, num_epochs = compute_total_steps(
         dataset.batches_per_epoch, config.max_train_epochs, config.max_train_steps,

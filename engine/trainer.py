@@ -607,7 +607,10 @@ class _Job:
 
         norm = None
         if self.cfg.max_grad_norm and self.cfg.max_grad_norm > 0:
-            norm = self.accelerator.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+            if self.cfg.mixed_precision == "fp16":   # unscales through the grad scaler first
+                norm = self.accelerator.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+            else:
+                norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm, foreach=True)
         if self.cfg.mixed_precision == "fp16":
             return True  # the grad scaler skips inf/NaN updates itself
         if norm is None:
