@@ -232,7 +232,7 @@ def _os_error(path: Path, exc: OSError) -> CheckpointError:
     return CheckpointError(f"could not save {path}: {text}; {hint}")
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:
@@ -303,7 +303,7 @@ def save_lora_file(path: Path, tensors: dict[str, Tensor], metadata: dict[str, s
         except OSError:
             pass
         raise
-    _fsync_dir(folder)
+    fsync_dir(folder)
     return SavedFile(path=path, bytes=len(blob), sha256=file_sha, verified=True, model_hash=model_hash)
 
 

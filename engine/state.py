@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engine.checkpoint import fsync_dir
 from engine.errors import CheckpointError, ConfigError
 
 PROGRESS = "progress.json"
@@ -40,19 +41,6 @@ class Progress:
 
 def state_dirname(output_name: str, step: int | None) -> str:
     return f"{output_name}-step{step:08d}-state" if step is not None else f"{output_name}-state"
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def capture_rng(noise_generator, data_rng: random.Random, device_type: str) -> dict[str, Any]:
@@ -120,13 +108,13 @@ def save_state(dest: Path, *, lora_tensors: dict, optimizer_state: dict, schedul
         for child in tmp.iterdir():
             with open(child, "rb") as fh:
                 os.fsync(fh.fileno())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         old = None
         if dest.exists():
             old = dest.with_name(f".{dest.name}{TMP_MARK}old-{uuid.uuid4().hex[:6]}")
             os.rename(dest, old)
         os.rename(tmp, dest)
-        _fsync_dir(dest.parent)
+        fsync_dir(dest.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except OSError as err:

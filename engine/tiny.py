@@ -23,7 +23,7 @@ _WORDS = [
 ]
 
 
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
     """The GPT-2/CLIP reversible byte -> printable unicode map."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
@@ -44,7 +44,7 @@ def write_tiny_tokenizer(dest: Path, words: list[str] | None = None) -> int:
     ``<|startoftext|>`` and ``<|endoftext|>``. Returns the vocabulary size.
     """
     dest.mkdir(parents=True, exist_ok=True)
-    symbols = list(_bytes_to_unicode().values())
+    symbols = list(bytes_to_unicode().values())
     vocab_list = symbols + [s + "</w>" for s in symbols]
     merges: list[tuple[str, str]] = []
     for word in words or _WORDS:

@@ -23,20 +23,9 @@ from pathlib import Path
 GZ_NAME = "open_clip/bpe_simple_vocab_16e6.txt.gz"
 NUM_MERGES = 49152 - 256 - 2
 VOCAB_SIZE = 49408
+from engine.tiny import bytes_to_unicode  # noqa: E402  (CLIP's byte map, shared with the tiny tokenizer)
+
 OUT_DIR = Path(__file__).resolve().parent / "sd15" / "tokenizer"
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """The GPT-2/CLIP reversible byte -> printable unicode map (in CLIP's order)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, (chr(c) for c in cs)))
 
 
 def read_merges_text(source: Path) -> str:
