@@ -39,7 +39,8 @@ def make_run(base: Path, n_steps: int, *, pid: int, finished: bool, run_id: str 
     run_dir = base / "out" / ".spyke" / run_id
     (run_dir / "control").mkdir(parents=True)
     os.chmod(run_dir, 0o700)
-    t0 = time.time() - n_steps * 0.01 - 10
+    # a live run's start must not predate its process (a reused pid is told apart by start time)
+    t0 = time.time() if not finished else time.time() - n_steps * 0.01 - 10
     every = max(1, n_steps // 20)
     with open(run_dir / "events.jsonl", "w") as fh:
         fh.write(RunStarted(run_id=run_id, output_dir=str(base / "out"), output_name="bench", total_steps=n_steps,

@@ -44,6 +44,8 @@ EXACT_DELAY = 1.0              # seconds the exact history waits, so the first s
 EXACT_PAUSE = 0.01             # pause between slices, so the UI thread gets the GIL
 SAMPLES = 2048                 # sampled step lines for the coarse history of a big file
 EMA_TAIL_BYTES = 2 << 20       # the last bytes parsed exactly for the EMA of a big file
+VIEW_INTERVAL = 1.0            # a viewer redraws its panels at 1 Hz (the live cockpit: 4 Hz)
+PLOT_INTERVAL = 4.0            # and its loss chart, the costly panel, every few seconds while the run is live
 
 Deliver = Callable[[Any], None]
 
@@ -514,7 +516,7 @@ def _attach_app_class():
     from textual.containers import Horizontal, Vertical
     from textual.widgets import Footer, Header
 
-    from cockpit.app import DRAIN_INTERVAL, CockpitApp
+    from cockpit.app import CockpitApp
     from cockpit.panels import CheckpointsPanel, LogPanel, LossPanel, MemoryPanel, ProgressPanel
 
     class AttachApp(CockpitApp):
@@ -544,7 +546,10 @@ def _attach_app_class():
             main = self.screen
             self.panels = (main.query_one(ProgressPanel), main.query_one(LossPanel), main.query_one(MemoryPanel),
                            main.query_one(CheckpointsPanel), main.query_one(LogPanel))
-            self.set_interval(DRAIN_INTERVAL, self._drain)
+            self._plot_panel = main.query_one(LossPanel)
+            self._plot_drawn_at = -1e9
+            self._bindings_key = None
+            self.set_interval(VIEW_INTERVAL, self._drain)
             self._render_state()
             self._start_in_flight = True
             self.commands_log.append("attach")
@@ -552,6 +557,25 @@ def _attach_app_class():
 
         def _run_status_changed(self) -> None:
             self.refresh_bindings()
+
+        def _render_state(self) -> None:
+            """Like the cockpit's, but cheaper for a viewer on a run that logs many steps a second:
+            the chart redraws every PLOT_INTERVAL (at once when the run's status changes) and the
+            footer only when what the keys can do changes."""
+            now = self.clock()
+            state = self.state
+            key = (state.status, state.running, state.paused, state.pause_requested, state.abort_requested)
+            plot_due = (now - self._plot_drawn_at >= PLOT_INTERVAL or key != self._bindings_key
+                        or not state.running)
+            for panel in self.panels:
+                if panel is self._plot_panel:
+                    if not plot_due:
+                        continue
+                    self._plot_drawn_at = now
+                panel.show(state, now)
+            if key != self._bindings_key:
+                self._bindings_key = key
+                self.refresh_bindings()
 
         def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
             if action in ("start", "save_toml"):
