@@ -12,7 +12,6 @@ from pathlib import Path
 
 from engine.checkpoint import checkpoint_filename
 from engine.config import TrainConfig
-from engine.errors import ConfigError
 from engine.dataset import DatasetArgs, DatasetPlan, compute_total_steps, load_dataset_plan
 
 
@@ -101,10 +100,6 @@ def free_space(path: Path) -> int | None:
 def plan_run(config: TrainConfig) -> RunPlan:
     """Validate the config and scan the dataset; raises a one-line SpykeError on bad input."""
     config.validate()
-    model = Path(config.pretrained_model_name_or_path).expanduser()
-    if not model.exists():
-        raise ConfigError(f"--pretrained_model_name_or_path={model}: not found; pass a diffusers folder or an "
-                          "SD1.x .safetensors file")
     dataset = load_dataset_plan(dataset_args(config))
     total_steps, num_epochs = compute_total_steps(
         dataset.batches_per_epoch, config.max_train_epochs, config.max_train_steps,
@@ -124,5 +119,14 @@ def plan_run(config: TrainConfig) -> RunPlan:
         checkpoints=schedule_checkpoints(config, total_steps, num_epochs, steps_per_epoch),
         output_dir=Path(config.output_dir),
         free_bytes=free_space(Path(config.output_dir)),
-        warnings=list(getattr(dataset, "warnings", [])),
+        warnings=list(getattr(dataset, "warnings", [])) + ([missing] if (missing := missing_model(config)) else []),
     )
+
+
+def missing_model(config: TrainConfig) -> str | None:
+    """A one-line problem when the base model path does not exist (checked before anything loads)."""
+    model = Path(config.pretrained_model_name_or_path).expanduser()
+    if model.exists():
+        return None
+    return (f"--pretrained_model_name_or_path={model}: not found; pass a diffusers folder or an SD1.x "
+            ".safetensors file")

@@ -77,8 +77,11 @@ def summarize(run_dir: Path) -> RunInfo | None:
     if not isinstance(first, RunStarted):
         return None
     step, loss, phase, finished = first.start_step, None, None, None
+    latest = first                 # a resumed run appends a new start (new pid) to the same file
     for event in tail:
-        if isinstance(event, StepCompleted):
+        if isinstance(event, RunStarted):
+            latest, finished, phase, step = event, None, None, event.start_step
+        elif isinstance(event, StepCompleted):
             step, loss = event.step, event.loss
         elif isinstance(event, PhaseChanged):
             phase = event.phase
@@ -87,11 +90,11 @@ def summarize(run_dir: Path) -> RunInfo | None:
             step = event.step
     if finished is not None:
         state = {"completed": "finished"}.get(finished.status, finished.status)
-    elif pid_alive(first.pid, first.t):
+    elif pid_alive(latest.pid, latest.t):
         state = "paused" if phase == "paused" else "live"
     else:
         state = "stale"
-    return RunInfo(Path(run_dir), first.run_id, state, step, first.total_steps, loss, first.t, first.pid,
+    return RunInfo(Path(run_dir), first.run_id, state, step, latest.total_steps, loss, first.t, latest.pid,
                    first.output_name)
 
 

@@ -23,7 +23,7 @@ from engine.checkpoint import build_metadata, checkpoint_filename, cleanup_temp_
 from engine.config import TrainConfig, to_toml
 from engine.control import TrainingControl
 from engine.devices import enable_mps_fallback, pick_device, read_memory
-from engine.errors import CheckpointError, ConfigError, SpykeError
+from engine.errors import CheckpointError, ConfigError, ModelLoadError, SpykeError
 from engine.events import (
     CheckpointSaved,
     Event,
@@ -36,7 +36,7 @@ from engine.events import (
     RunStarted,
     StepCompleted,
 )
-from engine.plan import RunPlan, plan_run
+from engine.plan import RunPlan, missing_model, plan_run
 from engine.state import (
     Progress,
     capture_rng,
@@ -207,6 +207,8 @@ class Trainer:
         cfg = self.config.validate()
         enable_mps_fallback()
         plan = plan_run(cfg)
+        if (missing := missing_model(cfg)) is not None:
+            raise ModelLoadError(missing)
         loaded_state = None
         resume_warnings: list[str] = []
         if cfg.resume:

@@ -21,6 +21,7 @@ import time
 from contextlib import redirect_stdout
 from pathlib import Path
 
+import psutil
 import pytest
 
 from cockpit.attach import (FileTail, TailSource, load_snapshot, make_app, parse_record, resolve_run)
@@ -351,8 +352,9 @@ def test_ls_lists_states_including_stale(tmp_path):
     write_run(tmp_path, synthetic_events(40, pid=gone, finished="aborted"), run_id="r-aborted")
     write_run(tmp_path, synthetic_events(40, pid=gone, finished="failed"), run_id="r-failed")
     write_run(tmp_path, synthetic_events(40, pid=gone, finished=None), run_id="r-stale")
-    write_run(tmp_path, synthetic_events(40, pid=os.getpid(), finished=None, t0=time.time() - 5), run_id="r-live")
-    write_run(tmp_path, synthetic_events(40, pid=os.getpid(), finished=None, t0=time.time() - 5, pause_at=40),
+    born = psutil.Process().create_time()        # a run starts after its process does
+    write_run(tmp_path, synthetic_events(40, pid=os.getpid(), finished=None, t0=born + 0.5), run_id="r-live")
+    write_run(tmp_path, synthetic_events(40, pid=os.getpid(), finished=None, t0=born + 0.5, pause_at=40),
               run_id="r-paused")
     out = io.StringIO()
     with redirect_stdout(out):
@@ -368,6 +370,20 @@ def test_ls_lists_states_including_stale(tmp_path):
     with redirect_stdout(table):
         ls_main([str(tmp_path)])
     assert "stale" in table.getvalue() and "40/40" in table.getvalue()
+
+
+def test_ls_follows_a_resumed_run_to_its_new_process(tmp_path):
+    """A resume appends a new run_started (new pid) to the same events.jsonl: ls must judge that pid."""
+    from engine.runs import summarize
+
+    first = synthetic_events(20, pid=dead_pid(), finished=None, t0=time.time() - 50)
+    resumed = [RunStarted(run_id="syn-run", output_dir="/o", output_name="syn", total_steps=40, num_epochs=2,
+                          batches_per_epoch=20, device="cpu", pid=os.getpid(), config={}, start_step=20,
+                          t=psutil.Process().create_time() + 0.5)]
+    info = summarize(write_run(tmp_path, first + resumed))
+    assert (info.state, info.pid, info.step, info.total) == ("live", os.getpid(), 20, 40)
+    info = summarize(write_run(tmp_path, first, run_id="not-resumed"))
+    assert info.state == "stale"
 
 
 # ---------------------------------------------------------------------------- a real run, several viewers
