@@ -36,6 +36,7 @@ from engine.errors import SpykeError
 from engine.events import Event, LogMessage, MemorySample, RunFinished, StepCompleted
 
 DRAIN_INTERVAL = 0.25       # seconds between drains of per-step events (4 Hz)
+RENDER_INTERVAL = 0.5       # seconds between panel redraws while only steps arrive
 PREVIEW_DELAY = 0.35        # debounce of the live preview
 DEFAULT_PRESETS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -133,6 +134,7 @@ class CockpitApp(App[int]):
         self._keymap = keymap or {}
         self._buffer: collections.deque[Event] = collections.deque()
         self._rendered_version = -1
+        self._rendered_at = float("-inf")
         self._preview_timer: Timer | None = None
         self._preview_token = 0
         self._form_valid = False
@@ -214,6 +216,14 @@ class CockpitApp(App[int]):
             if was_running != state.running or any(isinstance(e, RunFinished) for e in events):
                 self._run_status_changed()
         self._check_engine_alive()
+        # While steps stream in, panels redraw at RENDER_INTERVAL; anything else (a checkpoint, a phase,
+        # pause, finish) is drawn at once. The UI thread's CPU is taken from training on small machines.
+        now = time.monotonic()          # the injected clock is for what is shown, not for pacing
+        steady = self.state.running and not self.state.paused and all(
+            isinstance(e, (StepCompleted, MemorySample)) for e in events)
+        if steady and now - self._rendered_at < RENDER_INTERVAL:
+            return
+        self._rendered_at = now
         self._render_state()
 
     def _check_engine_alive(self) -> None:
@@ -258,8 +268,11 @@ class CockpitApp(App[int]):
         state = self.state
         for panel in self.panels:
             panel.show(state, now)
-        if state.version != self._rendered_version:
-            self._rendered_version = state.version
+        # Which keys apply depends only on these; re-checking bindings per step costs a footer redraw.
+        key = (state.running, state.paused, state.pause_requested, state.abort_requested, state.status,
+               self._form_valid, self._can_start())
+        if key != self._rendered_version:
+            self._rendered_version = key
             self.refresh_bindings()
 
     # ------------------------------------------------------------------ form

@@ -7,6 +7,7 @@ the loss chart only ever draws at most its own width in points.
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -120,10 +121,12 @@ class ProgressPanel(Panel):
         self._last_second = second
         self.set_class(state.paused or (state.pause_requested and state.running), "-paused")
         self.set_class(state.status == "failed", "-failed")
-        self.query_one("#progress-text", Static).update(progress_markup(state, now))
+        # layout=False: the text fills a fixed-size panel, so no relayout of the whole screen per update
+        self.query_one("#progress-text", Static).update(progress_markup(state, now), layout=False)
 
 
 # ---------------------------------------------------------------- loss
+PLOT_INTERVAL = 1.0      # seconds between chart redraws while training
 class LossPlot(PlotextPlot):
     """Raw loss and its EMA, downsampled to the plot's own width at render time."""
 
@@ -149,21 +152,36 @@ class LossPlot(PlotextPlot):
 class LossPanel(Panel):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__("Loss", **kwargs)
+        self._plotted_at = float("-inf")
+        self._plot_dirty = False
 
     def compose(self) -> ComposeResult:
         yield LossPlot(id="loss-plot")
         yield Sparkline([], id="loss-spark", summary_function=max)
 
     def show(self, state: CockpitState, now: float) -> None:
-        if not self.changed(state):
+        changed = self.changed(state)
+        if not changed and not self._plot_dirty:
             return
         plot = self.query_one(LossPlot)
-        plot.state = state
-        plot.refresh()
+        if changed:
+            plot.state = state
+            self._plot_dirty = True
+        # The chart is the costliest widget (plotext + ANSI decode): while steps stream in it redraws
+        # at most once per PLOT_INTERVAL (a later show catches up), so the UI leaves the CPU to training.
+        mono = time.monotonic()
+        if self._plot_dirty and (not (state.running and not state.paused) or mono - self._plotted_at >= PLOT_INTERVAL):
+            self._plotted_at = mono
+            self._plot_dirty = False
+            plot.refresh()
+        if not changed:
+            return
         spark = self.query_one("#loss-spark", Sparkline)
         _xs, ys, _ns = state.history.series(max(8, spark.size.width or 60))
         spark.data = ys
-        self.border_subtitle = f"smoothing {state.smoothing:.2f} ([ / ])"
+        subtitle = f"smoothing {state.smoothing:.2f} ([ / ])"
+        if self.border_subtitle != subtitle:
+            self.border_subtitle = subtitle
 
 
 # ---------------------------------------------------------------- memory
@@ -196,7 +214,7 @@ class MemoryPanel(Panel):
         lines.append(f"    {format_bytes(m.sys_available)} available")
         level = memory_pressure(m)
         lines.append(f"pressure {level * 100:.0f}%" + ("  ⚠ near the limit" if level >= WARN_LEVEL else ""))
-        self.query_one("#memory-text", Static).update("\n".join(lines))
+        self.query_one("#memory-text", Static).update("\n".join(lines), layout=False)
         self.set_class(WARN_LEVEL <= level < CRITICAL_LEVEL, "-warn")
         self.set_class(level >= CRITICAL_LEVEL, "-critical")
         self.query_one("#memory-spark", Sparkline).data = list(state.memory_history)
@@ -232,7 +250,9 @@ class CheckpointsPanel(Panel):
                 continue
             self._rows[row.path] = table.add_row(*cells, key=row.path)
             table.move_cursor(row=table.row_count - 1)
-        self.border_subtitle = f"{len(state.checkpoints)} saved"
+        subtitle = f"{len(state.checkpoints)} saved"
+        if self.border_subtitle != subtitle:
+            self.border_subtitle = subtitle
 
 
 # ---------------------------------------------------------------- log

@@ -55,6 +55,7 @@ async def mid_run(pilot) -> None:
                LogMessage(level="warning", message="step 120: loss spike (2.1× the EMA)", t=T0 + 66)]
     app.source.emit(*events)
     app._drain()
+    await pilot.pause(1.3)            # the loss chart redraws at most once a second while training
     await pilot.pause()
 
 

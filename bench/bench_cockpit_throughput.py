@@ -1,0 +1,92 @@
+"""Steps/s with the cockpit live vs headless, same job (issue 4: ratio >= 0.98). Run by hand.
+
+    .venv/bin/python bench/bench_cockpit_throughput.py [--steps 80] [--repeats 2]
+
+Each repeat runs the demo job headless, then the same job in the cockpit (`demo --autostart`
+inside a private tmux server at 120x40), and reads the per-step seconds from each run's
+events.jsonl (the first 8 steps are warm-up). Needs tmux.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+EXE = ROOT / ".venv" / "bin" / "spyke-cockpit"
+sys.path.insert(0, str(ROOT))
+
+from engine.events import RunFinished, StepCompleted, read_events  # noqa: E402
+from engine.runs import find_run_dirs  # noqa: E402
+
+
+def step_times(out: Path, warmup: int) -> list[float]:
+    (run,) = find_run_dirs(out)
+    events = read_events(run / "events.jsonl")
+    assert any(isinstance(e, RunFinished) and e.status == "completed" for e in events), "run did not complete"
+    return [e.step_seconds for e in events if isinstance(e, StepCompleted)][warmup:]
+
+
+def flags(steps: int, out: Path) -> list[str]:
+    return [f"--max_train_steps={steps}", "--max_train_epochs=", "--save_every_n_steps=100000", f"--output_dir={out}"]
+
+
+def run_headless(steps: int, out: Path, env: dict) -> None:
+    subprocess.run([str(EXE), "demo", "--headless", *flags(steps, out)], check=True, env=env,
+                   stdout=subprocess.DEVNULL)
+
+
+def run_cockpit(steps: int, out: Path, env: dict) -> None:
+    sock = f"spyke-bench-{os.getpid()}"
+    cmd = " ".join([str(EXE), "demo", "--autostart", *flags(steps, out)])
+    subprocess.run(["tmux", "-L", sock, "new-session", "-d", "-x", "120", "-y", "40",
+                    f"env -u COLUMNS -u LINES SPYKE_CACHE={env['SPYKE_CACHE']} {cmd}"], check=True)
+    try:
+        deadline = time.monotonic() + 30 * 60
+        while time.monotonic() < deadline:
+            runs = find_run_dirs(out) if out.exists() else []
+            if runs and any(isinstance(e, RunFinished) for e in read_events(runs[0] / "events.jsonl")):
+                break
+            time.sleep(1.0)
+        subprocess.run(["tmux", "-L", sock, "send-keys", "q"], check=False)
+        time.sleep(2.0)
+    finally:
+        subprocess.run(["tmux", "-L", sock, "kill-server"], check=False, stderr=subprocess.DEVNULL)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=80)
+    ap.add_argument("--warmup", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=2)
+    args = ap.parse_args()
+    if not shutil.which("tmux"):
+        sys.exit("needs tmux")
+    work = Path(tempfile.mkdtemp(prefix="spyke-bench-"))
+    env = dict(os.environ, SPYKE_CACHE=str(work / "cache"))
+    env.pop("COLUMNS", None)
+    env.pop("LINES", None)
+    subprocess.run([str(EXE), "demo", "--headless", *flags(2, work / "warm")], check=True, env=env,
+                   stdout=subprocess.DEVNULL)
+    headless, cockpit = [], []
+    for i in range(args.repeats):
+        run_headless(args.steps, work / f"h{i}", env)
+        headless += step_times(work / f"h{i}", args.warmup)
+        run_cockpit(args.steps, work / f"c{i}", env)
+        cockpit += step_times(work / f"c{i}", args.warmup)
+    h, c = statistics.median(headless), statistics.median(cockpit)
+    print(f"headless: median {h * 1000:.1f} ms/step ({1 / h:.2f} steps/s) over {len(headless)} steps")
+    print(f"cockpit:  median {c * 1000:.1f} ms/step ({1 / c:.2f} steps/s) over {len(cockpit)} steps")
+    print(f"cockpit/headless steps/s ratio: {h / c:.3f}  (goal >= 0.98)")
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
