@@ -5,6 +5,7 @@
     spyke-cockpit train --headless [CONFIG.toml] [flags…]       train without the TUI
     spyke-cockpit attach [RUN] [--read-only]                    watch / steer a run from its run folder
     spyke-cockpit ls [FOLDER]                                   list runs
+    spyke-cockpit serve [RUN] [--port 8000]                     attach in a web browser (127.0.0.1)
 
 Importing this module loads neither textual nor torch: each command imports what it needs.
 """
@@ -18,7 +19,7 @@ from typing import Sequence
 from engine.errors import SpykeError
 
 PROG = "spyke-cockpit"
-COMMANDS = ("train", "demo", "attach", "ls")
+COMMANDS = ("train", "demo", "attach", "ls", "serve")
 
 
 def _fail(message: str, code: int = 2) -> int:
@@ -100,6 +101,12 @@ def cmd_ls(argv: Sequence[str]) -> int:
     return ls_main(argv)
 
 
+def cmd_serve(argv: Sequence[str]) -> int:
+    from cockpit.serve import main as serve_main
+
+    return serve_main(argv)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("-h", "--help") and len(argv) == 1:
@@ -107,7 +114,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     command = argv[0] if argv and argv[0] in COMMANDS else None
     rest = argv[1:] if command else argv
-    handler = {"train": cmd_train, "demo": cmd_demo, "attach": cmd_attach, "ls": cmd_ls}.get(command, cmd_cockpit)
+    handler = {"train": cmd_train, "demo": cmd_demo, "attach": cmd_attach, "ls": cmd_ls,
+               "serve": cmd_serve}.get(command, cmd_cockpit)
     try:
         return handler(rest)
     except SpykeError as err:
