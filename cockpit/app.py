@@ -27,7 +27,8 @@ from textual.widgets import Button, Footer, Header, Select
 
 from cockpit.form import ConfigForm
 from cockpit.modals import SAVE_AND_STOP, ConfirmAbortScreen, HelpScreen, SaveTomlScreen
-from cockpit.panels import CheckpointsPanel, LogPanel, LossPanel, MemoryPanel, PreviewPanel, ProgressPanel
+from cockpit.panels import (CheckpointsPanel, LogPanel, LossPanel, MemoryPanel, PreviewPanel, ProgressPanel,
+                            compose_live_panels)
 from cockpit.sources import EventSource, LiveSource
 from cockpit.state import (AbortRequested, CockpitState, PauseRequested, SaveRequested, SmoothingChanged,
                            StartFailed, StartRequested, reduce)
@@ -158,12 +159,7 @@ class CockpitApp(App[int]):
                 yield ConfigForm(self.initial_config, id="form")
                 yield PreviewPanel(id="preview")
             with Vertical(id="right"):
-                yield ProgressPanel(id="progress")
-                yield LossPanel(id="loss")
-                yield CheckpointsPanel(id="checkpoints")
-                with Horizontal(id="bottom-row"):
-                    yield MemoryPanel(id="memory")
-                    yield LogPanel(id="log-panel")
+                yield from compose_live_panels()
         yield Footer()
 
     def _preset_options(self) -> list[tuple[str, str]]:

@@ -517,7 +517,7 @@ def _attach_app_class():
     from textual.widgets import Footer, Header
 
     from cockpit.app import CockpitApp
-    from cockpit.panels import CheckpointsPanel, LogPanel, LossPanel, MemoryPanel, ProgressPanel
+    from cockpit.panels import CheckpointsPanel, LogPanel, LossPanel, MemoryPanel, ProgressPanel, compose_live_panels
 
     class AttachApp(CockpitApp):
         """The cockpit's live panels on a TailSource: no form, no Start; quitting leaves the run running."""
@@ -533,12 +533,7 @@ def _attach_app_class():
             yield Header(show_clock=False)
             with Horizontal(id="main"):
                 with Vertical(id="right"):
-                    yield ProgressPanel(id="progress")
-                    yield LossPanel(id="loss")
-                    yield CheckpointsPanel(id="checkpoints")
-                    with Horizontal(id="bottom-row"):
-                        yield MemoryPanel(id="memory")
-                        yield LogPanel(id="log-panel")
+                    yield from compose_live_panels()
             yield Footer()
 
         def on_mount(self, event: tevents.Mount) -> None:

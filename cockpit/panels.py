@@ -13,7 +13,7 @@ from typing import Any
 
 from rich.text import Text
 from textual.app import ComposeResult
-from textual.containers import Vertical
+from textual.containers import Horizontal, Vertical
 from textual.widgets import DataTable, RichLog, Sparkline, Static
 from textual_plotext import PlotextPlot
 
@@ -328,3 +328,13 @@ class PreviewPanel(Panel):
 
     def show(self, state: CockpitState, now: float) -> None:
         return
+
+
+def compose_live_panels() -> ComposeResult:
+    """The live panels, as the cockpit and ``attach`` both show them (use inside a container)."""
+    yield ProgressPanel(id="progress")
+    yield LossPanel(id="loss")
+    yield CheckpointsPanel(id="checkpoints")
+    with Horizontal(id="bottom-row"):
+        yield MemoryPanel(id="memory")
+        yield LogPanel(id="log-panel")

@@ -11,6 +11,7 @@ import time
 import uuid
 from pathlib import Path
 
+import psutil
 import pytest
 
 pytestmark = pytest.mark.slow
@@ -88,4 +89,18 @@ def test_demo_in_tmux_pause_save_abort_quit(tmp_path):
             time.sleep(0.2)
         assert exit_file.read_text().strip() == "0"
     finally:
+        # A cockpit that loses its terminal keeps training by design: end it with the test.
+        panes = subprocess.run(["tmux", "-L", SOCKET, "list-panes", "-a", "-F", "#{pane_pid}"],
+                               capture_output=True, text=True).stdout.split()
+        children = []
+        for pid in panes:
+            try:
+                children += psutil.Process(int(pid)).children(recursive=True)
+            except psutil.Error:
+                pass
         subprocess.run(["tmux", "-L", SOCKET, "kill-server"], capture_output=True)
+        for child in children:
+            try:
+                child.kill()
+            except psutil.Error:
+                pass
