@@ -20,6 +20,7 @@ from typing import Any, Callable
 from textual import on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
+from textual.css.query import NoMatches
 from textual.containers import Horizontal, Vertical
 from textual.message import Message
 from textual.timer import Timer
@@ -263,7 +264,10 @@ class CockpitApp(App[int]):
         now = self.clock()
         state = self.state
         for panel in self.panels:
-            panel.show(state, now)
+            try:
+                panel.show(state, now)
+            except NoMatches:      # a panel still composing, or torn down while the app exits
+                continue
         # Which keys apply depends only on these; re-checking bindings per step costs a footer redraw.
         key = (state.running, state.paused, state.pause_requested, state.abort_requested, state.status,
                self._form_valid, self._can_start())

@@ -514,6 +514,7 @@ def _attach_app_class():
     from textual import events as tevents
     from textual.app import ComposeResult
     from textual.containers import Horizontal, Vertical
+    from textual.css.query import NoMatches
     from textual.widgets import Footer, Header
 
     from cockpit.app import CockpitApp
@@ -567,7 +568,10 @@ def _attach_app_class():
                     if not plot_due:
                         continue
                     self._plot_drawn_at = now
-                panel.show(state, now)
+                try:
+                    panel.show(state, now)
+                except NoMatches:      # still composing, or torn down while the viewer exits
+                    continue
             if key != self._bindings_key:
                 self._bindings_key = key
                 self.refresh_bindings()
