@@ -19,13 +19,11 @@ if not EXE.exists():
 
 
 @pytest.fixture(scope="session")
-def cli_assets(tmp_path_factory):
+def cli_assets(tmp_path_factory, tiny_cache):
     """A demo cache (tiny model + demo dataset) and a 4-image 64 px dataset."""
-    from engine.demo import prepare_demo
     from engine.tiny import generate_dataset
 
-    cache = tmp_path_factory.getbasetemp() / "spyke-tiny-shared"   # test_trainer.py reuses the same build
-    prepare_demo(root=cache, output_root=cache / "unused")
+    cache = tiny_cache
     small = generate_dataset(tmp_path_factory.mktemp("cli_small"), num_images=4, num_repeats=1, resolution=64, seed=5)
     return {"cache": cache, "model": cache / "tiny-sd15", "small": small}
 

@@ -45,10 +45,9 @@ modelspec.date modelspec.prediction_type modelspec.encoder_layer""".split()
 
 # ----------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="session")
-def assets(tmp_path_factory):
+def assets(tmp_path_factory, tiny_cache):
     """The tiny model (built once) and a 4-image 64 px dataset (1 repeat: 4 steps per epoch)."""
-    root = tmp_path_factory.getbasetemp() / "spyke-tiny-shared"   # test_cli.py reuses the same build
-    prepare_demo(root=root, output_root=root / "unused")
+    root = tiny_cache
     small = generate_dataset(tmp_path_factory.mktemp("small"), num_images=4, num_repeats=1, resolution=64, seed=3)
     return {"root": root, "model": root / "tiny-sd15", "small": small}
 
