@@ -164,3 +164,37 @@ def test_help_lists_kohya_flags(cli_assets, tmp_path):
     for flag in ("--pretrained_model_name_or_path", "--network_dim", "--text_encoder_lr", "--save_every_n_steps",
                  "--gradient_checkpointing", "--clip_skip", "--min_snr_gamma"):
         assert flag in out
+
+
+def test_train_detach_returns_at_once_and_the_run_trains_in_its_own_session(cli_assets, tmp_path):
+    import json
+    import os
+    import time
+
+    out_dir = tmp_path / "out"
+    args = [a for a in train_args(cli_assets, out_dir, "--max_train_steps=6") if a != "--headless"]
+    started = time.monotonic()
+    code, out, err = run([*args, "--detach"], tmp_path, cli_assets["cache"], timeout=60)
+    assert code == 0, out + err
+    assert time.monotonic() - started < 30, "--detach waited for the training"
+    m = re.search(r"watch:\s+spyke-cockpit attach (\S+)", out)
+    assert m, out
+    run_dir = Path(m.group(1))
+    events = run_dir / "events.jsonl"
+    deadline = time.monotonic() + 120
+    pid = None
+    while time.monotonic() < deadline:
+        records = [json.loads(l) for l in events.read_text().splitlines() if l.strip()] if events.exists() else []
+        if pid is None and records and records[0]["type"] == "run_started":
+            pid = records[0]["pid"]
+            try:   # a new session: the terminal's SIGHUP cannot reach it
+                assert os.getsid(pid) != os.getsid(0)
+            except ProcessLookupError:
+                pass
+        if any(r["type"] == "finished" for r in records):
+            break
+        time.sleep(0.3)
+    finished = next(r for r in records if r["type"] == "finished")
+    assert finished["status"] == "completed" and finished["step"] == 6, finished
+    assert (out_dir / "cli.safetensors").is_file()
+    assert "finished: completed at step 6" in (run_dir / "console.log").read_text()
