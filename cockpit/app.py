@@ -531,12 +531,12 @@ def run_cockpit(config: TrainConfig | None, *, demo: bool, autostart: bool, conf
 
     ``overrides`` (demo only) are typed config values applied on top of the demo's config.
     """
-    preparer = None
-    if demo and overrides:
-        def preparer() -> TrainConfig:
-            from engine.demo import prepare_demo
+    def demo_with_overrides() -> TrainConfig:
+        from engine.demo import prepare_demo
 
-            return prepare_demo(**overrides)
+        return prepare_demo(**(overrides or {}))
+
+    preparer = demo_with_overrides if demo and overrides else None
     app = CockpitApp(LiveSource(), config=config, config_path=config_path, demo=demo, autostart=autostart,
                      demo_preparer=preparer)
     from cockpit.hangup import HangupGuard

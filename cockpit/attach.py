@@ -32,7 +32,7 @@ from typing import Any, Callable, Sequence
 from cockpit.state import DEFAULT_SMOOTHING, MEMORY_HISTORY, RATE_WINDOW, HistoryLoaded, LossHistory
 from engine.control import Command
 from engine.errors import SpykeError
-from engine.events import (CheckpointSaved, Event, LogMessage, MemorySample, PhaseChanged, RunFinished, RunStarted,
+from engine.events import (Event, LogMessage, MemorySample, RunFinished, RunStarted,
                            StepCompleted, event_from_dict)
 
 EVENTS = "events.jsonl"

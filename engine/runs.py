@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from engine.events import EventTail, PhaseChanged, RunFinished, RunStarted, StepCompleted, parse_line
+from engine.events import PhaseChanged, RunFinished, RunStarted, StepCompleted, parse_line
 
 EVENTS = "events.jsonl"
 TAIL_BYTES = 256 * 1024

@@ -8,7 +8,6 @@ same whether a cockpit, a test or nothing is listening.
 from __future__ import annotations
 
 import datetime as dt
-import math
 import os
 import random
 import time
@@ -234,8 +233,6 @@ class Trainer:
         self.config = cfg
         out = self._prepare_output(plan, resuming=loaded_state is not None)
         run_dir = self._open_run_folder(out)
-
-        import torch
 
         device = pick_device(cfg.device)
         device_type = device.type
@@ -658,7 +655,6 @@ class _Job:
             self.cache_latents()
         t._phase("training")
         accum = cfg.gradient_accumulation_steps
-        last_mem = 0.0
         control = t.control
         poll = t.channel.poll if t.channel is not None else None
 
@@ -671,7 +667,7 @@ class _Job:
             self.save("manual")
             t._phase("paused")
 
-        self._last_mem = last_mem
+        self._last_mem = 0.0
         groups: list = []
         groups_epoch = None
         while t.global_step < plan.total_steps and t.epoch < plan.num_epochs:
