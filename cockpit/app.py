@@ -417,12 +417,17 @@ class CockpitApp(App[int]):
 
     @work(thread=True, exclusive=True, group="engine-start")
     def _start_engine(self, config: TrainConfig) -> None:
+        self._start_source(config)
+
+    def _start_source(self, config: TrainConfig | None) -> bool:
+        """Start the source (on whichever thread calls this); the outcome arrives as EngineStartDone."""
         try:
             self.source.start(config, self._deliver)
         except Exception as err:  # noqa: BLE001 - shown in the app, never as a traceback
             self.post_message(EngineStartDone(_one_line(err)))
-        else:
-            self.post_message(EngineStartDone(""))   # "" = started fine
+            return False
+        self.post_message(EngineStartDone(""))   # "" = started fine
+        return True
 
     @on(EngineStartDone)
     def _start_done(self, message: EngineStartDone) -> None:

@@ -22,7 +22,9 @@ import json
 import math
 import mmap
 import os
+import pickle
 import re
+import select
 import threading
 import time
 from dataclasses import dataclass, field
@@ -261,6 +263,95 @@ def _coarse_history(data, body: int, end: int, builder: HistoryBuilder) -> None:
     builder.ema, builder.weight = ema.ema, ema.weight
 
 
+# ---------------------------------------------------------------- prefetch
+class SnapshotPrefetch:
+    """Loads the snapshot in a forked child while this process imports Textual and starts the app.
+
+    The snapshot of a long run is ~0.15-0.3 s of byte searches that hold the GIL, and starting
+    the app is ~0.5 s of imports and set-up that hold it too; a child process on another core
+    does the first while this one does the second. Made before Textual is imported, so the
+    child is a small, thread-free interpreter; it returns the pickled Snapshot through a private
+    pipe and exits. Where fork is missing or anything goes wrong, :meth:`result` returns None
+    and the caller loads the snapshot itself.
+    """
+
+    def __init__(self, path: Path, *, exact_limit: int = EXACT_BYTES) -> None:
+        self.path = Path(path)
+        self.exact_limit = exact_limit
+        self._pid: int | None = None
+        self._fd: int | None = None
+        if not hasattr(os, "fork") or threading.active_count() > 1:
+            return                      # forking a threaded process is unsafe: load in process instead
+        try:
+            read_fd, write_fd = os.pipe()
+        except OSError:
+            return
+        try:
+            pid = os.fork()
+        except OSError:
+            os.close(read_fd)
+            os.close(write_fd)
+            return
+        if pid == 0:                    # the child: never returns into the caller's code
+            code = 1
+            try:
+                os.close(read_fd)
+                payload = pickle.dumps(load_snapshot(self.path, exact_limit=exact_limit),
+                                       protocol=pickle.HIGHEST_PROTOCOL)
+                view = memoryview(payload)
+                while view:
+                    view = view[os.write(write_fd, view):]
+                code = 0
+            except BaseException:       # noqa: BLE001 - the parent falls back to loading it itself
+                pass
+            finally:
+                os._exit(code)
+        os.close(write_fd)
+        self._pid, self._fd = pid, read_fd
+
+    def ready(self, timeout: float = 0.0) -> bool:
+        """True when :meth:`result` will not wait for the child (its answer, or its end, has arrived)."""
+        if self._fd is None:
+            return False
+        try:
+            return bool(select.select([self._fd], [], [], timeout)[0])
+        except (OSError, ValueError):
+            return False
+
+    def result(self) -> Snapshot | None:
+        """The child's snapshot (waiting for it), or None when there is none to be had."""
+        if self._fd is None:
+            return None
+        chunks = []
+        try:
+            while True:
+                chunk = os.read(self._fd, 1 << 20)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+        except OSError:
+            chunks = []
+        finally:
+            self.close()
+        try:
+            snap = pickle.loads(b"".join(chunks)) if chunks else None
+        except Exception:  # noqa: BLE001 - a torn payload: load it in process
+            return None
+        return snap if isinstance(snap, Snapshot) else None
+
+    def close(self) -> None:
+        """Drop the child (a viewer that exits before using it): it sees a closed pipe and exits."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        if self._pid is not None:
+            try:
+                os.waitpid(self._pid, 0)
+            except ChildProcessError:
+                pass
+            self._pid = None
+
+
 # ---------------------------------------------------------------- the source
 def _sender() -> str:
     try:
@@ -279,8 +370,9 @@ class TailSource:
 
     def __init__(self, run_dir: Path, *, read_only: bool = False, poll_interval: float = POLL_INTERVAL,
                  exact_limit: int = EXACT_BYTES, exact_delay: float = EXACT_DELAY, pid_alive: Callable[[int | None, float | None], bool] | None = None,
-                 sender: str | None = None) -> None:
+                 sender: str | None = None, prefetch: SnapshotPrefetch | None = None) -> None:
         self._run_dir = Path(run_dir)
+        self._prefetch = prefetch
         self.path = self._run_dir / EVENTS
         self.read_only = read_only
         self.poll_interval = poll_interval
@@ -308,7 +400,10 @@ class TailSource:
             raise SpykeError(f"{self._run_dir}: no {EVENTS} here; pass a run folder (see `spyke-cockpit ls`)")
         self._deliver = deliver
         t0 = time.perf_counter()
-        snap = load_snapshot(self.path, exact_limit=self.exact_limit)
+        prefetch, self._prefetch = self._prefetch, None
+        snap = prefetch.result() if prefetch is not None else None
+        if snap is None:
+            snap = load_snapshot(self.path, exact_limit=self.exact_limit)
         self.snapshot_seconds = time.perf_counter() - t0
         self.run_started, self.finished = snap.run_started, snap.finished
         for action in snap.actions:
@@ -329,6 +424,10 @@ class TailSource:
             return
         self._thread = threading.Thread(target=self._loop, args=(pending,), daemon=True, name="spyke-attach-tail")
         self._thread.start()
+
+    def snapshot_ready(self) -> bool:
+        """True when a prefetched snapshot is waiting, so :meth:`start` returns at once."""
+        return self._prefetch is not None and self._prefetch.ready()
 
     def pause(self) -> None:
         self._send(Command.PAUSE)
@@ -356,6 +455,8 @@ class TailSource:
     def stop(self) -> None:
         """Stop tailing (the viewer is closing); the run itself is not touched."""
         self._stop.set()
+        if self._prefetch is not None:
+            self._prefetch.close()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=2)
 
@@ -549,7 +650,13 @@ def _attach_app_class():
             self._render_state()
             self._start_in_flight = True
             self.commands_log.append("attach")
-            self._start_engine(None)
+            if self.source.snapshot_ready():
+                # the prefetched snapshot has arrived: fold it in now, so the first frame is the full one
+                # (one chart render instead of an empty one and then the full one, no worker round trip)
+                if self._start_source(None):
+                    self._drain()
+            else:
+                self._start_engine(None)
 
         def _run_status_changed(self) -> None:
             self.refresh_bindings()
@@ -611,8 +718,10 @@ def _attach_app_class():
     return AttachApp
 
 
-def make_app(run_dir: Path, *, read_only: bool = False, **kwargs: Any):
-    source = TailSource(run_dir, read_only=read_only)
+def make_app(run_dir: Path, *, read_only: bool = False, prefetch: bool = False, **kwargs: Any):
+    # the prefetch forks before Textual is imported (by the app class below)
+    snapshot = SnapshotPrefetch(Path(run_dir) / EVENTS) if prefetch and (Path(run_dir) / EVENTS).is_file() else None
+    source = TailSource(run_dir, read_only=read_only, prefetch=snapshot)
     return _attach_app_class()(source, read_only=read_only, **kwargs)
 
 
@@ -626,7 +735,7 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--root", help="where to look for runs (default: the current folder)")
     ns = parser.parse_args(list(argv))
     run_dir = resolve_run(ns.run, ns.root)
-    app = make_app(run_dir, read_only=ns.read_only)
+    app = make_app(run_dir, read_only=ns.read_only, prefetch=True)
     from cockpit.hangup import HangupGuard
 
     guard = HangupGuard(app)

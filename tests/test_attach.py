@@ -192,6 +192,70 @@ def test_a_resumed_run_starts_over_at_its_last_run_started(tmp_path):
     assert state.history.total == 80
 
 
+# ---------------------------------------------------------------------------- prefetch (snapshot in a forked child)
+
+PREFETCH_CHILD = r"""
+import asyncio, os, sys, threading, time
+from pathlib import Path
+import psutil
+from cockpit.attach import SnapshotPrefetch, TailSource, load_snapshot, _attach_app_class
+from cockpit.state import CockpitState, reduce_all
+
+run_dir, total = Path(sys.argv[1]), int(sys.argv[2])
+path = run_dir / "events.jsonl"
+assert threading.active_count() == 1
+
+# 1. the child's snapshot is the one this process would load (coarse history included)
+for limit in (1 << 30, 0):
+    pre = SnapshotPrefetch(path, exact_limit=limit)
+    assert pre.ready(timeout=20), "the child never answered"
+    got, want = pre.result(), load_snapshot(path, exact_limit=limit)
+    assert got is not None and (got.offset, got.exact, got.steps_start) == (want.offset, want.exact, want.steps_start)
+    a, b = reduce_all(CockpitState(), got.actions), reduce_all(CockpitState(), want.actions)
+    assert (a.step, a.checkpoints, a.history.steps, a.history.sums, a.loss_ema) == \
+           (b.step, b.checkpoints, b.history.steps, b.history.sums, b.loss_ema)
+    assert psutil.Process().children() == [], "the child was not reaped"
+
+# 2. a child that fails (no such file) gives None; one dropped unread is reaped
+assert SnapshotPrefetch(run_dir / "missing.jsonl").result() is None
+pre = SnapshotPrefetch(path)
+pre.close()
+assert psutil.Process().children() == []
+
+# 3. the viewer folds a ready prefetch in before its first frame: the run is there at mount
+from cockpit.panels import LossPlot
+charted = []                      # steps in the history each time the chart is drawn
+draw = LossPlot.render
+def render(self):
+    charted.append(self.state.history.total if self.state is not None else 0)
+    return draw(self)
+LossPlot.render = render
+pre = SnapshotPrefetch(path)
+assert pre.ready(timeout=20)
+app = _attach_app_class()(TailSource(run_dir, read_only=True, prefetch=pre), read_only=True)
+
+async def go():
+    async with app.run_test(size=(140, 45)) as pilot:
+        await pilot.pause(0.2)
+        await pilot.press("q")
+
+asyncio.run(go())
+assert app.state.step == total and len(app.state.checkpoints) == 2
+assert charted and charted[0] > 0.9 * total, f"the first frame was not the full one: {charted}"
+assert psutil.Process().children() == []
+print("prefetch ok")
+"""
+
+
+def test_prefetched_snapshot_matches_and_is_on_the_first_frame(tmp_path):
+    # a fresh interpreter: the prefetch will not fork a process that has threads (pytest's may)
+    run_dir = write_run(tmp_path, synthetic_events(3000, pid=dead_pid(), finished="completed", nan_every=89))
+    out = subprocess.run([sys.executable, "-c", PREFETCH_CHILD, str(run_dir), "3000"], capture_output=True,
+                         text=True, timeout=120, cwd=Path(__file__).resolve().parent.parent)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "prefetch ok" in out.stdout
+
+
 # ---------------------------------------------------------------------------- live / stale / finished sources
 
 
