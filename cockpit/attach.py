@@ -581,10 +581,11 @@ class TailSource:
 # ---------------------------------------------------------------- finding the run
 def resolve_run(run: str | None, root: str | None = None) -> Path:
     """A run folder from what the user typed: a run folder, its events.jsonl, a folder holding
-    runs (the most recent live one is picked), or a run id under ``root`` (default: here)."""
-    from engine.runs import find_run_dirs, latest_live_run
+    runs (the most recent live one is picked), or a run id under ``root`` (default: the runs root
+    from $SPYKE_RUNS_ROOT or the user config file, else the current folder)."""
+    from engine.runs import default_runs_root, find_run_dirs, latest_live_run
 
-    base = Path(root) if root else Path.cwd()
+    base = Path(root) if root else default_runs_root()
     if run is None:
         info = latest_live_run(base)
         if info is None:
@@ -732,7 +733,8 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("run", nargs="?", help="run folder, its events.jsonl, a folder of runs, or a run id "
                                                "(default: the most recent live run under --root)")
     parser.add_argument("--read-only", action="store_true", help="watch only: pause/save/abort are refused")
-    parser.add_argument("--root", help="where to look for runs (default: the current folder)")
+    parser.add_argument("--root", help="where to look for runs (default: $SPYKE_RUNS_ROOT, else runs_root in "
+                                       "~/.config/spyke-cockpit/config.toml, else the current folder)")
     ns = parser.parse_args(list(argv))
     run_dir = resolve_run(ns.run, ns.root)
     app = make_app(run_dir, read_only=ns.read_only, prefetch=True)

@@ -6,14 +6,54 @@ import argparse
 import datetime as dt
 import json
 import os
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from engine.errors import SpykeError
 from engine.events import PhaseChanged, RunFinished, RunStarted, StepCompleted, parse_line
 
 EVENTS = "events.jsonl"
 TAIL_BYTES = 256 * 1024
+RUNS_ROOT_ENV = "SPYKE_RUNS_ROOT"
+USER_CONFIG_KEYS = ("runs_root",)
+
+
+def user_config_path() -> Path:
+    """``$XDG_CONFIG_HOME/spyke-cockpit/config.toml`` (``~/.config/...`` when unset)."""
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "spyke-cockpit" / "config.toml"
+
+
+def default_runs_root() -> Path:
+    """Where ``attach``, ``ls`` and ``serve`` look for runs when given no folder:
+    ``$SPYKE_RUNS_ROOT``, else ``runs_root`` in the user config file, else the current folder."""
+    value = os.environ.get(RUNS_ROOT_ENV)
+    if value:
+        where, path = f"${RUNS_ROOT_ENV}", Path(value).expanduser()
+    else:
+        cfg = user_config_path()
+        if not cfg.is_file():
+            return Path.cwd()
+        try:
+            data = tomllib.loads(cfg.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
+            raise SpykeError(f"{cfg}: cannot read it ({err}); fix or remove the file") from None
+        unknown = sorted(set(data) - set(USER_CONFIG_KEYS))
+        if unknown:
+            raise SpykeError(f"{cfg}: unknown setting '{unknown[0]}' (known: {', '.join(USER_CONFIG_KEYS)})")
+        value = data.get("runs_root")
+        if value is None:
+            return Path.cwd()
+        if not isinstance(value, str) or not value.strip():
+            raise SpykeError(f'{cfg}: runs_root must be a folder path in quotes, e.g. runs_root = "~/loras"')
+        where, path = f"{cfg} (runs_root)", Path(value).expanduser()
+        if not path.is_absolute():
+            path = cfg.parent / path                   # relative to the config file, not to wherever you are
+    if not path.is_dir():
+        raise SpykeError(f"{where}: {path} is not a folder; create it or change the setting")
+    return path
 
 
 @dataclass
@@ -141,10 +181,13 @@ def format_table(runs: Sequence[RunInfo]) -> str:
 
 def main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="spyke-cockpit ls", description="List training runs under a folder.")
-    parser.add_argument("folder", nargs="?", default=".", help="where to look (default: the current folder)")
+    parser.add_argument("folder", nargs="?", default=None,
+                        help=f"where to look (default: ${RUNS_ROOT_ENV}, else runs_root in {user_config_path()}, "
+                             "else the current folder)")
     parser.add_argument("--json", action="store_true", help="one JSON object per run")
     ns = parser.parse_args(list(argv))
-    runs = list_runs(Path(ns.folder))
+    ns.folder = Path(ns.folder) if ns.folder else default_runs_root()
+    runs = list_runs(ns.folder)
     if ns.json:
         for r in runs:
             print(json.dumps({**r.__dict__, "run_dir": str(r.run_dir)}))

@@ -16,3 +16,10 @@ def tiny_cache(tmp_path_factory) -> Path:
     root = tmp_path_factory.getbasetemp() / "spyke-tiny-shared"
     prepare_demo(root=root, output_root=root / "unused")
     return root
+
+
+@pytest.fixture(autouse=True)
+def _no_user_runs_root(tmp_path_factory, monkeypatch):
+    """Tests never read the developer's own ~/.config/spyke-cockpit or $SPYKE_RUNS_ROOT."""
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path_factory.mktemp("xdg-config")))
+    monkeypatch.delenv("SPYKE_RUNS_ROOT", raising=False)

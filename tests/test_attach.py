@@ -408,6 +408,56 @@ def test_resolve_run_picks_the_latest_live_run_or_a_named_one(tmp_path):
         resolve_run(None, str(tmp_path / "a" / "out" / "nothing-here"))
 
 
+def test_runs_root_comes_from_the_env_or_the_user_config_file(tmp_path, monkeypatch):
+    from engine.runs import default_runs_root, main as ls_main, user_config_path
+
+    here, root = tmp_path / "somewhere-else", tmp_path / "loras"
+    here.mkdir()
+    live = write_run(root / "plasma", synthetic_events(5, pid=os.getpid(), finished=None, t0=time.time() - 5))
+    monkeypatch.chdir(here)
+    assert default_runs_root() == here                           # nothing configured: the current folder
+    cfg = user_config_path()
+    cfg.parent.mkdir(parents=True)
+    cfg.write_text(f'runs_root = "{root}"\n')
+    assert default_runs_root() == root
+    assert resolve_run(None) == live                             # `attach` with no argument, from anywhere
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        assert ls_main(["--json"]) == 0
+    assert [json.loads(line)["run_dir"] for line in buf.getvalue().splitlines()] == [str(live)]
+    (cfg.parent / "rel").mkdir()
+    cfg.write_text('runs_root = "rel"\n')                       # relative to the config file's folder
+    assert default_runs_root() == cfg.parent / "rel"
+    monkeypatch.setenv("SPYKE_RUNS_ROOT", str(here))             # the environment wins over the file
+    assert default_runs_root() == here
+    monkeypatch.setenv("SPYKE_RUNS_ROOT", str(tmp_path / "gone"))
+    with pytest.raises(SpykeError, match=r"\$SPYKE_RUNS_ROOT: .*gone is not a folder"):
+        default_runs_root()
+    monkeypatch.delenv("SPYKE_RUNS_ROOT")
+    for text, message in [('runs_root = "~/x', "cannot read it"),
+                          ('run_root = "/tmp"', "unknown setting 'run_root'"),
+                          ("runs_root = 3", "runs_root must be a folder path"),
+                          (f'runs_root = "{tmp_path / "nope"}"', "nope is not a folder")]:
+        cfg.write_text(text + "\n")
+        with pytest.raises(SpykeError) as err:
+            default_runs_root()
+        assert message in str(err.value) and str(cfg) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_cli_names_a_broken_user_config_in_one_line(tmp_path):
+    from engine.runs import user_config_path
+
+    cfg = user_config_path()
+    cfg.parent.mkdir(parents=True, exist_ok=True)
+    cfg.write_text("runs_root = [\n")
+    for command in (["ls"], ["attach"]):
+        out = subprocess.run([sys.executable, "-m", "cockpit.cli", *command], capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parent.parent, timeout=60)
+        assert out.returncode == 2 and out.stdout == ""
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1 and str(cfg) in lines[0] and "cannot read it" in lines[0], out.stderr
+
+
 def test_ls_lists_states_including_stale(tmp_path):
     from engine.runs import main as ls_main
 
