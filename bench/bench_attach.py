@@ -189,14 +189,27 @@ def step_rate(events: Path, t_from: float, t_to: float) -> tuple[float, int]:
     return (len(ts) - 1) / (ts[-1] - ts[0]), len(ts)
 
 
-def training_with_viewers(base: Path, window: float = 10.0, pairs: int = 8) -> list[tuple[int, float, int]]:
+def _cpu_seconds(proc) -> float:
+    try:
+        times = proc.cpu_times()
+    except Exception:  # noqa: BLE001 - the process is gone
+        return 0.0
+    return times.user + times.system
+
+
+def training_with_viewers(base: Path, window: float = 10.0, pairs: int = 8,
+                          cpu_log: list | None = None) -> list[tuple[int, float, int]]:
     """Step rate in windows alternating 0 / 3 viewers (0, 3, 0, 3, ..., 0): ``pairs`` 3-viewer windows,
-    each between two 0-viewer windows, so a slow drift of the box's speed cancels out."""
+    each between two 0-viewer windows, so a slow drift of the box's speed cancels out. ``cpu_log`` gets
+    (viewers, training's CPU %, the viewers' CPU % together) per window."""
+    import psutil
+
+    cpu_log = [] if cpu_log is None else cpu_log
     work = base / "train"
     work.mkdir()
     env = dict(os.environ)
     env.setdefault("SPYKE_CACHE", str(Path(tempfile.gettempdir()) / "spyke-bench-cache"))
-    proc = subprocess.Popen([EXE, "demo", "--headless", "--max_train_epochs=100", "--save_every_n_steps=100000"],
+    proc = subprocess.Popen([EXE, "demo", "--headless", "--max_train_epochs=10000", "--save_every_n_steps=100000"],
                             cwd=work, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     results = []
     try:
@@ -210,6 +223,7 @@ def training_with_viewers(base: Path, window: float = 10.0, pairs: int = 8) -> l
         if events is None:
             raise RuntimeError("the demo run did not start")
         time.sleep(5)                       # warm up
+        trainer = psutil.Process(proc.pid)
         for viewers in [0, 3] * pairs + [0]:
             sessions = []
             for k in range(viewers):
@@ -218,12 +232,20 @@ def training_with_viewers(base: Path, window: float = 10.0, pairs: int = 8) -> l
                      f"exec {EXE} attach --read-only {events.parent}")
                 sessions.append(name)
             time.sleep(3)                   # viewers loaded
+            watched = [trainer] + [psutil.Process(pane_pid(name)) for name in sessions]
+            c0 = [_cpu_seconds(p) for p in watched]
             t_from = time.time()
             time.sleep(window)
-            rate, n = step_rate(events, t_from, time.time())
-            results.append((viewers, rate, n))
+            t_to = time.time()
+            rate, n = step_rate(events, t_from, t_to)
+            used = [100.0 * (_cpu_seconds(p) - c) / (t_to - t_from) for p, c in zip(watched, c0)]
+            cpu_log.append((viewers, used[0], sum(used[1:])))
             for name in sessions:
                 tmux("kill-session", "-t", name, check=False)
+            if n < 2:
+                print(f"the demo run stopped stepping (see {events}); windows so far only")
+                break
+            results.append((viewers, rate, n))
     finally:
         proc.terminate()
         try:
@@ -277,9 +299,16 @@ def main() -> int:
             cpu = tail_cpu(base, ns.steps)
             print(f"viewer CPU while tailing a live run (+20 steps/s): {cpu:.1f} % of a core")
         if not ns.skip_training:
-            results = training_with_viewers(base, ns.window, ns.pairs)
-            for viewers, rate, n in results:
-                print(f"training with {viewers} viewers: {rate:.3f} steps/s ({n} steps)")
+            cpu_log: list = []
+            results = training_with_viewers(base, ns.window, ns.pairs, cpu_log)
+            for (viewers, rate, n), (_v, train_cpu, viewers_cpu) in zip(results, cpu_log):
+                print(f"training with {viewers} viewers: {rate:.3f} steps/s ({n} steps); CPU % of a core: "
+                      f"training {train_cpu:.0f}, viewers {viewers_cpu:.1f}")
+            for v in (0, 3):
+                train = [t for n, t, _ in cpu_log if n == v]
+                if train:
+                    print(f"mean CPU with {v} viewers: training {statistics.mean(train):.1f} %, viewers "
+                          f"{statistics.mean(c for n, _, c in cpu_log if n == v):.1f} % (of one core)")
             print(f"3 viewers / 0 viewers: {paired_ratio(results)}")
     finally:
         shutil.rmtree(base, ignore_errors=True)
