@@ -24,8 +24,8 @@ def serve_command(run: str | None, read_only: bool) -> str:
 def main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="spyke-cockpit serve",
                                      description="Serve `spyke-cockpit attach` to a web browser.")
-    parser.add_argument("run", nargs="?", default=None, help="run folder (default: the most recent live run under the runs root, "
-                                                        "as for attach)")
+    parser.add_argument("run", nargs="?", default=None,
+                        help="run folder (default: the most recent live run under the runs root, as for attach)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--read-only", action="store_true", help="browser viewers cannot pause/save/abort")
