@@ -431,16 +431,22 @@ def _break_checkpoint_writes(monkeypatch, err: int, after: int) -> None:
     monkeypatch.setattr(ckpt, "os", proxy)
 
 
+def _bytes_at_step(path, step: int):
+    """A loss hook that keeps ``path``'s bytes as they are when ``step`` starts, and where they go."""
+    before: dict[str, bytes] = {}
+
+    def hook(at, loss):
+        if at == step and not before:
+            before["bytes"] = path.read_bytes()
+        return loss
+    return hook, before
+
+
 def test_disk_full_during_a_save_keeps_earlier_files_and_leaves_a_resumable_state(assets, straight, tmp_path,
                                                                                  monkeypatch):
     out = tmp_path / "out"
     first = out / "spyke_demo-step00000002.safetensors"
-    before: dict[str, bytes] = {}
-
-    def hook(step, loss):
-        if step == 3 and not before:
-            before["bytes"] = first.read_bytes()
-        return loss
+    hook, before = _bytes_at_step(first, 3)
 
     _break_checkpoint_writes(monkeypatch, errno.ENOSPC, after=1)
     run = train(make_config(assets, out), loss_hook=hook)
@@ -481,12 +487,7 @@ def test_permission_lost_during_a_save_is_one_clear_line(assets, tmp_path, monke
 
     monkeypatch.setattr(safetensors.torch, "save_file", save_file)
     first = out / "spyke_demo-step00000002.safetensors"
-    before: dict[str, bytes] = {}
-
-    def hook(step, loss):
-        if step == 3 and not before:
-            before["bytes"] = first.read_bytes()
-        return loss
+    hook, before = _bytes_at_step(first, 3)
 
     run = train(make_config(assets, out), loss_hook=hook)
     fin = run.finished
