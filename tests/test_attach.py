@@ -444,6 +444,31 @@ def test_runs_root_comes_from_the_env_or_the_user_config_file(tmp_path, monkeypa
         assert message in str(err.value) and str(cfg) in str(err.value) and "\n" not in str(err.value)
 
 
+def test_refresh_sets_the_viewer_pace_and_bad_values_are_refused(tmp_path):
+    run_dir = write_run(tmp_path, synthetic_events(50, pid=os.getpid(), finished=None, t0=time.time()))
+    app = make_app(run_dir, read_only=True, refresh=0.25)
+    painted = []
+
+    async def watch(pilot):
+        await pilot.pause(0.3)
+        with open(run_dir / "events.jsonl", "a") as fh:       # the run goes on: 10 more steps
+            for i in range(51, 61):
+                fh.write(StepCompleted(step=i, epoch=2, loss=0.4, lrs={}, step_seconds=0.05).to_json() + "\n")
+        deadline = time.monotonic() + 10
+        while app.state.step < 60 and time.monotonic() < deadline:
+            await pilot.pause(0.05)
+        painted.append(app.export_screenshot().replace("&#160;", " "))
+        await pilot.press("q")
+
+    run_app(app, [watch])
+    assert app.refresh_seconds == 0.25 and app.state.step == 60
+    assert "step 60/50" in painted[0]                           # tailed steps past the planned total still show
+    for bad in ("0", "-1", "61", "soon"):
+        out = subprocess.run([sys.executable, "-m", "cockpit.cli", "attach", str(run_dir), "--refresh", bad],
+                             capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent, timeout=60)
+        assert out.returncode == 2 and f"'{bad}' is not a number of seconds from 0.25 to 60" in out.stderr
+
+
 def test_cli_names_a_broken_user_config_in_one_line(tmp_path):
     from engine.runs import user_config_path
 
