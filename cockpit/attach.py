@@ -402,7 +402,9 @@ class TailSource:
         self._deliver = deliver
         t0 = time.perf_counter()
         prefetch, self._prefetch = self._prefetch, None
-        snap = prefetch.result() if prefetch is not None else None
+        snap = None
+        if prefetch is not None:            # one made for another exact_limit would give another history
+            snap = prefetch.result() if prefetch.exact_limit == self.exact_limit else prefetch.close()
         if snap is None:
             snap = load_snapshot(self.path, exact_limit=self.exact_limit)
         self.snapshot_seconds = time.perf_counter() - t0
