@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from cockpit.pace import BUSY_FACTOR, BUSY_POLL, IdleCpu, ViewerPace
 from cockpit.state import DEFAULT_SMOOTHING, MEMORY_HISTORY, RATE_WINDOW, HistoryLoaded, LossHistory
 from engine.control import Command
 from engine.errors import SpykeError
@@ -631,11 +632,22 @@ def _attach_app_class():
         CONTROL_KEYS = ("space", "p", "s", "a", "ctrl+x")
 
         def __init__(self, source: TailSource, *, read_only: bool = False, refresh: float = VIEW_INTERVAL,
-                     **kwargs: Any) -> None:
+                     idle_cpu: Callable[[], float | None] | None = None, **kwargs: Any) -> None:
             super().__init__(source, **kwargs)
             self.read_only = read_only
-            self.refresh_seconds = refresh
-            self.sub_title = f"attach {source.run_dir}" + (" · read-only" if read_only else "")
+            self.pace = ViewerPace(refresh)
+            self._idle_cpu = idle_cpu
+            self._base_poll = source.poll_interval
+            self._set_sub_title()
+
+        @property
+        def refresh_seconds(self) -> float:
+            """Seconds between redraws now: --refresh, or BUSY_FACTOR times that while the CPU is busy."""
+            return self.pace.interval
+
+        def _set_sub_title(self) -> None:
+            parts = [f"attach {self.source.run_dir}"] + (["read-only"] if self.read_only else [])
+            self.sub_title = " · ".join(parts + ([self.pace.label()] if self.pace.busy else []))
 
         def compose(self) -> ComposeResult:
             yield Header(show_clock=False)
@@ -652,7 +664,9 @@ def _attach_app_class():
             self._plot_panel = main.query_one(LossPanel)
             self._plot_drawn_at = -1e9
             self._bindings_key = None
-            self.set_interval(self.refresh_seconds, self._drain)
+            if self._idle_cpu is None:
+                self._idle_cpu = IdleCpu()
+            self._arm()
             self._render_state()
             self._start_in_flight = True
             self.commands_log.append("attach")
@@ -664,6 +678,17 @@ def _attach_app_class():
             else:
                 self._start_engine(None)
 
+        def _arm(self) -> None:
+            self.set_timer(self.pace.interval, self._tick)
+
+        def _tick(self) -> None:
+            """One redraw; first, whether the box had idle CPU since the last one sets the next pace."""
+            if self.pace.observe(self._idle_cpu()):
+                self.source.poll_interval = max(self._base_poll, BUSY_POLL) if self.pace.busy else self._base_poll
+                self._set_sub_title()
+            self._drain()
+            self._arm()
+
         def _run_status_changed(self) -> None:
             self.refresh_bindings()
 
@@ -672,7 +697,8 @@ def _attach_app_class():
             the chart redraws every PLOT_EVERY refreshes (at once when the run's status changes) and the
             footer only when what the keys can do changes. A viewer's CPU comes out of the training's
             on a small box: on 2 cores, 3 viewers at 1 s / 4 s took 8.8 % of a core and slowed training
-            8 %; at 2 s / 8 s, 3.6 % and 3 % (bench/README.md)."""
+            8 %; at 2 s / 8 s, 3.6 % and 3 %; backing off while the CPU is busy (cockpit.pace), 1.3 %
+            and < 1 % (bench/README.md)."""
             now = self.clock()
             state = self.state
             key = (state.status, state.running, state.paused, state.pause_requested, state.abort_requested)
@@ -752,8 +778,9 @@ def main(argv: Sequence[str]) -> int:
                                                "(default: the most recent live run under --root)")
     parser.add_argument("--read-only", action="store_true", help="watch only: pause/save/abort are refused")
     parser.add_argument("--refresh", type=_refresh_seconds, default=VIEW_INTERVAL, metavar="SECONDS",
-                        help=f"seconds between redraws (default {VIEW_INTERVAL:g}; the chart every {PLOT_EVERY}th); "
-                             "pause, checkpoints and the finish show at once")
+                        help=f"seconds between redraws (default {VIEW_INTERVAL:g}; the chart every {PLOT_EVERY}th; "
+                             f"{BUSY_FACTOR}x slower while less than half a CPU core is idle, leaving the CPU to the "
+                             "training); pause, checkpoints and the finish show at once")
     parser.add_argument("--root", help="where to look for runs (default: $SPYKE_RUNS_ROOT, else runs_root in "
                                        "~/.config/spyke-cockpit/config.toml, else the current folder)")
     ns = parser.parse_args(list(argv))

@@ -446,7 +446,7 @@ def test_runs_root_comes_from_the_env_or_the_user_config_file(tmp_path, monkeypa
 
 def test_refresh_sets_the_viewer_pace_and_bad_values_are_refused(tmp_path):
     run_dir = write_run(tmp_path, synthetic_events(50, pid=os.getpid(), finished=None, t0=time.time()))
-    app = make_app(run_dir, read_only=True, refresh=0.25)
+    app = make_app(run_dir, read_only=True, refresh=0.25, idle_cpu=lambda: None)   # pace: as asked
     painted = []
 
     async def watch(pilot):
@@ -469,6 +469,32 @@ def test_refresh_sets_the_viewer_pace_and_bad_values_are_refused(tmp_path):
         out = subprocess.run([sys.executable, "-m", "cockpit.cli", "attach", str(run_dir), "--refresh", bad],
                              capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent, timeout=60)
         assert out.returncode == 2 and f"'{bad}' is not a number of seconds from 0.25 to 60" in out.stderr
+
+
+def test_a_viewer_backs_off_while_the_cpu_is_busy_and_returns_when_a_core_is_free(tmp_path):
+    run_dir = write_run(tmp_path, synthetic_events(50, pid=os.getpid(), finished=None, t0=time.time()))
+    measured = iter([0.2, 0.8, 3.0])          # idle cores: busy, still busy (hysteresis), calm
+    seen = []                                 # the pace in force over each interval that was measured
+
+    def idle_cpu():
+        seen.append((app.refresh_seconds, app.source.poll_interval, app.sub_title, time.monotonic()))
+        return next(measured, 3.0)
+
+    app = make_app(run_dir, read_only=True, refresh=0.25, idle_cpu=idle_cpu)
+    base_poll = app.source.poll_interval
+
+    async def watch(pilot):
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and len(seen) < 4:
+            await pilot.pause(0.05)
+        await pilot.press("q")
+
+    run_app(app, [watch])
+    assert [s[0] for s in seen[:4]] == [0.25, 1.25, 1.25, 0.25]      # busy: redraws 5x less often, then back
+    assert [s[1] for s in seen[:4]] == [base_poll, 1.0, 1.0, base_poll]  # the events file: once a second
+    assert seen[2][3] - seen[1][3] >= 1.2                             # the busy interval really was longer
+    assert "CPU busy: redraw every 1.25 s" in seen[1][2] and "CPU busy" not in seen[3][2]
+    assert all("read-only" in s[2] for s in seen[:4])
 
 
 def test_cli_names_a_broken_user_config_in_one_line(tmp_path):
