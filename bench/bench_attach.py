@@ -12,8 +12,12 @@
 2. CPU while tailing: the same viewer on a live run that this script extends by ~20 steps/s;
    the viewer's CPU over 10 s once it settled. Target ≤ 5 % of a core.
 3. training steps/s with 0 vs 3 read-only viewers: one headless demo run, its step rate
-   measured (from the step records' timestamps) in alternating windows 0 / 3 / 0 / 3 viewers.
-   Target: equal within ±2 %.
+   measured (from the step records' timestamps) in alternating windows 0 / 3 / 0 / 3 viewers,
+   each 3-viewer window against the 0-viewer ones either side; the training's CPU time is
+   paired the same way (the finer measure on a noisy shared box). ``--train-cpus 0`` confines
+   the training to one core, the shape of a GPU run. Target: equal within ±2 %.
+
+    .venv/bin/python bench/bench_attach.py --skip-screen --pairs 20 [--train-cpus 0]
 """
 
 from __future__ import annotations
@@ -197,11 +201,12 @@ def _cpu_seconds(proc) -> float:
     return times.user + times.system
 
 
-def training_with_viewers(base: Path, window: float = 10.0, pairs: int = 8,
-                          cpu_log: list | None = None) -> list[tuple[int, float, int]]:
+def training_with_viewers(base: Path, window: float = 10.0, pairs: int = 8, cpu_log: list | None = None,
+                          train_cpus: set[int] | None = None) -> list[tuple[int, float, int]]:
     """Step rate in windows alternating 0 / 3 viewers (0, 3, 0, 3, ..., 0): ``pairs`` 3-viewer windows,
     each between two 0-viewer windows, so a slow drift of the box's speed cancels out. ``cpu_log`` gets
-    (viewers, training's CPU %, the viewers' CPU % together) per window."""
+    (viewers, training's CPU %, the viewers' CPU % together) per window. ``train_cpus`` confines the
+    training to those cores (with as many torch threads), as a GPU run leaves the other cores idle."""
     import psutil
 
     cpu_log = [] if cpu_log is None else cpu_log
@@ -209,8 +214,11 @@ def training_with_viewers(base: Path, window: float = 10.0, pairs: int = 8,
     work.mkdir()
     env = dict(os.environ)
     env.setdefault("SPYKE_CACHE", str(Path(tempfile.gettempdir()) / "spyke-bench-cache"))
+    if train_cpus:
+        env["OMP_NUM_THREADS"] = str(len(train_cpus))
     proc = subprocess.Popen([EXE, "demo", "--headless", "--max_train_epochs=10000", "--save_every_n_steps=100000"],
-                            cwd=work, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+                            cwd=work, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                            preexec_fn=(lambda: os.sched_setaffinity(0, train_cpus)) if train_cpus else None)
     results = []
     try:
         events = None
@@ -255,7 +263,7 @@ def training_with_viewers(base: Path, window: float = 10.0, pairs: int = 8,
     return results
 
 
-def paired_ratio(results: list[tuple[int, float, int]]) -> str:
+def paired_ratio(results: list[tuple[int, float]]) -> str:
     """Each 3-viewer window against the mean of the 0-viewer windows either side: mean ± standard error."""
     ratios = [results[i][1] / ((results[i - 1][1] + results[i + 1][1]) / 2)
               for i in range(1, len(results) - 1) if results[i][0] == 3 and results[i - 1][1] and results[i + 1][1]]
@@ -274,6 +282,8 @@ def main() -> int:
     parser.add_argument("--skip-screen", action="store_true", help="only the training-with-viewers part")
     parser.add_argument("--pairs", type=int, default=8, help="3-viewer windows (each between two 0-viewer ones)")
     parser.add_argument("--window", type=float, default=10.0, help="seconds per window")
+    parser.add_argument("--train-cpus", default="", metavar="LIST",
+                        help="confine the training to these cores, e.g. 0 (a GPU run leaves the others idle)")
     ns = parser.parse_args()
     if shutil.which("tmux") is None:
         print("tmux is needed (apt-get install tmux)")
@@ -300,7 +310,10 @@ def main() -> int:
             print(f"viewer CPU while tailing a live run (+20 steps/s): {cpu:.1f} % of a core")
         if not ns.skip_training:
             cpu_log: list = []
-            results = training_with_viewers(base, ns.window, ns.pairs, cpu_log)
+            train_cpus = {int(c) for c in ns.train_cpus.split(",") if c.strip()} or None
+            if train_cpus:
+                print(f"training confined to cores {sorted(train_cpus)} with {len(train_cpus)} torch thread(s)")
+            results = training_with_viewers(base, ns.window, ns.pairs, cpu_log, train_cpus)
             for (viewers, rate, n), (_v, train_cpu, viewers_cpu) in zip(results, cpu_log):
                 print(f"training with {viewers} viewers: {rate:.3f} steps/s ({n} steps); CPU % of a core: "
                       f"training {train_cpu:.0f}, viewers {viewers_cpu:.1f}")
@@ -309,7 +322,8 @@ def main() -> int:
                 if train:
                     print(f"mean CPU with {v} viewers: training {statistics.mean(train):.1f} %, viewers "
                           f"{statistics.mean(c for n, _, c in cpu_log if n == v):.1f} % (of one core)")
-            print(f"3 viewers / 0 viewers: {paired_ratio(results)}")
+            print(f"3 viewers / 0 viewers, steps/s: {paired_ratio(results)}")
+            print(f"3 viewers / 0 viewers, training's CPU time: {paired_ratio([(v, c) for v, c, _ in cpu_log])}")
     finally:
         shutil.rmtree(base, ignore_errors=True)
     return 0
