@@ -646,8 +646,9 @@ def _attach_app_class():
             return self.pace.interval
 
         def _set_sub_title(self) -> None:
-            parts = [f"attach {self.source.run_dir}"] + (["read-only"] if self.read_only else [])
-            self.sub_title = " · ".join(parts + ([self.pace.label()] if self.pace.busy else []))
+            # the busy note first: a long run path is what the header cuts off on a narrow terminal
+            parts = ([self.pace.label()] if self.pace.busy else []) + [f"attach {self.source.run_dir}"]
+            self.sub_title = " · ".join(parts + (["read-only"] if self.read_only else []))
 
         def compose(self) -> ComposeResult:
             yield Header(show_clock=False)
