@@ -665,8 +665,8 @@ def _attach_app_class():
             self._plot_panel = main.query_one(LossPanel)
             self._plot_drawn_at = -1e9
             self._bindings_key = None
-            if self._idle_cpu is None:
-                self._idle_cpu = IdleCpu()
+            if self._idle_cpu is None:       # psutil loads after the first frame, not before it
+                self.call_after_refresh(self._start_idle_meter)
             self._arm()
             self._render_state()
             self._start_in_flight = True
@@ -682,9 +682,13 @@ def _attach_app_class():
         def _arm(self) -> None:
             self.set_timer(self.pace.interval, self._tick)
 
+        def _start_idle_meter(self) -> None:
+            if self._idle_cpu is None:
+                self._idle_cpu = IdleCpu()
+
         def _tick(self) -> None:
             """One redraw; first, whether the box had idle CPU since the last one sets the next pace."""
-            if self.pace.observe(self._idle_cpu()):
+            if self._idle_cpu is not None and self.pace.observe(self._idle_cpu()):
                 self.source.poll_interval = max(self._base_poll, BUSY_POLL) if self.pace.busy else self._base_poll
                 self._set_sub_title()
             self._drain()
