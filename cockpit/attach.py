@@ -647,7 +647,8 @@ def _attach_app_class():
 
         def _set_sub_title(self) -> None:
             # the busy note first: a long run path is what the header cuts off on a narrow terminal
-            parts = ([self.pace.label()] if self.pace.busy else []) + [f"attach {self.source.run_dir}"]
+            busy = self.pace.label()
+            parts = ([busy] if busy else []) + [f"attach {self.source.run_dir}"]
             self.sub_title = " · ".join(parts + (["read-only"] if self.read_only else []))
 
         def compose(self) -> ComposeResult:
@@ -785,7 +786,7 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--refresh", type=_refresh_seconds, default=VIEW_INTERVAL, metavar="SECONDS",
                         help=f"seconds between redraws (default {VIEW_INTERVAL:g}; the chart every {PLOT_EVERY}th; "
                              f"{BUSY_FACTOR}x slower while less than half a CPU core is idle, leaving the CPU to the "
-                             "training); pause, checkpoints and the finish show at once")
+                             "training); keys act at once, pause, checkpoints and the finish show within a second")
     parser.add_argument("--root", help="where to look for runs (default: $SPYKE_RUNS_ROOT, else runs_root in "
                                        "~/.config/spyke-cockpit/config.toml, else the current folder)")
     ns = parser.parse_args(list(argv))

@@ -50,9 +50,9 @@ class IdleCpu:
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         self._last: tuple[float, float] | None = None
-        self._read()
+        self()                            # the baseline
 
-    def _read(self) -> float | None:
+    def __call__(self) -> float | None:
         try:
             import psutil
 
@@ -66,6 +66,3 @@ class IdleCpu:
         if previous is None or now <= previous[0]:
             return None
         return max(0.0, (idle - previous[1]) / (now - previous[0]))
-
-    def __call__(self) -> float | None:
-        return self._read()
