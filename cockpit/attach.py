@@ -701,10 +701,8 @@ def _attach_app_class():
         def _render_state(self) -> None:
             """Like the cockpit's, but cheaper for a viewer on a run that logs many steps a second:
             the chart redraws every PLOT_EVERY refreshes (at once when the run's status changes) and the
-            footer only when what the keys can do changes. A viewer's CPU comes out of the training's
-            on a small box: on 2 cores, 3 viewers at 1 s / 4 s took 8.8 % of a core and slowed training
-            8 %; at 2 s / 8 s, 3.6 % and 3 %; backing off while the CPU is busy (cockpit.pace), 1.3 %
-            and < 1 % (bench/README.md)."""
+            footer only when what the keys can do changes. On a box the training saturates, a viewer's
+            CPU comes out of the training's, hence this pacing and cockpit.pace (figures in bench/README.md)."""
             now = self.clock()
             state = self.state
             key = (state.status, state.running, state.paused, state.pause_requested, state.abort_requested)

@@ -1,4 +1,4 @@
-"""How often an attached viewer redraws: slower while the machine has no idle CPU.
+"""How often an attached viewer redraws: slower while the machine has (almost) no idle CPU.
 
 A viewer's CPU is taken from the training whenever the training already keeps every core busy
 (a CPU-only box). There the viewer backs off: it redraws ``BUSY_FACTOR`` times less often and
