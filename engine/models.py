@@ -50,6 +50,15 @@ class BaseModel:
             self.file_sha256 = digest.hexdigest()
         return self.file_sha256
 
+    def legacy_hash(self) -> str | None:
+        """kohya's old 8-hex model hash (metadata ss_sd_model_hash): sha256 of the 64 KiB at
+        offset 1 MiB of the single file (A1111's first model hash); None for folders."""
+        if self.source != "single_file":
+            return None
+        with open(self.path, "rb") as f:
+            f.seek(0x100000)
+            return hashlib.sha256(f.read(0x10000)).hexdigest()[:8]
+
 
 def load_base_model(
     path: str | Path, *, sd_config_dir: Path | None = None, allow_pickle: bool = False

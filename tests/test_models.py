@@ -213,3 +213,18 @@ def test_shipped_sd15_configs_have_real_parameter_counts():
     assert set(convert_ldm_unet_checkpoint(ldm, dict(unet.config))) == set(unet.state_dict())
     assert set(convert_ldm_vae_checkpoint(ldm, dict(vae.config))) == set(vae.state_dict())
     assert "model.diffusion_model.output_blocks.5.2.conv.weight" in ldm
+
+
+def test_legacy_model_hash_is_sha256_of_64_kib_at_1_mib(tmp_path):
+    import random
+
+    data = random.Random(0).randbytes(0x120000)         # 1.125 MiB, so the hashed window is all there
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(data)
+    single = BaseModel(unet=None, vae=None, text_encoder=None, tokenizer=None, source="single_file",
+                       model_name=path.name, path=path)
+    assert single.legacy_hash() == hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
+    assert single.legacy_hash() != hashlib.sha256(data[:0x10000]).hexdigest()[:8]
+    folder = BaseModel(unet=None, vae=None, text_encoder=None, tokenizer=None, source="diffusers",
+                       model_name="m", path=tmp_path)
+    assert folder.legacy_hash() is None
