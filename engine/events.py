@@ -100,6 +100,24 @@ class LogMessage(Event):
 
 
 @dataclass(frozen=True)
+class NetworkBuilt(LogMessage):
+    """The LoRA as built, an info line headless output prints (kohya users read it at start-up)."""
+
+    type: ClassVar[str] = "network"
+    unet_modules: int = 0
+    text_encoder_modules: int = 0
+    dim: int = 0
+    alpha: float = 0.0
+
+    @classmethod
+    def of(cls, unet_modules: int, text_encoder_modules: int, dim: int, alpha: float) -> "NetworkBuilt":
+        message = (f"LoRA: {unet_modules} U-Net modules, {text_encoder_modules} text-encoder modules, "
+                   f"dim {dim}, alpha {alpha:g}")
+        return cls(level="info", message=message, unet_modules=unet_modules,
+                   text_encoder_modules=text_encoder_modules, dim=dim, alpha=alpha)
+
+
+@dataclass(frozen=True)
 class RunFinished(Event):
     type: ClassVar[str] = "finished"
     status: str                       # completed | aborted | failed
@@ -111,7 +129,7 @@ class RunFinished(Event):
 
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.type: cls for cls in (RunStarted, PhaseChanged, StepCompleted, MemorySample, CheckpointSaved, LogMessage,
-                              RunFinished)
+                              NetworkBuilt, RunFinished)
 }
 
 

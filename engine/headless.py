@@ -9,7 +9,8 @@ from typing import TextIO
 
 from engine.config import TrainConfig
 from engine.control import TrainingControl
-from engine.events import CheckpointSaved, Event, LogMessage, PhaseChanged, RunFinished, RunStarted, StepCompleted
+from engine.events import (CheckpointSaved, Event, LogMessage, NetworkBuilt, PhaseChanged, RunFinished,
+                           RunStarted, StepCompleted)
 
 SECOND_SIGINT_WINDOW = 3.0
 
@@ -72,6 +73,8 @@ class ProgressPrinter:
         elif isinstance(event, PhaseChanged) and event.phase in ("loading", "caching", "paused"):
             if event.phase != "caching" or event.detail.endswith(("/0", "0/")) is False:
                 self._print(f"{event.phase}{': ' + event.detail if event.detail else ''}")
+        elif isinstance(event, NetworkBuilt):
+            self._print(event.message)
         elif isinstance(event, LogMessage) and event.level in ("warning", "error"):
             self._print(f"{event.level}: {event.message}")
         elif isinstance(event, RunFinished):

@@ -299,6 +299,11 @@ class _Job:
         self.network = apply_lora(unet, te, dim=cfg.network_dim, alpha=cfg.network_alpha,
                                   train_unet=train_unet, train_text_encoder=train_te,
                                   text_encoder_frozen=te_lr == 0)
+        from engine.events import NetworkBuilt
+
+        net = self.network
+        trainer._emit(NetworkBuilt.of(len(net.unet_module_names), len(net.text_encoder_module_names),
+                                      net.dim, net.alpha))
         self.train_te = train_te and te_lr > 0
         # Frozen base weights in the training dtype; LoRA weights stay fp32 (kohya does the same).
         unet.to(device, dtype=weight_dtype)

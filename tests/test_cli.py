@@ -76,6 +76,7 @@ def test_demo_headless_trains_and_flags_override_the_preset(cli_assets, tmp_path
     assert final.name == "spyke_demo.safetensors" and final.exists()
     assert final.is_relative_to(tmp_path / "spyke-demo-output")        # demo output under the cwd
     assert "finished: completed at step 4" in out
+    assert re.search(r"^LoRA: [1-9]\d* U-Net modules, [1-9]\d* text-encoder modules, dim 4, alpha 4$", out, re.M), out
     from engine.checkpoint import read_lora_file
 
     _, meta = read_lora_file(final)

@@ -190,6 +190,19 @@ def test_unet_only_frozen_te_and_bad_values(tiny_dir):
     assert net.alpha == 8.0 and next(v for k, v in net.state_dict_kohya().items() if k.endswith(".alpha")).item() == 8.0
 
 
+def test_full_size_sd15_gets_kohyas_192_unet_and_72_text_encoder_modules():
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from engine.models import DEFAULT_SD15_CONFIG_DIR as cfg
+
+    with torch.device("meta"):                        # shapes only: nothing is allocated
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(cfg, subfolder="unet"))
+        te = CLIPTextModel(CLIPTextConfig.from_pretrained(cfg, subfolder="text_encoder"))
+        net = apply_lora(unet, te, dim=32, alpha=16)
+    assert (len(net.unet_module_names), len(net.text_encoder_module_names)) == (192, 72)
+
+
 # ------------------------------------------------------------------------- acceptance
 @pytest.fixture(scope="module")
 def trained(tiny_dir, tmp_path_factory):

@@ -303,6 +303,23 @@ def test_event_tail_tolerates_a_half_written_line(tmp_path):
     assert tail.read() == []
 
 
+def test_headless_prints_the_built_network_but_not_other_info_messages(tmp_path):
+    import io
+
+    from engine.events import LogMessage, NetworkBuilt, parse_line
+    from engine.headless import ProgressPrinter
+
+    built = NetworkBuilt.of(192, 72, 32, 16.0)
+    assert built.message == "LoRA: 192 U-Net modules, 72 text-encoder modules, dim 32, alpha 16"
+    assert parse_line(built.to_json()) == built     # events.jsonl keeps it, and as a log line for the cockpit
+    assert isinstance(parse_line(built.to_json()), LogMessage)
+    out = io.StringIO()
+    printer = ProgressPrinter(out)
+    printer(LogMessage(level="info", message="control: pause"))
+    printer(built)
+    assert out.getvalue() == built.message + "\n"
+
+
 # ----------------------------------------------------------------------------- reproducibility
 def test_same_seed_same_losses_different_seed_different(assets, tmp_path):
     r1, _ = train(make_config(assets, tmp_path / "a", seed=1))
