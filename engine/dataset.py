@@ -208,14 +208,20 @@ class DatasetPlan:
         """kohya ss_reg_dataset_dirs: the same for regularisation subsets."""
         return self._dirs_metadata(reg=True)
 
-    def tag_frequency(self) -> dict:
+    def subset_image_counts(self, dataset_index: int) -> list[tuple[SubsetSpec, int]]:
+        """One dataset's subsets with how many images each folder holds (kohya ``img_count``)."""
+        return [(s, count) for s, count, _ in self._subset_images[dataset_index]]
+
+    def tag_frequency(self, dataset_index: int | None = None) -> dict:
         """kohya ss_tag_frequency: {dir name: {lower-cased tag: count}} over every subset's captions.
 
         Within a dataset, subsets sharing a folder name add up; a folder name already
-        counted by an earlier dataset is not counted again (kohya).
+        counted by an earlier dataset is not counted again (kohya). With
+        ``dataset_index``: that dataset's own counts (kohya's per-dataset ``tag_frequency``).
         """
         result: dict[str, dict[str, int]] = {}
-        for subs in self._subset_images:
+        chosen = self._subset_images if dataset_index is None else [self._subset_images[dataset_index]]
+        for subs in chosen:
             mine: dict[str, Counter] = {}
             for s, _, captions in subs:
                 name = s.image_dir.name
@@ -231,17 +237,28 @@ class DatasetPlan:
                 result[name] = dict(counter)
         return result
 
-    def bucket_info(self) -> dict | None:
-        """kohya ss_bucket_info (None when no dataset uses bucketing)."""
-        if not any(ds.enable_bucket for ds in self.datasets):
-            return None
+    def bucket_info(self, dataset_index: int | None = None) -> dict | None:
+        """kohya ss_bucket_info (None when no dataset uses bucketing).
+
+        With ``dataset_index``: that dataset's buckets numbered from 0 in sorted order
+        (kohya's per-dataset ``bucket_info``; None when it does not bucket); counts include
+        repeats, the mean aspect-ratio error is over images without repeats.
+        """
+        if dataset_index is None:
+            indices = range(len(self.datasets))
+            if not any(ds.enable_bucket for ds in self.datasets):
+                return None
+        else:
+            indices = [dataset_index]
+            if not self.datasets[dataset_index].enable_bucket:
+                return None
         buckets = {}
         i = 0
-        for buckets_of_ds in self._dataset_buckets:
-            for reso, ids in buckets_of_ds:
+        for di in indices:
+            for reso, ids in self._dataset_buckets[di]:
                 buckets[i] = {"resolution": list(reso), "count": len(ids)}
                 i += 1
-        errs = [abs(e.ar_error) for e in self.entries]
+        errs = [abs(e.ar_error) for e in self.entries if e.dataset_index in indices]
         return {"buckets": buckets, "mean_img_ar_error": float(np.mean(errs)) if errs else 0.0}
 
     # ---- order ----------------------------------------------------------------------

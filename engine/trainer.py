@@ -390,6 +390,8 @@ class _Job:
 
     # ------------------------------------------------------------------ saving
     def _metadata(self, step: int, epoch: int) -> dict[str, str]:
+        from engine.dataset_metadata import dataset_metadata
+
         cfg, plan = self.cfg, self.plan
         now = time.time()
         return build_metadata({
@@ -425,18 +427,9 @@ class _Job:
             "prior_loss_weight": cfg.prior_loss_weight,
             "noise_offset": cfg.noise_offset,
             "min_snr_gamma": cfg.min_snr_gamma,
-            "resolution": cfg.resolution_wh(),
-            "batch_size_per_device": cfg.train_batch_size,
-            "total_batch_size": cfg.train_batch_size * cfg.gradient_accumulation_steps,
-            "dataset_dirs": self.plan.dataset.dataset_dirs_metadata(),
-            "tag_frequency": self.plan.dataset.tag_frequency(),
-            "enable_bucket": cfg.enable_bucket,
-            "min_bucket_reso": cfg.min_bucket_reso,
-            "max_bucket_reso": cfg.max_bucket_reso,
-            "keep_tokens": cfg.keep_tokens,
-            "shuffle_caption": cfg.shuffle_caption,
-            "flip_aug": cfg.flip_aug,
-            "caption_extension": cfg.caption_extension,
+            **dataset_metadata(plan.dataset, from_dataset_config=bool(cfg.dataset_config),
+                               gradient_accumulation_steps=cfg.gradient_accumulation_steps),
+            **({"sd_model_hash": legacy} if (legacy := self.base.legacy_hash()) else {}),
         })
 
     def current_epoch(self) -> int:

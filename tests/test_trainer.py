@@ -6,6 +6,7 @@ Runs are a few steps at 64 px on a 4-image dataset; every run shares one tiny mo
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import threading
@@ -211,6 +212,107 @@ def test_final_file_metadata(main_run):
     assert (step_meta["ss_steps"], step_meta["ss_epoch"]) == ("3", "1")
     _, epoch_meta = read(Path(cfg.output_dir) / f"{NAME}-000001.safetensors")
     assert (epoch_meta["ss_steps"], epoch_meta["ss_epoch"]) == ("4", "1")
+
+
+# ----------------------------------------------------------------------------- truthful dataset metadata
+# kohya leaves these out when --dataset_config is given (each dataset has its own, in ss_datasets)
+FLAT_DATASET_KEYS = """ss_batch_size_per_device ss_total_batch_size ss_resolution ss_color_aug ss_flip_aug
+ss_random_crop ss_shuffle_caption ss_enable_bucket ss_bucket_no_upscale ss_min_bucket_reso ss_max_bucket_reso
+ss_keep_tokens ss_caption_extension ss_reg_dataset_dirs ss_bucket_info""".split()
+
+
+def _two_bucket_images(root: Path, caption_ext: str):
+    """4 images in two buckets at 128 px (square and 8:3), captions written with ``caption_ext``."""
+    ds = generate_dataset(root, num_images=4, num_repeats=1, resolution=128, seed=5,
+                          sizes=[(128, 128), (256, 96)])
+    for cap in ds.image_dir.glob("*.caption"):
+        cap.rename(cap.with_suffix(caption_ext))
+    return ds
+
+
+def test_dataset_toml_run_writes_ss_datasets_and_leaves_out_flat_dataset_keys(assets, tmp_path):
+    import io
+
+    from engine.events import NetworkBuilt
+    from engine.headless import ProgressPrinter
+    from engine.trainer import Trainer
+
+    ds = _two_bucket_images(tmp_path / "data", ".txt")
+    toml = tmp_path / "dataset.toml"
+    toml.write_text(
+        '[general]\ncaption_extension = ".txt"\nshuffle_caption = true\nkeep_tokens = 1\nflip_aug = true\n'
+        "[[datasets]]\nresolution = 128\nbatch_size = 2\nenable_bucket = true\n"
+        "min_bucket_reso = 64\nmax_bucket_reso = 256\n"
+        f"[[datasets.subsets]]\nimage_dir = {json.dumps(str(ds.image_dir))}\nclass_tokens = \"spyke\"\n")
+    # the command line says 64 px, batch 1, .caption, no buckets: none of it is what trains
+    cfg = make_config(assets, tmp_path / "out", dataset_config=str(toml), resolution="64", max_train_steps=1,
+                      gradient_accumulation_steps=1)
+    printed = io.StringIO()
+    events: list = []
+    result = Trainer(cfg, sinks=[events.append, ProgressPrinter(printed)]).run()
+    assert result.status == "completed", result.error
+    tensors, meta = read(result.final_path)
+
+    assert [k for k in FLAT_DATASET_KEYS if k in meta] == []
+    (dataset,) = json.loads(meta["ss_datasets"])
+    assert {k: dataset[k] for k in ("is_dreambooth", "batch_size_per_device", "num_train_images", "num_reg_images",
+                                    "resolution", "enable_bucket", "min_bucket_reso", "max_bucket_reso")} == {
+        "is_dreambooth": True, "batch_size_per_device": 2, "num_train_images": 4, "num_reg_images": 0,
+        "resolution": [128, 128], "enable_bucket": True, "min_bucket_reso": 64, "max_bucket_reso": 256}
+    assert dataset["bucket_info"]["buckets"] == {"0": {"resolution": [128, 128], "count": 2},
+                                                 "1": {"resolution": [192, 64], "count": 2}}
+    (subset,) = dataset["subsets"]
+    assert {k: subset[k] for k in ("image_dir", "img_count", "num_repeats", "flip_aug", "shuffle_caption",
+                                   "keep_tokens", "class_tokens", "is_reg", "caption_extension", "color_aug",
+                                   "random_crop")} == {
+        "image_dir": "1_spyke", "img_count": 4, "num_repeats": 1, "flip_aug": True, "shuffle_caption": True,
+        "keep_tokens": 1, "class_tokens": "spyke", "is_reg": False, "caption_extension": ".txt",
+        "color_aug": False, "random_crop": False}
+    # the .txt captions were read: more words than the class token, in the per-dataset and merged counts
+    assert len(dataset["tag_frequency"]["1_spyke"]) > 1
+    assert json.loads(meta["ss_tag_frequency"]) == dataset["tag_frequency"]
+    assert json.loads(meta["ss_dataset_dirs"]) == {"1_spyke": {"n_repeats": 1, "img_count": 4}}
+    assert meta["modelspec.resolution"] == "128x128"
+
+    # headless start-up names what was built, counted as the file holds it
+    (built,) = of(events, NetworkBuilt)
+    unet_n = sum(k.startswith("lora_unet_") and k.endswith(".lora_down.weight") for k in tensors)
+    te_n = sum(k.startswith("lora_te_") and k.endswith(".lora_down.weight") for k in tensors)
+    assert (built.unet_modules, built.text_encoder_modules) == (unet_n, te_n) and unet_n > 0 and te_n > 0
+    line = f"LoRA: {unet_n} U-Net modules, {te_n} text-encoder modules, dim 4, alpha 2"
+    assert line in printed.getvalue().splitlines()
+
+
+def test_train_data_dir_run_writes_the_flat_keys_it_trained_with(assets, tmp_path):
+    from engine.ldm_convert import write_ldm_single_file
+
+    ds = _two_bucket_images(tmp_path / "data", ".caption")
+    single = write_ldm_single_file(assets["model"], tmp_path / "tiny-sd15.safetensors")
+    # 200 is not a multiple of bucket_reso_steps 64: the run rounds it up to 256
+    cfg = make_config(assets, tmp_path / "out", dataset_config=None, train_data_dir=str(ds.image_dir.parent),
+                      pretrained_model_name_or_path=str(single), sd_config_dir=str(assets["model"]),
+                      resolution="128", train_batch_size=2, gradient_accumulation_steps=2, max_train_steps=1,
+                      enable_bucket=True, min_bucket_reso=64, max_bucket_reso=200, keep_tokens=1,
+                      shuffle_caption=True)
+    result, _ = train(cfg)
+    assert result.status == "completed", result.error
+    _, meta = read(result.final_path)
+    expect = {
+        "ss_batch_size_per_device": "2", "ss_total_batch_size": "4", "ss_resolution": "(128, 128)",
+        "ss_enable_bucket": "True", "ss_bucket_no_upscale": "False", "ss_min_bucket_reso": "64",
+        "ss_max_bucket_reso": "256", "ss_keep_tokens": "1", "ss_shuffle_caption": "True", "ss_flip_aug": "False",
+        "ss_color_aug": "False", "ss_random_crop": "False", "ss_caption_extension": ".caption",
+        "ss_reg_dataset_dirs": "{}", "modelspec.resolution": "128x128",
+    }
+    assert {k: meta.get(k) for k in expect} == expect
+    assert "ss_datasets" not in meta
+    assert json.loads(meta["ss_bucket_info"])["buckets"] == {"0": {"resolution": [128, 128], "count": 2},
+                                                             "1": {"resolution": [192, 64], "count": 2}}
+    assert json.loads(meta["ss_dataset_dirs"]) == {"1_spyke": {"n_repeats": 1, "img_count": 4}}
+    # kohya's two base-model hashes of a single file: the legacy 8-hex one and the full sha256
+    data = single.read_bytes()
+    assert meta["ss_sd_model_hash"] == hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
+    assert meta["ss_new_sd_model_hash"] == hashlib.sha256(data).hexdigest()
 
 
 def test_trained_lora_changed_and_alpha(main_run):

@@ -1,0 +1,122 @@
+"""The dataset half of a LoRA's ``ss_*`` metadata, in kohya's two shapes, from the resolved plan.
+
+kohya's ``train_network.py`` writes the dataset facts one of two ways:
+
+* with ``--dataset_config``: ``ss_datasets``, a JSON list with one object per dataset
+  (its batch size, resolution, buckets, tag counts and its subsets), plus the merged
+  ``ss_tag_frequency`` and ``ss_dataset_dirs``. The flat per-run keys (``ss_resolution``,
+  ``ss_batch_size_per_device``, ``ss_total_batch_size``, bucket and caption options,
+  ``ss_reg_dataset_dirs``, ``ss_bucket_info``) are left out: each dataset has its own.
+* with ``--train_data_dir``: the single dataset as those flat keys.
+
+Every value is what the plan trains on (TOML over CLI, bucket sizes after rounding;
+kohya's ``None`` bucket sizes when bucketing is off), never a command-line default.
+kohya options spyke-cockpit does not implement carry the only value it accepts
+(``color_aug`` false, ``caption_prefix`` null, ...). Each subset also records its
+``caption_extension``, which kohya leaves out.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from engine.dataset import DatasetPlan
+from engine.dataset_config import DatasetSpec, SubsetSpec
+
+
+def _bucket_sizes(ds: DatasetSpec) -> tuple[int | None, int | None]:
+    return (ds.min_bucket_reso, ds.max_bucket_reso) if ds.enable_bucket else (None, None)
+
+
+def _subset(sub: SubsetSpec, img_count: int) -> dict[str, Any]:
+    return {
+        "img_count": img_count,
+        "num_repeats": sub.num_repeats,
+        "color_aug": False,
+        "flip_aug": bool(sub.flip_aug),
+        "random_crop": False,
+        "shuffle_caption": bool(sub.shuffle_caption),
+        "keep_tokens": sub.keep_tokens,
+        "keep_tokens_separator": "",
+        "secondary_separator": None,
+        "enable_wildcard": False,
+        "caption_prefix": None,
+        "caption_suffix": None,
+        "resize_interpolation": None,
+        "image_dir": sub.image_dir.name,
+        "class_tokens": sub.class_tokens,
+        "is_reg": bool(sub.is_reg),
+        "caption_extension": sub.caption_extension,
+    }
+
+
+def _dataset(plan: DatasetPlan, index: int) -> dict[str, Any]:
+    ds = plan.datasets[index]
+    counts = plan.subset_image_counts(index)
+    lo, hi = _bucket_sizes(ds)
+    return {
+        "is_dreambooth": True,
+        "batch_size_per_device": ds.batch_size,
+        "num_train_images": sum(s.num_repeats * n for s, n in counts if not s.is_reg),
+        "num_reg_images": sum(s.num_repeats * n for s, n in counts if s.is_reg),
+        "resolution": list(ds.resolution),
+        "enable_bucket": bool(ds.enable_bucket),
+        "min_bucket_reso": lo,
+        "max_bucket_reso": hi,
+        "tag_frequency": plan.tag_frequency(index),
+        "bucket_info": plan.bucket_info(index),
+        "resize_interpolation": None,
+        "subsets": [_subset(s, n) for s, n in counts],
+    }
+
+
+def _merged_dirs(plan: DatasetPlan) -> dict[str, dict[str, int]]:
+    """kohya's merged ss_dataset_dirs: training subsets only; a repeated folder name gets " (2)", " (3)"..."""
+    out: dict[str, dict[str, int]] = {}
+    for index in range(len(plan.datasets)):
+        for sub, count in plan.subset_image_counts(index):
+            if sub.is_reg:
+                continue
+            name, n = sub.image_dir.name, 2
+            while name in out:
+                name, n = f"{sub.image_dir.name} ({n})", n + 1
+            out[name] = {"n_repeats": sub.num_repeats, "img_count": count}
+    return out
+
+
+def dataset_metadata(plan: DatasetPlan, *, from_dataset_config: bool,
+                     gradient_accumulation_steps: int) -> dict[str, Any]:
+    """The dataset keys for ``checkpoint.build_metadata`` (``ss_`` prefix left off), plus
+    ``modelspec.resolution`` from the first dataset."""
+    first = plan.datasets[0]
+    modelspec = {"modelspec.resolution": f"{first.resolution[0]}x{first.resolution[1]}"}
+    if from_dataset_config:
+        return {
+            "datasets": [_dataset(plan, i) for i in range(len(plan.datasets))],
+            "tag_frequency": plan.tag_frequency(),
+            "dataset_dirs": _merged_dirs(plan),
+            **modelspec,
+        }
+    sub = first.subsets[0]
+    lo, hi = _bucket_sizes(first)
+    return {
+        "batch_size_per_device": first.batch_size,
+        "total_batch_size": first.batch_size * gradient_accumulation_steps,
+        "resolution": first.resolution,
+        "color_aug": False,
+        "flip_aug": bool(sub.flip_aug),
+        "random_crop": False,
+        "shuffle_caption": bool(sub.shuffle_caption),
+        "enable_bucket": bool(first.enable_bucket),
+        "bucket_no_upscale": bool(first.enable_bucket and first.bucket_no_upscale),
+        "min_bucket_reso": lo,
+        "max_bucket_reso": hi,
+        "keep_tokens": sub.keep_tokens,
+        "caption_extension": sub.caption_extension,
+        "dataset_dirs": plan.dataset_dirs_metadata(),
+        "reg_dataset_dirs": plan.reg_dataset_dirs_metadata(),
+        "tag_frequency": plan.tag_frequency(),
+        "bucket_info": json.dumps(plan.bucket_info()),  # "null" without buckets, as kohya writes it
+        **modelspec,
+    }
