@@ -374,3 +374,23 @@ def read_lora_file(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     except Exception as exc:
         raise CheckpointError(f"{path} is not a valid safetensors file ({type(exc).__name__}); it may be truncated — use another checkpoint") from None
     return tensors, meta
+
+
+MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit on the JSON header
+
+
+def read_lora_metadata(path: Path) -> dict[str, str] | None:
+    """The ``__metadata__`` of a ``.safetensors`` file from its header alone (no tensors read),
+    or None when the file is missing, unreadable or not safetensors."""
+    try:
+        with open(path, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            if not 2 <= n <= MAX_HEADER_BYTES:
+                return None
+            header = json.loads(fh.read(n))
+    except (OSError, ValueError):
+        return None
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    if not isinstance(meta, dict):
+        return {} if isinstance(header, dict) else None
+    return {str(k): str(v) for k, v in meta.items()}

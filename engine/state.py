@@ -157,6 +157,15 @@ def load_state(path: Path) -> LoadedState:
                           "resume from an earlier '*-state' folder") from None
 
 
+def read_progress(path: Path) -> dict[str, Any] | None:
+    """A state folder's progress.json (no torch), or None when it is missing or unreadable."""
+    try:
+        raw = json.loads((Path(path) / PROGRESS).read_text())
+    except (OSError, ValueError):
+        return None
+    return raw if isinstance(raw, dict) else None
+
+
 def find_latest_state(output_dir: Path, output_name: str) -> Path | None:
     """The state folder with the highest global step for ``output_name`` in ``output_dir``."""
     best: tuple[int, float, Path] | None = None

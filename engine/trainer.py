@@ -35,6 +35,7 @@ from engine.events import (
     RunStarted,
     StepCompleted,
 )
+from engine.output_guard import OutputCheck, apply_renames, check_outputs, refuse_foreign
 from engine.plan import RunPlan, missing_model, plan_run
 from engine.state import (
     Progress,
@@ -165,7 +166,8 @@ class Trainer:
                                 sys_total=m.sys_total, allocated=m.allocated, reserved=m.reserved, peak=m.peak,
                                 device_total=m.device_total))
 
-    def _prepare_output(self, plan: RunPlan, resuming: bool) -> Path:
+    def _prepare_output(self, plan: RunPlan, start_step: int | None) -> tuple[Path, OutputCheck]:
+        """Check the output folder before anything is written; ``start_step``: the resumed state's step."""
         out = Path(self.config.output_dir)
         try:
             out.mkdir(parents=True, exist_ok=True)
@@ -177,13 +179,10 @@ class Trainer:
                               "choose a folder you can write to") from None
         for leftover in cleanup_temp_files(out) + cleanup_temp_dirs(out):
             self._emit(LogMessage(level="info", message=f"removed leftover temp {leftover.name}"))
-        if not resuming and not self.config.overwrite:
-            clashes = [c.filename for c in plan.checkpoints if (out / c.filename).exists()]
-            if clashes:
-                raise ConfigError(
-                    f"--output_dir={out} already holds {clashes[0]} from an earlier run; use another "
-                    "--output_name or --output_dir, --resume latest to continue it, or --overwrite to replace it")
-        return out
+        check = check_outputs(out, self.config, plan, self.run_id, start_step)
+        if check.finished is None:
+            apply_renames(check.renames)
+        return out, check
 
     def _open_run_folder(self, out: Path) -> Path:
         run_dir = out / RUNS_DIRNAME / self.run_id
@@ -231,7 +230,17 @@ class Trainer:
         seed = cfg.seed if cfg.seed is not None else random.SystemRandom().randrange(2**31)
         cfg = cfg.replace(seed=seed)
         self.config = cfg
-        out = self._prepare_output(plan, resuming=loaded_state is not None)
+        out, outputs = self._prepare_output(plan, loaded_state.progress.global_step if loaded_state else None)
+        if outputs.finished is not None:  # nothing left to train: change nothing, not even the run folder
+            self.global_step = outputs.finished_step or 0
+            self._emit(LogMessage(level="warning", message=(
+                f"this run already finished at step {self.global_step}: {outputs.finished}; nothing changed "
+                "(to train further, raise --max_train_steps and add --resume_force)")))
+            return outputs.finished, "completed"
+        for src, dst in outputs.renames:
+            if loaded_state is not None and src.resolve() == loaded_state.path.resolve():
+                loaded_state.path = dst
+        resume_warnings += outputs.notes
         run_dir = self._open_run_folder(out)
 
         device = pick_device(cfg.device)
@@ -457,6 +466,8 @@ class _Job:
         loss = self.t.losses[-1] if self.t.losses else None
         tensors = self.network.state_dict_kohya(self.save_dtype)
         try:
+            if not self.cfg.overwrite:
+                refuse_foreign(out / name, self.t.run_id)
             saved = save_lora_file(out / name, tensors, self._metadata(step, epoch))
         except CheckpointError as err:
             raise CheckpointError(f"{err}{self._state_after_failed_save()}") from None
@@ -485,6 +496,8 @@ class _Job:
 
     def save_training_state(self, final: bool = False) -> Path:
         dest = Path(self.cfg.output_dir) / state_dirname(self.cfg.output_name, None if final else self.t.global_step)
+        if not self.cfg.overwrite:
+            refuse_foreign(dest, self.t.run_id, state=True)
         path = save_state(dest, lora_tensors=self.network.state_dict_kohya(None),
                           optimizer_state=self.optimizer.state_dict(),
                           scheduler_state=self.lr_scheduler.state_dict(),

@@ -281,6 +281,175 @@ def test_damaged_state_is_a_clear_error(assets, aborted, tmp_path):
     assert "damaged" in run.result.error and "\n" not in run.result.error
 
 
+# --------------------------------------------------------------------------- what a resume may replace
+def snapshot(out: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file under ``out`` (run folders included): its bytes and mtime."""
+    return {str(p.relative_to(out)): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def copy_run(src: Path, dest: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dest)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def other_run(assets, tmp_path_factory) -> Path:
+    """A finished 2-step run of the same name that has nothing to do with ``aborted``."""
+    out = tmp_path_factory.mktemp("other") / "out"
+    run = train(make_config(assets, out, max_train_steps=2, save_every_n_steps=None, save_state=False, seed=7))
+    assert run.result.status == "completed", run.result.error
+    return out
+
+
+@pytest.fixture(scope="module")
+def finished(assets, tmp_path_factory) -> Run:
+    """A finished 4-step run with a step-3 checkpoint: its final (step 4) exists under no step name."""
+    run = train(make_config(assets, tmp_path_factory.mktemp("finished") / "out", max_train_steps=4,
+                            save_every_n_steps=3))
+    assert run.result.status == "completed", run.result.error
+    return run
+
+
+def foreign_state(out: Path, src: Path, name: str) -> None:
+    import json
+
+    dest = copy_run(src, out / name)
+    progress = json.loads((dest / "progress.json").read_text())
+    (dest / "progress.json").write_text(json.dumps({**progress, "run_id": "someone-elses-run"}))
+
+
+@pytest.mark.parametrize("foreign", ["another_runs_final", "unreadable_final", "another_runs_state"])
+def test_resume_into_folder_with_another_runs_file_is_refused(assets, aborted, other_run, tmp_path, foreign):
+    state = Path(aborted.result.final_path).parent / f"spyke_demo-step{ABORT_AT:08d}-state"
+    out = tmp_path / "out"
+    clash = "spyke_demo.safetensors"
+    if foreign == "another_runs_final":
+        copy_run(other_run, out)
+    elif foreign == "unreadable_final":
+        out.mkdir()
+        (out / clash).write_bytes(b"not a LoRA")
+    else:
+        clash = "spyke_demo-step00000004-state"
+        out.mkdir()
+        foreign_state(out, state, clash)
+    before = snapshot(out)
+    run = train(make_config(assets, out, resume=str(state)))
+    assert run.result.status == "failed"
+    assert run.result.error == (
+        f"--output_dir={out} already holds {clash}, which is not from the run being resumed "
+        f"({aborted.of(RunStarted)[0].run_id}); use another --output_name or --output_dir, or --overwrite to "
+        "replace it")
+    assert snapshot(out) == before  # nothing written, not even a run folder
+
+
+def test_fresh_run_refuses_an_existing_state_folder_of_its_names(assets, aborted, tmp_path):
+    state = Path(aborted.result.final_path).parent / f"spyke_demo-step{ABORT_AT:08d}-state"
+    out = tmp_path / "out"
+    out.mkdir()
+    foreign_state(out, state, "spyke_demo-step00000002-state")
+    before = snapshot(out)
+    run = train(make_config(assets, out))
+    assert run.result.error == (
+        f"--output_dir={out} already holds spyke_demo-step00000002-state from an earlier run; use another "
+        "--output_name or --output_dir, --resume latest to continue it, or --overwrite to replace it")
+    assert snapshot(out) == before
+
+
+def test_resume_never_saves_over_another_runs_file_at_its_start_step(assets, aborted, tmp_path):
+    """An abort right after resuming saves at the state's own step, a name the plan does not list."""
+    from engine.trainer import Trainer
+
+    state = Path(aborted.result.final_path).parent / f"spyke_demo-step{ABORT_AT:08d}-state"
+    out = tmp_path / "out"
+    out.mkdir()
+    theirs = out / f"spyke_demo-step{ABORT_AT:08d}.safetensors"
+    theirs.write_bytes(b"someone else's file")
+    control = TrainingControl()
+    control.abort(save=True)
+    result = Trainer(make_config(assets, out, resume=str(state)), control=control).run()
+    assert result.status == "failed"
+    assert result.error.startswith(f"not saving {theirs}: it is not from this run (")
+    assert "--overwrite" in result.error and "\n" not in result.error
+    assert theirs.read_bytes() == b"someone else's file"
+
+
+def test_extending_a_finished_run_keeps_its_earlier_final_under_its_step_name(assets, finished, tmp_path):
+    out = copy_run(Path(finished.result.final_path).parent, tmp_path / "out")
+    old_final = (out / "spyke_demo.safetensors").read_bytes()
+    old_state = snapshot(out / "spyke_demo-state")
+    run = train(make_config(assets, out, resume="latest", max_train_steps=6, save_every_n_steps=3,
+                            resume_force=True))
+    assert run.result.status == "completed", run.result.error
+    assert [e.step for e in run.steps] == [5, 6]
+    assert (out / "spyke_demo-step00000004.safetensors").read_bytes() == old_final
+    assert snapshot(out / "spyke_demo-step00000004-state") == old_state
+    assert (out / "spyke_demo-step00000006.safetensors").is_file() and (out / "spyke_demo-state").is_dir()
+    assert any(e.level == "warning" and e.message == (
+        "this resume writes a new final: kept the earlier final spyke_demo.safetensors (step 4) as "
+        "spyke_demo-step00000004.safetensors and its state as spyke_demo-step00000004-state")
+        for e in run.of(LogMessage))
+    from engine.checkpoint import read_lora_metadata
+
+    assert read_lora_metadata(out / "spyke_demo.safetensors")["ss_steps"] == "6"
+    check_output_folder(out)
+
+
+def test_extending_a_finished_run_whose_last_step_file_holds_the_same_weights(assets, straight, tmp_path):
+    out = copy_run(Path(straight.result.final_path).parent, tmp_path / "out")
+    old_final = read_tensors(out / "spyke_demo.safetensors")
+    step_file = out / "spyke_demo-step00000006.safetensors"
+    kept = step_file.read_bytes()
+    run = train(make_config(assets, out, resume="latest", max_train_steps=N_STEPS + 2, resume_force=True))
+    assert run.result.status == "completed", run.result.error
+    assert step_file.read_bytes() == kept and max_abs_diff(read_tensors(step_file), old_final) == 0
+    assert any(e.message == "this resume writes a new final: the earlier final spyke_demo.safetensors (step 6) "
+               "has the same weights as spyke_demo-step00000006.safetensors, which stays" for e in run.of(LogMessage))
+
+
+def test_extending_a_finished_run_refuses_when_its_step_name_is_taken(assets, finished, tmp_path):
+    import shlex
+    import subprocess
+
+    out = copy_run(Path(finished.result.final_path).parent, tmp_path / "out")
+    (out / "spyke_demo-step00000004.safetensors").write_bytes(b"a file the user put here")
+    before = snapshot(out)
+    extend = make_config(assets, out, resume="latest", max_train_steps=6, save_every_n_steps=3, resume_force=True)
+    run = train(extend)
+    assert run.result.status == "failed" and snapshot(out) == before
+    keep = f"mv {out / 'spyke_demo.safetensors'} {out / 'kept-spyke_demo-step00000004.safetensors'}"
+    assert run.result.error == (
+        f"--output_dir={out} holds this run's final spyke_demo.safetensors (step 4) and "
+        "spyke_demo-step00000004.safetensors is taken, so the new final would replace it; keep it first with: "
+        f"{keep} — or add --overwrite to replace it")
+    # The printed command keeps it; then the run continues.
+    subprocess.run(shlex.split(keep), check=True)
+    again = train(extend)
+    assert again.result.status == "completed", again.result.error
+    assert (out / "kept-spyke_demo-step00000004.safetensors").read_bytes() == before["spyke_demo.safetensors"][0]
+    assert (out / "spyke_demo-step00000004.safetensors").read_bytes() == b"a file the user put here"
+
+
+@pytest.mark.parametrize("resume", ["latest", f"spyke_demo-step{N_STEPS:08d}-state"])
+def test_resuming_a_finished_run_changes_nothing(assets, straight, tmp_path, resume):
+    import io
+
+    from engine.headless import run_headless
+
+    out = copy_run(Path(straight.result.final_path).parent, tmp_path / "out")
+    before = snapshot(out)
+    buf = io.StringIO()
+    rc = run_headless(make_config(assets, out, resume=resume if resume == "latest" else str(out / resume)), out=buf)
+    text = buf.getvalue()
+    assert rc == 0, text
+    assert (f"warning: this run already finished at step {N_STEPS}: {out / 'spyke_demo.safetensors'}; nothing "
+            "changed (to train further, raise --max_train_steps and add --resume_force)") in text
+    assert f"finished: completed at step {N_STEPS} -> {out / 'spyke_demo.safetensors'}" in text
+    assert "Traceback" not in text and "\nstep " not in text
+    assert snapshot(out) == before
+
 # --------------------------------------------------------------------------- NaN guard
 def nan_at(*steps: int):
     def hook(step, loss):
