@@ -261,6 +261,19 @@ def coerce_value(name: str, raw: Any, where: str) -> Any:
         raise ConfigError(f"{where}: {name} must be {kind.__name__} (got {raw!r})") from None
 
 
+def is_dataset_toml(data: Mapping[str, Any]) -> bool:
+    """A kohya dataset config: a ``[[datasets]]`` array of tables, or a ``[general]`` table holding
+    keys only a dataset config has (``batch_size``, ``num_repeats``, ``image_dir``…)."""
+    from engine.dataset_config import DATASET_ASCENDABLE, SUBSET_ASCENDABLE, SUBSET_ONLY
+
+    datasets = data.get("datasets")
+    if isinstance(datasets, list) and all(isinstance(d, dict) for d in datasets):
+        return True
+    general = data.get("general")
+    dataset_only = (set(DATASET_ASCENDABLE) | set(SUBSET_ASCENDABLE) | set(SUBSET_ONLY)) - set(FIELDS)
+    return isinstance(general, dict) and any(key in dataset_only for key in general)
+
+
 def load_toml_values(path: Path) -> dict[str, Any]:
     """Read a preset TOML: keys at top level or in any tables (kohya's config_file style)."""
     try:
@@ -271,6 +284,9 @@ def load_toml_values(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid TOML ({err})") from None
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"{path}: cannot read ({err})") from None
+    if is_dataset_toml(data):
+        raise ConfigError(f"{path}: this is a kohya dataset config; pass it as --dataset_config={path} "
+                          "(the positional argument is a training preset)")
     flat: dict[str, Any] = {}
     for key, value in data.items():
         if isinstance(value, dict):

@@ -103,6 +103,8 @@ BAD_INPUT = {
     "dim 0": (lambda a, t: train_args(a, t / "o") + ["--network_dim=0"], 2, "network_dim"),
     "bad choice": (lambda a, t: train_args(a, t / "o") + ["--lr_scheduler=sometimes"], 2, "lr_scheduler"),
     "missing toml": (lambda a, t: ["train", "--headless", str(t / "nope.toml")], 2, "nope.toml"),
+    "dataset toml as the preset": (lambda a, t: ["train", "--headless", str(a["small"].dataset_toml)], 2,
+                                   f"--dataset_config={a['small'].dataset_toml}"),
     "missing model": (lambda a, t: train_args(a, t / "o") + [f"--pretrained_model_name_or_path={t / 'no_model'}"],
                       1, "no_model"),
     "missing image dir": (lambda a, t: train_args(a, t / "o") + [f"--dataset_config={t / 'missing_dir.toml'}"],

@@ -228,3 +228,24 @@ def test_to_toml_round_trip(tmp_path):
     path = tmp_path / "resolved.toml"
     path.write_text(to_toml(cfg))
     assert build_config(path) == cfg
+
+
+@pytest.mark.parametrize("text", [
+    '[general]\nshuffle_caption = true\n[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = "img"\n',
+    '[[datasets]]\nbatch_size = 2\n[[datasets.subsets]]\nimage_dir = "img"\nnum_repeats = 10\n',
+    '[general]\nbatch_size = 4\ncaption_extension = ".txt"\n',
+])
+def test_a_dataset_toml_given_as_the_preset_says_to_pass_it_as_dataset_config(tmp_path, text):
+    path = tmp_path / "dataset.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        parse_train_args(make_parser("spyke-cockpit train", ""), [str(path)])
+    assert str(info.value) == (f"{path}: this is a kohya dataset config; pass it as --dataset_config={path} "
+                               "(the positional argument is a training preset)")
+
+
+def test_a_preset_with_a_general_table_of_training_keys_still_loads(tmp_path):
+    path = tmp_path / "preset.toml"
+    path.write_text('[general]\nresolution = 768\ncaption_extension = ".txt"\nnetwork_dim = 8\n')
+    cfg = build_config(path)
+    assert (cfg.resolution, cfg.caption_extension, cfg.network_dim) == ("768", ".txt", 8)
