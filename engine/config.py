@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -160,6 +161,8 @@ class TrainConfig:
             out["resolution"] = str(err).split(": ", 1)[-1]
         if not self.output_name.strip() or any(c in self.output_name for c in "/\\"):
             out["output_name"] = "must be a plain file name without slashes"
+        elif (too_long := _output_name_too_long(self)) is not None:
+            out["output_name"] = too_long
         if self.network_train_unet_only and self.network_train_text_encoder_only:
             out["network_train_text_encoder_only"] = "cannot be combined with network_train_unet_only"
         return out
@@ -186,6 +189,38 @@ class TrainConfig:
 
 
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in fields(TrainConfig)}
+
+
+def name_max(folder: str | Path) -> int:
+    """The longest name, in bytes, the file system of ``folder`` (or its nearest existing parent) allows."""
+    probe = Path(folder or ".").expanduser().absolute()
+    try:
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        limit = os.pathconf(probe, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255
+    return limit if limit > 0 else 255
+
+
+def _output_name_too_long(cfg: TrainConfig) -> str | None:
+    """Why ``output_name`` cannot fit once the run adds its step suffix and temp-file marks (None if it fits)."""
+    from engine.state import longest_written_name
+
+    digits = max(8, len(str(cfg.max_train_steps))) if cfg.max_train_epochs is None else 8
+    try:
+        longest = len(os.fsencode(longest_written_name(cfg.output_name, digits)))
+    except (ConfigError, ValueError):
+        return None  # not a plain file name: reported by checkpoint_filename where it is used
+    size = len(os.fsencode(cfg.output_name))
+    limit = name_max(cfg.output_dir)
+    if longest <= limit:
+        return None
+    extra = longest - size
+    unit = "characters" if cfg.output_name.isascii() else "bytes in UTF-8"
+    return (f"is {size} {unit} long; use at most {max(limit - extra, 0)}: the run writes names up to {extra} "
+            f"longer (.NAME-step{'N' * digits}.safetensors.tmp-PID-RAND) and the file system of "
+            f"{cfg.output_dir or '.'} allows {limit}")
 
 
 def field_type(name: str) -> type:

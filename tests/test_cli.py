@@ -115,6 +115,8 @@ BAD_INPUT = {
                    1, "lonely.png"),
     "corrupt image": (lambda a, t: train_args(a, t / "o") + [f"--dataset_config={t / 'corrupt.toml'}"],
                       1, "broken.png"),
+    "output name too long": (lambda a, t: train_args(a, t / "o") + ["--output_name=" + "n" * 240], 2,
+                             "--output_name is 240 characters long; use at most"),
     "output dir under a file": (lambda a, t: train_args(a, Path("/etc/passwd/x")), 1, "/etc/passwd/x"),
 }
 

@@ -249,3 +249,18 @@ def test_a_preset_with_a_general_table_of_training_keys_still_loads(tmp_path):
     path.write_text('[general]\nresolution = 768\ncaption_extension = ".txt"\nnetwork_dim = 8\n')
     cfg = build_config(path)
     assert (cfg.resolution, cfg.caption_extension, cfg.network_dim) == ("768", ".txt", 8)
+
+
+def test_an_output_name_too_long_for_the_file_system_is_refused_up_front(tmp_path):
+    from engine.config import name_max
+    from engine.state import longest_written_name
+
+    cfg = TrainConfig(pretrained_model_name_or_path="m", train_data_dir="x", output_dir=str(tmp_path / "out"))
+    most = name_max(tmp_path) - (len(longest_written_name("n")) - 1)
+    fits = cfg.replace(output_name="n" * most)
+    assert fits.problems() == {}
+    (tmp_path / longest_written_name(fits.output_name)).write_bytes(b"")   # the longest name really fits
+    with pytest.raises(ConfigError) as info:
+        cfg.replace(output_name="n" * (most + 1)).validate()
+    assert str(info.value).startswith(f"--output_name is {most + 1} characters long; use at most {most}:")
+    assert not (tmp_path / "out").exists()
