@@ -587,7 +587,7 @@ def resolve_run(run: str | None, root: str | None = None) -> Path:
     """A run folder from what the user typed: a run folder, its events.jsonl, a folder holding
     runs (the most recent live one is picked), or a run id under ``root`` (default: the runs root
     from $SPYKE_RUNS_ROOT or the user config file, else the current folder)."""
-    from engine.runs import default_runs_root, find_run_dirs, latest_live_run
+    from engine.runs import check_readable, default_runs_root, find_run_dirs, latest_live_run
 
     base = Path(root) if root else default_runs_root()
     if run is None:
@@ -598,17 +598,17 @@ def resolve_run(run: str | None, root: str | None = None) -> Path:
         return info.run_dir
     path = Path(run).expanduser()
     if path.name == EVENTS and path.is_file():
-        return path.parent
+        return check_readable(path.parent)
     if path.is_dir():
         if (path / EVENTS).is_file():
-            return path
+            return check_readable(path)
         info = latest_live_run(path)
         if info is None:
             raise SpykeError(f"{path}: no spyke-cockpit runs in this folder (see `spyke-cockpit ls {path}`)")
         return info.run_dir
     matches = [d for d in find_run_dirs(base) if d.name == run or d.name.startswith(run)]
     if len(matches) == 1:
-        return matches[0]
+        return check_readable(matches[0])
     if matches:
         raise SpykeError(f"run '{run}' matches {len(matches)} runs under {base.resolve()}; pass its folder")
     raise SpykeError(f"run '{run}': no such run folder or run id under {base.resolve()} "

@@ -256,6 +256,11 @@ def _check_finite(tensors: Mapping[str, Tensor], path: Path, where: str) -> None
             )
 
 
+def temp_file_name(name: str, pid: int | None = None) -> str:
+    """The name :func:`save_lora_file` writes ``name`` under before renaming it into place."""
+    return f".{name}.tmp-{os.getpid() if pid is None else pid}-{secrets.token_hex(4)}"
+
+
 def save_lora_file(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> SavedFile:
     """Write ``tensors`` + ``metadata`` to ``path`` atomically and verify it.
 
@@ -282,7 +287,7 @@ def save_lora_file(path: Path, tensors: dict[str, Tensor], metadata: dict[str, s
         raise CheckpointError(f"not saving {path}: tensor data changed between serializations; report this bug")
     file_sha = hashlib.sha256(blob).hexdigest()
 
-    tmp = folder / f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp = folder / temp_file_name(path.name)
     try:
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -160,6 +161,8 @@ class TrainConfig:
             out["resolution"] = str(err).split(": ", 1)[-1]
         if not self.output_name.strip() or any(c in self.output_name for c in "/\\"):
             out["output_name"] = "must be a plain file name without slashes"
+        elif (too_long := _output_name_too_long(self)) is not None:
+            out["output_name"] = too_long
         if self.network_train_unet_only and self.network_train_text_encoder_only:
             out["network_train_text_encoder_only"] = "cannot be combined with network_train_unet_only"
         return out
@@ -186,6 +189,38 @@ class TrainConfig:
 
 
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in fields(TrainConfig)}
+
+
+def name_max(folder: str | Path) -> int:
+    """The longest name, in bytes, the file system of ``folder`` (or its nearest existing parent) allows."""
+    probe = Path(folder or ".").expanduser().absolute()
+    try:
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        limit = os.pathconf(probe, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255
+    return limit if limit > 0 else 255
+
+
+def _output_name_too_long(cfg: TrainConfig) -> str | None:
+    """Why ``output_name`` cannot fit once the run adds its step suffix and temp-file marks (None if it fits)."""
+    from engine.state import longest_written_name
+
+    digits = max(8, len(str(cfg.max_train_steps))) if cfg.max_train_epochs is None else 8
+    try:
+        longest = len(os.fsencode(longest_written_name(cfg.output_name, digits)))
+    except (ConfigError, ValueError):
+        return None  # not a plain file name: reported by checkpoint_filename where it is used
+    size = len(os.fsencode(cfg.output_name))
+    limit = name_max(cfg.output_dir)
+    if longest <= limit:
+        return None
+    extra = longest - size
+    unit = "characters" if cfg.output_name.isascii() else "bytes in UTF-8"
+    return (f"is {size} {unit} long; use at most {max(limit - extra, 0)}: the run writes names up to {extra} "
+            f"longer (.NAME-step{'N' * digits}.safetensors.tmp-PID-RAND) and the file system of "
+            f"{cfg.output_dir or '.'} allows {limit}")
 
 
 def field_type(name: str) -> type:
@@ -261,6 +296,19 @@ def coerce_value(name: str, raw: Any, where: str) -> Any:
         raise ConfigError(f"{where}: {name} must be {kind.__name__} (got {raw!r})") from None
 
 
+def is_dataset_toml(data: Mapping[str, Any]) -> bool:
+    """A kohya dataset config: a ``[[datasets]]`` array of tables, or a ``[general]`` table holding
+    keys only a dataset config has (``batch_size``, ``num_repeats``, ``image_dir``…)."""
+    from engine.dataset_config import DATASET_ASCENDABLE, SUBSET_ASCENDABLE, SUBSET_ONLY
+
+    datasets = data.get("datasets")
+    if isinstance(datasets, list) and all(isinstance(d, dict) for d in datasets):
+        return True
+    general = data.get("general")
+    dataset_only = (set(DATASET_ASCENDABLE) | set(SUBSET_ASCENDABLE) | set(SUBSET_ONLY)) - set(FIELDS)
+    return isinstance(general, dict) and any(key in dataset_only for key in general)
+
+
 def load_toml_values(path: Path) -> dict[str, Any]:
     """Read a preset TOML: keys at top level or in any tables (kohya's config_file style)."""
     try:
@@ -271,6 +319,9 @@ def load_toml_values(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid TOML ({err})") from None
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"{path}: cannot read ({err})") from None
+    if is_dataset_toml(data):
+        raise ConfigError(f"{path}: this is a kohya dataset config; pass it as --dataset_config={path} "
+                          "(the positional argument is a training preset)")
     flat: dict[str, Any] = {}
     for key, value in data.items():
         if isinstance(value, dict):

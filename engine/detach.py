@@ -1,32 +1,100 @@
-"""``spyke-cockpit train --detach``: a headless run in its own session, in the background."""
+"""``spyke-cockpit train --detach``: a headless run in its own session, in the background.
+
+Everything a foreground run would refuse before it trains is checked here first, without
+writing anything, so a bad config is one line on the terminal and a non-zero exit, never a
+"started" message followed by an error nobody sees in ``console.log``.
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 from engine.config import TrainConfig, to_toml
+from engine.errors import ConfigError, ModelLoadError
+from engine.plan import RunPlan, missing_model, plan_run
+from engine.state import PROGRESS, config_mismatches, find_latest_state
 from engine.trainer import RUNS_DIRNAME, new_run_id
+
+
+def preflight(config: TrainConfig) -> str | None:
+    """Raise the one-line error a foreground run would stop on before training (config, dataset,
+    base model, resume state, output folder); return the run id of the state being resumed, if any."""
+    config.validate()
+    plan = plan_run(config)
+    if (missing := missing_model(config)) is not None:
+        raise ModelLoadError(missing)
+    run_id = _check_resume(config) if config.resume else None
+    _check_output(config, plan, resuming=run_id is not None)
+    return run_id
+
+
+def _check_resume(cfg: TrainConfig) -> str | None:
+    """The resume state exists, is one, and matches the config (as the trainer checks it; no torch)."""
+    state = find_latest_state(Path(cfg.output_dir), cfg.output_name) if cfg.resume == "latest" else Path(cfg.resume)
+    if state is None:
+        raise ConfigError(f"--resume latest: no '{cfg.output_name}-*-state' folder in {cfg.output_dir}; "
+                          "train with --save_state first, or pass a state folder")
+    if not (state / PROGRESS).is_file():
+        raise ConfigError(f"--resume={state}: not a spyke-cockpit state folder (no {PROGRESS}); "
+                          "pass a '*-state' folder written with --save_state, or 'latest'")
+    try:
+        progress = json.loads((state / PROGRESS).read_text(encoding="utf-8"))
+        saved, seed, run_id = progress["config"], progress["seed"], progress.get("run_id")
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ConfigError(f"--resume={state}: the state folder is damaged ({type(err).__name__}: {err}); "
+                          "resume from an earlier '*-state' folder") from None
+    current = cfg.replace(seed=seed) if cfg.seed is None else cfg
+    mismatches = config_mismatches(saved, current.to_dict())
+    if mismatches and not cfg.resume_force:
+        raise ConfigError(f"--resume={state}: the run's settings changed ({'; '.join(mismatches)}); "
+                          "use the saved settings, or add --resume_force to continue anyway")
+    return run_id or None
+
+
+def _check_output(cfg: TrainConfig, plan: RunPlan, *, resuming: bool) -> None:
+    """The output folder can be created and written, and a fresh run would replace none of its files."""
+    out = Path(cfg.output_dir)
+    probe = out.absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        why = "Not a directory" if not probe.is_dir() else "Permission denied"
+        raise ConfigError(f"--output_dir={out}: not writable ({why}); choose a folder you can write to")
+    if not resuming and not cfg.overwrite:
+        clashes = [c.filename for c in plan.checkpoints if (out / c.filename).exists()]
+        if clashes:
+            raise ConfigError(
+                f"--output_dir={out} already holds {clashes[0]} from an earlier run; use another "
+                "--output_name or --output_dir, --resume latest to continue it, or --overwrite to replace it")
 
 
 def detach_run(config: TrainConfig, config_path: str | None = None) -> int:
     """Start the run as a new session (immune to the terminal's SIGHUP), output in the run folder."""
-    config.validate()
-    run_id = new_run_id(config.output_name)
+    resumed = preflight(config)
+    run_id = resumed or new_run_id(config.output_name)
     run_dir = Path(config.output_dir) / RUNS_DIRNAME / run_id
-    run_dir.mkdir(parents=True, exist_ok=True)
-    os.chmod(run_dir, 0o700)
-    launch = run_dir / "launch.toml"
-    launch.write_text(to_toml(config))
-    log = open(run_dir / "console.log", "ab")
-    env = dict(os.environ, SPYKE_RUN_ID=run_id, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cockpit.cli", "train", "--headless", str(launch)],
-        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env,
-        cwd=os.getcwd())
-    log.close()
+    created = not run_dir.exists()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(run_dir, 0o700)
+        launch = run_dir / "launch.toml"
+        launch.write_text(to_toml(config))
+        env = dict(os.environ, SPYKE_RUN_ID=run_id, PYTHONUNBUFFERED="1")
+        with open(run_dir / "console.log", "ab") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "cockpit.cli", "train", "--headless", str(launch)],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env,
+                cwd=os.getcwd())
+    except OSError as err:
+        if created:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise ConfigError(f"--output_dir={config.output_dir}: cannot start the run there "
+                          f"({err.strerror or err}); choose a folder you can write to") from None
     print(f"started run {run_id} (pid {proc.pid}) in the background")
     print(f"  output:  {run_dir / 'console.log'}")
     print(f"  watch:   spyke-cockpit attach {run_dir}")

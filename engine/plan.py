@@ -6,6 +6,7 @@ images per subset, steps per epoch, total steps, and every checkpoint's file nam
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +14,8 @@ from pathlib import Path
 from engine.checkpoint import checkpoint_filename
 from engine.config import TrainConfig
 from engine.dataset import DatasetArgs, DatasetPlan, compute_total_steps, load_dataset_plan
+from engine.errors import ConfigError
+from engine.models import DEFAULT_SD15_CONFIG_DIR
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,7 @@ def free_space(path: Path) -> int | None:
 def plan_run(config: TrainConfig) -> RunPlan:
     """Validate the config and scan the dataset; raises a one-line SpykeError on bad input."""
     config.validate()
+    check_clip_skip(config.clip_skip, text_encoder_layers(config))
     dataset = load_dataset_plan(dataset_args(config))
     total_steps, num_epochs = compute_total_steps(
         dataset.batches_per_epoch, config.max_train_epochs, config.max_train_steps,
@@ -130,3 +134,25 @@ def missing_model(config: TrainConfig) -> str | None:
         return None
     return (f"--pretrained_model_name_or_path={model}: not found; pass a diffusers folder or an SD1.x "
             ".safetensors file")
+
+
+def text_encoder_layers(config: TrainConfig) -> int | None:
+    """The text encoder's layer count from the config it will be built from, without loading it:
+    a diffusers folder's ``text_encoder/config.json``, or for a single file the SD config folder's
+    (``--sd_config_dir``, default the shipped SD1.5 one). None when that file cannot be read."""
+    model = Path(config.pretrained_model_name_or_path).expanduser()
+    if model.is_dir():
+        folder = model
+    else:
+        folder = Path(config.sd_config_dir).expanduser() if config.sd_config_dir else DEFAULT_SD15_CONFIG_DIR
+    try:
+        layers = json.loads((folder / "text_encoder" / "config.json").read_text(encoding="utf-8"))["num_hidden_layers"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return layers if isinstance(layers, int) and not isinstance(layers, bool) and layers > 0 else None
+
+
+def check_clip_skip(clip_skip: int | None, layers: int | None) -> None:
+    """``--clip_skip=n`` takes the n-th last layer's output, so n may be at most the layer count."""
+    if clip_skip is not None and layers is not None and clip_skip > layers:
+        raise ConfigError(f"--clip_skip={clip_skip}: the text encoder has {layers} layers; use 1..{layers}")

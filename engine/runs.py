@@ -138,6 +138,28 @@ def summarize(run_dir: Path) -> RunInfo | None:
                    first.output_name)
 
 
+def check_readable(run_dir: Path) -> Path:
+    """``run_dir`` if its events.jsonl holds spyke-cockpit events, else a one-line SpykeError saying how
+    many of its lines could be read. An empty file, or a last line still being written, is a live run's."""
+    path = Path(run_dir) / EVENTS
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(TAIL_BYTES + 1)
+    except OSError as err:
+        raise SpykeError(f"{path}: cannot read it ({err.strerror or err})") from None
+    cut = len(data) > TAIL_BYTES
+    lines = data[:TAIL_BYTES].split(b"\n")
+    last = lines.pop()                     # no newline yet: being written (or cut by the read limit)
+    lines = [raw for raw in lines if raw.strip()]
+    if any(parse_line(raw.decode("utf-8", "replace")) is not None for raw in lines):
+        return Path(run_dir)               # one event is enough: the cockpit skips lines it cannot read
+    if not lines and (not last.strip() or last.lstrip().startswith(b"{")):
+        return Path(run_dir)               # empty, or its first event is being written
+    total = len(lines) + (1 if last.strip() else 0)
+    of = f"the first {total}" if cut else str(total)
+    raise SpykeError(f"{path}: not a spyke-cockpit run (0 of {of} line{'s' if total != 1 else ''} readable)")
+
+
 def find_run_dirs(root: Path, max_depth: int = 4) -> list[Path]:
     """Run folders under ``root`` (``root`` itself may be a run folder, an output dir or above)."""
     root = Path(root)

@@ -17,12 +17,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.checkpoint import fsync_dir
+from engine.checkpoint import checkpoint_filename, fsync_dir, temp_file_name
 from engine.errors import CheckpointError, ConfigError
 
 PROGRESS = "progress.json"
 STATE_FORMAT = 1
 TMP_MARK = ".tmp-"
+PID_MAX = 4_194_304     # the highest pid Linux can hand out (macOS: 99998): the widest pid in a temp name
 
 
 @dataclass
@@ -41,6 +42,20 @@ class Progress:
 
 def state_dirname(output_name: str, step: int | None) -> str:
     return f"{output_name}-step{step:08d}-state" if step is not None else f"{output_name}-state"
+
+
+def temp_dir_name(name: str, pid: int | None = None) -> str:
+    """The name :func:`save_state` writes the state folder ``name`` under before renaming it into place."""
+    return f".{name}{TMP_MARK}{os.getpid() if pid is None else pid}-{uuid.uuid4().hex[:6]}"
+
+
+def longest_written_name(output_name: str, step_digits: int = 8) -> str:
+    """The longest file or folder name a run called ``output_name`` writes in its output folder:
+    the temp names of a step checkpoint and of a step state, with the widest step and pid."""
+    step = 10 ** step_digits - 1
+    names = (temp_file_name(checkpoint_filename(output_name, step=step), pid=PID_MAX),
+             temp_dir_name(state_dirname(output_name, step), pid=PID_MAX))
+    return max(names, key=lambda n: len(os.fsencode(n)))
 
 
 def capture_rng(noise_generator, data_rng: random.Random, device_type: str) -> dict[str, Any]:
@@ -97,7 +112,7 @@ def save_state(dest: Path, *, lora_tensors: dict, optimizer_state: dict, schedul
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise CheckpointError(f"not saving training state {dest}: {key} contains NaN or Inf; training "
                                   "diverged — lower the learning rate or resume from an earlier state")
-    tmp = dest.with_name(f".{dest.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:6]}")
+    tmp = dest.with_name(temp_dir_name(dest.name))
     try:
         tmp.mkdir(parents=True)
         save_file({k: v.contiguous() for k, v in lora_tensors.items()}, str(tmp / "lora.safetensors"))

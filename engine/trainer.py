@@ -263,6 +263,9 @@ class Trainer:
         base = load_base_model(cfg.pretrained_model_name_or_path,
                                sd_config_dir=Path(cfg.sd_config_dir) if cfg.sd_config_dir else None,
                                allow_pickle=cfg.allow_pickle)
+        from engine.plan import check_clip_skip
+
+        check_clip_skip(cfg.clip_skip, base.text_encoder.config.num_hidden_layers)
         job = _Job(self, cfg, plan, base, device, loaded_state, seed, started_at, run_dir)
         return job.train()
 

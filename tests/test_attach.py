@@ -408,6 +408,38 @@ def test_resolve_run_picks_the_latest_live_run_or_a_named_one(tmp_path):
         resolve_run(None, str(tmp_path / "a" / "out" / "nothing-here"))
 
 
+def test_attach_to_a_folder_whose_events_are_garbage_says_it_is_not_a_run(tmp_path):
+    run_dir = tmp_path / "out" / ".spyke" / "notarun"
+    run_dir.mkdir(parents=True)
+    (run_dir / "events.jsonl").write_text("".join(f"line {i} of some other log\n" for i in range(11)) + "no newline")
+    want = f"{run_dir / 'events.jsonl'}: not a spyke-cockpit run (0 of 12 lines readable)"
+    for typed in (run_dir, run_dir / "events.jsonl"):
+        with pytest.raises(SpykeError) as info:
+            resolve_run(str(typed))
+        assert str(info.value) == want
+    with pytest.raises(SpykeError, match="0 of 12 lines readable"):
+        resolve_run("notarun", str(tmp_path))                         # by run id under a root
+    out = subprocess.run([sys.executable, "-m", "cockpit.cli", "attach", str(run_dir)], capture_output=True,
+                         text=True, cwd=Path(__file__).resolve().parent.parent, timeout=60)
+    assert (out.returncode, out.stdout, out.stderr) == (2, "", f"spyke-cockpit: error: {want}\n")
+
+
+def test_attach_accepts_a_live_run_with_a_torn_last_line_or_one_still_starting(tmp_path):
+    live = write_run(tmp_path, synthetic_events(3, pid=os.getpid(), finished=None, t0=time.time() - 5),
+                     tail='{"v":1,"type":"step","t":')
+    assert resolve_run(str(live)) == live
+    starting = tmp_path / "starting"
+    starting.mkdir()
+    (starting / "events.jsonl").write_text("")
+    assert resolve_run(str(starting)) == starting
+    (starting / "events.jsonl").write_text('{"v":1,"type":"run_started","t":1,"run_id":"x')  # first line half out
+    assert resolve_run(str(starting)) == starting
+    damaged = write_run(tmp_path / "d", synthetic_events(3, pid=dead_pid()))
+    with open(damaged / "events.jsonl", "r+b") as fh:
+        fh.write(b"\x00garbage")                                     # the first line is torn, the rest reads
+    assert resolve_run(str(damaged)) == damaged
+
+
 def test_runs_root_comes_from_the_env_or_the_user_config_file(tmp_path, monkeypatch):
     from engine.runs import default_runs_root, main as ls_main, user_config_path
 

@@ -104,6 +104,8 @@ BAD_INPUT = {
     "dim 0": (lambda a, t: train_args(a, t / "o") + ["--network_dim=0"], 2, "network_dim"),
     "bad choice": (lambda a, t: train_args(a, t / "o") + ["--lr_scheduler=sometimes"], 2, "lr_scheduler"),
     "missing toml": (lambda a, t: ["train", "--headless", str(t / "nope.toml")], 2, "nope.toml"),
+    "dataset toml as the preset": (lambda a, t: ["train", "--headless", str(a["small"].dataset_toml)], 2,
+                                   "this is a kohya dataset config; pass it as --dataset_config="),
     "missing model": (lambda a, t: train_args(a, t / "o") + [f"--pretrained_model_name_or_path={t / 'no_model'}"],
                       1, "no_model"),
     "missing image dir": (lambda a, t: train_args(a, t / "o") + [f"--dataset_config={t / 'missing_dir.toml'}"],
@@ -114,6 +116,8 @@ BAD_INPUT = {
                    1, "lonely.png"),
     "corrupt image": (lambda a, t: train_args(a, t / "o") + [f"--dataset_config={t / 'corrupt.toml'}"],
                       1, "broken.png"),
+    "output name too long": (lambda a, t: train_args(a, t / "o") + ["--output_name=" + "n" * 240], 2,
+                             "--output_name is 240 characters long; use at most"),
     "output dir under a file": (lambda a, t: train_args(a, Path("/etc/passwd/x")), 1, "/etc/passwd/x"),
 }
 
@@ -165,6 +169,48 @@ def test_help_lists_kohya_flags(cli_assets, tmp_path):
     for flag in ("--pretrained_model_name_or_path", "--network_dim", "--text_encoder_lr", "--save_every_n_steps",
                  "--gradient_checkpointing", "--clip_skip", "--min_snr_gamma"):
         assert flag in out
+
+
+DETACH_REFUSALS = {
+    # name: (extra flags, text the one error line must contain)
+    "missing dataset": (lambda t: [f"--dataset_config={t / 'nope.toml'}"], "nope.toml"),
+    "bad value": (lambda t: ["--network_dim=0"], "--network_dim"),
+    "missing model": (lambda t: [f"--pretrained_model_name_or_path={t / 'no_model'}"], "no_model: not found"),
+    "clip_skip too deep": (lambda t: ["--clip_skip=9"], "--clip_skip=9: the text encoder has 5 layers; use 1..5"),
+    "no state to resume": (lambda t: ["--resume=latest"], "--resume latest: no 'cli-*-state' folder"),
+    "state folder missing": (lambda t: [f"--resume={t / 'gone-state'}"], "gone-state: not a spyke-cockpit state"),
+    "output dir under a file": (lambda t: [f"--output_dir={t / 'a-file' / 'out'}"], "not writable"),
+}
+
+
+def test_detach_refuses_what_a_foreground_run_would_before_starting_anything(cli_assets, tmp_path):
+    (tmp_path / "a-file").write_text("")
+    procs = {}
+    for name, (extra, _) in DETACH_REFUSALS.items():
+        out_dir = tmp_path / re.sub(r"\W", "_", name)
+        args = [a for a in train_args(cli_assets, out_dir, *extra(tmp_path)) if a != "--headless"]
+        procs[name] = (out_dir, start([*args, "--detach"], tmp_path, cli_assets["cache"]))
+    failures = []
+    for name, (out_dir, proc) in procs.items():
+        code, out, err = finish(proc, timeout=120)
+        needle = DETACH_REFUSALS[name][1]
+        ok = (code == 2 and out == "" and len(err.splitlines()) == 1 and err.startswith("spyke-cockpit: error: ")
+              and needle in err and not out_dir.exists())          # nothing started, no run folder written
+        if not ok:
+            failures.append(f"{name}: exit {code}\n--- stdout\n{out}\n--- stderr\n{err}")
+    assert not failures, "\n\n".join(failures)
+
+
+def test_detach_refuses_to_replace_an_earlier_runs_checkpoint(cli_assets, tmp_path):
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    (out_dir / "cli.safetensors").write_bytes(b"an earlier run's weights")
+    args = [a for a in train_args(cli_assets, out_dir) if a != "--headless"]
+    code, out, err = run([*args, "--detach"], tmp_path, cli_assets["cache"], timeout=120)
+    assert (code, out) == (2, "") and len(err.splitlines()) == 1, out + err
+    assert "already holds cli.safetensors" in err and "--overwrite" in err
+    assert sorted(p.name for p in out_dir.iterdir()) == ["cli.safetensors"]
+    assert (out_dir / "cli.safetensors").read_bytes() == b"an earlier run's weights"
 
 
 def test_train_detach_returns_at_once_and_the_run_trains_in_its_own_session(cli_assets, tmp_path):

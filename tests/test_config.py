@@ -228,3 +228,39 @@ def test_to_toml_round_trip(tmp_path):
     path = tmp_path / "resolved.toml"
     path.write_text(to_toml(cfg))
     assert build_config(path) == cfg
+
+
+@pytest.mark.parametrize("text", [
+    '[general]\nshuffle_caption = true\n[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = "img"\n',
+    '[[datasets]]\nbatch_size = 2\n[[datasets.subsets]]\nimage_dir = "img"\nnum_repeats = 10\n',
+    '[general]\nbatch_size = 4\ncaption_extension = ".txt"\n',
+])
+def test_a_dataset_toml_given_as_the_preset_says_to_pass_it_as_dataset_config(tmp_path, text):
+    path = tmp_path / "dataset.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        parse_train_args(make_parser("spyke-cockpit train", ""), [str(path)])
+    assert str(info.value) == (f"{path}: this is a kohya dataset config; pass it as --dataset_config={path} "
+                               "(the positional argument is a training preset)")
+
+
+def test_a_preset_with_a_general_table_of_training_keys_still_loads(tmp_path):
+    path = tmp_path / "preset.toml"
+    path.write_text('[general]\nresolution = 768\ncaption_extension = ".txt"\nnetwork_dim = 8\n')
+    cfg = build_config(path)
+    assert (cfg.resolution, cfg.caption_extension, cfg.network_dim) == ("768", ".txt", 8)
+
+
+def test_an_output_name_too_long_for_the_file_system_is_refused_up_front(tmp_path):
+    from engine.config import name_max
+    from engine.state import longest_written_name
+
+    cfg = TrainConfig(pretrained_model_name_or_path="m", train_data_dir="x", output_dir=str(tmp_path / "out"))
+    most = name_max(tmp_path) - (len(longest_written_name("n")) - 1)
+    fits = cfg.replace(output_name="n" * most)
+    assert fits.problems() == {}
+    (tmp_path / longest_written_name(fits.output_name)).write_bytes(b"")   # the longest name really fits
+    with pytest.raises(ConfigError) as info:
+        cfg.replace(output_name="n" * (most + 1)).validate()
+    assert str(info.value).startswith(f"--output_name is {most + 1} characters long; use at most {most}:")
+    assert not (tmp_path / "out").exists()

@@ -228,3 +228,35 @@ def test_legacy_model_hash_is_sha256_of_64_kib_at_1_mib(tmp_path):
     folder = BaseModel(unet=None, vae=None, text_encoder=None, tokenizer=None, source="diffusers",
                        model_name="m", path=tmp_path)
     assert folder.legacy_hash() is None
+
+
+def test_clip_skip_deeper_than_the_text_encoder_is_refused_at_plan_time(tiny_cache, tiny_single_file, tmp_path):
+    from engine.config import TrainConfig
+    from engine.errors import ConfigError
+    from engine.plan import plan_run, text_encoder_layers
+
+    cfg = TrainConfig(pretrained_model_name_or_path=str(tiny_cache / "tiny-sd15"), output_dir=str(tmp_path / "o"),
+                      dataset_config=str(tiny_cache / "demo-dataset" / "dataset.toml"), resolution="64")
+    assert text_encoder_layers(cfg) == 5                                            # the folder's own config
+    assert text_encoder_layers(cfg.replace(pretrained_model_name_or_path=str(tiny_single_file))) == 12  # shipped
+    assert text_encoder_layers(cfg.replace(pretrained_model_name_or_path=str(tiny_single_file),
+                                           sd_config_dir=str(tiny_cache / "tiny-sd15"))) == 5
+    assert plan_run(cfg.replace(clip_skip=5)).total_steps > 0
+    with pytest.raises(ConfigError) as info:
+        plan_run(cfg.replace(clip_skip=6))
+    assert str(info.value) == "--clip_skip=6: the text encoder has 5 layers; use 1..5"
+    assert not (tmp_path / "o").exists()
+
+
+def test_clip_skip_is_checked_against_the_loaded_text_encoder(tiny_cache, tmp_path, monkeypatch):
+    import engine.plan
+    from engine.config import TrainConfig
+    from engine.trainer import Trainer
+
+    monkeypatch.setattr(engine.plan, "text_encoder_layers", lambda config: None)   # config not readable up front
+    cfg = TrainConfig(pretrained_model_name_or_path=str(tiny_cache / "tiny-sd15"), output_dir=str(tmp_path / "o"),
+                      dataset_config=str(tiny_cache / "demo-dataset" / "dataset.toml"), resolution="64",
+                      max_train_steps=1, clip_skip=7, seed=1)
+    result = Trainer(cfg).run()
+    assert (result.status, result.global_step) == ("failed", 0)
+    assert result.error == "--clip_skip=7: the text encoder has 5 layers; use 1..5"
