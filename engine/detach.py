@@ -16,24 +16,25 @@ from pathlib import Path
 
 from engine.config import TrainConfig, to_toml
 from engine.errors import ConfigError, ModelLoadError
+from engine.output_guard import OutputCheck, check_outputs
 from engine.plan import RunPlan, missing_model, plan_run
 from engine.state import PROGRESS, config_mismatches, find_latest_state
 from engine.trainer import RUNS_DIRNAME, new_run_id
 
 
-def preflight(config: TrainConfig) -> str | None:
+def preflight(config: TrainConfig) -> tuple[str | None, OutputCheck]:
     """Raise the one-line error a foreground run would stop on before training (config, dataset,
-    base model, resume state, output folder); return the run id of the state being resumed, if any."""
+    base model, resume state, output folder); return the run id of the state being resumed (if any)
+    and what the run would do to the output folder's files (the trainer's own rules, nothing applied)."""
     config.validate()
     plan = plan_run(config)
     if (missing := missing_model(config)) is not None:
         raise ModelLoadError(missing)
-    run_id = _check_resume(config) if config.resume else None
-    _check_output(config, plan, resuming=run_id is not None)
-    return run_id
+    run_id, start_step = _check_resume(config) if config.resume else (None, None)
+    return run_id, _check_output(config, plan, run_id, start_step)
 
 
-def _check_resume(cfg: TrainConfig) -> str | None:
+def _check_resume(cfg: TrainConfig) -> tuple[str | None, int | None]:
     """The resume state exists, is one, and matches the config (as the trainer checks it; no torch)."""
     state = find_latest_state(Path(cfg.output_dir), cfg.output_name) if cfg.resume == "latest" else Path(cfg.resume)
     if state is None:
@@ -45,6 +46,7 @@ def _check_resume(cfg: TrainConfig) -> str | None:
     try:
         progress = json.loads((state / PROGRESS).read_text(encoding="utf-8"))
         saved, seed, run_id = progress["config"], progress["seed"], progress.get("run_id")
+        step = int(progress["global_step"])
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise ConfigError(f"--resume={state}: the state folder is damaged ({type(err).__name__}: {err}); "
                           "resume from an earlier '*-state' folder") from None
@@ -53,11 +55,11 @@ def _check_resume(cfg: TrainConfig) -> str | None:
     if mismatches and not cfg.resume_force:
         raise ConfigError(f"--resume={state}: the run's settings changed ({'; '.join(mismatches)}); "
                           "use the saved settings, or add --resume_force to continue anyway")
-    return run_id or None
+    return run_id or None, step
 
 
-def _check_output(cfg: TrainConfig, plan: RunPlan, *, resuming: bool) -> None:
-    """The output folder can be created and written, and a fresh run would replace none of its files."""
+def _check_output(cfg: TrainConfig, plan: RunPlan, run_id: str | None, start_step: int | None) -> OutputCheck:
+    """The output folder can be created and written, and the run would replace only its own files."""
     out = Path(cfg.output_dir)
     probe = out.absolute()
     while not probe.exists() and probe != probe.parent:
@@ -65,17 +67,17 @@ def _check_output(cfg: TrainConfig, plan: RunPlan, *, resuming: bool) -> None:
     if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
         why = "Not a directory" if not probe.is_dir() else "Permission denied"
         raise ConfigError(f"--output_dir={out}: not writable ({why}); choose a folder you can write to")
-    if not resuming and not cfg.overwrite:
-        clashes = [c.filename for c in plan.checkpoints if (out / c.filename).exists()]
-        if clashes:
-            raise ConfigError(
-                f"--output_dir={out} already holds {clashes[0]} from an earlier run; use another "
-                "--output_name or --output_dir, --resume latest to continue it, or --overwrite to replace it")
+    if not out.is_dir():
+        return OutputCheck()
+    return check_outputs(out, cfg, plan, run_id or "", start_step)
 
 
 def detach_run(config: TrainConfig, config_path: str | None = None) -> int:
     """Start the run as a new session (immune to the terminal's SIGHUP), output in the run folder."""
-    resumed = preflight(config)
+    resumed, outputs = preflight(config)
+    if outputs.finished is not None:      # as in the foreground: nothing to train, nothing changed
+        print(outputs.finished_message())
+        return 0
     run_id = resumed or new_run_id(config.output_name)
     run_dir = Path(config.output_dir) / RUNS_DIRNAME / run_id
     created = not run_dir.exists()

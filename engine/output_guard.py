@@ -29,6 +29,11 @@ class OutputCheck:
     renames: list[tuple[Path, Path]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
+    def finished_message(self) -> str:
+        """What a run that has nothing left to train says (foreground and --detach alike)."""
+        return (f"this run already finished at step {self.finished_step or 0}: {self.finished}; nothing changed "
+                "(to train further, raise --max_train_steps and add --resume_force)")
+
 
 def lora_step_of_run(path: Path, run_id: str) -> int | None:
     """The ``ss_steps`` of a LoRA file written by ``run_id``; None for any other or unreadable file."""

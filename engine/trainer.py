@@ -233,9 +233,7 @@ class Trainer:
         out, outputs = self._prepare_output(plan, loaded_state.progress.global_step if loaded_state else None)
         if outputs.finished is not None:  # nothing left to train: change nothing, not even the run folder
             self.global_step = outputs.finished_step or 0
-            self._emit(LogMessage(level="warning", message=(
-                f"this run already finished at step {self.global_step}: {outputs.finished}; nothing changed "
-                "(to train further, raise --max_train_steps and add --resume_force)")))
+            self._emit(LogMessage(level="warning", message=outputs.finished_message()))
             return outputs.finished, "completed"
         for src, dst in outputs.renames:
             if loaded_state is not None and src.resolve() == loaded_state.path.resolve():

@@ -245,3 +245,17 @@ def test_train_detach_returns_at_once_and_the_run_trains_in_its_own_session(cli_
     assert finished["status"] == "completed" and finished["step"] == 6, finished
     assert (out_dir / "cli.safetensors").is_file()
     assert "finished: completed at step 6" in (run_dir / "console.log").read_text()
+
+
+def test_detach_on_a_finished_run_says_so_and_changes_nothing(cli_assets, tmp_path):
+    out_dir = tmp_path / "out"
+    code, out, err = run(train_args(cli_assets, out_dir, "--save_state"), tmp_path, cli_assets["cache"])
+    assert code == 0, out + err
+    before = {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(out_dir.rglob("*")) if p.is_file()}
+    args = [a for a in train_args(cli_assets, out_dir, "--save_state", "--resume=latest") if a != "--headless"]
+    code, out, err = run([*args, "--detach"], tmp_path, cli_assets["cache"], timeout=120)
+    assert (code, err) == (0, ""), out + err
+    assert out.startswith("this run already finished at step 2: ") and "nothing changed" in out, out
+    assert "started run" not in out
+    after = {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(out_dir.rglob("*")) if p.is_file()}
+    assert after == before
