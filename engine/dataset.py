@@ -22,6 +22,8 @@ Kohya parity notes (train_util.py / config_util.py):
   ``shuffle_caption`` the caption is used as written (kohya: keep_tokens alone does
   nothing).
 * ``num_reg_images`` is kohya's count before balancing (reg images x their repeats).
+* Pixels come from ``engine.images`` (every Pillow mode to 8-bit RGB, EXIF-upright; the
+  bucket is chosen for the upright size). See ``to_rgb8`` for where that departs from kohya.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import numpy as np
 from engine.buckets import BucketSelector, resize_and_crop
 from engine.dataset_config import DatasetArgs, DatasetSpec, SubsetSpec, resolve_dataset_specs
 from engine.errors import ConfigError, DatasetError
+from engine.images import image_size, load_rgb8
 
 if TYPE_CHECKING:
     import torch
@@ -62,7 +65,7 @@ class ImageEntry:
     num_repeats: int                   # effective repeats (reg: after balancing)
     bucket: tuple[int, int]            # (width, height) the image is cropped to
     resized_size: tuple[int, int]      # size it is resized to before the center crop
-    image_size: tuple[int, int]        # original (width, height)
+    image_size: tuple[int, int]        # original (width, height), upright (EXIF orientation applied)
     shuffle_caption: bool
     keep_tokens: int
     flip_aug: bool
@@ -105,19 +108,6 @@ def _list_images(subset: SubsetSpec) -> list[Path]:
             f"{subset.where}: no images in {d}; add .png/.jpg/.jpeg/.webp/.bmp files or remove this subset"
         )
     return images
-
-
-def _image_size(path: Path) -> tuple[int, int]:
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            w, h = im.size
-    except Exception as err:  # PIL raises several types for broken files
-        raise DatasetError(f"cannot read image {path}: {type(err).__name__}: {err}; replace or delete the file") from None
-    if w < 1 or h < 1:
-        raise DatasetError(f"image {path} has size {w}x{h}; replace or delete the file")
-    return w, h
 
 
 def _read_caption(image: Path, subset: SubsetSpec) -> tuple[str, bool]:
@@ -272,14 +262,8 @@ class DatasetPlan:
         arr = self._cache.get(entry_index)
         if arr is not None:
             return arr
-        from PIL import Image
-
         e = self.entries[entry_index]
-        try:
-            with Image.open(e.path) as im:
-                im = im.convert("RGB") if im.mode != "RGB" else im.copy()
-        except Exception as err:
-            raise DatasetError(f"cannot read image {e.path}: {type(err).__name__}: {err}; replace or delete the file") from None
+        im = load_rgb8(e.path)
         if im.size != e.image_size:
             raise DatasetError(f"image {e.path} changed size since the dataset was scanned; restart the run")
         arr = resize_and_crop(im, e.bucket, e.resized_size)
@@ -348,7 +332,7 @@ def load_dataset_plan(args: DatasetArgs) -> DatasetPlan:
             captions = []
             for path in _list_images(sub):
                 caption, from_file = _read_caption(path, sub)
-                w, h = _image_size(path)
+                w, h = image_size(path)
                 choice = selector.select(w, h)
                 if choice.reso[0] < 1 or choice.reso[1] < 1:
                     raise DatasetError(
