@@ -6,9 +6,11 @@ then serves deterministic epoch orders and decoded batches.
 
 Kohya parity notes (train_util.py / config_util.py):
 
-* Captions: ``<image stem><caption_extension>`` read as UTF-8 (a BOM is dropped), first
-  line, stripped. No caption file → the subset's ``class_tokens``; neither → error.
-  An empty caption file is an error too (kohya would train on an empty caption).
+* Captions (``engine.captions``): ``<image stem><caption_extension>`` read as UTF-8 (a BOM
+  is dropped), first line, stripped. No caption file → the subset's ``class_tokens``;
+  neither → error. An empty caption file is an error too (kohya would train on an empty
+  caption). Images that fall back to class tokens while a .txt/.caption/.tags file sits
+  beside them get one plan warning per subset naming the flag to set.
 * Regularisation images are balanced per dataset like kohya's DreamBoothDataset: reg
   images are registered in order with their repeats until they reach the dataset's
   train count; if they fall short, repeats are added one image at a time, round-robin.
@@ -22,6 +24,8 @@ Kohya parity notes (train_util.py / config_util.py):
   ``shuffle_caption`` the caption is used as written (kohya: keep_tokens alone does
   nothing).
 * ``num_reg_images`` is kohya's count before balancing (reg images x their repeats).
+* Pixels come from ``engine.images`` (every Pillow mode to 8-bit RGB, EXIF-upright; the
+  bucket is chosen for the upright size). See ``to_rgb8`` for where that departs from kohya.
 """
 
 from __future__ import annotations
@@ -37,8 +41,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from engine.buckets import BucketSelector, resize_and_crop
+from engine.captions import caption_extension_warning, process_caption, read_caption
 from engine.dataset_config import DatasetArgs, DatasetSpec, SubsetSpec, resolve_dataset_specs
 from engine.errors import ConfigError, DatasetError
+from engine.images import image_size, load_rgb8
 
 if TYPE_CHECKING:
     import torch
@@ -62,7 +68,7 @@ class ImageEntry:
     num_repeats: int                   # effective repeats (reg: after balancing)
     bucket: tuple[int, int]            # (width, height) the image is cropped to
     resized_size: tuple[int, int]      # size it is resized to before the center crop
-    image_size: tuple[int, int]        # original (width, height)
+    image_size: tuple[int, int]        # original (width, height), upright (EXIF orientation applied)
     shuffle_caption: bool
     keep_tokens: int
     flip_aug: bool
@@ -83,17 +89,6 @@ class Batch:
     bucket: tuple[int, int]            # (width, height)
 
 
-def process_caption(caption: str, shuffle: bool, keep_tokens: int, rng: random.Random) -> str:
-    """kohya's shuffle_caption / keep_tokens on one caption, using ``rng``."""
-    if not shuffle:
-        return caption
-    tags = [t.strip() for t in caption.split(",")]
-    tags = [t for t in tags if t]
-    fixed, flex = tags[:keep_tokens], tags[keep_tokens:]
-    rng.shuffle(flex)
-    return ", ".join(fixed + flex)
-
-
 def _list_images(subset: SubsetSpec) -> list[Path]:
     d = subset.image_dir
     if not d.is_dir():
@@ -105,43 +100,6 @@ def _list_images(subset: SubsetSpec) -> list[Path]:
             f"{subset.where}: no images in {d}; add .png/.jpg/.jpeg/.webp/.bmp files or remove this subset"
         )
     return images
-
-
-def _image_size(path: Path) -> tuple[int, int]:
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            w, h = im.size
-    except Exception as err:  # PIL raises several types for broken files
-        raise DatasetError(f"cannot read image {path}: {type(err).__name__}: {err}; replace or delete the file") from None
-    if w < 1 or h < 1:
-        raise DatasetError(f"image {path} has size {w}x{h}; replace or delete the file")
-    return w, h
-
-
-def _read_caption(image: Path, subset: SubsetSpec) -> tuple[str, bool]:
-    cap_path = image.with_name(image.stem + subset.caption_extension)
-    if cap_path.is_file():
-        try:
-            text = cap_path.read_text(encoding="utf-8-sig")
-        except UnicodeDecodeError:
-            raise DatasetError(f"caption file {cap_path} is not UTF-8; re-save it as UTF-8") from None
-        except OSError as err:
-            raise DatasetError(f"cannot read caption file {cap_path}: {err}") from None
-        lines = text.splitlines()
-        caption = lines[0].strip() if lines else ""
-        if not caption:
-            raise DatasetError(
-                f"caption file {cap_path} is empty (first line); write a caption in it or delete it to use class_tokens"
-            )
-        return caption, True
-    if subset.class_tokens:
-        return subset.class_tokens, False
-    raise DatasetError(
-        f"image {image} has no caption file {cap_path.name} and {subset.where} has no class_tokens; "
-        f"add a caption file or set class_tokens (or name the folder like 10_yourtoken)"
-    )
 
 
 class DatasetPlan:
@@ -289,14 +247,8 @@ class DatasetPlan:
         arr = self._cache.get(entry_index)
         if arr is not None:
             return arr
-        from PIL import Image
-
         e = self.entries[entry_index]
-        try:
-            with Image.open(e.path) as im:
-                im = im.convert("RGB") if im.mode != "RGB" else im.copy()
-        except Exception as err:
-            raise DatasetError(f"cannot read image {e.path}: {type(err).__name__}: {err}; replace or delete the file") from None
+        im = load_rgb8(e.path)
         if im.size != e.image_size:
             raise DatasetError(f"image {e.path} changed size since the dataset was scanned; restart the run")
         arr = resize_and_crop(im, e.bucket, e.resized_size)
@@ -363,9 +315,12 @@ def load_dataset_plan(args: DatasetArgs) -> DatasetPlan:
         infos: list[tuple[SubsetSpec, int, list[str]]] = []
         for si, sub in enumerate(ds.subsets):
             captions = []
+            uncaptioned: list[Path] = []
             for path in _list_images(sub):
-                caption, from_file = _read_caption(path, sub)
-                w, h = _image_size(path)
+                caption, from_file = read_caption(path, sub)
+                if not from_file:
+                    uncaptioned.append(path)
+                w, h = image_size(path)
                 choice = selector.select(w, h)
                 if choice.reso[0] < 1 or choice.reso[1] < 1:
                     raise DatasetError(
@@ -380,6 +335,8 @@ def load_dataset_plan(args: DatasetArgs) -> DatasetPlan:
                     caption_from_file=from_file, dataset_index=di, subset_index=si, ar_error=choice.ar_error,
                 ))
             infos.append((sub, len(captions), captions))
+            if (warning := caption_extension_warning(sub, uncaptioned, len(captions))) is not None:
+                warnings.append(warning)
         num_train = sum(e.num_repeats for e in train)
         entries.extend(train)
         entries.extend(_balance_reg(reg, num_train, ds, warnings))

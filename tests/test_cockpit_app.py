@@ -334,3 +334,29 @@ async def test_remapped_keys_by_binding_id():
         await pilot.press("z")
         await pilot.pause()
         assert app.source.commands[-1] == "pause"
+
+
+@sync
+async def test_preview_shows_the_plan_warnings_such_as_a_caption_extension_mismatch(tmp_path):
+    from PIL import Image
+
+    from engine.plan import plan_run
+
+    images = tmp_path / "train" / "2_spyke"
+    images.mkdir(parents=True)
+    for i in range(2):
+        Image.new("RGB", (64, 64), (90, 20, 20)).save(images / f"{i}.png")
+        (images / f"{i}.txt").write_text(f"spyke, pose {i}", encoding="utf-8")
+    config = valid_config(pretrained_model_name_or_path=str(tmp_path), train_data_dir=str(images.parent),
+                          output_dir=str(tmp_path / "out"))
+    app = CockpitApp(FakeSource(), config=config, clock=lambda: T0, planner=plan_run,
+                     presets_dir=Path("/nonexistent-presets"))
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        for _ in range(200):                          # the preview is debounced, then planned in a worker
+            if "total steps" in (preview := text_of(app, "#preview-text")):
+                break
+            await settle(app, pilot, 0.05)
+        assert "2 images × 2" in preview
+        assert ("⚠ " f"{images}: 2 of 2 images have no .caption caption file but a .txt file beside them, so they "
+                "train on the class tokens 'spyke' alone; set --caption_extension=.txt") in preview

@@ -199,6 +199,46 @@ def test_empty_caption_file_is_an_error(tmp_path):
     assert "0.caption" in msg and "empty" in msg
 
 
+def _txt_captioned(root: Path, n: int = 3, ext: str = ".txt") -> Path:
+    for i in range(n):
+        _img(root / "2_spyke" / f"{i}.png", caption=f"spyke, pose {i}", ext=ext)
+    return root
+
+
+def test_captions_under_another_extension_warn_once_naming_the_flag(tmp_path):
+    root = _txt_captioned(tmp_path / "train")
+    _img(root / "2_spyke" / "3.png")                     # no caption at all: not counted
+    plan = load_dataset_plan(DatasetArgs(train_data_dir=root, resolution=(64, 64)))
+    assert [e.caption for e in plan.entries] == ["spyke"] * 4      # kohya: the class tokens, no word more
+    assert plan.warnings == [
+        f"{root.absolute() / '2_spyke'}: 3 of 4 images have no .caption caption file but a .txt file beside them, "
+        "so they train on the class tokens 'spyke' alone; set --caption_extension=.txt "
+        "(or caption_extension = \".txt\" in the dataset TOML)"
+    ]
+    toml = _plan_toml(tmp_path, f"[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = \"{root / '2_spyke'}\"\n"
+                                "class_tokens = \"sks\"\ncaption_extension = \".tags\"\n")
+    (warning,) = toml.warnings
+    assert "3 of 4 images have no .tags caption file but a .txt file" in warning and "'sks'" in warning
+
+
+def test_no_caption_extension_warning_when_captions_match(tmp_path):
+    root = _txt_captioned(tmp_path / "train")
+    plan = load_dataset_plan(DatasetArgs(train_data_dir=root, resolution=(64, 64), caption_extension=".txt"))
+    assert [e.caption for e in plan.entries] == ["spyke, pose 0", "spyke, pose 1", "spyke, pose 2"]
+    assert plan.warnings == []
+    for i in range(3):                                   # both extensions present: the configured one is used
+        (root / "2_spyke" / f"{i}.caption").write_text("from caption")
+    plan = load_dataset_plan(DatasetArgs(train_data_dir=root, resolution=(64, 64)))
+    assert {e.caption for e in plan.entries} == {"from caption"} and plan.warnings == []
+
+
+def test_missing_caption_with_another_extension_beside_it_names_the_flag(tmp_path):
+    _img(tmp_path / "i" / "0.png", caption="a caption", ext=".txt")
+    msg = _error(tmp_path, "[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = \"i\"\n")
+    assert msg == (f"image {tmp_path / 'i' / '0.png'} has no caption file 0.caption but has 0.txt; "
+                   "set --caption_extension=.txt (or caption_extension = \".txt\" in the dataset TOML)")
+
+
 # ---------------------------------------------------------------- folder convention
 
 def test_train_data_dir_folder_convention(tmp_path):
@@ -469,3 +509,23 @@ batch_size = 4
         assert len(batch) <= (2 if datasets == {0} else 4)
     # a folder counted by an earlier dataset is not counted again (kohya)
     assert plan.tag_frequency() == {"i": {"tag": 3, "other": 3}}
+
+
+def test_headless_run_prints_the_caption_extension_warning(tiny_cache, tmp_path):
+    import io
+
+    from engine.config import TrainConfig
+    from engine.headless import run_headless
+
+    root = _txt_captioned(tmp_path / "train", n=2)
+    config = TrainConfig(pretrained_model_name_or_path=str(tiny_cache / "tiny-sd15"), train_data_dir=str(root),
+                         output_dir=str(tmp_path / "out"), output_name="cap", resolution="64", max_train_steps=1,
+                         network_dim=4, mixed_precision="no", seed=1).validate()
+    out = io.StringIO()
+    assert run_headless(config, out=out) == 0, out.getvalue()
+    warnings = [line for line in out.getvalue().splitlines() if "--caption_extension" in line]
+    assert warnings == [
+        f"warning: {root.absolute() / '2_spyke'}: 2 of 2 images have no .caption caption file but a .txt file "
+        "beside them, so they train on the class tokens 'spyke' alone; set --caption_extension=.txt "
+        "(or caption_extension = \".txt\" in the dataset TOML)"
+    ]
