@@ -3,7 +3,7 @@
 A :class:`TailSource` is an :class:`cockpit.sources.EventSource` that, instead of running the
 engine, reads ``<run_dir>/events.jsonl``: first the whole file at once (a snapshot), then
 the lines appended since, on a timer. Commands go to the run through its control channel
-(owner-only command files, see ``engine.channel``), so any number of viewers can watch and
+(owner-only command files, see ``engine.run.channel``), so any number of viewers can watch and
 steer the same run, from any terminal, while the run itself knows nothing about them.
 
 Loading a long run fast: a run of 1,000,000 steps writes ~170 MB of step records. The
@@ -483,7 +483,7 @@ class TailSource:
         refusal = self.control_refusal()
         if refusal:
             raise SpykeError(refusal)
-        from engine.channel import send_command
+        from engine.run.channel import send_command
 
         try:
             send_command(self._run_dir, command, sender=self.sender)

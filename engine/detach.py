@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 from engine.config import TrainConfig, to_toml
-from engine.trainer import RUNS_DIRNAME, new_run_id
+from engine.run.layout import RUNS_DIRNAME
+from engine.trainer import new_run_id
 
 
 def detach_run(config: TrainConfig, config_path: str | None = None) -> int:

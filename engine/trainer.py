@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
-from engine.channel import ControlChannel
+from engine.run.channel import ControlChannel
 from engine.checkpoint import build_metadata, checkpoint_filename, cleanup_temp_files, save_lora_file
 from engine.config import TrainConfig, to_toml
 from engine.control import TrainingControl
