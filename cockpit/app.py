@@ -33,9 +33,8 @@ from cockpit.panels import (CheckpointsPanel, LogPanel, LossPanel, MemoryPanel, 
 from cockpit.sources import EventSource, LiveSource
 from cockpit.state import (AbortRequested, CockpitState, PauseRequested, SaveRequested, SmoothingChanged,
                            StartFailed, StartRequested, reduce)
-from engine.config import TrainConfig, build_config, to_toml
-from engine.errors import SpykeError
-from engine.events import Event, LogMessage, MemorySample, RunFinished, StepCompleted
+from engine.api import (Event, LogMessage, MemorySample, RunFinished, SpykeError, StepCompleted, TrainConfig,
+                        build_config, to_toml)
 
 DRAIN_INTERVAL = 0.25       # seconds between drains of per-step events (4 Hz)
 RENDER_INTERVAL = 0.5       # seconds between panel redraws while only steps arrive
@@ -47,13 +46,13 @@ DemoPreparer = Callable[[], TrainConfig]
 
 
 def _default_planner(config: TrainConfig) -> Any:
-    from engine.plan import plan_run
+    from engine.api import plan_run
 
     return plan_run(config)
 
 
 def _default_demo() -> TrainConfig:
-    from engine.demo import prepare_demo
+    from engine.api import prepare_demo
 
     return prepare_demo()
 
@@ -537,7 +536,7 @@ def run_cockpit(config: TrainConfig | None, *, demo: bool, autostart: bool, conf
     ``overrides`` (demo only) are typed config values applied on top of the demo's config.
     """
     def demo_with_overrides() -> TrainConfig:
-        from engine.demo import prepare_demo
+        from engine.api import prepare_demo
 
         return prepare_demo(**(overrides or {}))
 

@@ -12,8 +12,7 @@ import threading
 from pathlib import Path
 from typing import Callable, Protocol, runtime_checkable
 
-from engine.config import TrainConfig
-from engine.events import Event
+from engine.api import Event, TrainConfig
 
 Deliver = Callable[[Event], None]
 
@@ -48,7 +47,7 @@ class LiveSource:
         self._handle = None
 
     def start(self, config: TrainConfig, deliver: Deliver) -> None:
-        from engine.session import start_training  # heavy (torch): only once a run starts
+        from engine.api import start_training  # heavy (torch): imported by the call, once a run starts
 
         self._handle = start_training(config, [deliver])
 

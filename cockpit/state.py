@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from engine.events import (CheckpointSaved, Event, LogMessage, MemorySample, PhaseChanged, RunFinished,
+from engine.api import (CheckpointSaved, Event, LogMessage, MemorySample, PhaseChanged, RunFinished,
                            RunStarted, StepCompleted)
 
 RATE_WINDOW = 20          # steps used for it/s

@@ -27,7 +27,6 @@ from engine.events import (
     CheckpointSaved,
     Event,
     EventBus,
-    EventLog,
     LogMessage,
     MemorySample,
     PhaseChanged,
@@ -36,6 +35,7 @@ from engine.events import (
     StepCompleted,
 )
 from engine.plan import RunPlan, missing_model, plan_run
+from engine.run.journal import EventLog
 from engine.state import (
     Progress,
     capture_rng,
