@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from cockpit.state import DEFAULT_SMOOTHING, MEMORY_HISTORY, RATE_WINDOW, HistoryLoaded, LossHistory
+from cockpit.history import LossHistory, ema_update
+from cockpit.state import DEFAULT_SMOOTHING, MEMORY_HISTORY, RATE_WINDOW, HistoryLoaded
 from engine.api import (SKIPPED, CheckpointSaved, Event, LogMessage, MemorySample, PhaseChanged, RunFinished,
                         RunStarted, StepCompleted, line_at, parse_line, step_loss, step_losses, type_token)
 
@@ -30,7 +31,8 @@ EMA_TAIL_BYTES = 2 << 20       # the last bytes parsed exactly for the EMA of a 
 
 @dataclass
 class HistoryBuilder:
-    """Folds (step, loss) pairs exactly as the reducer does (same appends, same EMA arithmetic)."""
+    """Folds (step, loss) pairs into a history and an EMA as the reducer does (the same
+    :meth:`LossHistory.append` and :func:`ema_update`), without an event per step."""
     smoothing: float = DEFAULT_SMOOTHING
     history: LossHistory = field(default_factory=LossHistory)
     ema: float | None = None
@@ -38,16 +40,13 @@ class HistoryBuilder:
     skipped: int = 0
 
     def add(self, steps: Sequence[int], losses: Sequence[float]) -> None:
-        history, s = self.history, self.smoothing
-        ema, weight = self.ema, self.weight
-        append, isfinite = history.append, math.isfinite
+        s, ema, weight = self.smoothing, self.ema, self.weight
+        append, isfinite, update = self.history.append, math.isfinite, ema_update
         for step, loss in zip(steps, losses):
             if not isfinite(loss):
                 continue
             append(step, loss)
-            acc = (ema or 0.0) * weight * s + (1 - s) * loss
-            weight = weight * s + (1 - s)
-            ema = acc / weight if weight > 0 else loss
+            ema, weight = update(ema, weight, loss, s)
         self.ema, self.weight = ema, weight
 
     def action(self, exact: bool = True) -> HistoryLoaded:
@@ -76,6 +75,7 @@ def load_snapshot(path: Path, *, exact_limit: int = EXACT_BYTES, smoothing: floa
             return _snapshot(data, size, exact_limit, smoothing)
 
 
+_STEP = type_token(StepCompleted)
 _MARKERS = re.compile(type_token(RunStarted, PhaseChanged, CheckpointSaved, LogMessage, RunFinished))
 
 
@@ -112,7 +112,7 @@ def _snapshot(data, size: int, exact_limit: int, smoothing: float) -> Snapshot:
             pos = start
 
     backward(type_token(MemorySample), (MemorySample,), MEMORY_HISTORY)
-    backward(type_token(StepCompleted), (StepCompleted,), RATE_WINDOW)
+    backward(_STEP, (StepCompleted,), RATE_WINDOW)
     if run_started is None:                   # not written by a spyke engine we know: parse it all
         found = {i: e for i, e in enumerate(parse_line(r) for r in bytes(data[:end]).split(b"\n")) if e}
 
@@ -120,23 +120,23 @@ def _snapshot(data, size: int, exact_limit: int, smoothing: float) -> Snapshot:
     events = [found[k] for k in sorted(found)]
     finished = next((found[k] for k in sorted(found, reverse=True) if k > (starts[-1] if starts else -1)
                      and isinstance(found[k], RunFinished)), None)
-    builder = HistoryBuilder(smoothing)
     exact = end - body <= exact_limit
     if exact:
-        builder.skipped = bytes(data[body:end]).count(SKIPPED)
+        builder = HistoryBuilder(smoothing, skipped=bytes(data[body:end]).count(SKIPPED))
         builder.add(*step_losses(data, body, end))
+        history = builder.action(exact=True)
     else:
-        _coarse_history(data, body, end, builder)
-    return Snapshot(events + [builder.action(exact)], end, run_started, finished, body, exact)
+        history = _coarse_history(data, body, end, smoothing)
+    return Snapshot(events + [history], end, run_started, finished, body, exact)
 
 
-def _coarse_history(data, body: int, end: int, builder: HistoryBuilder) -> None:
+def _coarse_history(data, body: int, end: int, smoothing: float) -> HistoryLoaded:
     """A first picture of a big run's loss: SAMPLES evenly spaced step lines, each standing
     for the steps since the previous sample; the EMA comes from the last EMA_TAIL_BYTES exactly."""
     steps, losses = [], []
     span = end - body
     for i in range(SAMPLES):
-        pos = data.find(type_token(StepCompleted), body + span * i // SAMPLES, end)
+        pos = data.find(_STEP, body + span * i // SAMPLES, end)
         if pos < 0:
             break
         start, raw = line_at(data, pos, end)
@@ -147,19 +147,10 @@ def _coarse_history(data, body: int, end: int, builder: HistoryBuilder) -> None:
         if math.isfinite(loss) and (not steps or step > steps[-1]):
             steps.append(step)
             losses.append(loss)
-    history = builder.history
-    if steps:
-        counts = [max(1, b - a) for a, b in zip([steps[0] - 1] + steps[:-1], steps)]
-        history.steps = steps
-        history.counts = counts
-        history.sums = [loss * n for loss, n in zip(losses, counts)]
-        history.total = sum(counts)
-        bucket = 1
-        while bucket * history.capacity < history.total:
-            bucket *= 2
-        history.bucket_size = max(bucket, max(counts))
+    counts = [max(1, b - a) for a, b in zip([steps[0] - 1] + steps[:-1], steps)] if steps else []
+    history = LossHistory.from_buckets(steps, [loss * n for loss, n in zip(losses, counts)], counts)
     tail_from = max(body, end - EMA_TAIL_BYTES)
     tail_from = data.find(b"\n", tail_from, end) + 1 if tail_from > body else body
-    ema = HistoryBuilder(builder.smoothing)
+    ema = HistoryBuilder(smoothing)
     ema.add(*step_losses(data, tail_from, end))
-    builder.ema, builder.weight = ema.ema, ema.weight
+    return HistoryLoaded(history, ema.ema, ema.weight, 0, exact=False)
