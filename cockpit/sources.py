@@ -1,4 +1,4 @@
-"""Where the cockpit's events come from: the live engine, or a fake for tests.
+"""Where the cockpit's events come from: the live engine (a viewer's source is cockpit.viewer.tail).
 
 An :class:`EventSource` starts a run and forwards its events to one callback. The callback
 may be called on any thread (the engine's) and never blocks. Control commands go the
@@ -8,7 +8,6 @@ other way and are thread-safe. The attach command adds a source that tails a run
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 from typing import Callable, Protocol, runtime_checkable
 
@@ -83,59 +82,3 @@ class LiveSource:
     @property
     def run_dir(self) -> Path | None:
         return None if self._handle is None else self._handle.run_dir
-
-
-class FakeSource:
-    """A scripted source for tests: records commands; the test feeds events with :meth:`emit`."""
-
-    def __init__(self, *, start_error: Exception | None = None) -> None:
-        self.commands: list[str] = []
-        self.configs: list[TrainConfig] = []
-        self.start_error = start_error
-        self._deliver: Deliver | None = None
-        self._running = False
-        self._done = threading.Event()
-        self._done.set()
-
-    def start(self, config: TrainConfig, deliver: Deliver) -> None:
-        self.commands.append("start")
-        self.configs.append(config)
-        if self.start_error is not None:
-            raise self.start_error
-        self._deliver = deliver
-        self._running = True
-        self._done.clear()
-
-    def emit(self, *events: Event) -> None:
-        assert self._deliver is not None, "start() first"
-        for event in events:
-            self._deliver(event)
-            if event.type == "finished":
-                self.finish()
-
-    def finish(self) -> None:
-        self._running = False
-        self._done.set()
-
-    def pause(self) -> None:
-        self.commands.append("pause")
-
-    def resume(self) -> None:
-        self.commands.append("resume")
-
-    def save(self) -> None:
-        self.commands.append("save")
-
-    def abort(self, save: bool) -> None:
-        self.commands.append("abort" if save else "abort_no_save")
-
-    def wait(self, timeout: float | None = None) -> bool:
-        return self._done.wait(timeout)
-
-    @property
-    def running(self) -> bool:
-        return self._running
-
-    @property
-    def run_dir(self) -> Path | None:
-        return None

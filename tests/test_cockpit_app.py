@@ -13,7 +13,7 @@ from textual.widgets import Button, DataTable, Input, RichLog, Select, Static
 
 from cockpit.app import CockpitApp
 from cockpit.modals import ConfirmAbortScreen, HelpScreen
-from cockpit.sources import FakeSource
+from tests.fakes import FakeSource
 from engine.config import TrainConfig
 from engine.errors import ModelLoadError
 from engine.events import (CheckpointSaved, LogMessage, MemorySample, PhaseChanged, RunFinished, RunStarted,

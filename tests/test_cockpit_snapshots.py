@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from cockpit.app import CockpitApp
-from cockpit.sources import FakeSource
+from tests.fakes import FakeSource
 from engine.events import CheckpointSaved, LogMessage, MemorySample, PhaseChanged, RunStarted, StepCompleted
 from tests.test_cockpit_app import T0, fake_plan, valid_config
 
