@@ -22,7 +22,7 @@ REFRESH_RANGE = (0.25, 60.0)   # what --refresh accepts, in seconds
 
 
 def make_app(run_dir: Path, *, read_only: bool = False, prefetch: bool = False, **kwargs: Any):
-    # the prefetch forks before Textual is imported (by the app class below)
+    # the prefetch forks before Textual is imported (by cockpit.attach_app)
     snapshot = SnapshotPrefetch(Path(run_dir) / EVENTS) if prefetch and (Path(run_dir) / EVENTS).is_file() else None
     source = TailSource(run_dir, read_only=read_only, prefetch=snapshot)
     from cockpit.attach_app import AttachApp       # Textual: after the fork

@@ -38,6 +38,14 @@ class EventSource(Protocol):
     @property
     def run_dir(self) -> Path | None: ...
 
+    @property
+    def owns_run(self) -> bool:
+        """True when the run lives in this process (closing the app must wait for it or stop it);
+        False for a viewer of a run in another process."""
+
+    def outcome(self) -> str | None:
+        """How the run ended (completed | aborted | failed), or None while unknown."""
+
 
 class LiveSource:
     """Runs the engine in this process on its own daemon thread (engine.session.start_training)."""
@@ -82,3 +90,9 @@ class LiveSource:
     @property
     def run_dir(self) -> Path | None:
         return None if self._handle is None else self._handle.run_dir
+
+    owns_run = True
+
+    def outcome(self) -> str | None:
+        result = None if self._handle is None else self._handle.result
+        return None if result is None else result.status

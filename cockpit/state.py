@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterable
 
-from cockpit.history import LossHistory, ema_update, smooth  # noqa: F401 - LossHistory, smooth: importable here too
+from cockpit.history import LossHistory, ema_update, smooth
 from engine.api import (CheckpointSaved, Event, LogMessage, MemorySample, PhaseChanged, RunFinished,
                            RunStarted, StepCompleted)
 

@@ -63,3 +63,8 @@ class FakeSource:
     @property
     def run_dir(self) -> Path | None:
         return None
+
+    owns_run = True
+
+    def outcome(self) -> str | None:
+        return None

@@ -334,3 +334,14 @@ async def test_remapped_keys_by_binding_id():
         await pilot.press("z")
         await pilot.pause()
         assert app.source.commands[-1] == "pause"
+
+
+def test_help_and_control_keys_come_from_the_bindings_of_each_app():
+    from cockpit.attach_app import AttachApp
+
+    cockpit_rows = dict(CockpitApp.help_rows(make_app()))
+    assert cockpit_rows["ctrl+r"].startswith("start training") and cockpit_rows["ctrl+s"] == "save the form as TOML"
+    assert {"space / p", "s", "a / ctrl+x", "q / ctrl+c", "[ / ]", "?"} <= set(cockpit_rows)
+    attach_keys = {keys for keys, _ in AttachApp.help_rows(AttachApp.__new__(AttachApp))}
+    assert attach_keys == {"space / p", "s", "a / ctrl+x", "q / ctrl+c", "[ / ]", "?"}     # no editor keys
+    assert CockpitApp.CONTROL_KEYS == AttachApp.CONTROL_KEYS == ("space", "p", "s", "a", "ctrl+x")

@@ -131,6 +131,11 @@ class TailSource:
     def run_dir(self) -> Path | None:
         return self._run_dir
 
+    owns_run = False                 # the run is another process's: a viewer never waits for it
+
+    def outcome(self) -> str | None:
+        return None if self.finished is None else self.finished.status
+
     def stop(self) -> None:
         """Stop tailing (the viewer is closing); the run itself is not touched."""
         self._stop.set()
