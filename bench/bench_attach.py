@@ -295,7 +295,7 @@ def main() -> int:
             run_dir = make_run(base / "finished", ns.steps, pid=1 << 22, finished=True)
             size = (run_dir / "events.jsonl").stat().st_size
             print(f"events.jsonl: {ns.steps:,} step records, {size / 1e6:.0f} MB (written in {time.perf_counter() - t:.1f} s)")
-            from cockpit.attach import load_snapshot
+            from cockpit.viewer.snapshot import load_snapshot
 
             t = time.perf_counter()
             load_snapshot(run_dir / "events.jsonl")

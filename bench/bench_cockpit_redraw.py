@@ -16,7 +16,7 @@ import psutil
 
 from cockpit.app import CockpitApp
 from cockpit.panels import LossPanel, ProgressPanel
-from cockpit.sources import FakeSource
+from tests.fakes import FakeSource
 from cockpit.state import CockpitState, reduce
 from engine.config import TrainConfig
 from engine.events import CheckpointSaved, PhaseChanged, RunStarted, StepCompleted

@@ -23,8 +23,9 @@ ROOT = Path(__file__).resolve().parent.parent
 EXE = ROOT / ".venv" / "bin" / "spyke-cockpit"
 sys.path.insert(0, str(ROOT))
 
-from engine.events import RunFinished, StepCompleted, read_events  # noqa: E402
-from engine.runs import find_run_dirs  # noqa: E402
+from engine.events import RunFinished, StepCompleted  # noqa: E402
+from engine.run.journal import read_events  # noqa: E402
+from engine.run.registry import find_run_dirs  # noqa: E402
 
 
 def step_times(out: Path, warmup: int) -> list[float]:

@@ -1,44 +1,34 @@
-"""The cockpit: a Textual app with the parameter form beside the live panels.
+"""The cockpit: the parameter form (presets, preview, demo, save TOML) beside the live panels.
 
-Engine → UI: the engine thread only ever appends to a deque (thread-safe, never blocks) and,
-for discrete events (phase, checkpoint, log, start, finish), posts a message (also
-thread-safe) so the UI drains at once. Per-step events wait for the ~4 Hz drain timer.
-Everything the screen shows comes from :func:`cockpit.state.reduce`.
-
-Nothing here imports torch: the engine's heavy modules are imported in worker threads
-once the first frame is on screen.
+The live panels, the drain and the run's keys are the monitor's (:class:`cockpit.monitor.MonitorApp`);
+this app adds the editor and starts the run in this process. Nothing here imports torch: the
+engine's heavy modules are imported in worker threads once the first frame is on screen.
 """
 
 from __future__ import annotations
 
-import collections
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from textual import on, work
-from textual.app import App, ComposeResult
+from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.css.query import NoMatches
 from textual.containers import Horizontal, Vertical
 from textual.message import Message
+from textual.screen import Screen
 from textual.timer import Timer
-from textual.widgets import Button, Footer, Header, Select
+from textual.widgets import Button, Select
 
 from cockpit.form import ConfigForm
-from cockpit.modals import SAVE_AND_STOP, ConfirmAbortScreen, HelpScreen, SaveTomlScreen
-from cockpit.panels import (CheckpointsPanel, LogPanel, LossPanel, MemoryPanel, PreviewPanel, ProgressPanel,
-                            compose_live_panels)
+from cockpit.modals import SaveTomlScreen
+from cockpit.monitor import MonitorApp, one_line
+from cockpit.panels import PreviewPanel
 from cockpit.sources import EventSource, LiveSource
-from cockpit.state import (AbortRequested, CockpitState, PauseRequested, SaveRequested, SmoothingChanged,
-                           StartFailed, StartRequested, reduce)
-from engine.config import TrainConfig, build_config, to_toml
-from engine.errors import SpykeError
-from engine.events import Event, LogMessage, MemorySample, RunFinished, StepCompleted
+from cockpit.state import StartRequested
+from engine.api import LogMessage, SpykeError, TrainConfig, build_config, to_toml
 
-DRAIN_INTERVAL = 0.25       # seconds between drains of per-step events (4 Hz)
-RENDER_INTERVAL = 0.5       # seconds between panel redraws while only steps arrive
 PREVIEW_DELAY = 0.35        # debounce of the live preview
 DEFAULT_PRESETS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -47,33 +37,15 @@ DemoPreparer = Callable[[], TrainConfig]
 
 
 def _default_planner(config: TrainConfig) -> Any:
-    from engine.plan import plan_run
+    from engine.api import plan_run
 
     return plan_run(config)
 
 
 def _default_demo() -> TrainConfig:
-    from engine.demo import prepare_demo
+    from engine.api import prepare_demo
 
     return prepare_demo()
-
-
-def _one_line(err: BaseException) -> str:
-    if isinstance(err, SpykeError):
-        return str(err)
-    text = " ".join(str(err).split())
-    return f"{type(err).__name__}: {text}" if text else type(err).__name__
-
-
-@dataclass
-class EngineSignal(Message):
-    """A discrete engine event arrived (the event is already in the buffer, in order)."""
-    event: Event
-
-
-@dataclass
-class EngineStartDone(Message):
-    error: str
 
 
 @dataclass
@@ -89,43 +61,22 @@ class DemoReady(Message):
     error: str | None = None
 
 
-class CockpitApp(App[int]):
-    CSS_PATH = Path(__file__).resolve().parent / "cockpit.tcss"
-    TITLE = "spyke-cockpit"
+START = Binding("ctrl+r", "start", "Start", id="start", priority=True, tooltip="start training (when the form is valid)")
+SAVE_TOML = Binding("ctrl+s", "save_toml", "Save TOML", id="save_toml", priority=True, tooltip="save the form as TOML")
 
-    BINDINGS = [
-        Binding("ctrl+r", "start", "Start", id="start", priority=True),
-        Binding("space,p", "toggle_pause", "Pause/Resume", id="pause"),
-        Binding("s", "save_now", "Save now", id="save"),
-        Binding("a,ctrl+x", "abort", "Abort", id="abort"),
-        Binding("ctrl+s", "save_toml", "Save TOML", id="save_toml", priority=True),
-        Binding("question_mark", "help", "Help", id="help", key_display="?"),
-        Binding("q", "quit_cockpit", "Quit", id="quit"),
-        Binding("ctrl+c,ctrl+q", "quit_cockpit", "Quit", id="quit_priority", priority=True, show=False),
-        Binding("left_square_bracket", "smoothing(-0.05)", "Less smoothing", id="smoothing_down", show=False),
-        Binding("right_square_bracket", "smoothing(0.05)", "More smoothing", id="smoothing_up", show=False),
-    ]
 
-    HELP_ROWS = [
-        ("ctrl+r / Start", "start training (when the form is valid)"),
-        ("space / p", "pause ⇄ resume (halts at the next step boundary, model stays loaded)"),
-        ("s", "save a checkpoint now"),
-        ("a / ctrl+x", "abort: save and stop / stop without saving / cancel"),
-        ("q / ctrl+c", "quit (asks first while training)"),
-        ("ctrl+s", "save the form as TOML"),
-        ("[ / ]", "less / more loss smoothing"),
-        ("?", "this help"),
-    ]
+class CockpitApp(MonitorApp, inherit_bindings=False):
+    """The editor and the monitor of a run in this process."""
+
+    # the monitor's keys with the editor's, in the footer's order (Start first, Save TOML after Abort)
+    BINDINGS = [START, *MonitorApp.BINDINGS[:3], SAVE_TOML, *MonitorApp.BINDINGS[3:]]
 
     def __init__(self, source: EventSource | None = None, *, config: TrainConfig | None = None,
                  config_path: Path | None = None, demo: bool = False, autostart: bool = False,
                  clock: Callable[[], float] = time.time, planner: Planner | None = None,
                  demo_preparer: DemoPreparer | None = None, presets_dir: Path | None = None,
                  keymap: dict[str, str] | None = None) -> None:
-        super().__init__()
-        self.source: EventSource = source if source is not None else LiveSource()
-        self.state = CockpitState()
-        self.clock = clock
+        super().__init__(source if source is not None else LiveSource(), clock=clock, keymap=keymap)
         self.initial_config = config
         self.config_path = Path(config_path) if config_path else None
         self.demo = demo
@@ -133,35 +84,23 @@ class CockpitApp(App[int]):
         self.planner = planner or _default_planner
         self.demo_preparer = demo_preparer or _default_demo
         self.presets_dir = Path(presets_dir) if presets_dir is not None else DEFAULT_PRESETS
-        self._keymap = keymap or {}
-        self._buffer: collections.deque[Event] = collections.deque()
-        self._rendered_version = -1
-        self._rendered_at = float("-inf")
         self._preview_timer: Timer | None = None
         self._preview_token = 0
         self._form_valid = False
-        self._quitting = False
-        self._start_in_flight = False
-        self.commands_log: list[str] = []      # what the keys asked the engine to do (tests read it)
         if config_path:
             self.sub_title = str(config_path)
         elif demo:
             self.sub_title = "demo"
 
     # ------------------------------------------------------------------ layout
-    def compose(self) -> ComposeResult:
-        yield Header(show_clock=False)
-        with Horizontal(id="main"):
-            with Vertical(id="left"):
-                with Horizontal(id="preset-bar"):
-                    yield Select(self._preset_options(), prompt="preset…", id="preset", compact=True)
-                    yield Button("Save TOML", id="save-toml", compact=True)
-                    yield Button("Start", id="start", variant="success", compact=True, disabled=True)
-                yield ConfigForm(self.initial_config, id="form")
-                yield PreviewPanel(id="preview")
-            with Vertical(id="right"):
-                yield from compose_live_panels()
-        yield Footer()
+    def compose_side(self) -> ComposeResult:
+        with Vertical(id="left"):
+            with Horizontal(id="preset-bar"):
+                yield Select(self._preset_options(), prompt="preset…", id="preset", compact=True)
+                yield Button("Save TOML", id="save-toml", compact=True)
+                yield Button("Start", id="start", variant="success", compact=True, disabled=True)
+            yield ConfigForm(self.initial_config, id="form")
+            yield PreviewPanel(id="preview")
 
     def _preset_options(self) -> list[tuple[str, str]]:
         try:
@@ -170,110 +109,28 @@ class CockpitApp(App[int]):
             paths = []
         return [(p.stem, str(p)) for p in paths]
 
-    def on_mount(self) -> None:
-        # The widgets live on the default screen; keep references so a modal on top does not hide them.
-        main = self.screen
+    def wire(self, main: Screen) -> None:
         self.form = main.query_one(ConfigForm)
         self.preview = main.query_one(PreviewPanel)
         self.start_button = main.query_one("#start", Button)
         self.preset_select = main.query_one("#preset", Select)
-        self.panels = (main.query_one(ProgressPanel), main.query_one(LossPanel), main.query_one(MemoryPanel),
-                       main.query_one(CheckpointsPanel), main.query_one(LogPanel))
-        if self._keymap:
-            self.set_keymap(self._keymap)
-        self.set_interval(DRAIN_INTERVAL, self._drain)
-        self._render_state()
+
+    def begin(self) -> None:
         if self.demo and self.initial_config is None:
             self.preview.show_message("preparing the demo model and dataset…")
             self.call_after_refresh(self._prepare_demo)
         elif self.autostart:
             self.call_after_refresh(self._autostart)
 
-    # ------------------------------------------------------------------ engine → UI
-    def _deliver(self, event: Event) -> None:
-        """Called on the engine thread for every event. Never blocks, never raises."""
-        self._buffer.append(event)
-        if not isinstance(event, (StepCompleted, MemorySample)):
-            try:
-                self.post_message(EngineSignal(event))
-            except Exception:  # noqa: BLE001 - the app may be closing; the timer drains anyway
-                pass
-
-    def _drain(self) -> None:
-        events = []
-        buffer = self._buffer
-        while buffer:
-            events.append(buffer.popleft())
-        if events:
-            was_running = self.state.running
-            state = self.state
-            for event in events:
-                state = reduce(state, event)
-            self.state = state
-            if was_running != state.running or any(isinstance(e, RunFinished) for e in events):
-                self._run_status_changed()
-        self._check_engine_alive()
-        # While steps stream in, panels redraw at RENDER_INTERVAL; anything else (a checkpoint, a phase,
-        # pause, finish) is drawn at once. The UI thread's CPU is taken from training on small machines.
-        now = time.monotonic()          # the injected clock is for what is shown, not for pacing
-        steady = self.state.running and not self.state.paused and all(
-            isinstance(e, (StepCompleted, MemorySample)) for e in events)
-        if steady and now - self._rendered_at < RENDER_INTERVAL:
-            return
-        self._rendered_at = now
-        self._render_state()
-
-    def _check_engine_alive(self) -> None:
-        """An engine thread that died without a final event must not leave the UI 'running'."""
-        if (self.state.running and not self._start_in_flight and not self._buffer
-                and not self.source.running):
-            self._apply(RunFinished(status="failed", step=self.state.step,
-                                    error="the engine stopped without reporting why (see the log)",
-                                    t=self.clock()))
-
-    @on(EngineSignal)
-    def _engine_signal(self, message: EngineSignal) -> None:
-        self._drain()
-        if isinstance(message.event, RunFinished):
-            event = message.event
-            if event.status == "failed":
-                self.notify(event.error or "training failed", title="Training failed", severity="error",
-                            timeout=10)
-            elif event.status == "aborted":
-                self.notify(f"stopped at step {event.step}", title="Aborted", severity="warning")
-            else:
-                self.notify(f"finished at step {event.step}", title="Done")
-        elif isinstance(message.event, LogMessage) and message.event.level == "error":
-            self.notify(message.event.message, severity="error", timeout=8)
-
-    def _apply(self, action: Any) -> None:
-        was_running = self.state.running
-        self.state = reduce(self.state, action)
-        if was_running != self.state.running:
-            self._run_status_changed()
-        self._render_state()
-
-    def _run_status_changed(self) -> None:
+    def run_status_changed(self) -> None:
         running = self.state.running
         self.form.set_enabled(not running)
         self.preset_select.disabled = running
         self._update_start_button()
-        self.refresh_bindings()
+        super().run_status_changed()
 
-    def _render_state(self) -> None:
-        now = self.clock()
-        state = self.state
-        for panel in self.panels:
-            try:
-                panel.show(state, now)
-            except NoMatches:      # a panel still composing, or torn down while the app exits
-                continue
-        # Which keys apply depends only on these; re-checking bindings per step costs a footer redraw.
-        key = (state.running, state.paused, state.pause_requested, state.abort_requested, state.status,
-               self._form_valid, self._can_start())
-        if key != self._rendered_version:
-            self._rendered_version = key
-            self.refresh_bindings()
+    def bindings_key(self) -> tuple:
+        return super().bindings_key() + (self._form_valid, self._can_start())
 
     # ------------------------------------------------------------------ form
     @on(ConfigForm.Changed)
@@ -303,7 +160,7 @@ class CockpitApp(App[int]):
         except SpykeError as err:
             self.post_message(PreviewReady(token, error=str(err)))
         except Exception as err:  # noqa: BLE001 - a preview bug must not take the app down
-            self.post_message(PreviewReady(token, error=_one_line(err)))
+            self.post_message(PreviewReady(token, error=one_line(err)))
         else:
             self.post_message(PreviewReady(token, plan=plan))
 
@@ -318,13 +175,13 @@ class CockpitApp(App[int]):
         try:
             preview.show_plan(message.plan)
         except Exception as err:  # noqa: BLE001 - an odd plan must not take the app down
-            preview.show_message(f"preview unavailable: {_one_line(err)}", error=True)
+            preview.show_message(f"preview unavailable: {one_line(err)}", error=True)
 
     def _update_start_button(self) -> None:
         self.start_button.disabled = not self._can_start()
 
     def _can_start(self) -> bool:
-        return self.form.config is not None and not self.state.running and not self._start_in_flight and not self._quitting
+        return self.form.config is not None and not self.state.running and not self.starting and not self.quitting
 
     @on(Select.Changed, "#preset")
     def _preset_chosen(self, event: Select.Changed) -> None:
@@ -348,7 +205,7 @@ class CockpitApp(App[int]):
         try:
             config = self.demo_preparer()
         except Exception as err:  # noqa: BLE001
-            self.post_message(DemoReady(error=_one_line(err)))
+            self.post_message(DemoReady(error=one_line(err)))
         else:
             self.post_message(DemoReady(config=config))
 
@@ -359,7 +216,7 @@ class CockpitApp(App[int]):
             return
         if message.error or message.config is None:
             self.preview.show_message(f"demo not ready: {message.error}", error=True)
-            self._apply(LogMessage(level="error", message=f"demo not ready: {message.error}", t=self.clock()))
+            self.apply(LogMessage(level="error", message=f"demo not ready: {message.error}", t=self.clock()))
             return
         self.form.set_config(message.config)
         if self.autostart:
@@ -373,21 +230,18 @@ class CockpitApp(App[int]):
         form.validate_all()
         if form.config is None:
             problems = "; ".join(f"{k} {v}" for k, v in form.problems.items())
-            self._apply(LogMessage(level="error", message=f"--autostart: the config is not valid: {problems}",
+            self.apply(LogMessage(level="error", message=f"--autostart: the config is not valid: {problems}",
                                    t=self.clock()))
             return
         self.action_start()
 
     # ------------------------------------------------------------------ actions
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
-        running = self.state.running
-        if action in ("toggle_pause", "save_now", "abort"):
-            return True if running and not self.state.abort_requested else None
         if action == "start":
             return True if self._can_start() else None
         if action == "save_toml":
             return True if self._form_valid else None
-        return True
+        return super().check_action(action, parameters)
 
     @on(Button.Pressed, "#start")
     def _start_pressed(self, event: Button.Pressed) -> None:
@@ -406,104 +260,12 @@ class CockpitApp(App[int]):
                 self.notify("fix the highlighted fields first", severity="warning")
             return
         config = form.config
-        self._start_in_flight = True
-        self.commands_log.append("start")
-        self._apply(StartRequested())
+        self.apply(StartRequested())
+        self.start_source(config)
         self.form.set_enabled(False)
         self.preset_select.disabled = True
         self.set_focus(None)
         self._update_start_button()
-        self._start_engine(config)
-
-    @work(thread=True, exclusive=True, group="engine-start")
-    def _start_engine(self, config: TrainConfig) -> None:
-        self._start_source(config)
-
-    def _start_source(self, config: TrainConfig | None) -> bool:
-        """Start the source (on whichever thread calls this); the outcome arrives as EngineStartDone."""
-        try:
-            self.source.start(config, self._deliver)
-        except Exception as err:  # noqa: BLE001 - shown in the app, never as a traceback
-            self.post_message(EngineStartDone(_one_line(err)))
-            return False
-        self.post_message(EngineStartDone(""))   # "" = started fine
-        return True
-
-    @on(EngineStartDone)
-    def _start_done(self, message: EngineStartDone) -> None:
-        self._start_in_flight = False
-        if message.error:
-            self._drain()
-            self._apply(StartFailed(message.error))
-            self.notify(message.error, title="Could not start", severity="error", timeout=10)
-        self._run_status_changed()
-
-    def action_toggle_pause(self) -> None:
-        if not self.state.running:
-            return
-        pause = not self.state.pause_requested
-        if pause:
-            self.source.pause()
-        else:
-            self.source.resume()
-        self.commands_log.append("pause" if pause else "resume")
-        self._apply(PauseRequested(pause))
-
-    def action_save_now(self) -> None:
-        if not self.state.running:
-            return
-        self.source.save()
-        self.commands_log.append("save")
-        self._apply(SaveRequested())
-        self.notify("a checkpoint will be saved at the next step boundary", timeout=3)
-
-    def action_abort(self) -> None:
-        if not self.state.running or self.state.abort_requested:
-            return
-        self.push_screen(ConfirmAbortScreen("Stop training?", f"at step {self.state.step}/{self.state.total_steps}"),
-                         callback=lambda choice: self._abort_chosen(choice, quit_after=False))
-
-    def action_quit_cockpit(self) -> None:
-        if self._quitting:
-            self.exit(0)         # second quit while waiting for the engine: leave now
-            return
-        if self.state.running and not self.state.abort_requested:
-            self.push_screen(ConfirmAbortScreen("Quit: stop training first?",
-                                                f"at step {self.state.step}/{self.state.total_steps}"),
-                             callback=lambda choice: self._abort_chosen(choice, quit_after=True))
-            return
-        if self.state.running or self._start_in_flight:
-            self._quitting = True
-            self._join_then_exit()
-            return
-        self.exit(0)
-
-    def _abort_chosen(self, choice: str | None, *, quit_after: bool) -> None:
-        if choice is None:
-            return
-        save = choice == SAVE_AND_STOP
-        self.source.abort(save)
-        self.commands_log.append("abort" if save else "abort_no_save")
-        self._apply(AbortRequested(save))
-        if quit_after:
-            self._quitting = True
-            self._join_then_exit()
-
-    @work(thread=True, exclusive=True, group="join")
-    def _join_then_exit(self) -> None:
-        """Wait for the engine thread off the event loop, then exit."""
-        while self._start_in_flight:
-            time.sleep(0.05)
-        self.source.wait(None)
-        self.call_from_thread(self.exit, 0)
-
-    def action_help(self) -> None:
-        if isinstance(self.screen, HelpScreen):
-            return
-        self.push_screen(HelpScreen(self.HELP_ROWS))
-
-    def action_smoothing(self, delta: float) -> None:
-        self._apply(SmoothingChanged(round(self.state.smoothing + float(delta), 3)))
 
     def action_save_toml(self) -> None:
         form = self.form
@@ -537,7 +299,7 @@ def run_cockpit(config: TrainConfig | None, *, demo: bool, autostart: bool, conf
     ``overrides`` (demo only) are typed config values applied on top of the demo's config.
     """
     def demo_with_overrides() -> TrainConfig:
-        from engine.demo import prepare_demo
+        from engine.api import prepare_demo
 
         return prepare_demo(**(overrides or {}))
 

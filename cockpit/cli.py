@@ -28,7 +28,7 @@ def _fail(message: str, code: int = 2) -> int:
 
 
 def cmd_train(argv: Sequence[str]) -> int:
-    from engine.cli_args import make_parser, parse_train_args
+    from engine.api import make_parser, parse_train_args
 
     parser = make_parser(f"{PROG} train", "Train a LoRA with kohya train_network.py flags.", extra=[
         (("--headless",), {"action": "store_true", "help": "train without the cockpit, printing progress lines"}),
@@ -36,19 +36,19 @@ def cmd_train(argv: Sequence[str]) -> int:
     ])
     ns, config = parse_train_args(parser, argv)
     if ns.detach:
-        from engine.detach import detach_run
+        from engine.api import detach_run
 
         return detach_run(config, ns.config)
     if not ns.headless:
         return _run_tui(config, demo=False, autostart=True, config_path=ns.config)
     config.validate()
-    from engine.headless import run_headless
+    from engine.api import run_headless
 
     return run_headless(config)
 
 
 def cmd_demo(argv: Sequence[str]) -> int:
-    from engine.cli_args import make_parser, overrides_from_namespace
+    from engine.api import make_parser, overrides_from_namespace
 
     parser = make_parser(f"{PROG} demo", "Train the built-in tiny SD1.5-shaped model on a generated dataset.",
                          config_positional=False, extra=[
@@ -60,8 +60,7 @@ def cmd_demo(argv: Sequence[str]) -> int:
         return _fail(f"unknown flag {unknown[0].split('=', 1)[0]} (see `{PROG} demo --help`)")
     overrides = overrides_from_namespace(ns)
     if ns.headless:
-        from engine.demo import prepare_demo
-        from engine.headless import run_headless
+        from engine.api import prepare_demo, run_headless
 
         print("preparing the built-in tiny model and dataset…", flush=True)
         return run_headless(prepare_demo(**overrides).validate())
@@ -69,7 +68,7 @@ def cmd_demo(argv: Sequence[str]) -> int:
 
 
 def cmd_cockpit(argv: Sequence[str]) -> int:
-    from engine.cli_args import make_parser, parse_train_args
+    from engine.api import make_parser, parse_train_args
 
     parser = make_parser(PROG, __doc__.strip().splitlines()[0], extra=[
         (("--autostart",), {"action": "store_true", "help": "start training at once"}),
@@ -96,7 +95,7 @@ def cmd_attach(argv: Sequence[str]) -> int:
 
 
 def cmd_ls(argv: Sequence[str]) -> int:
-    from engine.runs import main as ls_main
+    from cockpit.ls import main as ls_main
 
     return ls_main(argv)
 

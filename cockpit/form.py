@@ -17,8 +17,8 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.message import Message
 from textual.widgets import Checkbox, Input, Label, Select, Static
 
-from engine.config import FIELDS, GROUPS, TrainConfig, coerce_value, field_is_optional, field_type, fields_in_group
-from engine.errors import ConfigError
+from engine.api import (FIELDS, GROUPS, ConfigError, TrainConfig, coerce_value, field_is_optional, field_type,
+                        fields_in_group)
 
 _DEFAULTS = TrainConfig()
 FIRST_FRAME_GROUPS = 1

@@ -15,18 +15,22 @@ the end, writing events and checkpoints, and exits when the run is over.
 
 from __future__ import annotations
 
-import collections
 import os
 import signal
 import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from engine.api import CONSOLE_FILENAME
+
+if TYPE_CHECKING:
+    from cockpit.monitor import MonitorApp
 
 
 class HangupGuard:
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: "MonitorApp") -> None:
         self.app = app
         self.hung_up = False
         self.hung_up_at: float | None = None
@@ -67,9 +71,8 @@ class HangupGuard:
         threading.Thread(target=ask_exit, name="spyke-hangup", daemon=True).start()
 
     def console_path(self) -> Path | None:
-        source = getattr(self.app, "source", None)
-        run_dir = getattr(source, "run_dir", None) if source is not None else None
-        return Path(run_dir) / "console.log" if run_dir else None
+        run_dir = self.app.source.run_dir
+        return Path(run_dir) / CONSOLE_FILENAME if run_dir else None
 
     def redirect_stdio(self, to_log: bool = True) -> None:
         """fd 0 <- /dev/null; fds 1, 2 -> console.log of the run (append) when ``to_log``, else /dev/null."""
@@ -108,17 +111,13 @@ class HangupGuard:
             signal.signal(signal.SIGHUP, signal.SIG_IGN)
         self.redirect_stdio(to_log=True)
         app = self.app
-        try:
-            app._buffer = collections.deque(maxlen=0)     # nobody will drain it any more
-        except Exception:  # noqa: BLE001
-            pass
-        source = getattr(app, "source", None)
+        app.stop_buffering()                  # nobody will drain it any more
+        source = app.source
         deadline = time.monotonic() + 60.0    # a start still in flight (torch import, model load)
-        while (getattr(app, "_start_in_flight", False) and source is not None
-               and not getattr(source, "running", False) and time.monotonic() < deadline):
+        while app.starting and not source.running and time.monotonic() < deadline:
             time.sleep(0.2)
         finished = True
-        if source is not None and getattr(source, "running", False) and not hasattr(source, "stop"):
+        if source.running and source.owns_run:
             finished = bool(source.wait(wait))
         for stream in (sys.stdout, sys.stderr):
             try:
@@ -127,5 +126,4 @@ class HangupGuard:
                 pass
         if not finished:
             return 1
-        result = getattr(getattr(getattr(source, "_handle", None), "result", None), "status", "completed")
-        return 0 if result in (None, "completed") else 1
+        return 0 if source.outcome() in (None, "completed") else 1

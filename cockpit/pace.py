@@ -18,6 +18,8 @@ BUSY_IDLE_CORES = 0.5      # less idle CPU than half a core over the last interv
 CALM_IDLE_CORES = 1.0      # a whole idle core again: back to the normal pace (no flapping in between)
 BUSY_FACTOR = 5            # busy: redraws and chart this many times less often
 BUSY_POLL = 1.0            # busy: seconds between reads of the events file (normal: the source's own)
+VIEW_INTERVAL = 2.0        # a viewer redraws its panels every 2 s (--refresh; the live cockpit: 4 Hz)
+PLOT_EVERY = 4             # and its loss chart, the costly panel, every 4th redraw while the run is live
 
 
 @dataclass

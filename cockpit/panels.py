@@ -17,8 +17,10 @@ from textual.containers import Horizontal, Vertical
 from textual.widgets import DataTable, RichLog, Sparkline, Static
 from textual_plotext import PlotextPlot
 
-from cockpit.state import (CockpitState, elapsed, eta_next_checkpoint, eta_seconds, format_bytes, format_duration,
-                           memory_pressure, next_checkpoint, smooth, steps_per_second)
+from cockpit.history import smooth
+from cockpit.state import (CockpitState, elapsed, eta_next_checkpoint, eta_seconds, format_duration, memory_pressure,
+                           next_checkpoint, steps_per_second)
+from engine.api import format_bytes
 
 WARN_LEVEL = 0.85
 CRITICAL_LEVEL = 0.95

@@ -37,7 +37,7 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--read-only", action="store_true", help="browser viewers cannot pause/save/abort")
     parser.add_argument("--root", help="where to look for runs, as for attach")
     ns = parser.parse_args(list(argv))
-    from cockpit.attach import resolve_run
+    from engine.api import resolve_run
 
     port = check_port(ns.host, ns.port)
     resolve_run(ns.run, ns.root)  # the browser would only show the error: say it here

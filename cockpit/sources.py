@@ -1,4 +1,4 @@
-"""Where the cockpit's events come from: the live engine, or a fake for tests.
+"""Where the cockpit's events come from: the live engine (a viewer's source is cockpit.viewer.tail).
 
 An :class:`EventSource` starts a run and forwards its events to one callback. The callback
 may be called on any thread (the engine's) and never blocks. Control commands go the
@@ -8,12 +8,10 @@ other way and are thread-safe. The attach command adds a source that tails a run
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 from typing import Callable, Protocol, runtime_checkable
 
-from engine.config import TrainConfig
-from engine.events import Event
+from engine.api import Event, TrainConfig
 
 Deliver = Callable[[Event], None]
 
@@ -40,6 +38,14 @@ class EventSource(Protocol):
     @property
     def run_dir(self) -> Path | None: ...
 
+    @property
+    def owns_run(self) -> bool:
+        """True when the run lives in this process (closing the app must wait for it or stop it);
+        False for a viewer of a run in another process."""
+
+    def outcome(self) -> str | None:
+        """How the run ended (completed | aborted | failed), or None while unknown."""
+
 
 class LiveSource:
     """Runs the engine in this process on its own daemon thread (engine.session.start_training)."""
@@ -48,7 +54,7 @@ class LiveSource:
         self._handle = None
 
     def start(self, config: TrainConfig, deliver: Deliver) -> None:
-        from engine.session import start_training  # heavy (torch): only once a run starts
+        from engine.api import start_training  # heavy (torch): imported by the call, once a run starts
 
         self._handle = start_training(config, [deliver])
 
@@ -85,58 +91,8 @@ class LiveSource:
     def run_dir(self) -> Path | None:
         return None if self._handle is None else self._handle.run_dir
 
+    owns_run = True
 
-class FakeSource:
-    """A scripted source for tests: records commands; the test feeds events with :meth:`emit`."""
-
-    def __init__(self, *, start_error: Exception | None = None) -> None:
-        self.commands: list[str] = []
-        self.configs: list[TrainConfig] = []
-        self.start_error = start_error
-        self._deliver: Deliver | None = None
-        self._running = False
-        self._done = threading.Event()
-        self._done.set()
-
-    def start(self, config: TrainConfig, deliver: Deliver) -> None:
-        self.commands.append("start")
-        self.configs.append(config)
-        if self.start_error is not None:
-            raise self.start_error
-        self._deliver = deliver
-        self._running = True
-        self._done.clear()
-
-    def emit(self, *events: Event) -> None:
-        assert self._deliver is not None, "start() first"
-        for event in events:
-            self._deliver(event)
-            if event.type == "finished":
-                self.finish()
-
-    def finish(self) -> None:
-        self._running = False
-        self._done.set()
-
-    def pause(self) -> None:
-        self.commands.append("pause")
-
-    def resume(self) -> None:
-        self.commands.append("resume")
-
-    def save(self) -> None:
-        self.commands.append("save")
-
-    def abort(self, save: bool) -> None:
-        self.commands.append("abort" if save else "abort_no_save")
-
-    def wait(self, timeout: float | None = None) -> bool:
-        return self._done.wait(timeout)
-
-    @property
-    def running(self) -> bool:
-        return self._running
-
-    @property
-    def run_dir(self) -> Path | None:
-        return None
+    def outcome(self) -> str | None:
+        result = None if self._handle is None else self._handle.result
+        return None if result is None else result.status

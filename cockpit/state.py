@@ -4,10 +4,10 @@
 :class:`CockpitState`. Widgets only render the state; derived figures that depend on the wall
 clock (elapsed, ETA) are functions of ``(state, now)`` so a test can pin the clock.
 
-The loss history is the one piece that grows with the run, so it is a bounded, append-only
-:class:`LossHistory` (pairs of buckets merge when it fills up): memory and redraw cost stay
-the same at step 100 and at step 1,000,000. States share it; a state handed to ``reduce``
-must not be used for history queries afterwards.
+The loss history is the one piece that grows with the run: a bounded, persistent
+:class:`~cockpit.history.LossHistory`. A step gives the new state a history one step longer and
+leaves the old state's as it was (they share storage), so ``reduce`` never changes the state it
+is given, at O(1) amortised per step.
 """
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable
 
-from engine.events import (CheckpointSaved, Event, LogMessage, MemorySample, PhaseChanged, RunFinished,
+from cockpit.history import LossHistory, ema_update, smooth
+from engine.api import (CheckpointSaved, Event, LogMessage, MemorySample, PhaseChanged, RunFinished,
                            RunStarted, StepCompleted)
 
 RATE_WINDOW = 20          # steps used for it/s
@@ -76,89 +77,6 @@ class HistoryLoaded:
 
 Action = (Event | StartRequested | StartFailed | PauseRequested | AbortRequested | SaveRequested
           | SmoothingChanged | HistoryLoaded)
-
-
-# ---------------------------------------------------------------- loss history
-class LossHistory:
-    """Bounded history of per-step losses: at most ``capacity`` buckets of equal step count.
-
-    When full, neighbouring buckets merge and the bucket size doubles, so appends are O(1)
-    amortised and every query is O(capacity) whatever the run length.
-    """
-
-    def __init__(self, capacity: int = 2048) -> None:
-        self.capacity = capacity
-        self.bucket_size = 1
-        self.steps: list[int] = []        # last step in each bucket
-        self.sums: list[float] = []
-        self.counts: list[int] = []
-        self.total = 0                    # steps recorded
-
-    def __len__(self) -> int:
-        return len(self.steps)
-
-    def append(self, step: int, loss: float) -> None:
-        if not math.isfinite(loss):
-            return
-        self.total += 1
-        if self.counts and self.counts[-1] < self.bucket_size:
-            self.steps[-1] = step
-            self.sums[-1] += loss
-            self.counts[-1] += 1
-            return
-        self.steps.append(step)
-        self.sums.append(loss)
-        self.counts.append(1)
-        if len(self.steps) > self.capacity:
-            self._compact()
-
-    def _compact(self) -> None:
-        n = len(self.steps) // 2 * 2
-        steps = [self.steps[i + 1] for i in range(0, n, 2)]
-        sums = [self.sums[i] + self.sums[i + 1] for i in range(0, n, 2)]
-        counts = [self.counts[i] + self.counts[i + 1] for i in range(0, n, 2)]
-        if n < len(self.steps):
-            steps.append(self.steps[-1])
-            sums.append(self.sums[-1])
-            counts.append(self.counts[-1])
-        self.steps, self.sums, self.counts = steps, sums, counts
-        self.bucket_size *= 2
-
-    def series(self, width: int) -> tuple[list[int], list[float], list[int]]:
-        """At most ``width`` points: (last step, mean loss, steps in the point)."""
-        return downsample(self.steps, self.sums, self.counts, width)
-
-
-def downsample(steps: Sequence[int], sums: Sequence[float], counts: Sequence[int],
-               width: int) -> tuple[list[int], list[float], list[int]]:
-    n = len(steps)
-    width = max(1, width)
-    if n <= width:
-        return list(steps), [s / c for s, c in zip(sums, counts)], list(counts)
-    xs, ys, ns = [], [], []
-    for i in range(width):
-        lo, hi = i * n // width, (i + 1) * n // width
-        if hi <= lo:
-            continue
-        total = sum(sums[lo:hi])
-        count = sum(counts[lo:hi])
-        xs.append(steps[hi - 1])
-        ys.append(total / count)
-        ns.append(count)
-    return xs, ys, ns
-
-
-def smooth(values: Sequence[float], counts: Sequence[int], smoothing: float) -> list[float]:
-    """Debiased EMA (TensorBoard style); a point that stands for k steps decays by smoothing**k."""
-    out = []
-    acc = 0.0
-    weight = 0.0
-    for value, k in zip(values, counts):
-        decay = smoothing ** max(1, k)
-        acc = acc * decay + (1 - decay) * value
-        weight = weight * decay + (1 - decay)
-        out.append(acc / weight if weight > 0 else value)
-    return out
 
 
 # ---------------------------------------------------------------- state
@@ -301,16 +219,13 @@ def reduce(state: CockpitState, event: Action) -> CockpitState:
 def _reduce_step(state: CockpitState, event: StepCompleted, version: int) -> CockpitState:
     loss = event.loss
     ema, weight = state.loss_ema, state.ema_weight
+    history = state.history
     if not event.skipped and math.isfinite(loss):
-        state.history.append(event.step, loss)
-        # debiased EMA: keep the raw accumulator in loss_ema * ema_weight
-        s = state.smoothing
-        acc = (ema or 0.0) * weight * s + (1 - s) * loss
-        weight = weight * s + (1 - s)
-        ema = acc / weight if weight > 0 else loss
+        history = history.appended(event.step, loss)
+        ema, weight = ema_update(ema, weight, loss, state.smoothing)
     window = (state.rate_window + ((event.t, event.step),))[-RATE_WINDOW:]
     return replace(state, step=event.step, epoch=event.epoch, loss=loss, loss_ema=ema, ema_weight=weight,
-                   lrs=tuple(sorted(event.lrs.items())), rate_window=window,
+                   history=history, lrs=tuple(sorted(event.lrs.items())), rate_window=window,
                    skipped_steps=state.skipped_steps + (1 if event.skipped else 0),
                    last_event_at=event.t, status="running" if state.status == "starting" else state.status,
                    version=version)
@@ -370,17 +285,6 @@ def format_duration(seconds: float | None) -> str:
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
-
-
-def format_bytes(n: int | None) -> str:
-    if n is None:
-        return "–"
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} TiB"
 
 
 def memory_pressure(sample: MemorySample | None) -> float:

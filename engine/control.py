@@ -57,12 +57,6 @@ class TrainingControl:
     def resume(self) -> None:
         self.submit(Command.RESUME)
 
-    def toggle_pause(self) -> bool:
-        with self._cond:
-            paused = self._paused
-        self.submit(Command.RESUME if paused else Command.PAUSE)
-        return not paused
-
     def request_save(self) -> None:
         self.submit(Command.SAVE)
 

@@ -18,8 +18,9 @@ from engine.config import TrainConfig, to_toml
 from engine.errors import ConfigError, ModelLoadError
 from engine.output_guard import OutputCheck, check_outputs
 from engine.plan import RunPlan, missing_model, plan_run
+from engine.run.layout import RUNS_DIRNAME
 from engine.state import PROGRESS, config_mismatches, find_latest_state
-from engine.trainer import RUNS_DIRNAME, new_run_id
+from engine.trainer import new_run_id
 
 
 def preflight(config: TrainConfig) -> tuple[str | None, OutputCheck]:

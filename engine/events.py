@@ -1,18 +1,14 @@
 """Typed run events and their JSONL form.
 
 The engine emits these dataclasses; a run folder's ``events.jsonl`` holds one per line
-(``{"v": 1, "type": "step", ...}``). The file outlives the process: the cockpit, ``attach``
-and ``ls`` rebuild a run from it, so a reader must tolerate a half-written last line.
+(``{"v": 1, "type": "step", ...}``), written and read by :mod:`engine.run.journal`.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterable
 
 SCHEMA_VERSION = 1
@@ -143,81 +139,6 @@ def event_from_dict(data: dict[str, Any]) -> Event | None:
         return cls(**{k: v for k, v in data.items() if k in names})
     except TypeError:
         return None
-
-
-def parse_line(line: str) -> Event | None:
-    try:
-        return event_from_dict(json.loads(line))
-    except (ValueError, AttributeError):
-        return None
-
-
-class EventLog:
-    """Append-only JSONL writer. Each event is one ``write`` of a whole line, flushed at once."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fh = open(self.path, "a", encoding="utf-8")
-        self._lock = threading.Lock()
-        self._last_sync = time.monotonic()
-
-    def __call__(self, event: Event) -> None:
-        line = event.to_json() + "\n"
-        with self._lock:
-            if self._fh.closed:
-                return
-            self._fh.write(line)
-            self._fh.flush()
-            now = time.monotonic()
-            if not isinstance(event, (StepCompleted, MemorySample)) or now - self._last_sync > 5.0:
-                os.fsync(self._fh.fileno())
-                self._last_sync = now
-
-    def close(self) -> None:
-        with self._lock:
-            if not self._fh.closed:
-                self._fh.flush()
-                os.fsync(self._fh.fileno())
-                self._fh.close()
-
-
-class EventTail:
-    """Incremental reader of an events.jsonl that may still be growing.
-
-    Keeps its byte offset; a half-written last line is left for the next ``read``.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        self.offset = 0
-        self._partial = b""
-
-    def read(self, max_bytes: int | None = None) -> list[Event]:
-        try:
-            with open(self.path, "rb") as fh:
-                fh.seek(self.offset)
-                chunk = fh.read() if max_bytes is None else fh.read(max_bytes)
-        except FileNotFoundError:
-            return []
-        if not chunk:
-            return []
-        self.offset += len(chunk)
-        data = self._partial + chunk
-        lines = data.split(b"\n")
-        self._partial = lines.pop()
-        out = []
-        for raw in lines:
-            if raw.strip():
-                event = parse_line(raw.decode("utf-8", errors="replace"))
-                if event is not None:
-                    out.append(event)
-        return out
-
-
-def read_events(path: Path) -> list[Event]:
-    """Every complete event in a file (a torn last line is skipped)."""
-    return EventTail(path).read()
 
 
 Sink = Callable[[Event], None]

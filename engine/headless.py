@@ -11,6 +11,7 @@ from engine.config import TrainConfig
 from engine.control import TrainingControl
 from engine.events import (CheckpointSaved, Event, LogMessage, NetworkBuilt, PhaseChanged, RunFinished,
                            RunStarted, StepCompleted)
+from engine.units import format_bytes
 
 SECOND_SIGINT_WINDOW = 3.0
 
@@ -20,17 +21,6 @@ def format_duration(seconds: float | None) -> str:
         return "--:--:--"
     seconds = int(round(seconds))
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
-
-
-def format_bytes(n: int | None) -> str:
-    if n is None:
-        return "-"
-    value = float(n)
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if value < 1000 or unit == "TB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1000
-    return f"{n} B"
 
 
 class ProgressPrinter:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
-from engine.channel import ControlChannel
+from engine.run.channel import ControlChannel
 from engine.checkpoint import build_metadata, checkpoint_filename, cleanup_temp_files, save_lora_file
 from engine.config import TrainConfig, to_toml
 from engine.control import TrainingControl
@@ -27,7 +27,6 @@ from engine.events import (
     CheckpointSaved,
     Event,
     EventBus,
-    EventLog,
     LogMessage,
     MemorySample,
     PhaseChanged,
@@ -37,6 +36,7 @@ from engine.events import (
 )
 from engine.output_guard import OutputCheck, apply_renames, check_outputs, refuse_foreign
 from engine.plan import RunPlan, missing_model, plan_run
+from engine.run.journal import EventLog
 from engine.state import (
     Progress,
     capture_rng,

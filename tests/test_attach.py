@@ -24,7 +24,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from cockpit.attach import (FileTail, TailSource, load_snapshot, make_app, parse_record, resolve_run)
+from cockpit.attach import make_app
+from cockpit.viewer.snapshot import load_snapshot
+from cockpit.viewer.tail import TailSource
+from engine.run.registry import resolve_run
 from cockpit.state import CockpitState, HistoryLoaded, reduce_all
 from engine.errors import SpykeError
 from engine.events import (CheckpointSaved, LogMessage, MemorySample, PhaseChanged, RunFinished, RunStarted,
@@ -118,35 +121,6 @@ def wait_for(predicate, timeout: float = 30.0, what: str = "condition") -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
-# ---------------------------------------------------------------------------- the tail reader
-
-
-def test_tail_reader_keeps_offset_and_waits_for_a_half_written_line(tmp_path):
-    path = tmp_path / "events.jsonl"
-    a, b = (StepCompleted(step=i, epoch=1, loss=0.5, lrs={}, step_seconds=0.1) for i in (1, 2))
-    line_b = b.to_json()
-    path.write_text(a.to_json() + "\n" + line_b[:20])
-    tail = FileTail(path)
-    assert [e.step for e in tail.read()] == [1]
-    assert tail.read() == []                                  # still half a line
-    with open(path, "a") as fh:
-        fh.write(line_b[20:] + "\n")
-    assert [e.step for e in tail.read()] == [2]
-    assert tail.offset == path.stat().st_size
-
-
-def test_tail_reader_recovers_a_line_glued_to_a_torn_one_and_restarts_after_truncation(tmp_path):
-    path = tmp_path / "events.jsonl"
-    good = StepCompleted(step=7, epoch=1, loss=0.25, lrs={}, step_seconds=0.1).to_json()
-    path.write_text('{"v":1,"type":"st' + good + "\n" + "not json\n")   # a crash mid-write, then a new writer
-    tail = FileTail(path)
-    assert [e.step for e in tail.read()] == [7]
-    assert parse_record(b"garbage") is None
-    path.write_text(StepCompleted(step=1, epoch=1, loss=0.1, lrs={}, step_seconds=0.1).to_json() + "\n")
-    events = tail.read()
-    assert tail.truncated and [e.step for e in events] == [1]
-
-
 # ---------------------------------------------------------------------------- snapshot == live reducer
 
 
@@ -198,7 +172,9 @@ PREFETCH_CHILD = r"""
 import asyncio, os, sys, threading, time
 from pathlib import Path
 import psutil
-from cockpit.attach import SnapshotPrefetch, TailSource, load_snapshot, _attach_app_class
+from cockpit.viewer.prefetch import SnapshotPrefetch
+from cockpit.viewer.snapshot import load_snapshot
+from cockpit.viewer.tail import TailSource
 from cockpit.state import CockpitState, reduce_all
 
 run_dir, total = Path(sys.argv[1]), int(sys.argv[2])
@@ -223,6 +199,7 @@ pre.close()
 assert psutil.Process().children() == []
 
 # 3. the viewer folds a ready prefetch in before its first frame: the run is there at mount
+from cockpit.attach_app import AttachApp
 from cockpit.panels import LossPlot
 charted = []                      # steps in the history each time the chart is drawn
 draw = LossPlot.render
@@ -232,7 +209,7 @@ def render(self):
 LossPlot.render = render
 pre = SnapshotPrefetch(path)
 assert pre.ready(timeout=20)
-app = _attach_app_class()(TailSource(run_dir, read_only=True, prefetch=pre), read_only=True)
+app = AttachApp(TailSource(run_dir, read_only=True, prefetch=pre), read_only=True)
 
 async def go():
     async with app.run_test(size=(140, 45)) as pilot:
@@ -441,7 +418,8 @@ def test_attach_accepts_a_live_run_with_a_torn_last_line_or_one_still_starting(t
 
 
 def test_runs_root_comes_from_the_env_or_the_user_config_file(tmp_path, monkeypatch):
-    from engine.runs import default_runs_root, main as ls_main, user_config_path
+    from cockpit.ls import main as ls_main
+    from engine.run.registry import default_runs_root, user_config_path
 
     here, root = tmp_path / "somewhere-else", tmp_path / "loras"
     here.mkdir()
@@ -530,7 +508,7 @@ def test_a_viewer_backs_off_while_the_cpu_is_busy_and_returns_when_a_core_is_fre
 
 
 def test_cli_names_a_broken_user_config_in_one_line(tmp_path):
-    from engine.runs import user_config_path
+    from engine.run.registry import user_config_path
 
     cfg = user_config_path()
     cfg.parent.mkdir(parents=True, exist_ok=True)
@@ -544,7 +522,7 @@ def test_cli_names_a_broken_user_config_in_one_line(tmp_path):
 
 
 def test_ls_lists_states_including_stale(tmp_path):
-    from engine.runs import main as ls_main
+    from cockpit.ls import main as ls_main
 
     gone = dead_pid()
     write_run(tmp_path, synthetic_events(40, pid=gone, finished="completed"), run_id="r-finished")
@@ -573,7 +551,7 @@ def test_ls_lists_states_including_stale(tmp_path):
 
 def test_ls_follows_a_resumed_run_to_its_new_process(tmp_path):
     """A resume appends a new run_started (new pid) to the same events.jsonl: ls must judge that pid."""
-    from engine.runs import summarize
+    from engine.run.registry import summarize
 
     first = synthetic_events(20, pid=dead_pid(), finished=None, t0=time.time() - 50)
     resumed = [RunStarted(run_id="syn-run", output_dir="/o", output_name="syn", total_steps=40, num_epochs=2,

@@ -13,7 +13,7 @@ from textual.widgets import Button, DataTable, Input, RichLog, Select, Static
 
 from cockpit.app import CockpitApp
 from cockpit.modals import ConfirmAbortScreen, HelpScreen
-from cockpit.sources import FakeSource
+from tests.fakes import FakeSource
 from engine.config import TrainConfig
 from engine.errors import ModelLoadError
 from engine.events import (CheckpointSaved, LogMessage, MemorySample, PhaseChanged, RunFinished, RunStarted,
@@ -360,3 +360,14 @@ async def test_preview_shows_the_plan_warnings_such_as_a_caption_extension_misma
         assert "2 images × 2" in preview
         assert ("⚠ " f"{images}: 2 of 2 images have no .caption caption file but a .txt file beside them, so they "
                 "train on the class tokens 'spyke' alone; set --caption_extension=.txt") in preview
+
+
+def test_help_and_control_keys_come_from_the_bindings_of_each_app():
+    from cockpit.attach_app import AttachApp
+
+    cockpit_rows = dict(CockpitApp.help_rows(make_app()))
+    assert cockpit_rows["ctrl+r"].startswith("start training") and cockpit_rows["ctrl+s"] == "save the form as TOML"
+    assert {"space / p", "s", "a / ctrl+x", "q / ctrl+c", "[ / ]", "?"} <= set(cockpit_rows)
+    attach_keys = {keys for keys, _ in AttachApp.help_rows(AttachApp.__new__(AttachApp))}
+    assert attach_keys == {"space / p", "s", "a / ctrl+x", "q / ctrl+c", "[ / ]", "?"}     # no editor keys
+    assert CockpitApp.CONTROL_KEYS == AttachApp.CONTROL_KEYS == ("space", "p", "s", "a", "ctrl+x")

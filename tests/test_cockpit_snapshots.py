@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from cockpit.app import CockpitApp
-from cockpit.sources import FakeSource
+from tests.fakes import FakeSource
 from engine.events import CheckpointSaved, LogMessage, MemorySample, PhaseChanged, RunStarted, StepCompleted
 from tests.test_cockpit_app import T0, fake_plan, valid_config
 
@@ -54,7 +54,7 @@ async def mid_run(pilot) -> None:
                             device_total=8 * 2**30, t=T0 + 80),
                LogMessage(level="warning", message="step 120: loss spike (2.1× the EMA)", t=T0 + 66)]
     app.source.emit(*events)
-    app._drain()
+    app.drain()
     await pilot.pause(1.3)            # the loss chart redraws at most once a second while training
     await pilot.pause()
 

@@ -169,3 +169,18 @@ def test_format_duration():
     assert format_duration(None) == "--:--"
     assert format_duration(65) == "01:05"
     assert format_duration(3725) == "1:02:05"
+
+
+def test_reducing_a_step_leaves_the_state_it_was_given_as_it_was():
+    s = reduce_all(reduce(CockpitState(), started(total=10_000)),
+                   [StepCompleted(step=i, epoch=1, loss=float(i), lrs={}, step_seconds=0.1, t=float(i))
+                    for i in range(1, 5001)])
+    before = (s.history.total, s.history.steps, s.history.sums, s.history.counts, s.loss_ema)
+    a = reduce(s, StepCompleted(step=5001, epoch=1, loss=1.0, lrs={}, step_seconds=0.1, t=5001.0))
+    b = reduce(s, StepCompleted(step=5001, epoch=1, loss=9.0, lrs={}, step_seconds=0.1, t=5001.0))
+    b = reduce_all(b, [StepCompleted(step=i, epoch=1, loss=9.0, lrs={}, step_seconds=0.1, t=float(i))
+                       for i in range(5002, 9001)])            # one branch grows on, through compactions
+    assert (s.history.total, s.history.steps, s.history.sums, s.history.counts, s.loss_ema) == before
+    assert a.history.total == 5001 and a.history.sums[-1] != b.history.sums[-1]
+    assert sum(a.history.sums) == pytest.approx(sum(range(1, 5001)) + 1.0)
+    assert sum(b.history.sums) == pytest.approx(sum(range(1, 5001)) + 9.0 * 4000)

@@ -820,7 +820,7 @@ def write_toml(config, path: Path) -> Path:
 
 
 def events_of(out: Path) -> list:
-    from engine.events import parse_line
+    from engine.run.journal import parse_line
 
     events = []
     for log in sorted(out.glob(".spyke/*/events.jsonl")):

@@ -1,9 +1,11 @@
-"""engine/ never pulls in the UI (textual, plotext, cockpit); the CLI entry point stays light."""
+"""engine/ never pulls in the UI (textual, plotext, cockpit); the cockpit reaches the engine only through
+engine.api (the import contracts in pyproject.toml); the CLI entry point stays light."""
 
 from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +16,8 @@ UI_PACKAGES = ("textual", "plotext", "cockpit")
 
 
 def engine_modules() -> list[str]:
-    return sorted(f"engine.{p.stem}" for p in ENGINE.glob("*.py") if p.stem != "__init__")
+    names = (".".join(p.relative_to(REPO).with_suffix("").parts) for p in ENGINE.rglob("*.py"))
+    return sorted(n.removesuffix(".__init__") for n in names if "assets" not in n.split("."))
 
 
 def loaded_after(code: str) -> set[str]:
@@ -26,7 +29,7 @@ def loaded_after(code: str) -> set[str]:
 
 def test_importing_every_engine_module_loads_no_ui():
     modules = engine_modules()
-    assert "engine.trainer" in modules and "engine.config" in modules and "engine.events" in modules
+    assert {"engine.trainer", "engine.config", "engine.events", "engine.run.journal", "engine.api"} <= set(modules)
     loaded = loaded_after("import engine\n" + "\n".join(f"import {m}" for m in modules))
     assert not loaded & set(UI_PACKAGES), loaded & set(UI_PACKAGES)
 
@@ -49,3 +52,11 @@ def test_engine_package_and_light_modules_do_not_import_torch():
 def test_cockpit_cli_imports_neither_torch_nor_textual():
     loaded = loaded_after("import cockpit.cli")
     assert not loaded & {"torch", "textual", "plotext", "diffusers", "transformers"}
+
+
+def test_import_contracts_hold_so_the_cockpit_uses_only_the_engine_api():
+    lint = shutil.which("lint-imports", path=str(Path(sys.executable).parent)) or shutil.which("lint-imports")
+    assert lint, "lint-imports is missing: pip install -e '.[test]'"
+    out = subprocess.run([lint, "--no-cache"], cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    assert "2 kept, 0 broken" in out.stdout

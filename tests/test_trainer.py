@@ -20,14 +20,13 @@ from engine.config import build_config
 from engine.demo import prepare_demo
 from engine.events import (
     CheckpointSaved,
-    EventTail,
     PhaseChanged,
     RunFinished,
     RunStarted,
     StepCompleted,
-    read_events,
 )
 from engine.plan import plan_run
+from engine.run.journal import EventTail, read_events
 from engine.tiny import generate_dataset
 
 REPO = Path(__file__).resolve().parent.parent

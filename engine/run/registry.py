@@ -1,20 +1,18 @@
-"""Find runs and tell their state from their run folders (``<output_dir>/.spyke/<run_id>/``)."""
+"""Find runs and tell their state from their run folders (``<output_dir>/.spyke/<run_id>/``): the runs
+root, liveness of a run's process, one run's summary, and the run folder a user means."""
 
 from __future__ import annotations
 
-import argparse
-import datetime as dt
-import json
 import os
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 from engine.errors import SpykeError
-from engine.events import PhaseChanged, RunFinished, RunStarted, StepCompleted, parse_line
+from engine.events import PhaseChanged, RunFinished, RunStarted, StepCompleted
+from engine.run.journal import first_event, last_events, parse_line
+from engine.run.layout import EVENTS_FILENAME as EVENTS, RUNS_DIRNAME
 
-EVENTS = "events.jsonl"
 TAIL_BYTES = 256 * 1024
 RUNS_ROOT_ENV = "SPYKE_RUNS_ROOT"
 USER_CONFIG_KEYS = ("runs_root",)
@@ -85,24 +83,11 @@ def pid_alive(pid: int | None, started: float | None = None) -> bool:
 
 
 def _first_event(path: Path):
-    with open(path, "rb") as fh:
-        return parse_line(fh.readline().decode("utf-8", "replace"))
+    return first_event(path)
 
 
 def _tail_events(path: Path, nbytes: int = TAIL_BYTES):
-    size = path.stat().st_size
-    with open(path, "rb") as fh:
-        fh.seek(max(0, size - nbytes))
-        data = fh.read()
-    lines = data.split(b"\n")
-    if size > nbytes:
-        lines = lines[1:]          # the first line may be cut
-    out = []
-    for raw in lines:
-        event = parse_line(raw.decode("utf-8", "replace")) if raw.strip() else None
-        if event is not None:
-            out.append(event)
-    return out
+    return last_events(path, nbytes)
 
 
 def summarize(run_dir: Path) -> RunInfo | None:
@@ -151,7 +136,7 @@ def check_readable(run_dir: Path) -> Path:
     lines = data[:TAIL_BYTES].split(b"\n")
     last = lines.pop()                     # no newline yet: being written (or cut by the read limit)
     lines = [raw for raw in lines if raw.strip()]
-    if any(parse_line(raw.decode("utf-8", "replace")) is not None for raw in lines):
+    if any(parse_line(raw) is not None for raw in lines):
         return Path(run_dir)               # one event is enough: the cockpit skips lines it cannot read
     if not lines and (not last.strip() or last.lstrip().startswith(b"{")):
         return Path(run_dir)               # empty, or its first event is being written
@@ -169,14 +154,14 @@ def find_run_dirs(root: Path, max_depth: int = 4) -> list[Path]:
     base_depth = len(root.parts)
     for dirpath, dirnames, _files in os.walk(root):
         depth = len(Path(dirpath).parts) - base_depth
-        if Path(dirpath).name == ".spyke":
+        if Path(dirpath).name == RUNS_DIRNAME:
             found += [Path(dirpath) / d for d in dirnames if (Path(dirpath) / d / EVENTS).is_file()]
             dirnames[:] = []
             continue
         if depth >= max_depth:
             dirnames[:] = []
         else:
-            dirnames[:] = [d for d in dirnames if d == ".spyke" or not d.startswith(".")]
+            dirnames[:] = [d for d in dirnames if d == RUNS_DIRNAME or not d.startswith(".")]
     return found
 
 
@@ -191,30 +176,31 @@ def latest_live_run(root: Path) -> RunInfo | None:
     return (live or runs or [None])[0]
 
 
-def format_table(runs: Sequence[RunInfo]) -> str:
-    rows = [("RUN", "STATE", "STEP", "LOSS", "STARTED", "PID", "FOLDER")]
-    for r in runs:
-        started = dt.datetime.fromtimestamp(r.started).strftime("%Y-%m-%d %H:%M") if r.started else "-"
-        loss = f"{r.last_loss:.4f}" if r.last_loss is not None else "-"
-        rows.append((r.run_id, r.state, f"{r.step}/{r.total}", loss, started, str(r.pid or "-"), str(r.run_dir)))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
-
-
-def main(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(prog="spyke-cockpit ls", description="List training runs under a folder.")
-    parser.add_argument("folder", nargs="?", default=None,
-                        help=f"where to look (default: ${RUNS_ROOT_ENV}, else runs_root in {user_config_path()}, "
-                             "else the current folder)")
-    parser.add_argument("--json", action="store_true", help="one JSON object per run")
-    ns = parser.parse_args(list(argv))
-    ns.folder = Path(ns.folder) if ns.folder else default_runs_root()
-    runs = list_runs(ns.folder)
-    if ns.json:
-        for r in runs:
-            print(json.dumps({**r.__dict__, "run_dir": str(r.run_dir)}))
-    elif not runs:
-        print(f"no runs under {Path(ns.folder).resolve()}")
-    else:
-        print(format_table(runs))
-    return 0
+def resolve_run(run: str | None, root: str | None = None) -> Path:
+    """A run folder from what the user typed: a run folder, its events.jsonl, a folder holding
+    runs (the most recent live one is picked), or a run id under ``root`` (default: the runs root
+    from $SPYKE_RUNS_ROOT or the user config file, else the current folder)."""
+    base = Path(root) if root else default_runs_root()
+    if run is None:
+        info = latest_live_run(base)
+        if info is None:
+            raise SpykeError(f"no runs under {base.resolve()}; pass a run folder, or --root DIR "
+                             "(start one with `spyke-cockpit train --detach CONFIG`)")
+        return info.run_dir
+    path = Path(run).expanduser()
+    if path.name == EVENTS and path.is_file():
+        return check_readable(path.parent)
+    if path.is_dir():
+        if (path / EVENTS).is_file():
+            return check_readable(path)
+        info = latest_live_run(path)
+        if info is None:
+            raise SpykeError(f"{path}: no spyke-cockpit runs in this folder (see `spyke-cockpit ls {path}`)")
+        return info.run_dir
+    matches = [d for d in find_run_dirs(base) if d.name == run or d.name.startswith(run)]
+    if len(matches) == 1:
+        return check_readable(matches[0])
+    if matches:
+        raise SpykeError(f"run '{run}' matches {len(matches)} runs under {base.resolve()}; pass its folder")
+    raise SpykeError(f"run '{run}': no such run folder or run id under {base.resolve()} "
+                     "(see `spyke-cockpit ls`, or pass --root DIR)")

@@ -16,8 +16,7 @@ from pathlib import Path
 
 from engine.control import Command, TrainingControl
 from engine.errors import SpykeError
-
-CONTROL_DIRNAME = "control"
+from engine.run.layout import CONTROL_DIRNAME
 
 
 class ControlChannel:

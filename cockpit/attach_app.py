@@ -1,0 +1,99 @@
+"""The attach viewer's app: the monitor's live panels on a run folder, paced for a viewer.
+
+It is a :class:`cockpit.monitor.MonitorApp` on a :class:`cockpit.viewer.tail.TailSource`: no editor,
+and quitting leaves the run running. Imported by :func:`cockpit.attach.make_app` after the
+snapshot prefetch has forked, since importing Textual is most of a viewer's start-up.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from textual import events as tevents
+from textual.screen import Screen
+
+from cockpit.monitor import CONTROL_ACTIONS, MonitorApp
+from cockpit.pace import BUSY_POLL, PLOT_EVERY, VIEW_INTERVAL, IdleCpu, ViewerPace
+from cockpit.viewer.tail import TailSource
+
+
+class AttachApp(MonitorApp):
+    """The cockpit's live panels on a TailSource; quitting leaves the run running."""
+
+    def __init__(self, source: TailSource, *, read_only: bool = False, refresh: float = VIEW_INTERVAL,
+                 idle_cpu: Callable[[], float | None] | None = None, **kwargs: Any) -> None:
+        super().__init__(source, **kwargs)
+        self.source: TailSource = source
+        self.read_only = read_only
+        self.pace = ViewerPace(refresh)
+        self._idle_cpu = idle_cpu
+        self._base_poll = source.poll_interval
+        self._plot_drawn_at = -1e9
+        self._set_sub_title()
+
+    @property
+    def refresh_seconds(self) -> float:
+        """Seconds between redraws now: --refresh, or BUSY_FACTOR times that while the CPU is busy."""
+        return self.pace.interval
+
+    def _set_sub_title(self) -> None:
+        # the busy note first: a long run path is what the header cuts off on a narrow terminal
+        busy = self.pace.label()
+        parts = ([busy] if busy else []) + [f"attach {self.source.run_dir}"]
+        self.sub_title = " · ".join(parts + (["read-only"] if self.read_only else []))
+
+    # ------------------------------------------------------------------ the monitor's hooks
+    def wire(self, main: Screen) -> None:
+        if self._idle_cpu is None:       # psutil loads after the first frame, not before it
+            self.call_after_refresh(self._start_idle_meter)
+
+    def schedule_redraws(self) -> None:
+        self._arm()
+
+    def begin(self) -> None:
+        # a prefetched snapshot that has arrived is folded in now, so the first frame is the full one
+        # (one chart render instead of an empty one and then the full one, no worker round trip)
+        self.start_source(None, here=self.source.snapshot_ready())
+
+    def chart_due(self, now: float, keys_changed: bool) -> bool:
+        """Cheaper for a viewer on a run that logs many steps a second: the chart redraws every
+        PLOT_EVERY refreshes (at once when the run's status changes). On a box the training saturates, a
+        viewer's CPU comes out of the training's, hence this pacing and cockpit.pace (figures in
+        bench/README.md)."""
+        due = (now - self._plot_drawn_at >= PLOT_EVERY * self.refresh_seconds or keys_changed
+               or not self.state.running)
+        if due:
+            self._plot_drawn_at = now
+        return due
+
+    # ------------------------------------------------------------------ pacing
+    def _arm(self) -> None:
+        self.set_timer(self.pace.interval, self._tick)
+
+    def _start_idle_meter(self) -> None:
+        if self._idle_cpu is None:
+            self._idle_cpu = IdleCpu()
+
+    def _tick(self) -> None:
+        """One redraw; first, whether the box had idle CPU since the last one sets the next pace."""
+        if self._idle_cpu is not None and self.pace.observe(self._idle_cpu()):
+            self.source.poll_interval = max(self._base_poll, BUSY_POLL) if self.pace.busy else self._base_poll
+            self._set_sub_title()
+        self.drain()
+        self._arm()
+
+    # ------------------------------------------------------------------ keys
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action in CONTROL_ACTIONS and self.read_only:
+            return None
+        return super().check_action(action, parameters)
+
+    def on_key(self, event: tevents.Key) -> None:
+        if event.key in self.CONTROL_KEYS:
+            refusal = self.source.control_refusal() if self.read_only or not self.state.running else None
+            if refusal:
+                self.notify(refusal, severity="warning", timeout=4)
+
+    def action_quit_cockpit(self) -> None:
+        self.source.stop()
+        self.exit(0)

@@ -1,0 +1,76 @@
+"""The cockpit's only door into the engine.
+
+Everything ``cockpit/`` uses from ``engine/`` is named here: the config model, planning and
+starting a run, the demo, the events, the commands, the run folder (journal, command channel,
+registry) and the formatting the screens share with the headless output. ``engine.errors`` (the
+error classes, a leaf module) is part of the door too, so that ``cockpit.cli`` can catch
+:class:`SpykeError` without loading the config model. The contract in ``pyproject.toml``
+(``[tool.importlinter]``, run by tests/test_import_hygiene.py) keeps it so.
+
+Importing this module is light (no torch): what needs torch (a run, the demo model, the
+headless loop) is imported when it is called, on whichever thread calls it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+from engine.cli_args import make_parser, overrides_from_namespace, parse_train_args
+from engine.config import (FIELDS, GROUPS, TrainConfig, build_config, coerce_value, field_is_optional, field_type,
+                           fields_in_group, to_toml)
+from engine.control import Command
+from engine.errors import ConfigError, ModelLoadError, SpykeError
+from engine.events import (EVENT_TYPES, PHASES, CheckpointSaved, Event, LogMessage, MemorySample, PhaseChanged, RunFinished,
+                           RunStarted, StepCompleted)
+from engine.run.channel import send_command
+from engine.run.journal import EventTail, line_at, parse_line, step_loss, step_losses, type_token, SKIPPED
+from engine.run.layout import CONSOLE_FILENAME, CONTROL_DIRNAME, EVENTS_FILENAME, RUNS_DIRNAME
+from engine.run.registry import (RUNS_ROOT_ENV, RunInfo, default_runs_root, list_runs, pid_alive, resolve_run,
+                                 user_config_path)
+from engine.units import format_bytes
+
+__all__ = [
+    "EVENT_TYPES", "FIELDS", "GROUPS", "PHASES", "CONSOLE_FILENAME", "CONTROL_DIRNAME", "EVENTS_FILENAME", "RUNS_DIRNAME",
+    "RUNS_ROOT_ENV", "SKIPPED", "CheckpointSaved", "Command", "ConfigError", "Event", "EventTail", "LogMessage",
+    "MemorySample", "ModelLoadError", "PhaseChanged", "RunFinished", "RunInfo", "RunStarted", "SpykeError",
+    "StepCompleted", "TrainConfig", "build_config", "coerce_value", "default_runs_root", "detach_run",
+    "field_is_optional", "field_type", "fields_in_group", "format_bytes", "line_at", "list_runs", "make_parser",
+    "overrides_from_namespace", "parse_line", "parse_train_args", "pid_alive", "plan_run", "prepare_demo",
+    "resolve_run", "run_headless", "send_command", "start_training", "step_loss", "step_losses", "to_toml",
+    "type_token", "user_config_path",
+]
+
+
+def plan_run(config: TrainConfig) -> Any:
+    """What a run of ``config`` will do (steps, epochs, checkpoints, disk): an ``engine.plan.RunPlan``."""
+    from engine.plan import plan_run as plan
+
+    return plan(config)
+
+
+def prepare_demo(**overrides: Any) -> TrainConfig:
+    """The built-in tiny model and a generated dataset (built once, cached); their config."""
+    from engine.demo import prepare_demo as prepare
+
+    return prepare(**overrides)
+
+
+def start_training(config: TrainConfig, sinks: Iterable[Callable[[Event], None]] = ()) -> Any:
+    """Run ``config`` on a daemon thread of this process; an ``engine.session.TrainingHandle``."""
+    from engine.session import start_training as start
+
+    return start(config, sinks)
+
+
+def run_headless(config: TrainConfig) -> int:
+    """Train without a screen, printing progress lines; the process exit code."""
+    from engine.headless import run_headless as run
+
+    return run(config)
+
+
+def detach_run(config: TrainConfig, config_path: str | None = None) -> int:
+    """Start a headless run in its own session, in the background; the exit code."""
+    from engine.detach import detach_run as detach
+
+    return detach(config, config_path)
