@@ -20,8 +20,8 @@ from engine.config import (FIELDS, GROUPS, TrainConfig, build_config, coerce_val
                            fields_in_group, to_toml)
 from engine.control import Command
 from engine.errors import ConfigError, ModelLoadError, SpykeError
-from engine.events import (EVENT_TYPES, PHASES, CheckpointSaved, Event, LogMessage, MemorySample, PhaseChanged, RunFinished,
-                           RunStarted, StepCompleted)
+from engine.events import (EVENT_TYPES, PHASES, CheckpointSaved, Event, LogMessage, MemorySample, PhaseChanged,
+                           RunFinished, RunStarted, SamplesSaved, StepCompleted, ValidationLoss)
 from engine.run.channel import send_command
 from engine.run.journal import EventTail, line_at, parse_line, step_loss, step_losses, type_token, SKIPPED
 from engine.run.layout import CONSOLE_FILENAME, CONTROL_DIRNAME, EVENTS_FILENAME, RUNS_DIRNAME
@@ -30,14 +30,15 @@ from engine.run.registry import (RUNS_ROOT_ENV, RunInfo, default_runs_root, list
 from engine.units import format_bytes
 
 __all__ = [
-    "EVENT_TYPES", "FIELDS", "GROUPS", "PHASES", "CONSOLE_FILENAME", "CONTROL_DIRNAME", "EVENTS_FILENAME", "RUNS_DIRNAME",
+    "EVENT_TYPES", "FIELDS", "GROUPS", "PHASES", "CONSOLE_FILENAME", "CONTROL_DIRNAME", "EVENTS_FILENAME",
+    "RUNS_DIRNAME",
     "RUNS_ROOT_ENV", "SKIPPED", "CheckpointSaved", "Command", "ConfigError", "Event", "EventTail", "LogMessage",
-    "MemorySample", "ModelLoadError", "PhaseChanged", "RunFinished", "RunInfo", "RunStarted", "SpykeError",
+    "MemorySample", "ModelLoadError", "PhaseChanged", "RunFinished", "RunInfo", "RunStarted", "SamplesSaved", "SpykeError",
     "StepCompleted", "TrainConfig", "build_config", "coerce_value", "default_runs_root", "detach_run",
     "field_is_optional", "field_type", "fields_in_group", "format_bytes", "line_at", "list_runs", "make_parser",
     "overrides_from_namespace", "parse_line", "parse_train_args", "pid_alive", "plan_run", "prepare_demo",
     "resolve_run", "run_headless", "send_command", "start_training", "step_loss", "step_losses", "to_toml",
-    "type_token", "user_config_path",
+    "type_token", "user_config_path", "ValidationLoss",
 ]
 
 

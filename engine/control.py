@@ -19,6 +19,7 @@ class Command(str, Enum):
     SAVE = "save"
     ABORT = "abort"             # save a checkpoint, then stop
     ABORT_NO_SAVE = "abort_no_save"
+    SAMPLE = "sample"           # make sample images now (at the next step boundary, or at once while paused)
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,7 @@ class BoundaryDecision:
     save_now: bool
     abort: bool
     abort_save: bool
+    sample_now: bool = False
 
 
 class TrainingControl:
@@ -33,6 +35,7 @@ class TrainingControl:
         self._cond = threading.Condition()
         self._paused = False
         self._save_requested = False
+        self._sample_requested = False
         self._abort: bool | None = None   # None = no abort; True/False = with/without saving
 
     # ------------------------------------------------------------ any thread
@@ -49,6 +52,8 @@ class TrainingControl:
                 self._abort = True if self._abort is None else self._abort
             elif command is Command.ABORT_NO_SAVE:
                 self._abort = False
+            elif command is Command.SAMPLE:
+                self._sample_requested = True
             self._cond.notify_all()
 
     def pause(self) -> None:
@@ -59,6 +64,9 @@ class TrainingControl:
 
     def request_save(self) -> None:
         self.submit(Command.SAVE)
+
+    def request_samples(self) -> None:
+        self.submit(Command.SAMPLE)
 
     def abort(self, save: bool = True) -> None:
         self.submit(Command.ABORT if save else Command.ABORT_NO_SAVE)
@@ -73,8 +81,9 @@ class TrainingControl:
 
     # ------------------------------------------------------------ engine thread
     def _take(self) -> BoundaryDecision:
-        decision = BoundaryDecision(self._save_requested, self._abort is not None, bool(self._abort))
-        self._save_requested = False
+        decision = BoundaryDecision(self._save_requested, self._abort is not None, bool(self._abort),
+                                    self._sample_requested)
+        self._save_requested = self._sample_requested = False
         return decision
 
     def between_steps(self, on_pause: Callable[[bool], None], on_save: Callable[[], None],

@@ -13,7 +13,7 @@ from typing import Any, Callable, ClassVar, Iterable
 
 SCHEMA_VERSION = 1
 
-PHASES = ("loading", "caching", "training", "saving", "paused", "finished")
+PHASES = ("loading", "caching", "training", "saving", "sampling", "validating", "paused", "finished")
 
 
 @dataclass(frozen=True)
@@ -114,6 +114,37 @@ class NetworkBuilt(LogMessage):
 
 
 @dataclass(frozen=True)
+class SamplesSaved(Event):
+    """One batch of sample images made from the model being trained (one entry per prompt).
+
+    ``paths[i]`` is the PNG for ``prompts[i]`` drawn with ``seeds[i]``; a prompt that failed has an
+    empty path and its one-line reason in ``errors[i]``. ``checkpoint`` is the file saved at the same
+    step, when the samples were made for a checkpoint."""
+
+    type: ClassVar[str] = "samples"
+    step: int
+    epoch: int
+    paths: list[str]
+    prompts: list[str]
+    seeds: list[int | None]
+    errors: list[str] = field(default_factory=list)
+    checkpoint: str | None = None
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class ValidationLoss(Event):
+    """The loss on the held-out images (fixed timesteps and noise per image, so values compare)."""
+
+    type: ClassVar[str] = "validation"
+    step: int
+    epoch: int
+    loss: float
+    images: int
+    checkpoint: str | None = None
+
+
+@dataclass(frozen=True)
 class RunFinished(Event):
     type: ClassVar[str] = "finished"
     status: str                       # completed | aborted | failed
@@ -125,7 +156,7 @@ class RunFinished(Event):
 
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.type: cls for cls in (RunStarted, PhaseChanged, StepCompleted, MemorySample, CheckpointSaved, LogMessage,
-                              NetworkBuilt, RunFinished)
+                              NetworkBuilt, SamplesSaved, ValidationLoss, RunFinished)
 }
 
 
