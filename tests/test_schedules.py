@@ -148,3 +148,13 @@ def test_key_value_lists_from_toml_as_a_list_or_one_spaced_string(tmp_path):
     round_trip = tmp_path / "d.toml"
     round_trip.write_text(to_toml(build_config(listed)))
     assert build_config(round_trip).optimizer_args == ["decouple=True", "weight_decay=0.01"]
+
+
+def test_the_form_shows_a_key_value_list_as_spaced_text_that_reads_back_the_same():
+    from cockpit.form import _display
+
+    values = ["betas=0.9,0.99", 'name="a b"', "decouple=True"]
+    text = _display(values)
+    assert text == "betas=0.9,0.99 'name=\"a b\"' decouple=True"
+    assert coerce_value("optimizer_args", text, "optimizer_args") == values
+    assert _display(10) == "10" and _display(0.1) == "0.1"   # lr_warmup_steps: steps print as an int
