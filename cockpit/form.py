@@ -7,6 +7,7 @@ problems to the app (which keeps Start disabled while there are any).
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +28,8 @@ FIRST_FRAME_GROUPS = 1
 def _display(value: Any) -> str:
     if value is None:
         return ""
+    if isinstance(value, list):  # kohya's key=value lists, space-separated
+        return shlex.join(value)
     if isinstance(value, float):
         return repr(value) if abs(value) >= 1e-4 or value == 0 else f"{value:g}"
     return str(value)

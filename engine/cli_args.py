@@ -6,7 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Any, Sequence
 
-from engine.config import FIELDS, GROUPS, TrainConfig, build_config, coerce_value, field_type, fields_in_group
+from engine.config import (FIELDS, GROUPS, TrainConfig, build_config, coerce_value, field_default, field_type,
+                           fields_in_group)
 from engine.errors import ConfigError
 
 
@@ -20,9 +21,12 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     for group_key, title in GROUPS.items():
         group = parser.add_argument_group(title)
         for f in fields_in_group(group_key):
-            help_text = f.metadata["help"] + (f" (default: {f.default})" if f.default not in (None, "") else "")
+            default = field_default(f.name)
+            help_text = f.metadata["help"] + (f" (default: {default})" if default not in (None, "", []) else "")
             if field_type(f.name) is bool:
                 group.add_argument(f"--{f.name}", action="store_true", default=None, help=help_text)
+            elif field_type(f.name) is list:  # kohya's nargs="*": --optimizer_args a=1 b=2
+                group.add_argument(f"--{f.name}", nargs="*", default=None, metavar="KEY=VALUE", help=help_text)
             else:
                 choices = f.metadata.get("choices")
                 group.add_argument(f"--{f.name}", default=None, metavar=f.name.upper(), help=help_text

@@ -11,12 +11,15 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import shlex
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from engine.errors import ConfigError
+from engine.optimizers import optimizer_type_problem, resolve_type
+from engine.schedules import SCHEDULERS
 
 # Groups, in the order the cockpit's form shows them.
 GROUPS: dict[str, str] = {
@@ -28,8 +31,6 @@ GROUPS: dict[str, str] = {
     "precision": "Precision & memory",
 }
 
-SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
-OPTIMIZERS = ("AdamW",)
 PRECISIONS = ("no", "fp16", "bf16")
 SAVE_PRECISIONS = ("float", "fp16", "bf16")
 DEVICES = ("auto", "mps", "cuda", "cpu")
@@ -41,6 +42,8 @@ def _f(default: Any, group: str, help: str, *, choices: Iterable[str] | None = N
        kind: str | None = None, ours: bool = False, minimum: float | None = None) -> Any:
     meta = {"group": group, "help": help, "choices": tuple(choices) if choices else None,
             "kind": kind, "ours": ours, "minimum": minimum}
+    if isinstance(default, list):  # kohya's nargs="*" flags
+        return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
 
 
@@ -91,9 +94,27 @@ class TrainConfig:
     text_encoder_lr: float | None = _f(None, "optimizer",
                                        "Text-encoder LoRA learning rate (overrides learning_rate; 0 freezes).",
                                        minimum=0)
-    optimizer_type: str = _f("AdamW", "optimizer", "Optimizer (torch AdamW with its defaults).", choices=OPTIMIZERS)
+    optimizer_type: str = _f(
+        "AdamW", "optimizer", "Optimizer, kohya's names: AdamW, AdamW8bit, PagedAdamW8bit, Lion, Prodigy, Adafactor, "
+        "DAdaptAdam, AdamWScheduleFree, SGDNesterov, ... or a dotted path module.Class to a torch optimizer.")
+    optimizer_args: list[str] = _f(
+        [], "optimizer", "Optimizer keyword arguments: key=value ... (e.g. weight_decay=0.01 betas=0.9,0.99).")
+    use_8bit_adam: bool = _f(False, "optimizer", "Same as --optimizer_type=AdamW8bit (kohya's older switch).")
+    use_lion_optimizer: bool = _f(False, "optimizer", "Same as --optimizer_type=Lion (kohya's older switch).")
     lr_scheduler: str = _f("constant", "optimizer", "Learning-rate schedule.", choices=SCHEDULERS)
-    lr_warmup_steps: int = _f(0, "optimizer", "Warm-up steps.", minimum=0)
+    lr_scheduler_type: str = _f(
+        "", "optimizer", "A torch.optim.lr_scheduler class (e.g. CosineAnnealingLR) or dotted module.Class, used "
+        "instead of --lr_scheduler.")
+    lr_scheduler_args: list[str] = _f([], "optimizer", "Scheduler keyword arguments: key=value ... (e.g. T_max=100).")
+    lr_warmup_steps: float = _f(0, "optimizer", "Warm-up steps, or a ratio of the total steps when below 1.",
+                                kind="steps_or_ratio", minimum=0)
+    lr_decay_steps: float = _f(0, "optimizer", "Decay steps for warmup_stable_decay, or a ratio when below 1.",
+                               kind="steps_or_ratio", minimum=0)
+    lr_scheduler_min_lr_ratio: float | None = _f(
+        None, "optimizer", "Minimum LR as a ratio of the initial LR (cosine_with_min_lr, warmup_stable_decay).",
+        minimum=0)
+    lr_scheduler_timescale: int | None = _f(None, "optimizer", "Timescale of inverse_sqrt (default: warm-up steps).",
+                                            minimum=1)
     lr_scheduler_num_cycles: int = _f(1, "optimizer", "Restarts for cosine_with_restarts.", minimum=1)
     lr_scheduler_power: float = _f(1.0, "optimizer", "Power for polynomial.", minimum=0)
     max_grad_norm: float = _f(1.0, "optimizer", "Clip gradient norm (0 = no clipping).", minimum=0)
@@ -163,6 +184,12 @@ class TrainConfig:
             out["output_name"] = "must be a plain file name without slashes"
         elif (too_long := _output_name_too_long(self)) is not None:
             out["output_name"] = too_long
+        if (why := optimizer_type_problem(self.optimizer_type)) is not None:
+            out["optimizer_type"] = why
+        try:
+            resolve_type(self.optimizer_type, self.use_8bit_adam, self.use_lion_optimizer)
+        except ConfigError as err:
+            out.setdefault("use_8bit_adam" if self.use_8bit_adam else "use_lion_optimizer", str(err).split(" ", 1)[1])
         if self.network_train_unet_only and self.network_train_text_encoder_only:
             out["network_train_text_encoder_only"] = "cannot be combined with network_train_unet_only"
         return out
@@ -179,9 +206,9 @@ class TrainConfig:
         out = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            if skip_defaults and value == f.default:
+            if skip_defaults and value == field_default(f.name):
                 continue
-            out[f.name] = value
+            out[f.name] = list(value) if isinstance(value, list) else value
         return out
 
     def replace(self, **changes: Any) -> "TrainConfig":
@@ -224,12 +251,17 @@ def _output_name_too_long(cfg: TrainConfig) -> str | None:
 
 
 def field_type(name: str) -> type:
-    """The scalar type of a field: bool, int, float or str (Optional unwrapped)."""
+    """The type of a field: bool, int, float, str (Optional unwrapped) or list (of str, kohya's nargs="*")."""
     annotation = str(FIELDS[name].type)
-    for kind in ("bool", "int", "float", "str"):
+    for kind in ("bool", "int", "float", "str", "list"):
         if annotation.startswith(kind):
-            return {"bool": bool, "int": int, "float": float, "str": str}[kind]
+            return {"bool": bool, "int": int, "float": float, "str": str, "list": list}[kind]
     raise AssertionError(f"unsupported field type {annotation} for {name}")
+
+
+def field_default(name: str) -> Any:
+    f = FIELDS[name]
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
 
 def field_is_optional(name: str) -> bool:
@@ -264,6 +296,8 @@ def coerce_value(name: str, raw: Any, where: str) -> Any:
     if name not in FIELDS:
         raise ConfigError(f"{where}: unknown option {name!r}; see `spyke-cockpit train --help` for the flags")
     kind = field_type(name)
+    if kind is list:
+        return _coerce_list(name, raw, where)
     if raw is None or (isinstance(raw, str) and raw.strip() == "" and kind is not str):
         if field_is_optional(name):
             return None
@@ -288,6 +322,8 @@ def coerce_value(name: str, raw: Any, where: str) -> Any:
         if kind is float:
             if isinstance(raw, bool):
                 raise ValueError
+            if FIELDS[name].metadata.get("kind") == "steps_or_ratio":
+                return _steps_or_ratio(name, float(raw), where)
             return float(raw)
         if isinstance(raw, (dict, list)):
             raise ValueError
@@ -307,6 +343,29 @@ def is_dataset_toml(data: Mapping[str, Any]) -> bool:
     general = data.get("general")
     dataset_only = (set(DATASET_ASCENDABLE) | set(SUBSET_ASCENDABLE) | set(SUBSET_ONLY)) - set(FIELDS)
     return isinstance(general, dict) and any(key in dataset_only for key in general)
+
+
+def _coerce_list(name: str, raw: Any, where: str) -> list[str]:
+    """A TOML list of strings, a CLI value list, or one space-separated string (the form; some TOMLs)."""
+    if raw is None:
+        return []
+    if isinstance(raw, str):
+        try:
+            return shlex.split(raw)
+        except ValueError as err:
+            raise ConfigError(f"{where}: {name}: {err} in {raw!r}") from None
+    if isinstance(raw, (list, tuple)) and all(isinstance(x, str) for x in raw):
+        return [str(x) for x in raw]
+    raise ConfigError(f"{where}: {name} must be key=value strings, e.g. [\"weight_decay=0.01\"] (got {raw!r})")
+
+
+def _steps_or_ratio(name: str, value: float, where: str) -> float | int:
+    """kohya's int_or_float: below 1 a ratio of the total steps (a float), else a whole number of steps (an int)."""
+    if math.isfinite(value) and value >= 1:
+        if not value.is_integer():
+            raise ConfigError(f"{where}: {name} must be a whole number of steps, or a ratio below 1 (got {value!r})")
+        return int(value)
+    return int(value) if value == 0 else value
 
 
 def load_toml_values(path: Path) -> dict[str, Any]:
@@ -351,7 +410,7 @@ def to_toml(config: TrainConfig, *, skip_defaults: bool = False) -> str:
         table = {}
         for f in fields_in_group(group):
             value = getattr(config, f.name)
-            if value is None or (skip_defaults and value == f.default):
+            if value is None or (skip_defaults and value == field_default(f.name)):
                 continue
             table[f.name] = value
         if table:

@@ -232,7 +232,8 @@ RUN_DEFINING = (
     "lr_scheduler", "lr_warmup_steps", "lr_scheduler_num_cycles", "lr_scheduler_power", "max_train_steps",
     "max_train_epochs", "gradient_accumulation_steps", "seed", "clip_skip", "noise_offset", "min_snr_gamma",
     "prior_loss_weight", "mixed_precision", "output_name", "caption_extension", "shuffle_caption", "keep_tokens",
-    "flip_aug",
+    "flip_aug", "optimizer_args", "use_8bit_adam", "use_lion_optimizer", "lr_scheduler_type", "lr_scheduler_args",
+    "lr_decay_steps", "lr_scheduler_min_lr_ratio", "lr_scheduler_timescale",
 )
 
 

@@ -34,6 +34,7 @@ from engine.events import (
     RunStarted,
     StepCompleted,
 )
+from engine.optimizers import ensure_train_mode, eval_weights
 from engine.output_guard import OutputCheck, apply_renames, check_outputs, refuse_foreign
 from engine.plan import RunPlan, missing_model, plan_run
 from engine.run.journal import EventLog
@@ -83,6 +84,7 @@ def _dtype(name: str | None):
 
 def quiet_libraries() -> None:
     """Keep diffusers/transformers progress bars and advice off the user's screen."""
+    import logging
     import warnings
 
     import diffusers.utils.logging as dlog
@@ -92,6 +94,7 @@ def quiet_libraries() -> None:
     dlog.disable_progress_bar()
     tlog.set_verbosity_error()
     tlog.disable_progress_bar()
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # diffusers imports it; it logs a 4-bit kernel note
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|diffusers)\.")
 
 
@@ -278,9 +281,10 @@ class _Job:
         from accelerate.state import AcceleratorState
         from accelerate.utils import set_seed
         from diffusers import DDPMScheduler
-        from diffusers.optimization import get_scheduler
 
         from engine.lora import apply_lora
+        from engine.optimizers import build_optimizer
+        from engine.schedules import build_scheduler
 
         self.t = trainer
         self.cfg = cfg
@@ -345,11 +349,11 @@ class _Job:
             raise ConfigError("nothing to train: unet_lr and text_encoder_lr are both 0 (or the network is frozen)")
         self.group_names = [g["name"] for g in groups]
         self.params = [p for g in groups for p in g["params"]]
-        optimizer = torch.optim.AdamW(groups)
-        scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
-                                  num_training_steps=plan.total_steps, num_cycles=cfg.lr_scheduler_num_cycles,
-                                  power=cfg.lr_scheduler_power)
-        self.optimizer, self.lr_scheduler = self.accelerator.prepare(optimizer, scheduler)
+        self.optim = build_optimizer(cfg, groups, self.device_type)
+        scheduler, notes = build_scheduler(cfg, self.optim, plan.total_steps)
+        for level, message in self.optim.messages + notes:
+            trainer._emit(LogMessage(level=level, message=message))
+        self.optimizer, self.lr_scheduler = self.accelerator.prepare(self.optim.optimizer, scheduler)
         self.noise_scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                              num_train_timesteps=1000, clip_sample=False)
         self.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(device)
@@ -372,6 +376,7 @@ class _Job:
         for p in self.params:
             p.data = p.data.float()
         self.optimizer.load_state_dict(state.optimizer_state)
+        ensure_train_mode(self.optimizer)
         self.lr_scheduler.load_state_dict(state.scheduler_state)
         restore_rng(state.rng_state, self.noise_gen, self.data_rng)
         prog = state.progress
@@ -418,7 +423,7 @@ class _Job:
             "text_encoder_lr": cfg.text_encoder_lr,
             "lr_scheduler": cfg.lr_scheduler,
             "lr_warmup_steps": cfg.lr_warmup_steps,
-            "optimizer": "torch.optim.adamw.AdamW",
+            "optimizer": self.optim.name,
             "max_grad_norm": cfg.max_grad_norm,
             "num_train_images": plan.dataset.num_train_images,
             "num_reg_images": plan.dataset.num_reg_images,
@@ -465,11 +470,12 @@ class _Job:
         self.t._phase("saving", name)
         out = Path(self.cfg.output_dir)
         loss = self.t.losses[-1] if self.t.losses else None
-        tensors = self.network.state_dict_kohya(self.save_dtype)
         try:
             if not self.cfg.overwrite:
                 refuse_foreign(out / name, self.t.run_id)
-            saved = save_lora_file(out / name, tensors, self._metadata(step, epoch))
+            with eval_weights(self.optimizer):  # a schedule-free optimizer's checkpoint holds its eval weights
+                tensors = self.network.state_dict_kohya(self.save_dtype)
+                saved = save_lora_file(out / name, tensors, self._metadata(step, epoch))
         except CheckpointError as err:
             raise CheckpointError(f"{err}{self._state_after_failed_save()}") from None
         self.t._saved_steps.add(key)
@@ -515,6 +521,7 @@ class _Job:
         for p in self.params:
             p.data = p.data.float()
         self.optimizer.load_state_dict(snap["optimizer"])
+        ensure_train_mode(self.optimizer)
         self.lr_scheduler.load_state_dict(snap["scheduler"])
         # The RNGs are not rewound: the same weights with the same noise would hit the same NaN again.
         self.state_step = None  # the learning rate changed: a state saved now differs from the last one

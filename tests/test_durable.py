@@ -1018,3 +1018,31 @@ def test_sigterm_in_headless_mode_saves_and_exits_zero(assets, tmp_path):
     step = int(text.split("finished: aborted at step ")[1].split()[0])
     assert (out / f"spyke_demo-step{step:08d}.safetensors").is_file()
     assert (out / f"spyke_demo-step{step:08d}-state").is_dir()
+
+
+# One optimizer of each library and family; the AdamW case is the full test above.
+RESUMED_OPTIMIZERS = {
+    "AdamW8bit": {}, "Lion": {}, "SGDNesterov": {}, "Adafactor": {},
+    "Prodigy": {"learning_rate": 1.0, "unet_lr": 1.0, "text_encoder_lr": 1.0},
+    "DAdaptAdam": {"learning_rate": 1.0, "unet_lr": 1.0, "text_encoder_lr": 1.0},
+    "AdamWScheduleFree": {"lr_scheduler": "constant"},
+}
+
+
+@pytest.mark.parametrize("optimizer", list(RESUMED_OPTIMIZERS))
+def test_resume_from_a_saved_state_equals_the_straight_run_for_each_optimizer(assets, tmp_path, optimizer):
+    """4 steps straight (a state at step 2), then again from the step-2 state: same losses, LRs and weights."""
+    opts = dict(max_train_steps=4, optimizer_type=optimizer, **RESUMED_OPTIMIZERS[optimizer])
+    out = tmp_path / "out"
+    straight = train(make_config(assets, out, **opts))
+    assert straight.result.status == "completed", straight.result.error
+    final = read_tensors(straight.result.final_path)
+    step4 = read_tensors(out / "spyke_demo-step00000004.safetensors")
+    resumed = train(make_config(assets, out, resume=str(out / "spyke_demo-step00000002-state"), **opts))
+    assert resumed.result.status == "completed", resumed.result.error
+    assert [e.step for e in resumed.steps] == [3, 4]
+    ref = {e.step: e for e in straight.steps}
+    for e in resumed.steps:
+        assert (e.loss, e.lrs) == (ref[e.step].loss, ref[e.step].lrs), f"step {e.step}"
+    assert max_abs_diff(final, read_tensors(resumed.result.final_path)) == 0.0
+    assert max_abs_diff(step4, read_tensors(out / "spyke_demo-step00000004.safetensors")) == 0.0
