@@ -28,15 +28,18 @@ from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import Footer, Header
 
+from cockpit.compare import CompareScreen, grid_of
+from cockpit.images import graphics_mode
 from cockpit.modals import SAVE_AND_STOP, ConfirmAbortScreen, HelpScreen
 from cockpit.panels import CheckpointsPanel, LogPanel, LossPanel, MemoryPanel, ProgressPanel, compose_live_panels
+from cockpit.samples_panel import SamplesPanel
 from cockpit.sources import EventSource
 from cockpit.state import AbortRequested, CockpitState, PauseRequested, SaveRequested, SmoothingChanged, StartFailed, reduce
 from engine.api import Event, LogMessage, MemorySample, RunFinished, SpykeError, StepCompleted, TrainConfig
 
 DRAIN_INTERVAL = 0.25       # seconds between drains of per-step events (4 Hz)
 RENDER_INTERVAL = 0.5       # seconds between panel redraws while only steps arrive
-CONTROL_ACTIONS = ("toggle_pause", "save_now", "abort")   # what steers the run (not the screen)
+CONTROL_ACTIONS = ("toggle_pause", "save_now", "abort", "sample_now")   # what steers the run (not the screen)
 KEY_NAMES = {"question_mark": "?", "left_square_bracket": "[", "right_square_bracket": "]"}
 
 
@@ -89,6 +92,12 @@ class MonitorApp(App[int]):
                 tooltip="pause ⇄ resume (halts at the next step boundary, model stays loaded)"),
         Binding("s", "save_now", "Save now", id="save", tooltip="save a checkpoint now"),
         Binding("a,ctrl+x", "abort", "Abort", id="abort", tooltip="abort: save and stop / stop without saving / cancel"),
+        Binding("g", "sample_now", "Samples", id="sample", show=False,
+                tooltip="make sample images at the next step boundary"),
+        Binding("c", "compare", "Compare", id="compare", show=False,
+                tooltip="compare checkpoints: sample images × prompts, validation loss"),
+        Binding("i", "toggle_samples", "Samples panel", id="samples_panel", show=False,
+                tooltip="show / hide the samples panel (in place of the memory and log row)"),
         Binding("question_mark", "help", "Help", id="help", key_display="?", tooltip="this help"),
         Binding("q", "quit_cockpit", "Quit", id="quit", tooltip="quit (asks first while training)"),
         Binding("ctrl+c,ctrl+q", "quit_cockpit", "Quit", id="quit_priority", priority=True, show=False,
@@ -103,6 +112,7 @@ class MonitorApp(App[int]):
     def __init__(self, source: EventSource, *, clock: Callable[[], float] = time.time,
                  keymap: dict[str, str] | None = None) -> None:
         super().__init__()
+        graphics_mode()                   # asks the terminal, if at all, before Textual reads its answers
         self.source = source
         self.state = CockpitState()
         self.clock = clock
@@ -112,6 +122,8 @@ class MonitorApp(App[int]):
         self._rendered_at = float("-inf")
         self._quitting = False
         self._start_in_flight = False
+        self._samples_seen = False        # the samples panel shows itself once, on the first sample set
+        self._grid_key: Any = None
 
     # ------------------------------------------------------------------ hooks for subclasses
     def compose_side(self) -> ComposeResult:
@@ -148,6 +160,7 @@ class MonitorApp(App[int]):
             yield from self.compose_side()
             with Vertical(id="right"):
                 yield from compose_live_panels()
+                yield SamplesPanel(id="samples")
         yield Footer()
 
     def on_mount(self) -> None:
@@ -156,6 +169,8 @@ class MonitorApp(App[int]):
         self.panels = (main.query_one(ProgressPanel), main.query_one(LossPanel), main.query_one(MemoryPanel),
                        main.query_one(CheckpointsPanel), main.query_one(LogPanel))
         self.loss_panel = self.panels[1]
+        self.samples_panel = main.query_one(SamplesPanel)
+        self.panels += (self.samples_panel,)
         self.wire(main)
         if self._keymap:
             self.set_keymap(self._keymap)
@@ -261,10 +276,47 @@ class MonitorApp(App[int]):
                 panel.show(state, now)
             except NoMatches:      # a panel still composing, or torn down while the app exits
                 continue
+        self._show_samples(state)
         # Which keys apply depends only on the key; re-checking bindings per step costs a footer redraw.
         if keys_changed:
             self._bindings_key = key
             self.refresh_bindings()
+
+    # ------------------------------------------------------------------ samples and the compare screen
+    def _show_samples(self, state: CockpitState) -> None:
+        if state.samples.sets and not self._samples_seen:
+            self._samples_seen = True
+            self.set_samples_visible(True)
+        if isinstance(self.screen, CompareScreen):
+            key = (state.samples.version, state.checkpoints)
+            if key != self._grid_key:
+                self._grid_key = key
+                self.screen.update_grid(*grid_of(state))
+
+    @property
+    def samples_visible(self) -> bool:
+        return self.samples_panel.parent is not None and self.samples_panel.parent.has_class("-samples")
+
+    def set_samples_visible(self, visible: bool) -> None:
+        parent = self.samples_panel.parent
+        if parent is not None:
+            parent.set_class(visible, "-samples")
+
+    def action_toggle_samples(self) -> None:
+        self.set_samples_visible(not self.samples_visible)
+
+    def action_compare(self) -> None:
+        if isinstance(self.screen, CompareScreen):
+            return
+        self._grid_key = (self.state.samples.version, self.state.checkpoints)
+        title = self.state.output_name or self.state.run_id
+        self.push_screen(CompareScreen(*grid_of(self.state), title=title))
+
+    def action_sample_now(self) -> None:
+        if not self.state.running:
+            return
+        if self._command(self.source.sample):
+            self.notify("samples at the next step boundary", timeout=3)
 
     # ------------------------------------------------------------------ starting the source
     def start_source(self, config: TrainConfig | None, *, here: bool = False) -> None:
