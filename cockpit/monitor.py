@@ -28,11 +28,10 @@ from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import Footer, Header
 
-from cockpit.compare import CompareScreen, grid_of
 from cockpit.images import graphics_mode
 from cockpit.modals import SAVE_AND_STOP, ConfirmAbortScreen, HelpScreen
 from cockpit.panels import CheckpointsPanel, LogPanel, LossPanel, MemoryPanel, ProgressPanel, compose_live_panels
-from cockpit.samples_panel import SamplesPanel
+from cockpit.samples_panel import SamplesKeys, SamplesPanel
 from cockpit.sources import EventSource
 from cockpit.state import AbortRequested, CockpitState, PauseRequested, SaveRequested, SmoothingChanged, StartFailed, reduce
 from engine.api import Event, LogMessage, MemorySample, RunFinished, SpykeError, StepCompleted, TrainConfig
@@ -81,7 +80,7 @@ class EngineStartDone(Message):
     error: str
 
 
-class MonitorApp(App[int]):
+class MonitorApp(SamplesKeys, App[int]):
     """The live panels on an :class:`EventSource`: drain, render, the control keys, help."""
 
     CSS_PATH = Path(__file__).resolve().parent / "cockpit.tcss"
@@ -122,8 +121,6 @@ class MonitorApp(App[int]):
         self._rendered_at = float("-inf")
         self._quitting = False
         self._start_in_flight = False
-        self._samples_seen = False        # the samples panel shows itself once, on the first sample set
-        self._grid_key: Any = None
 
     # ------------------------------------------------------------------ hooks for subclasses
     def compose_side(self) -> ComposeResult:
@@ -281,42 +278,6 @@ class MonitorApp(App[int]):
         if keys_changed:
             self._bindings_key = key
             self.refresh_bindings()
-
-    # ------------------------------------------------------------------ samples and the compare screen
-    def _show_samples(self, state: CockpitState) -> None:
-        if state.samples.sets and not self._samples_seen:
-            self._samples_seen = True
-            self.set_samples_visible(True)
-        if isinstance(self.screen, CompareScreen):
-            key = (state.samples.version, state.checkpoints)
-            if key != self._grid_key:
-                self._grid_key = key
-                self.screen.update_grid(*grid_of(state))
-
-    @property
-    def samples_visible(self) -> bool:
-        return self.samples_panel.parent is not None and self.samples_panel.parent.has_class("-samples")
-
-    def set_samples_visible(self, visible: bool) -> None:
-        parent = self.samples_panel.parent
-        if parent is not None:
-            parent.set_class(visible, "-samples")
-
-    def action_toggle_samples(self) -> None:
-        self.set_samples_visible(not self.samples_visible)
-
-    def action_compare(self) -> None:
-        if isinstance(self.screen, CompareScreen):
-            return
-        self._grid_key = (self.state.samples.version, self.state.checkpoints)
-        title = self.state.output_name or self.state.run_id
-        self.push_screen(CompareScreen(*grid_of(self.state), title=title))
-
-    def action_sample_now(self) -> None:
-        if not self.state.running:
-            return
-        if self._command(self.source.sample):
-            self.notify("samples at the next step boundary", timeout=3)
 
     # ------------------------------------------------------------------ starting the source
     def start_source(self, config: TrainConfig | None, *, here: bool = False) -> None:
