@@ -6,6 +6,7 @@
     spyke-cockpit attach [RUN] [--read-only]                    watch / steer a run from its run folder
     spyke-cockpit ls [FOLDER]                                   list runs
     spyke-cockpit serve [RUN] [--port 8000]                     attach in a web browser (127.0.0.1)
+    spyke-cockpit compare RUN [--sheet OUT.png]                 choose a checkpoint: samples × prompts
 
 Importing this module loads neither textual nor torch: each command imports what it needs.
 """
@@ -19,7 +20,7 @@ from typing import Sequence
 from engine.errors import SpykeError
 
 PROG = "spyke-cockpit"
-COMMANDS = ("train", "demo", "attach", "ls", "serve")
+COMMANDS = ("train", "demo", "attach", "ls", "serve", "compare")
 
 
 def _fail(message: str, code: int = 2) -> int:
@@ -106,6 +107,12 @@ def cmd_serve(argv: Sequence[str]) -> int:
     return serve_main(argv)
 
 
+def cmd_compare(argv: Sequence[str]) -> int:
+    from cockpit.compare_run import main as compare_main
+
+    return compare_main(argv)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("-h", "--help") and len(argv) == 1:
@@ -114,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = argv[0] if argv and argv[0] in COMMANDS else None
     rest = argv[1:] if command else argv
     handler = {"train": cmd_train, "demo": cmd_demo, "attach": cmd_attach, "ls": cmd_ls,
-               "serve": cmd_serve}.get(command, cmd_cockpit)
+               "serve": cmd_serve, "compare": cmd_compare}.get(command, cmd_cockpit)
     try:
         return handler(rest)
     except SpykeError as err:

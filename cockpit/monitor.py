@@ -28,15 +28,17 @@ from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import Footer, Header
 
+from cockpit.images import graphics_mode
 from cockpit.modals import SAVE_AND_STOP, ConfirmAbortScreen, HelpScreen
 from cockpit.panels import CheckpointsPanel, LogPanel, LossPanel, MemoryPanel, ProgressPanel, compose_live_panels
+from cockpit.samples_panel import SamplesKeys, SamplesPanel
 from cockpit.sources import EventSource
 from cockpit.state import AbortRequested, CockpitState, PauseRequested, SaveRequested, SmoothingChanged, StartFailed, reduce
 from engine.api import Event, LogMessage, MemorySample, RunFinished, SpykeError, StepCompleted, TrainConfig
 
 DRAIN_INTERVAL = 0.25       # seconds between drains of per-step events (4 Hz)
 RENDER_INTERVAL = 0.5       # seconds between panel redraws while only steps arrive
-CONTROL_ACTIONS = ("toggle_pause", "save_now", "abort")   # what steers the run (not the screen)
+CONTROL_ACTIONS = ("toggle_pause", "save_now", "abort", "sample_now")   # what steers the run (not the screen)
 KEY_NAMES = {"question_mark": "?", "left_square_bracket": "[", "right_square_bracket": "]"}
 
 
@@ -78,7 +80,7 @@ class EngineStartDone(Message):
     error: str
 
 
-class MonitorApp(App[int]):
+class MonitorApp(SamplesKeys, App[int]):
     """The live panels on an :class:`EventSource`: drain, render, the control keys, help."""
 
     CSS_PATH = Path(__file__).resolve().parent / "cockpit.tcss"
@@ -89,6 +91,12 @@ class MonitorApp(App[int]):
                 tooltip="pause ⇄ resume (halts at the next step boundary, model stays loaded)"),
         Binding("s", "save_now", "Save now", id="save", tooltip="save a checkpoint now"),
         Binding("a,ctrl+x", "abort", "Abort", id="abort", tooltip="abort: save and stop / stop without saving / cancel"),
+        Binding("g", "sample_now", "Samples", id="sample", show=False,
+                tooltip="make sample images at the next step boundary"),
+        Binding("c", "compare", "Compare", id="compare", show=False,
+                tooltip="compare checkpoints: sample images × prompts, validation loss"),
+        Binding("i", "toggle_samples", "Samples panel", id="samples_panel", show=False,
+                tooltip="show / hide the samples panel (in place of the memory and log row)"),
         Binding("question_mark", "help", "Help", id="help", key_display="?", tooltip="this help"),
         Binding("q", "quit_cockpit", "Quit", id="quit", tooltip="quit (asks first while training)"),
         Binding("ctrl+c,ctrl+q", "quit_cockpit", "Quit", id="quit_priority", priority=True, show=False,
@@ -103,6 +111,7 @@ class MonitorApp(App[int]):
     def __init__(self, source: EventSource, *, clock: Callable[[], float] = time.time,
                  keymap: dict[str, str] | None = None) -> None:
         super().__init__()
+        graphics_mode()                   # asks the terminal, if at all, before Textual reads its answers
         self.source = source
         self.state = CockpitState()
         self.clock = clock
@@ -148,6 +157,7 @@ class MonitorApp(App[int]):
             yield from self.compose_side()
             with Vertical(id="right"):
                 yield from compose_live_panels()
+                yield SamplesPanel(id="samples")
         yield Footer()
 
     def on_mount(self) -> None:
@@ -156,6 +166,8 @@ class MonitorApp(App[int]):
         self.panels = (main.query_one(ProgressPanel), main.query_one(LossPanel), main.query_one(MemoryPanel),
                        main.query_one(CheckpointsPanel), main.query_one(LogPanel))
         self.loss_panel = self.panels[1]
+        self.samples_panel = main.query_one(SamplesPanel)
+        self.panels += (self.samples_panel,)
         self.wire(main)
         if self._keymap:
             self.set_keymap(self._keymap)
@@ -261,6 +273,7 @@ class MonitorApp(App[int]):
                 panel.show(state, now)
             except NoMatches:      # a panel still composing, or torn down while the app exits
                 continue
+        self._show_samples(state)
         # Which keys apply depends only on the key; re-checking bindings per step costs a footer redraw.
         if keys_changed:
             self._bindings_key = key

@@ -29,6 +29,9 @@ class EventSource(Protocol):
 
     def abort(self, save: bool) -> None: ...
 
+    def sample(self) -> None:
+        """Make sample images at the next step boundary."""
+
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the run is over (True) or the timeout passes (False). True when nothing runs."""
 
@@ -77,6 +80,10 @@ class LiveSource:
     def abort(self, save: bool) -> None:
         if self._handle is not None:
             self._handle.control.abort(save=save)
+
+    def sample(self) -> None:
+        if self._handle is not None:
+            self._handle.control.request_samples()
 
     def wait(self, timeout: float | None = None) -> bool:
         if self._handle is None:

@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Iterable
 
 from cockpit.history import LossHistory, ema_update, smooth
+from cockpit.samples import SampleBook, fold as fold_samples
 from engine.api import (CheckpointSaved, Event, LogMessage, MemorySample, PhaseChanged, RunFinished,
-                           RunStarted, StepCompleted)
+                           RunStarted, SamplesSaved, StepCompleted, ValidationLoss)
 
 RATE_WINDOW = 20          # steps used for it/s
 LOG_LIMIT = 200           # lines kept in the log panel
@@ -135,6 +136,7 @@ class CockpitState:
     final_path: str | None = None
     resume_hint: str | None = None
     history: LossHistory = field(default_factory=LossHistory, compare=False, repr=False)
+    samples: SampleBook = field(default_factory=SampleBook)   # sample sets and validation losses by step
     version: int = 0                      # bumped on every change (widgets skip redraws when equal)
 
     @property
@@ -180,6 +182,8 @@ def reduce(state: CockpitState, event: Action) -> CockpitState:
                             loss=event.loss, verified=event.verified, kind=event.kind)
         rows = tuple(r for r in state.checkpoints if r.path != row.path) + (row,)
         return replace(state, checkpoints=rows, last_event_at=event.t, version=v)
+    if isinstance(event, (SamplesSaved, ValidationLoss)):
+        return replace(state, samples=fold_samples(state.samples, event), last_event_at=event.t, version=v)
     if isinstance(event, LogMessage):
         return replace(state, log=_log(state, event.t, event.level, event.message), version=v)
     if isinstance(event, RunFinished):

@@ -53,6 +53,9 @@ class FakeSource:
     def abort(self, save: bool) -> None:
         self.commands.append("abort" if save else "abort_no_save")
 
+    def sample(self) -> None:
+        self.commands.append("sample")
+
     def wait(self, timeout: float | None = None) -> bool:
         return self._done.wait(timeout)
 

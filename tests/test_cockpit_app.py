@@ -367,7 +367,7 @@ def test_help_and_control_keys_come_from_the_bindings_of_each_app():
 
     cockpit_rows = dict(CockpitApp.help_rows(make_app()))
     assert cockpit_rows["ctrl+r"].startswith("start training") and cockpit_rows["ctrl+s"] == "save the form as TOML"
-    assert {"space / p", "s", "a / ctrl+x", "q / ctrl+c", "[ / ]", "?"} <= set(cockpit_rows)
+    assert {"space / p", "s", "a / ctrl+x", "g", "c", "i", "q / ctrl+c", "[ / ]", "?"} <= set(cockpit_rows)
     attach_keys = {keys for keys, _ in AttachApp.help_rows(AttachApp.__new__(AttachApp))}
-    assert attach_keys == {"space / p", "s", "a / ctrl+x", "q / ctrl+c", "[ / ]", "?"}     # no editor keys
-    assert CockpitApp.CONTROL_KEYS == AttachApp.CONTROL_KEYS == ("space", "p", "s", "a", "ctrl+x")
+    assert attach_keys == {"space / p", "s", "a / ctrl+x", "g", "c", "i", "q / ctrl+c", "[ / ]", "?"}   # no editor keys
+    assert CockpitApp.CONTROL_KEYS == AttachApp.CONTROL_KEYS == ("space", "p", "s", "a", "ctrl+x", "g")

@@ -120,6 +120,9 @@ class TailSource:
     def abort(self, save: bool) -> None:
         self._send(Command.ABORT if save else Command.ABORT_NO_SAVE)
 
+    def sample(self) -> None:
+        self._send(Command.SAMPLE)
+
     def wait(self, timeout: float | None = None) -> bool:
         return self._done.wait(timeout)
 
