@@ -63,13 +63,16 @@ class DemoReady(Message):
 
 START = Binding("ctrl+r", "start", "Start", id="start", priority=True, tooltip="start training (when the form is valid)")
 SAVE_TOML = Binding("ctrl+s", "save_toml", "Save TOML", id="save_toml", priority=True, tooltip="save the form as TOML")
+TOGGLE_FORM = Binding("f", "toggle_form", "Form", id="toggle_form",
+                      tooltip="show / hide the form (hidden on Start below 140 columns)")
+COLLAPSE_BELOW = 140        # a terminal narrower than this hides the form on Start: the run's panels get the room
 
 
 class CockpitApp(MonitorApp, inherit_bindings=False):
     """The editor and the monitor of a run in this process."""
 
     # the monitor's keys with the editor's, in the footer's order (Start first, Save TOML after Abort)
-    BINDINGS = [START, *MonitorApp.BINDINGS[:3], SAVE_TOML, *MonitorApp.BINDINGS[3:]]
+    BINDINGS = [START, *MonitorApp.BINDINGS[:3], SAVE_TOML, TOGGLE_FORM, *MonitorApp.BINDINGS[3:]]
 
     def __init__(self, source: EventSource | None = None, *, config: TrainConfig | None = None,
                  config_path: Path | None = None, demo: bool = False, autostart: bool = False,
@@ -110,6 +113,7 @@ class CockpitApp(MonitorApp, inherit_bindings=False):
         return [(p.stem, str(p)) for p in paths]
 
     def wire(self, main: Screen) -> None:
+        self.left = main.query_one("#left", Vertical)
         self.form = main.query_one(ConfigForm)
         self.preview = main.query_one(PreviewPanel)
         self.start_button = main.query_one("#start", Button)
@@ -237,6 +241,8 @@ class CockpitApp(MonitorApp, inherit_bindings=False):
 
     # ------------------------------------------------------------------ actions
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action in ("start", "save_toml") and self.state.running:
+            return False                      # not in the footer while a run is live: room for the run's keys
         if action == "start":
             return True if self._can_start() else None
         if action == "save_toml":
@@ -266,6 +272,14 @@ class CockpitApp(MonitorApp, inherit_bindings=False):
         self.preset_select.disabled = True
         self.set_focus(None)
         self._update_start_button()
+        if self.size.width < COLLAPSE_BELOW:
+            self.show_form(False)
+
+    def show_form(self, shown: bool) -> None:
+        self.left.display = shown
+
+    def action_toggle_form(self) -> None:
+        self.show_form(not self.left.display)
 
     def action_save_toml(self) -> None:
         form = self.form

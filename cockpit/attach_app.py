@@ -66,6 +66,9 @@ class AttachApp(MonitorApp):
             self._plot_drawn_at = now
         return due
 
+    def chart_lag_allowed(self) -> float:
+        return self.refresh_seconds
+
     # ------------------------------------------------------------------ pacing
     def _arm(self) -> None:
         self.set_timer(self.pace.interval, self._tick)

@@ -26,7 +26,7 @@ STAR = "★"
 
 def grid_of(state: CockpitState) -> tuple[tuple[CompareRow, ...], tuple[str, ...]]:
     """The compare grid's rows and prompt texts for a cockpit state."""
-    return compare_rows(state.samples, state.checkpoints, base=state.output_dir), state.samples.prompts
+    return compare_rows(state.sample_book, state.checkpoints, base=state.output_dir), state.sample_book.prompts
 
 
 def row_label(row: CompareRow) -> str:

@@ -44,8 +44,8 @@ def main(argv: Sequence[str]) -> int:
     if ns.sheet:
         from cockpit.sheet import write_sheet
 
-        rows = compare_rows(state.samples, state.checkpoints, base=state.output_dir)
-        path, (width, height), size = write_sheet(rows, state.samples.prompts, Path(ns.sheet),
+        rows = compare_rows(state.sample_book, state.checkpoints, base=state.output_dir)
+        path, (width, height), size = write_sheet(rows, state.sample_book.prompts, Path(ns.sheet),
                                                   overwrite=ns.overwrite)
         print(f"wrote {path} ({width}×{height} px, {format_bytes(size)})")
         return 0

@@ -33,12 +33,14 @@ from cockpit.modals import SAVE_AND_STOP, ConfirmAbortScreen, HelpScreen
 from cockpit.panels import CheckpointsPanel, LogPanel, LossPanel, MemoryPanel, ProgressPanel, compose_live_panels
 from cockpit.samples_panel import SamplesKeys, SamplesPanel
 from cockpit.sources import EventSource
-from cockpit.state import AbortRequested, CockpitState, PauseRequested, SaveRequested, SmoothingChanged, StartFailed, reduce
+from cockpit.state import (AbortRequested, CockpitState, PauseRequested, SaveRequested, SmoothingChanged, StartFailed,
+                           reduce, resume_command)
 from engine.api import Event, LogMessage, MemorySample, RunFinished, SpykeError, StepCompleted, TrainConfig
 
 DRAIN_INTERVAL = 0.25       # seconds between drains of per-step events (4 Hz)
 RENDER_INTERVAL = 0.5       # seconds between panel redraws while only steps arrive
 CONTROL_ACTIONS = ("toggle_pause", "save_now", "abort", "sample_now")   # what steers the run (not the screen)
+SHORT_ROWS = 32             # fewer rows than this: the compact layout (one-line borders, panels side by side)
 KEY_NAMES = {"question_mark": "?", "left_square_bracket": "[", "right_square_bracket": "]"}
 
 
@@ -96,7 +98,7 @@ class MonitorApp(SamplesKeys, App[int]):
         Binding("c", "compare", "Compare", id="compare", show=False,
                 tooltip="compare checkpoints: sample images × prompts, validation loss"),
         Binding("i", "toggle_samples", "Samples panel", id="samples_panel", show=False,
-                tooltip="show / hide the samples panel (in place of the memory and log row)"),
+                tooltip="show / hide the samples panel (below the memory and log row)"),
         Binding("question_mark", "help", "Help", id="help", key_display="?", tooltip="this help"),
         Binding("q", "quit_cockpit", "Quit", id="quit", tooltip="quit (asks first while training)"),
         Binding("ctrl+c,ctrl+q", "quit_cockpit", "Quit", id="quit_priority", priority=True, show=False,
@@ -105,8 +107,15 @@ class MonitorApp(SamplesKeys, App[int]):
                 tooltip="less / more loss smoothing"),
         Binding("right_square_bracket", "smoothing(0.05)", "More smoothing", id="smoothing_up", show=False,
                 tooltip="less / more loss smoothing"),
+        Binding("l", "toggle_lr", "Loss/LR", id="toggle_lr", show=False,
+                tooltip="chart: loss ⇄ learning rate"),
+        Binding("y", "copy_resume", "Copy resume", id="copy_resume",
+                tooltip="copy the resume command to the clipboard (OSC 52)"),
     ]
     CONTROL_KEYS = control_keys(BINDINGS)
+    # the screen gets -narrow/-medium/-wide and -short/-tall classes; cockpit.tcss lays the panels out by them
+    HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (100, "-medium"), (140, "-wide")]
+    VERTICAL_BREAKPOINTS = [(0, "-short"), (SHORT_ROWS, "-tall")]
 
     def __init__(self, source: EventSource, *, clock: Callable[[], float] = time.time,
                  keymap: dict[str, str] | None = None) -> None:
@@ -144,11 +153,15 @@ class MonitorApp(SamplesKeys, App[int]):
     def bindings_key(self) -> tuple:
         """What the keys' availability depends on; the footer is redrawn only when it changes."""
         s = self.state
-        return (s.status, s.running, s.paused, s.pause_requested, s.abort_requested)
+        return (s.status, s.running, s.paused, s.pause_requested, s.abort_requested, resume_command(s) is not None)
 
     def chart_due(self, now: float, keys_changed: bool) -> bool:
         """Whether this redraw draws the loss chart too (the costly panel)."""
         return True
+
+    def chart_lag_allowed(self) -> float:
+        """Seconds the chart may lag behind the progress line before the panel says how old it is."""
+        return RENDER_INTERVAL
 
     # ------------------------------------------------------------------ layout
     def compose(self) -> ComposeResult:
@@ -268,6 +281,10 @@ class MonitorApp(SamplesKeys, App[int]):
         state = self.state
         for panel in self.panels:
             if panel is self.loss_panel and not chart:
+                try:
+                    self.loss_panel.show_lag(state, self.chart_lag_allowed())
+                except NoMatches:
+                    pass
                 continue
             try:
                 panel.show(state, now)
@@ -316,6 +333,8 @@ class MonitorApp(SamplesKeys, App[int]):
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         if action in CONTROL_ACTIONS:
             return True if self.state.running and not self.state.abort_requested else None
+        if action == "copy_resume":
+            return True if resume_command(self.state) else False
         return True
 
     def _command(self, send: Callable[[], None]) -> bool:
@@ -385,6 +404,18 @@ class MonitorApp(SamplesKeys, App[int]):
         if isinstance(self.screen, HelpScreen):
             return
         self.push_screen(HelpScreen(self.help_rows()))
+
+    def action_toggle_lr(self) -> None:
+        mode = self.loss_panel.toggle_mode(self.state)
+        self.notify("chart: learning rate" if mode == "lr" else "chart: loss", timeout=2)
+
+    def action_copy_resume(self) -> None:
+        command = resume_command(self.state)
+        if not command:
+            self.notify("nothing to resume yet (no saved training state)", severity="warning", timeout=4)
+            return
+        self.copy_to_clipboard(command)
+        self.notify(command, title="Resume command copied (OSC 52)", timeout=6)
 
     def action_smoothing(self, delta: float) -> None:
         self.apply(SmoothingChanged(round(self.state.smoothing + float(delta), 3)))

@@ -13,13 +13,13 @@ from typing import Any
 
 from rich.text import Text
 from textual.app import ComposeResult
-from textual.containers import Horizontal, Vertical
+from textual.containers import Container, Vertical
 from textual.widgets import DataTable, RichLog, Sparkline, Static
 from textual_plotext import PlotextPlot
 
-from cockpit.history import smooth
-from cockpit.state import (CockpitState, elapsed, eta_next_checkpoint, eta_seconds, format_duration, memory_pressure,
-                           next_checkpoint, steps_per_second)
+from cockpit.chart import draw_loss, draw_lr, legend_markup
+from cockpit.state import (CockpitState, best_validation, elapsed, eta_next_checkpoint, eta_seconds, format_duration,
+                           memory_pressure, next_checkpoint, resume_command, steps_per_second)
 from engine.api import format_bytes
 
 WARN_LEVEL = 0.85
@@ -50,20 +50,22 @@ def _fmt_lr(value: float) -> str:
 
 
 def progress_markup(state: CockpitState, now: float) -> Text:
+    """The run at a glance, the most needed first (a short terminal cuts the last lines)."""
     text = Text()
     if state.status == "idle":
         text.append("Not started", style="bold")
         text.append(" · press ctrl+r (Start) when the form is valid\n", style="dim")
         text.append(f"step 0/{state.total_steps}")
         return text
+    detail = Text()
     if state.paused:
         text.append(" PAUSED ", style="bold reverse yellow")
-        text.append("  model kept loaded · space resumes" if not state.abort_requested else "", style="yellow")
+        detail.append("  model kept loaded · space resumes" if not state.abort_requested else "", style="yellow")
         if not state.pause_requested:
-            text.append("  resuming…", style="yellow")
+            detail.append("  resuming…", style="yellow")
     elif state.pause_requested and state.running:
         text.append(" PAUSED ", style="bold reverse yellow")
-        text.append("  halting at the next step boundary…", style="yellow")
+        detail.append("  halting at the next step boundary…", style="yellow")
     elif state.status == "failed":
         text.append(" FAILED ", style="bold reverse red")
     elif state.status == "aborted":
@@ -74,25 +76,33 @@ def progress_markup(state: CockpitState, now: float) -> Text:
         phase = (state.phase or "starting").upper()
         text.append(f" {phase} ", style="bold reverse")
         if state.phase_detail:
-            text.append(f"  {state.phase_detail}", style="dim")
+            detail.append(f"  {state.phase_detail}", style="dim")
     if state.abort_requested and state.running:
-        text.append("  stopping…", style="bold red")
-    text.append("\n")
+        detail.append("  stopping…", style="bold red")
+    text.append("  ")
     text.append(f"step {state.step}/{state.total_steps}", style="bold")
     text.append(f"   epoch {state.epoch}/{state.num_epochs}")
     rate = steps_per_second(state)
     text.append(f"   {rate:.2f} it/s" if rate else "   – it/s")
+    text.append_text(detail)
+    text.append("\n")
     if state.loss is not None:
-        text.append(f"   loss {state.loss:.4f}")
+        text.append(f"loss {state.loss:.4f}")
         if state.loss_ema is not None:
             text.append(f" (ema {state.loss_ema:.4f})", style="dim")
-    text.append("\n")
+        text.append("   ")
     text.append(f"elapsed {format_duration(elapsed(state, now))}")
     if state.running:
         text.append(f"   ETA {format_duration(eta_seconds(state))}")
-        target = next_checkpoint(state)
-        if target is not None:
-            text.append(f"   next save @{target} in {format_duration(eta_next_checkpoint(state))}")
+    text.append("\n")
+    parts = []
+    target = next_checkpoint(state) if state.running else None
+    if target is not None:
+        parts.append(f"next save @{target} in {format_duration(eta_next_checkpoint(state))}")
+    if state.checkpoints:
+        last = state.checkpoints[-1]
+        parts.append(f"last save @{last.step} {'✔' if last.verified else '✖ not verified'}")
+    text.append("   ".join(parts) or "no checkpoint yet", style="" if parts else "dim")
     if state.lrs:
         text.append("\nlr " + "  ".join(f"{k} {_fmt_lr(v)}" for k, v in state.lrs))
     if state.skipped_steps:
@@ -102,7 +112,11 @@ def progress_markup(state: CockpitState, now: float) -> Text:
         text.append(f"✖ {state.error}", style="bold red")
     elif state.final_path:
         text.append(f"\nsaved {Path(state.final_path).name}", style="green")
-    if state.resume_hint:
+    command = resume_command(state)
+    if command:
+        text.append("\nto resume (y copies it): ", style="dim")
+        text.append(command)
+    elif state.resume_hint:
         text.append(f"\n{state.resume_hint}", style="dim")
     return text
 
@@ -123,77 +137,125 @@ class ProgressPanel(Panel):
         self._last_second = second
         self.set_class(state.paused or (state.pause_requested and state.running), "-paused")
         self.set_class(state.status == "failed", "-failed")
+        self.set_class(bool(resume_command(state) or state.resume_hint or state.error), "-long")
         # layout=False: the text fills a fixed-size panel, so no relayout of the whole screen per update
         self.query_one("#progress-text", Static).update(progress_markup(state, now), layout=False)
 
 
 # ---------------------------------------------------------------- loss
-PLOT_INTERVAL = 1.0      # seconds between chart redraws while training
 class LossPlot(PlotextPlot):
-    """Raw loss and its EMA, downsampled to the plot's own width at render time."""
+    """Loss, its EMA and the validation loss (or the learning rates), at most the plot's width in points."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.state: CockpitState | None = None
+        self.mode = "loss"                 # loss | lr
 
     def render(self):  # type: ignore[override]
         plt = self.plt
         plt.clear_data()
         state = self.state
         width = max(8, self.size.width - 10)
-        if state is not None and len(state.history):
-            xs, ys, ns = state.history.series(width)
-            plt.plot(xs, ys, label="loss", marker="braille")
-            if len(xs) > 1:
-                plt.plot(xs, smooth(ys, ns, state.smoothing), label=f"ema {state.smoothing:.2f}",
-                         marker="braille")
+        if state is not None:
+            (draw_lr if self.mode == "lr" else draw_loss)(plt, state, width)
         plt.title("")
         return super().render()
 
 
 class LossPanel(Panel):
+    """The chart redraws with the progress line (so it shows the same latest step); its legend sits in
+    the title, outside the plot. ``l`` switches it to the learning rates."""
+
     def __init__(self, **kwargs: Any) -> None:
         super().__init__("Loss", **kwargs)
-        self._plotted_at = float("-inf")
-        self._plot_dirty = False
+        self._plotted_at = float("-inf")     # time.monotonic() of the last chart redraw
+        self._plotted_version = -1
+        self._lag = ""
+        self.mode = "loss"
 
     def compose(self) -> ComposeResult:
         yield LossPlot(id="loss-plot")
         yield Sparkline([], id="loss-spark", summary_function=max)
 
+    def toggle_mode(self, state: CockpitState) -> str:
+        self.mode = "lr" if self.mode == "loss" else "loss"
+        self._version = -1
+        self.show(state, 0.0)
+        return self.mode
+
     def show(self, state: CockpitState, now: float) -> None:
-        changed = self.changed(state)
-        if not changed and not self._plot_dirty:
+        if not self.changed(state):
             return
         plot = self.query_one(LossPlot)
-        if changed:
-            plot.state = state
-            self._plot_dirty = True
-        # The chart is the costliest widget (plotext + ANSI decode): while steps stream in it redraws
-        # at most once per PLOT_INTERVAL (a later show catches up), so the UI leaves the CPU to training.
-        mono = time.monotonic()
-        if self._plot_dirty and (not (state.running and not state.paused) or mono - self._plotted_at >= PLOT_INTERVAL):
-            self._plotted_at = mono
-            self._plot_dirty = False
-            plot.refresh()
-        if not changed:
-            return
+        plot.state = state
+        plot.mode = self.mode
+        plot.refresh()
+        self._plotted_at = time.monotonic()
+        self._plotted_version = state.version
+        self._lag = ""
         spark = self.query_one("#loss-spark", Sparkline)
         _xs, ys, _ns = state.history.series(max(8, spark.size.width or 60))
         spark.data = ys
-        subtitle = f"smoothing {state.smoothing:.2f} ([ / ])"
+        self._set_title(state)
+        subtitle = f"smoothing {state.smoothing:.2f} ([ / ]) · l: {'loss' if self.mode == 'lr' else 'lr'}"
         if self.border_subtitle != subtitle:
             self.border_subtitle = subtitle
 
+    def show_lag(self, state: CockpitState, interval: float) -> None:
+        """The chart was not redrawn this time: say how old it is once it lags more than ``interval``."""
+        age = time.monotonic() - self._plotted_at
+        lag = f"chart updated {age:.0f}s ago" if state.version != self._plotted_version and age > interval else ""
+        if lag != self._lag:
+            self._lag = lag
+            self._set_title(state)
+
+    def _set_title(self, state: CockpitState) -> None:
+        name = "Learning rate" if self.mode == "lr" else "Loss"
+        title = f"{name}  {legend_markup(state, self.mode)}"
+        if self._lag:
+            title += f"  [dim]· {self._lag}[/]"
+        if self.border_title != title:
+            self.border_title = title
+
 
 # ---------------------------------------------------------------- memory
+BARS = " ▁▂▃▄▅▆▇█"
+
+
+def memory_bars(values: tuple[int, ...] | list[int], total: int | None, width: int) -> str:
+    """One bar per sample, the newest right, scaled to ``total`` (the machine's memory), not to the peak."""
+    values = list(values)[-max(1, width):]
+    if not values:
+        return ""
+    top = total if total and total > 0 else max(values) or 1
+    return "".join(BARS[min(8, max(0, round(8 * v / top)))] if v > 0 else BARS[0] for v in values)
+
+
+def memory_lines(m: Any) -> list[str]:
+    """The memory figures, the most needed first."""
+    level = memory_pressure(m)
+    lines = [f"pressure {level * 100:.0f}%" + ("  ⚠ near the limit" if level >= WARN_LEVEL else "")]
+    dev = (m.device or "").lower()
+    if dev.startswith("mps"):
+        lines.append(f"MPS current {format_bytes(m.allocated)} · driver {format_bytes(m.reserved)}")
+        lines.append(f"recommended max {format_bytes(m.device_total)}")
+    elif dev.startswith("cuda"):
+        lines.append(f"CUDA {format_bytes(m.allocated)} alloc · {format_bytes(m.reserved)} reserved")
+        lines.append(f"peak {format_bytes(m.peak)} · total {format_bytes(m.device_total)}")
+    else:
+        lines.append(f"device {m.device or 'cpu'}")
+    lines.append(f"RSS {format_bytes(m.rss)} · RAM {format_bytes(m.sys_used)} / {format_bytes(m.sys_total)}")
+    lines.append(f"{format_bytes(m.sys_available)} RAM available")
+    return lines
+
+
 class MemoryPanel(Panel):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__("Memory", **kwargs)
 
     def compose(self) -> ComposeResult:
         yield Static("no samples yet", id="memory-text")
-        yield Sparkline([], id="memory-spark", summary_function=max)
+        yield Static("", id="memory-spark")
 
     def show(self, state: CockpitState, now: float) -> None:
         if not self.changed(state):
@@ -201,57 +263,104 @@ class MemoryPanel(Panel):
         m = state.memory
         if m is None:
             return
-        lines = []
-        dev = (m.device or "").lower()
-        if dev.startswith("mps"):
-            lines.append(f"MPS current {format_bytes(m.allocated)}  driver {format_bytes(m.reserved)}")
-            lines.append(f"    recommended max {format_bytes(m.device_total)}")
-        elif dev.startswith("cuda"):
-            lines.append(f"CUDA alloc {format_bytes(m.allocated)}  reserved {format_bytes(m.reserved)}")
-            lines.append(f"     peak {format_bytes(m.peak)}  total {format_bytes(m.device_total)}")
-        else:
-            lines.append(f"device {m.device or 'cpu'}")
-        lines.append(f"RSS {format_bytes(m.rss)}")
-        lines.append(f"RAM {format_bytes(m.sys_used)} used / {format_bytes(m.sys_total)}")
-        lines.append(f"    {format_bytes(m.sys_available)} available")
         level = memory_pressure(m)
-        lines.append(f"pressure {level * 100:.0f}%" + ("  ⚠ near the limit" if level >= WARN_LEVEL else ""))
-        self.query_one("#memory-text", Static).update("\n".join(lines), layout=False)
+        self.query_one("#memory-text", Static).update("\n".join(memory_lines(m)), layout=False)
         self.set_class(WARN_LEVEL <= level < CRITICAL_LEVEL, "-warn")
         self.set_class(level >= CRITICAL_LEVEL, "-critical")
-        self.query_one("#memory-spark", Sparkline).data = list(state.memory_history)
+        # the history holds device memory where the device reports it, else the process's RSS
+        total = m.device_total if m.allocated is not None else m.sys_total
+        spark = self.query_one("#memory-spark", Static)
+        spark.update(Text(memory_bars(state.memory_history, total, spark.size.width or 40), style="blue"),
+                     layout=False)
+        subtitle = f"bars scaled to {format_bytes(total)}" if total else ""
+        if self.border_subtitle != subtitle:
+            self.border_subtitle = subtitle
 
 
 # ---------------------------------------------------------------- checkpoints
+BASE_COLUMNS = (("step", "step"), ("name", "name"), ("size", "size"), ("loss", "loss"), ("verified", "verified"))
+BEST = "★"
+
+
+def checkpoint_columns(state: CockpitState) -> tuple[tuple[str, str], ...]:
+    """The table's columns: ``val loss`` and ``samples`` only once some checkpoint has them."""
+    columns = BASE_COLUMNS
+    if any(r.val_loss is not None for r in state.checkpoints) or state.validation:
+        columns += (("val_loss", "val loss"),)
+    if any(r.samples for r in state.checkpoints) or state.samples:
+        columns += (("samples", "samples"),)
+    return columns
+
+
+def _loss_cell(value: float | None) -> str:
+    return "–" if value is None or not math.isfinite(value) else f"{value:.4f}"
+
+
+def checkpoint_cells(state: CockpitState, columns: tuple[tuple[str, str], ...]) -> list[tuple[str, tuple]]:
+    best = best_validation(state)
+    out = []
+    for row in state.checkpoints:
+        cell = {"step": str(row.step), "name": row.name, "size": format_bytes(row.bytes), "loss": _loss_cell(row.loss),
+                "verified": Text("✔", style="green") if row.verified else Text("✖ no", style="yellow"),
+                "samples": str(row.samples) if row.samples else "–"}
+        if row.val_loss is None:
+            cell["val_loss"] = "–"
+        elif best is not None and row.path == best.path:
+            cell["val_loss"] = Text(f"{BEST} {_loss_cell(row.val_loss)}", style="bold green")
+        else:
+            cell["val_loss"] = f"  {_loss_cell(row.val_loss)}"
+        out.append((row.path, tuple(cell[key] for key, _ in columns)))
+    return out
+
+
 class CheckpointsPanel(Panel):
+    """The saved checkpoints, the newest kept in view."""
+
     def __init__(self, **kwargs: Any) -> None:
         super().__init__("Checkpoints", **kwargs)
-        self._rows: dict[str, Any] = {}
+        self._rows: dict[str, tuple] = {}
+        self._columns: tuple[tuple[str, str], ...] = ()
 
     def compose(self) -> ComposeResult:
-        table = DataTable(id="checkpoints-table", cursor_type="row", zebra_stripes=True)
-        table.add_column("step", key="step")
-        table.add_column("name", key="name")
-        table.add_column("size", key="size")
-        table.add_column("loss", key="loss")
-        table.add_column("verified", key="verified")
-        yield table
+        yield DataTable(id="checkpoints-table", cursor_type="row", zebra_stripes=True)
+
+    def on_mount(self) -> None:
+        self._set_columns(BASE_COLUMNS)
+
+    def _set_columns(self, columns: tuple[tuple[str, str], ...]) -> None:
+        table = self.query_one(DataTable)
+        table.clear(columns=True)
+        for key, label in columns:
+            table.add_column(label, key=key)
+        self._columns = columns
+        self._rows.clear()
 
     def show(self, state: CockpitState, now: float) -> None:
         if not self.changed(state):
             return
         table = self.query_one(DataTable)
-        if len(state.checkpoints) < len(self._rows):   # a new run
+        columns = checkpoint_columns(state)
+        if columns != self._columns:
+            self._set_columns(columns)
+        cells = checkpoint_cells(state, columns)
+        if len(cells) < len(self._rows) or any(path not in dict(cells) for path in self._rows):   # a new run
             table.clear()
             self._rows.clear()
-        for row in state.checkpoints:
-            cells = (str(row.step), row.name, format_bytes(row.bytes),
-                     "–" if row.loss is None or not math.isfinite(row.loss) else f"{row.loss:.4f}",
-                     Text("✔ yes", style="green") if row.verified else Text("no", style="yellow"))
-            if row.path in self._rows:
-                continue
-            self._rows[row.path] = table.add_row(*cells, key=row.path)
-            table.move_cursor(row=table.row_count - 1)
+        added = False
+        for path, row in cells:
+            old = self._rows.get(path)
+            if old is None:
+                table.add_row(*row, key=path)
+                added = True
+            elif old != row:
+                for (key, _), value, before in zip(columns, row, old):
+                    if value != before:
+                        table.update_cell(path, key, value)
+            self._rows[path] = row
+        if added:
+            newest = table.row_count - 1
+            table.move_cursor(row=newest)
+            self.call_after_refresh(lambda: table.move_cursor(row=newest, animate=False))
         subtitle = f"{len(state.checkpoints)} saved"
         if self.border_subtitle != subtitle:
             self.border_subtitle = subtitle
@@ -265,7 +374,7 @@ class LogPanel(Panel):
         self._last: Any = None
 
     def compose(self) -> ComposeResult:
-        yield RichLog(id="log", max_lines=500, wrap=False, markup=False, auto_scroll=True)
+        yield RichLog(id="log", max_lines=500, wrap=True, min_width=16, markup=False, auto_scroll=True)
 
     def show(self, state: CockpitState, now: float) -> None:
         if not self.changed(state):
@@ -281,7 +390,8 @@ class LogPanel(Panel):
                     break
         for line in lines[start:]:
             style = {"error": "bold red", "warning": "yellow"}.get(line.level, "")
-            log.write(Text(f"{line.level[:4]:<4} {line.message}", style=style))
+            mark = {"error": "✖ ", "warning": "⚠ "}.get(line.level, "")
+            log.write(Text(f"{mark}{line.message}", style=style))
         if lines:
             self._last = lines[-1]
 
@@ -336,7 +446,8 @@ def compose_live_panels() -> ComposeResult:
     """The live panels, as the cockpit and ``attach`` both show them (use inside a container)."""
     yield ProgressPanel(id="progress")
     yield LossPanel(id="loss")
-    yield CheckpointsPanel(id="checkpoints")
-    with Horizontal(id="bottom-row"):
-        yield MemoryPanel(id="memory")
-        yield LogPanel(id="log-panel")
+    with Container(id="lower"):              # stacked on a tall screen, side by side on a short one
+        yield CheckpointsPanel(id="checkpoints")
+        with Container(id="bottom-row"):
+            yield MemoryPanel(id="memory")
+            yield LogPanel(id="log-panel")

@@ -1,7 +1,8 @@
 """The samples panel: the latest sample set, one thumbnail and its prompt per image.
 
-Hidden until the run's first sample set arrives (then shown once; ``i`` shows and hides it). While it
-is shown it takes the memory/log row's place, so the loss chart keeps its height. :class:`SamplesKeys`
+Hidden until the run's first sample set arrives; then it shows itself once when the terminal has room
+for it beside every other panel (``AUTO_SHOW_ROWS``), and ``i`` shows and hides it at any size. It sits
+below the memory/log row: memory stays in view, as do step, loss and ETA. :class:`SamplesKeys`
 is the monitor's side of it: the keys that make samples, open the compare screen and toggle the panel.
 """
 
@@ -20,6 +21,7 @@ from cockpit.samples import SampleSet
 from cockpit.state import CockpitState
 
 MAX_THUMBNAILS = 6
+AUTO_SHOW_ROWS = 48       # a shorter terminal keeps the chart's rows; ``i`` still shows the panel
 
 
 class SamplesPanel(Panel):
@@ -35,7 +37,7 @@ class SamplesPanel(Panel):
         yield Static("no samples yet · g: sample now · c: compare checkpoints", id="samples-note", markup=False)
 
     def show(self, state: CockpitState, now: float) -> None:
-        book = state.samples
+        book = state.sample_book
         if book.version == self._book_version:
             return
         self._book_version = book.version
@@ -80,11 +82,12 @@ class SamplesKeys:
     _grid_key: Any = None
 
     def _show_samples(self, state: CockpitState) -> None:
-        if state.samples.sets and not self._samples_seen:
+        if state.sample_book.sets and not self._samples_seen:
             self._samples_seen = True
-            self.set_samples_visible(True)
+            if self.size.height >= AUTO_SHOW_ROWS:
+                self.set_samples_visible(True)
         if isinstance(self.screen, CompareScreen):
-            key = (state.samples.version, state.checkpoints)
+            key = (state.sample_book.version, state.checkpoints)
             if key != self._grid_key:
                 self._grid_key = key
                 self.screen.update_grid(*grid_of(state))
@@ -104,7 +107,7 @@ class SamplesKeys:
     def action_compare(self) -> None:
         if isinstance(self.screen, CompareScreen):
             return
-        self._grid_key = (self.state.samples.version, self.state.checkpoints)
+        self._grid_key = (self.state.sample_book.version, self.state.checkpoints)
         title = self.state.output_name or self.state.run_id
         self.push_screen(CompareScreen(*grid_of(self.state), title=title))
 

@@ -13,14 +13,15 @@ is given, at O(1) amortised per step.
 from __future__ import annotations
 
 import math
+import shlex
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterable
 
 from cockpit.history import LossHistory, ema_update, smooth
 from cockpit.samples import SampleBook, fold as fold_samples
-from engine.api import (CheckpointSaved, Event, LogMessage, MemorySample, PhaseChanged, RunFinished,
-                           RunStarted, SamplesSaved, StepCompleted, ValidationLoss)
+from engine.api import (RUNS_DIRNAME, CheckpointSaved, Event, LogMessage, MemorySample, PhaseChanged, RunFinished,
+                        RunStarted, SamplesSaved, StepCompleted, ValidationLoss, format_bytes)
 
 RATE_WINDOW = 20          # steps used for it/s
 LOG_LIMIT = 200           # lines kept in the log panel
@@ -90,6 +91,29 @@ class CheckpointRow:
     loss: float | None
     verified: bool
     kind: str
+    state_dir: str | None = None
+    val_loss: float | None = None         # the validation loss of this checkpoint (matched by path or step)
+    samples: int = 0                      # sample images made for this checkpoint
+
+
+@dataclass(frozen=True)
+class ValidationPoint:
+    step: int
+    epoch: int
+    loss: float
+    images: int
+    checkpoint: str | None = None
+
+
+@dataclass(frozen=True)
+class SampleBatch:
+    step: int
+    epoch: int
+    paths: tuple[str, ...]
+    prompts: tuple[str, ...]
+    errors: tuple[str, ...] = ()
+    checkpoint: str | None = None
+    seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -128,6 +152,8 @@ class CockpitState:
     memory: MemorySample | None = None
     memory_history: tuple[int, ...] = ()
     checkpoints: tuple[CheckpointRow, ...] = ()
+    validation: tuple[ValidationPoint, ...] = ()
+    samples: tuple[SampleBatch, ...] = ()
     log: tuple[LogLine, ...] = ()
     paused: bool = False                  # the engine says it is paused
     pause_requested: bool = False         # the user's latest wish
@@ -136,7 +162,8 @@ class CockpitState:
     final_path: str | None = None
     resume_hint: str | None = None
     history: LossHistory = field(default_factory=LossHistory, compare=False, repr=False)
-    samples: SampleBook = field(default_factory=SampleBook)   # sample sets and validation losses by step
+    sample_book: SampleBook = field(default_factory=SampleBook)   # sample sets and validation losses by step
+    lr_history: tuple[tuple[str, LossHistory], ...] = field(default=(), compare=False, repr=False)
     version: int = 0                      # bumped on every change (widgets skip redraws when equal)
 
     @property
@@ -159,13 +186,17 @@ def reduce(state: CockpitState, event: Action) -> CockpitState:
         return replace(state, memory=event, memory_history=(state.memory_history + (value,))[-MEMORY_HISTORY:],
                        version=v)
     if isinstance(event, RunStarted):
+        resumed = f" (resumed at step {event.start_step})" if event.start_step else ""
+        fresh = CockpitState(smoothing=state.smoothing, log=state.log)
         return replace(
-            CockpitState(smoothing=state.smoothing, log=state.log),
+            fresh,
             status="running", phase=state.phase or "loading", run_id=event.run_id, output_dir=event.output_dir,
             output_name=event.output_name, device=event.device, total_steps=event.total_steps,
             num_epochs=event.num_epochs, batches_per_epoch=event.batches_per_epoch, start_step=event.start_step,
             checkpoint_steps=tuple(sorted(event.checkpoint_steps)), step=event.start_step,
             started_at=event.t, last_event_at=event.t, pause_requested=state.pause_requested,
+            log=_log(fresh, event.t, "info", f"run {event.run_id}: {event.total_steps} steps, {event.num_epochs} "
+                     f"epochs on {event.device}{resumed}"),
             version=v)
     if isinstance(event, PhaseChanged):
         paused = event.phase == "paused"
@@ -176,22 +207,51 @@ def reduce(state: CockpitState, event: Action) -> CockpitState:
             pause_requested = False
         return replace(state, phase=event.phase, phase_detail=event.detail, paused=paused,
                        pause_requested=pause_requested, rate_window=(), last_event_at=event.t,
-                       status="running" if state.status in ("idle", "starting") else state.status, version=v)
+                       status="running" if state.status in ("idle", "starting") else state.status,
+                       log=_phase_log(state, event), version=v)
     if isinstance(event, CheckpointSaved):
         row = CheckpointRow(step=event.step, name=Path(event.path).name, path=event.path, bytes=event.bytes,
-                            loss=event.loss, verified=event.verified, kind=event.kind)
+                            loss=event.loss, verified=event.verified, kind=event.kind, state_dir=event.state_dir)
+        row = replace(row, val_loss=_val_loss_of(row, state.validation), samples=_samples_of(row, state.samples))
         rows = tuple(r for r in state.checkpoints if r.path != row.path) + (row,)
-        return replace(state, checkpoints=rows, last_event_at=event.t, version=v)
-    if isinstance(event, (SamplesSaved, ValidationLoss)):
-        return replace(state, samples=fold_samples(state.samples, event), last_event_at=event.t, version=v)
+        ok = "verified" if event.verified else "NOT verified"
+        message = f"saved {row.name} at step {event.step} ({format_bytes(event.bytes)}, {ok})"
+        return replace(state, checkpoints=rows, last_event_at=event.t,
+                       log=_log(state, event.t, "info" if event.verified else "warning", message), version=v)
+    if isinstance(event, ValidationLoss):
+        point = ValidationPoint(step=event.step, epoch=event.epoch, loss=event.loss, images=event.images,
+                                checkpoint=event.checkpoint)
+        points = state.validation + (point,)
+        rows = tuple(replace(r, val_loss=_val_loss_of(r, (point,)))
+                     if _matches(r, point.step, point.checkpoint) else r for r in state.checkpoints)
+        value = f"{event.loss:.4f}" if math.isfinite(event.loss) else str(event.loss)
+        message = f"validation loss {value} at step {event.step} ({event.images} images)"
+        return replace(state, validation=points, checkpoints=rows, last_event_at=event.t,
+                       log=_log(state, event.t, "info", message), sample_book=fold_samples(state.sample_book, event),
+                       version=v)
+    if isinstance(event, SamplesSaved):
+        batch = SampleBatch(step=event.step, epoch=event.epoch, paths=tuple(event.paths),
+                            prompts=tuple(event.prompts), errors=tuple(event.errors), checkpoint=event.checkpoint,
+                            seconds=event.seconds)
+        batches = state.samples + (batch,)
+        rows = tuple(replace(r, samples=r.samples + len(batch.paths))
+                     if _matches(r, batch.step, batch.checkpoint) else r for r in state.checkpoints)
+        n = len(batch.paths)
+        log = _log(state, event.t, "info", f"samples: {n} image{'s' if n != 1 else ''} at step {event.step} "
+                                           f"({event.seconds:.1f} s)")
+        for error in batch.errors:
+            log = _log(replace(state, log=log), event.t, "warning", f"sample failed: {error}")
+        return replace(state, samples=batches, checkpoints=rows, last_event_at=event.t, log=log,
+                       sample_book=fold_samples(state.sample_book, event), version=v)
     if isinstance(event, LogMessage):
         return replace(state, log=_log(state, event.t, event.level, event.message), version=v)
     if isinstance(event, RunFinished):
-        log = state.log
         if event.status == "failed" and event.error:
             log = _log(state, event.t, "error", event.error)
         elif event.status == "aborted":
             log = _log(state, event.t, "warning", f"run aborted at step {event.step}")
+        else:
+            log = _log(state, event.t, "info", f"run {event.status} at step {event.step}")
         return replace(state, status=event.status, phase="finished", paused=False, pause_requested=False,
                        step=max(state.step, event.step), error=event.error, final_path=event.final_path,
                        resume_hint=event.resume_hint, finished_at=event.t, last_event_at=event.t, log=log,
@@ -203,11 +263,18 @@ def reduce(state: CockpitState, event: Action) -> CockpitState:
         return replace(state, status="failed", phase="finished", error=event.error,
                        log=_log(state, state.last_event_at or 0.0, "error", event.error), version=v)
     if isinstance(event, PauseRequested):
-        return replace(state, pause_requested=event.paused, version=v)
+        wish = "pause" if event.paused else "resume"
+        return replace(state, pause_requested=event.paused,
+                       log=_log(state, state.last_event_at or 0.0, "info", f"{wish} requested at step {state.step}"),
+                       version=v)
     if isinstance(event, AbortRequested):
-        return replace(state, abort_requested=True, pause_requested=False, version=v)
+        how = "save and stop" if event.save else "stop without saving"
+        return replace(state, abort_requested=True, pause_requested=False,
+                       log=_log(state, state.last_event_at or 0.0, "warning",
+                                f"abort requested at step {state.step} ({how})"), version=v)
     if isinstance(event, SaveRequested):
-        return state
+        return replace(state, log=_log(state, state.last_event_at or 0.0, "info",
+                                       f"save requested at step {state.step}"), version=v)
     if isinstance(event, HistoryLoaded):
         return replace(state, history=event.history, loss_ema=event.loss_ema, ema_weight=event.ema_weight,
                        skipped_steps=event.skipped_steps, version=v)
@@ -220,6 +287,42 @@ def reduce(state: CockpitState, event: Action) -> CockpitState:
     return state
 
 
+def _matches(row: CheckpointRow, step: int, checkpoint: str | None) -> bool:
+    """A validation or sample batch belongs to a checkpoint: named by its path, or (unnamed) at its step."""
+    return checkpoint == row.path if checkpoint else step == row.step
+
+
+def _val_loss_of(row: CheckpointRow, points: tuple[ValidationPoint, ...]) -> float | None:
+    value = row.val_loss
+    for point in points:
+        if _matches(row, point.step, point.checkpoint):
+            value = point.loss
+    return value
+
+
+def _samples_of(row: CheckpointRow, batches: tuple[SampleBatch, ...]) -> int:
+    return sum(len(b.paths) for b in batches if _matches(row, b.step, b.checkpoint))
+
+
+_QUIET_PHASES = ("saving", "finished")     # the checkpoint and the finish have their own log lines
+
+
+def _phase_log(state: CockpitState, event: PhaseChanged) -> tuple[LogLine, ...]:
+    """One log line per phase change (not per progress detail of the same phase)."""
+    phase, before = event.phase, state.phase
+    if phase in _QUIET_PHASES or (phase == before and (phase != "loading" or event.detail == state.phase_detail)):
+        return state.log                   # (a run starts in "loading"; the engine's loading names the model)
+    if phase == "paused":
+        return _log(state, event.t, "info", f"paused at step {state.step}")
+    if before == "paused":
+        return _log(state, event.t, "info", f"resumed at step {state.step}")
+    if phase == "training" and before in ("saving", "sampling", "validating"):
+        return state.log
+    detail = f" ({event.detail})" if event.detail else ""
+    words = {"caching": "caching latents", "sampling": "making samples", "validating": "validation"}
+    return _log(state, event.t, "info", f"{words.get(phase, phase)}{detail}")
+
+
 def _reduce_step(state: CockpitState, event: StepCompleted, version: int) -> CockpitState:
     loss = event.loss
     ema, weight = state.loss_ema, state.ema_weight
@@ -227,9 +330,16 @@ def _reduce_step(state: CockpitState, event: StepCompleted, version: int) -> Coc
     if not event.skipped and math.isfinite(loss):
         history = history.appended(event.step, loss)
         ema, weight = ema_update(ema, weight, loss, state.smoothing)
+    lrs = tuple(sorted(event.lrs.items()))
+    lr_history = state.lr_history
+    if lrs:
+        if tuple(name for name, _ in lr_history) != tuple(name for name, _ in lrs):
+            old = dict(lr_history)
+            lr_history = tuple((name, old.get(name) or LossHistory()) for name, _ in lrs)
+        lr_history = tuple((name, h.appended(event.step, value)) for (name, h), (_, value) in zip(lr_history, lrs))
     window = (state.rate_window + ((event.t, event.step),))[-RATE_WINDOW:]
     return replace(state, step=event.step, epoch=event.epoch, loss=loss, loss_ema=ema, ema_weight=weight,
-                   history=history, lrs=tuple(sorted(event.lrs.items())), rate_window=window,
+                   history=history, lr_history=lr_history, lrs=lrs, rate_window=window,
                    skipped_steps=state.skipped_steps + (1 if event.skipped else 0),
                    last_event_at=event.t, status="running" if state.status == "starting" else state.status,
                    version=version)
@@ -303,6 +413,31 @@ def memory_pressure(sample: MemorySample | None) -> float:
     if sample.sys_total:
         levels.append(1.0 - sample.sys_available / sample.sys_total)
     return max(levels, default=0.0)
+
+
+def last_state_dir(state: CockpitState) -> str | None:
+    """The newest checkpoint's training-state folder (what ``--resume`` takes)."""
+    for row in reversed(state.checkpoints):
+        if row.state_dir:
+            return row.state_dir
+    return None
+
+
+def resume_command(state: CockpitState) -> str | None:
+    """The complete command that resumes this run from its newest state: the run's own config.toml
+    (written in its run folder) with ``--resume``. None while the run is live, after it completed, or
+    while there is no saved state to resume from."""
+    state_dir = last_state_dir(state)
+    if state_dir is None or not state.output_dir or not state.run_id or state.status not in ("aborted", "failed"):
+        return None
+    config = Path(state.output_dir) / RUNS_DIRNAME / state.run_id / "config.toml"
+    return f"spyke-cockpit train --headless {shlex.quote(str(config))} --resume {shlex.quote(state_dir)}"
+
+
+def best_validation(state: CockpitState) -> CheckpointRow | None:
+    """The checkpoint with the lowest validation loss (None when none has one)."""
+    rows = [r for r in state.checkpoints if r.val_loss is not None and math.isfinite(r.val_loss)]
+    return min(rows, key=lambda r: r.val_loss, default=None)
 
 
 def progress_text(state: CockpitState) -> str:

@@ -17,7 +17,7 @@ from tests.fakes import FakeSource
 from engine.config import TrainConfig
 from engine.errors import ModelLoadError
 from engine.events import (CheckpointSaved, LogMessage, MemorySample, PhaseChanged, RunFinished, RunStarted,
-                           StepCompleted)
+                           SamplesSaved, StepCompleted, ValidationLoss)
 
 SIZE = (120, 40)
 T0 = 1_700_000_000.0
@@ -130,7 +130,7 @@ async def test_keys_send_the_right_commands_and_pause_shows_at_once():
         await start_run(app, pilot)
         source = app.source
         assert source.commands == ["start"] and source.configs[0].output_name == "plasma"
-        assert app.check_action("toggle_pause", ()) is True and app.check_action("start", ()) is None
+        assert app.check_action("toggle_pause", ()) is True and app.check_action("start", ()) is False  # hidden
         assert app.query_one("#field-output_name", Input).is_disabled   # form is read-only while training
         await pilot.press("space")
         await pilot.pause()
@@ -367,7 +367,91 @@ def test_help_and_control_keys_come_from_the_bindings_of_each_app():
 
     cockpit_rows = dict(CockpitApp.help_rows(make_app()))
     assert cockpit_rows["ctrl+r"].startswith("start training") and cockpit_rows["ctrl+s"] == "save the form as TOML"
-    assert {"space / p", "s", "a / ctrl+x", "g", "c", "i", "q / ctrl+c", "[ / ]", "?"} <= set(cockpit_rows)
+    assert {"space / p", "s", "a / ctrl+x", "g", "c", "i", "q / ctrl+c", "[ / ]", "?", "f", "l", "y"} <= set(cockpit_rows)
     attach_keys = {keys for keys, _ in AttachApp.help_rows(AttachApp.__new__(AttachApp))}
-    assert attach_keys == {"space / p", "s", "a / ctrl+x", "g", "c", "i", "q / ctrl+c", "[ / ]", "?"}   # no editor keys
+    assert attach_keys == {"space / p", "s", "a / ctrl+x", "g", "c", "i", "q / ctrl+c", "[ / ]", "?", "l",
+                           "y"}   # no editor keys
     assert CockpitApp.CONTROL_KEYS == AttachApp.CONTROL_KEYS == ("space", "p", "s", "a", "ctrl+x", "g")
+
+
+# ---------------------------------------------------------------- layout keys: f, y, l
+@sync
+async def test_form_hides_on_start_below_140_columns_and_f_toggles_it():
+    app = make_app(config=valid_config())
+    async with app.run_test(size=SIZE) as pilot:
+        left = app.query_one("#left")
+        await settle(app, pilot)
+        assert left.display
+        await start_run(app, pilot)
+        assert not left.display and app.query_one("#right").size.width == SIZE[0]
+        await pilot.press("f")
+        assert left.display
+        await pilot.press("f")
+        assert not left.display
+    wide = make_app(config=valid_config())
+    async with wide.run_test(size=(160, 40)) as pilot:
+        await start_run(wide, pilot)
+        assert wide.query_one("#left").display
+
+
+@sync
+async def test_y_copies_the_complete_resume_command_after_an_abort(monkeypatch):
+    app = make_app(config=valid_config())
+    copied = []
+    monkeypatch.setattr(app, "copy_to_clipboard", copied.append)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await start_run(app, pilot)
+        await pilot.press("y")
+        assert copied == []                              # nothing to resume while the run is live
+        app.source.emit(CheckpointSaved(path="/out/plasma-step00000030.safetensors", step=30, epoch=1, bytes=10,
+                                        kind="abort", verified=True, state_dir="/out/plasma-step00000030-state",
+                                        t=T0 + 20),
+                        RunFinished(status="aborted", step=30, resume_hint="spyke-cockpit train --headless --resume "
+                                    "/out/plasma-step00000030-state [your config and flags]", t=T0 + 21))
+        await settle(app, pilot)
+        command = ("spyke-cockpit train --headless /out/.spyke/r1/config.toml "
+                   "--resume /out/plasma-step00000030-state")
+        await pilot.press("y")
+        assert copied == [command]
+        shown = text_of(app, "#progress-text")
+        assert command in " ".join(shown.split()) and "[your config and flags]" not in shown
+
+
+@sync
+async def test_l_switches_the_chart_between_loss_and_learning_rate():
+    app = make_app(config=valid_config())
+    async with app.run_test(size=SIZE) as pilot:
+        await start_run(app, pilot)
+        app.source.emit(*[StepCompleted(step=i, epoch=1, loss=1.0 / i, lrs={"unet": 1e-4 * i}, step_seconds=0.5,
+                                        t=T0 + 2 + i * 0.5) for i in range(1, 21)])
+        await settle(app, pilot, 0.3)
+        panel, plot = app.loss_panel, app.query_one("#loss-plot")
+        assert "loss" in str(panel.border_title) and plot.mode == "loss"
+        await pilot.press("l")
+        await pilot.pause()
+        assert plot.mode == "lr" and str(panel.border_title).startswith("Learning rate") and "unet" in str(
+            panel.border_title)
+        await pilot.press("l")
+        await pilot.pause()
+        assert plot.mode == "loss" and str(panel.border_title).startswith("Loss")
+
+
+@sync
+async def test_checkpoint_table_adds_val_loss_and_samples_columns_only_when_the_run_has_them():
+    app = make_app(config=valid_config())
+    async with app.run_test(size=SIZE) as pilot:
+        await start_run(app, pilot)
+        table = app.query_one("#checkpoints-table", DataTable)
+        for n in (10, 20, 30, 40, 50):
+            app.source.emit(CheckpointSaved(path=f"/out/plasma-step{n:08d}.safetensors", step=n, epoch=1,
+                                            bytes=10, kind="step", verified=True, t=T0 + n))
+        await settle(app, pilot, 0.3)
+        assert [str(c.label) for c in table.columns.values()] == ["step", "name", "size", "loss", "verified"]
+        assert table.cursor_row == 4 and not table.show_horizontal_scrollbar
+        app.source.emit(ValidationLoss(step=20, epoch=1, loss=0.2, images=4, t=T0 + 60),
+                        ValidationLoss(step=50, epoch=1, loss=0.3, images=4, t=T0 + 61),
+                        SamplesSaved(step=50, epoch=1, paths=["/a.png", "/b.png"], prompts=["a", "b"], seeds=[1, 2],
+                                     checkpoint="/out/plasma-step00000050.safetensors", t=T0 + 62))
+        await settle(app, pilot, 0.3)
+        assert [str(c.label) for c in table.columns.values()][-2:] == ["val loss", "samples"]
+        assert str(table.get_row_at(1)[-2]) == "★ 0.2000" and table.get_row_at(4)[-2:] == ["  0.3000", "2"]

@@ -1,12 +1,16 @@
-"""Snapshot tests (pytest-textual-snapshot): the form, and a mid-run screen with fixed clock and data."""
+"""Snapshot tests (pytest-textual-snapshot): the form, and a mid-run screen with fixed clock and data at
+80×24, 120×40 and 200×50 (the form hides itself on Start below 140 columns)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from cockpit.app import CockpitApp
 from tests.fakes import FakeSource
-from engine.events import CheckpointSaved, LogMessage, MemorySample, PhaseChanged, RunStarted, StepCompleted
+from engine.events import (CheckpointSaved, LogMessage, MemorySample, PhaseChanged, RunStarted, SamplesSaved,
+                           StepCompleted, ValidationLoss)
 from tests.test_cockpit_app import T0, fake_plan, valid_config
 
 SIZE = (120, 40)
@@ -14,7 +18,7 @@ NO_PRESETS = Path(__file__).resolve().parent / "no-presets-here"
 
 
 def make() -> CockpitApp:
-    return CockpitApp(FakeSource(), config=valid_config(), clock=lambda: T0 + 95, planner=fake_plan,
+    return CockpitApp(FakeSource(), config=valid_config(), clock=lambda: T0 + 140, planner=fake_plan,
                       presets_dir=NO_PRESETS)
 
 
@@ -33,31 +37,46 @@ def test_form_snapshot(snap_compare):
     assert snap_compare(make(), terminal_size=SIZE, run_before=wait_ready)
 
 
+def mid_run_events(steps: int = 250) -> list:
+    """A fixed run: 400 steps over 4 epochs, a save (with validation and 3 samples) every 50 steps."""
+    events = [RunStarted(run_id="r1", output_dir="/out", output_name="plasma", total_steps=400, num_epochs=4,
+                         batches_per_epoch=100, device="cuda:0", pid=1, config={},
+                         checkpoint_steps=list(range(50, 401, 50)), t=T0),
+              PhaseChanged(phase="caching", detail="0/12", t=T0 + 2),
+              PhaseChanged(phase="training", t=T0 + 5)]
+    for i in range(1, steps + 1):
+        loss = 0.3 / (1 + i / 50) + 0.02 * ((i * 7919) % 13) / 13
+        events.append(StepCompleted(step=i, epoch=1 + (i - 1) // 100, loss=loss,
+                                    lrs={"unet": 1e-4 * (1 - i / 400), "text_encoder": 5e-5 * (1 - i / 400)},
+                                    step_seconds=0.5, t=T0 + 5 + i * 0.5))
+        if i % 50 == 0:
+            path = f"/out/plasma-step{i:08d}.safetensors"
+            t = T0 + 5 + i * 0.5
+            events += [CheckpointSaved(path=path, step=i, epoch=1 + (i - 1) // 100, bytes=9_650_000, kind="step",
+                                       loss=loss, verified=True, state_dir=f"/out/plasma-step{i:08d}-state", t=t),
+                       ValidationLoss(step=i, epoch=1 + (i - 1) // 100, loss=0.2 - 0.0004 * i + 0.000002 * i * i,
+                                      images=4, checkpoint=path, t=t),
+                       SamplesSaved(step=i, epoch=1 + (i - 1) // 100,
+                                    paths=[f"/out/sample/plasma_{i:06d}_{k:02d}.png" for k in range(3)],
+                                    prompts=["a", "b", "c"], seeds=[1, 2, 3], checkpoint=path, seconds=4.2, t=t)]
+    events += [MemorySample(device="cuda:0", rss=3 * 2**30, sys_used=10 * 2**30, sys_available=6 * 2**30,
+                            sys_total=16 * 2**30, allocated=(4 + k % 3) * 2**30, reserved=7 * 2**30,
+                            peak=7 * 2**30 + 1, device_total=8 * 2**30, t=T0 + 80 + k) for k in range(30)]
+    events.append(LogMessage(level="warning", message="step 120: loss spike (2.1× the EMA)", t=T0 + 66))
+    return events
+
+
 async def mid_run(pilot) -> None:
     await wait_ready(pilot)
     app = pilot.app
     await pilot.press("ctrl+r")
     await app.workers.wait_for_complete()
-    events = [RunStarted(run_id="r1", output_dir="/out", output_name="plasma", total_steps=400, num_epochs=4,
-                         batches_per_epoch=100, device="cuda:0", pid=1, config={}, checkpoint_steps=[100, 200, 400],
-                         t=T0),
-              PhaseChanged(phase="training", t=T0 + 5)]
-    for i in range(1, 151):
-        loss = 0.3 / (1 + i / 50) + 0.02 * ((i * 7919) % 13) / 13
-        events.append(StepCompleted(step=i, epoch=1 + (i - 1) // 100, loss=loss,
-                                    lrs={"unet": 1e-4, "text_encoder": 5e-5}, step_seconds=0.5,
-                                    t=T0 + 5 + i * 0.5))
-    events += [CheckpointSaved(path="/out/plasma-step00000100.safetensors", step=100, epoch=1, bytes=9_650_000,
-                               kind="step", loss=0.1412, verified=True, t=T0 + 56),
-               MemorySample(device="cuda:0", rss=3 * 2**30, sys_used=10 * 2**30, sys_available=6 * 2**30,
-                            sys_total=16 * 2**30, allocated=5 * 2**30, reserved=7 * 2**30, peak=7 * 2**30 + 1,
-                            device_total=8 * 2**30, t=T0 + 80),
-               LogMessage(level="warning", message="step 120: loss spike (2.1× the EMA)", t=T0 + 66)]
-    app.source.emit(*events)
+    app.source.emit(*mid_run_events())
     app.drain()
-    await pilot.pause(1.3)            # the loss chart redraws at most once a second while training
+    await pilot.pause(0.3)
     await pilot.pause()
 
 
-def test_mid_run_snapshot(snap_compare):
-    assert snap_compare(make(), terminal_size=SIZE, run_before=mid_run)
+@pytest.mark.parametrize("size", [(80, 24), (120, 40), (200, 50)], ids=["80x24", "120x40", "200x50"])
+def test_mid_run_snapshot(snap_compare, size):
+    assert snap_compare(make(), terminal_size=size, run_before=mid_run)

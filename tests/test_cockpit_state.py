@@ -7,12 +7,12 @@ import time
 
 import pytest
 
-from cockpit.state import (AbortRequested, CockpitState, LossHistory, PauseRequested, SmoothingChanged, StartFailed,
-                           StartRequested, elapsed, eta_next_checkpoint, eta_seconds, format_duration,
+from cockpit.state import (AbortRequested, CockpitState, LossHistory, PauseRequested, SaveRequested, SmoothingChanged,
+                           StartFailed, StartRequested, best_validation, elapsed, eta_next_checkpoint, eta_seconds, format_duration,
                            memory_pressure, next_checkpoint, progress_text, reduce, reduce_all, smooth,
-                           steps_per_second)
+                           resume_command, steps_per_second)
 from engine.events import (CheckpointSaved, LogMessage, MemorySample, PhaseChanged, RunFinished, RunStarted,
-                           StepCompleted)
+                           SamplesSaved, StepCompleted, ValidationLoss)
 
 T0 = 1_000.0
 
@@ -184,3 +184,88 @@ def test_reducing_a_step_leaves_the_state_it_was_given_as_it_was():
     assert a.history.total == 5001 and a.history.sums[-1] != b.history.sums[-1]
     assert sum(a.history.sums) == pytest.approx(sum(range(1, 5001)) + 1.0)
     assert sum(b.history.sums) == pytest.approx(sum(range(1, 5001)) + 9.0 * 4000)
+
+
+# ---------------------------------------------------------------- validation, samples, log, resume
+def saved(n, state_dir=None, path=None):
+    return CheckpointSaved(path=path or f"/out/x-step{n:08d}.safetensors", step=n, epoch=1, bytes=2**20, kind="step",
+                           loss=0.5, verified=True, state_dir=state_dir)
+
+
+def validation(n, loss, checkpoint=None):
+    return ValidationLoss(step=n, epoch=1, loss=loss, images=4, checkpoint=checkpoint)
+
+
+def samples(n, count=3, checkpoint=None, errors=()):
+    return SamplesSaved(step=n, epoch=1, paths=[f"/out/sample/x_{n:06d}_{i:02d}.png" for i in range(count)],
+                        prompts=["p"] * count, seeds=[1] * count, errors=list(errors), checkpoint=checkpoint,
+                        seconds=2.0)
+
+
+def test_validation_loss_reaches_its_checkpoint_by_path_or_by_step_in_either_order():
+    s = reduce_all(reduce(CockpitState(), started()), [
+        validation(25, 0.30),                                       # before its checkpoint, matched by step
+        saved(25),
+        saved(50),
+        validation(50, 0.20, checkpoint="/out/x-step00000050.safetensors"),   # after, matched by path
+        validation(60, 0.10)])                                      # no checkpoint at 60: a chart point only
+    assert [r.val_loss for r in s.checkpoints] == [0.30, 0.20]
+    assert [(p.step, p.loss) for p in s.validation] == [(25, 0.30), (50, 0.20), (60, 0.10)]
+    assert best_validation(s).step == 50
+
+
+def test_validation_named_for_another_checkpoint_at_the_same_step_is_not_counted_twice():
+    s = reduce_all(reduce(CockpitState(), started()), [
+        saved(50), saved(50, path="/out/x.safetensors"), validation(50, 0.2, checkpoint="/out/x.safetensors")])
+    assert [r.val_loss for r in s.checkpoints] == [None, 0.2]
+
+
+def test_samples_are_counted_per_checkpoint_and_failures_are_logged():
+    s = reduce_all(reduce(CockpitState(), started()), [
+        samples(25), saved(25), samples(25, 2, errors=["prompt 3: out of memory"]), saved(50),
+        samples(50, checkpoint="/out/x-step00000050.safetensors"), samples(70)])
+    assert [r.samples for r in s.checkpoints] == [5, 3]
+    assert len(s.samples) == 4 and s.samples[-1].paths[0] == "/out/sample/x_000070_00.png"
+    warnings = [line.message for line in s.log if line.level == "warning"]
+    assert warnings == ["sample failed: prompt 3: out of memory"]
+    assert "samples: 3 images at step 70 (2.0 s)" == s.log[-1].message
+
+
+def test_a_normal_run_fills_the_log_with_phases_saves_pauses_and_commands_once_each():
+    s = reduce_all(CockpitState(), [
+        started(), PhaseChanged(phase="loading", detail="/models/sd15"), PhaseChanged(phase="caching", detail="0/16"),
+        PhaseChanged(phase="caching", detail="8/16"), PhaseChanged(phase="caching", detail="16/16"),
+        PhaseChanged(phase="training"), step(1), PhaseChanged(phase="saving", detail="x"), saved(1),
+        PhaseChanged(phase="training"), PauseRequested(True), PhaseChanged(phase="paused"), PauseRequested(False),
+        PhaseChanged(phase="training"), SaveRequested(), PhaseChanged(phase="validating"), validation(1, 0.25),
+        PhaseChanged(phase="training"), AbortRequested(save=False)])
+    assert [line.message for line in s.log] == [
+        "run r: 100 steps, 4 epochs on cpu", "loading (/models/sd15)", "caching latents (0/16)", "training",
+        "saved x-step00000001.safetensors at step 1 (1.0 MiB, verified)", "pause requested at step 1",
+        "paused at step 1", "resume requested at step 1", "resumed at step 1", "save requested at step 1",
+        "validation", "validation loss 0.2500 at step 1 (4 images)", "abort requested at step 1 (stop without saving)"]
+
+
+def test_resume_command_is_the_runs_own_config_with_the_newest_state():
+    s = reduce_all(reduce(CockpitState(), started()), [saved(25, state_dir="/out/x-step00000025-state"),
+                                                        saved(30, state_dir="/out/my runs/x-step00000030-state")])
+    assert resume_command(s) is None                        # live: nothing to resume
+    s = reduce(s, RunFinished(status="aborted", step=30, resume_hint="spyke-cockpit train --headless --resume "
+                              "/out/x-step00000030-state [your config and flags]"))
+    assert resume_command(s) == ("spyke-cockpit train --headless /out/.spyke/r/config.toml "
+                                 "--resume '/out/my runs/x-step00000030-state'")
+    done = reduce_all(reduce(CockpitState(), started()), [saved(25, state_dir="/s"),
+                                                           RunFinished(status="completed", step=100)])
+    assert resume_command(done) is None
+    no_state = reduce_all(reduce(CockpitState(), started()), [saved(25), RunFinished(status="aborted", step=25)])
+    assert resume_command(no_state) is None
+
+
+def test_learning_rates_keep_a_history_per_group():
+    s = reduce_all(reduce(CockpitState(), started()), [
+        StepCompleted(step=i, epoch=1, loss=1.0, lrs={"unet": 1e-4 * i, "text_encoder": 5e-5}, step_seconds=0.1,
+                      t=float(i)) for i in range(1, 11)])
+    lr = dict(s.lr_history)
+    assert set(lr) == {"unet", "text_encoder"}
+    assert lr["unet"].series(100)[1] == pytest.approx([1e-4 * i for i in range(1, 11)])
+    assert lr["text_encoder"].total == 10

@@ -39,7 +39,7 @@ def test_the_snapshot_keeps_sample_and_validation_records(tmp_path):
     assert sum(isinstance(a, SamplesSaved) for a in actions) == 3
     assert sum(isinstance(a, ValidationLoss) for a in actions) == 3
     state = load_run_state(run_dir)
-    assert [s.step for s in state.samples.sets] == list(STEPS) and state.samples.best.step == 400
+    assert [s.step for s in state.sample_book.sets] == list(STEPS) and state.sample_book.best.step == 400
 
 
 # ---------------------------------------------------------------------------- the screen
@@ -111,14 +111,14 @@ def test_c_opens_the_compare_screen_from_the_cockpit_and_new_samples_show_up_in_
 
 
 # ---------------------------------------------------------------------------- the samples panel and `g`
-def test_the_samples_panel_appears_with_the_first_sample_set_and_i_hides_it(tmp_path):
+def test_the_samples_panel_appears_with_the_first_sample_set_on_a_tall_terminal_and_i_hides_it(tmp_path):
     png = tmp_path / "s.png"
     Image.new("RGB", (64, 64), (200, 30, 30)).save(png)
     app = make_app(config=valid_config())
 
     @sync
     async def go():
-        async with app.run_test(size=SIZE) as pilot:
+        async with app.run_test(size=(SIZE[0], 50)) as pilot:
             await start_run(app, pilot)
             assert not app.samples_visible
             app.source.emit(SamplesSaved(step=5, epoch=1, paths=[str(png), ""], prompts=["red", "broken"],
@@ -130,8 +130,25 @@ def test_the_samples_panel_appears_with_the_first_sample_set_and_i_hides_it(tmp_
             images = list(app.samples_panel.query(HalfBlockImage))
             assert images[0].path == str(png) and images[1].note == "bad prompt line"
             assert "1 failed" in str(app.samples_panel.query_one("#samples-note").render())
+            assert app.query_one("#memory").display                 # memory stays in view beside it
             await pilot.press("i")
             assert not app.samples_visible
+    go()
+
+
+def test_on_a_short_terminal_the_samples_panel_waits_for_i_and_memory_stays(tmp_path):
+    app = make_app(config=valid_config())
+
+    @sync
+    async def go():
+        async with app.run_test(size=(80, 24)) as pilot:
+            await start_run(app, pilot)
+            app.source.emit(SamplesSaved(step=5, epoch=1, paths=[""], prompts=["red"], seeds=[1],
+                                         errors=["bad prompt line"], t=2.0))
+            await settle(app, pilot)
+            assert not app.samples_visible and app.query_one("#memory").display
+            await pilot.press("i")
+            assert app.samples_visible and app.query_one("#memory").display
     go()
 
 

@@ -25,22 +25,22 @@ def val(step, loss, checkpoint=None):
 
 def test_a_sample_set_is_kept_by_step_and_prompt_with_path_seed_and_checkpoint():
     state = reduce(CockpitState(), samples(100, checkpoint="/o/x-000100.safetensors"))
-    s = state.samples.at(100)
+    s = state.sample_book.at(100)
     assert s.checkpoint == "/o/x-000100.safetensors" and s.seconds == 2.0
     assert [(i.index, i.prompt, i.path, i.seed) for i in s.images] == [(0, "cat", "a.png", 1), (1, "dog", "b.png", 2)]
-    assert state.samples.latest is s
+    assert state.sample_book.latest is s
 
 
 def test_reduce_leaves_the_state_it_is_given_unchanged():
     before = reduce(CockpitState(), samples(100))
     after = reduce(before, samples(200))
-    assert [s.step for s in before.samples.sets] == [100]
-    assert [s.step for s in after.samples.sets] == [100, 200] and after.version > before.version
+    assert [s.step for s in before.sample_book.sets] == [100]
+    assert [s.step for s in after.sample_book.sets] == [100, 200] and after.version > before.version
 
 
 def test_a_failed_prompt_keeps_its_reason_and_an_empty_path():
     state = reduce(CockpitState(), samples(50, paths=("a.png", ""), errors=("", "out of memory")))
-    failed = state.samples.at(50).image(1)
+    failed = state.sample_book.at(50).image(1)
     assert failed.path == "" and failed.error == "out of memory"
 
 
@@ -71,7 +71,7 @@ def test_compare_rows_are_the_checkpoints_with_their_samples_validation_and_best
         ckpt(300, "x"),                                  # a checkpoint without samples is still a row
         samples(250, paths=("g.png",), prompts=("cat",), seeds=(1,)),   # `g` between checkpoints
     ])
-    rows = compare_rows(state.samples, state.checkpoints, base=state.output_dir)
+    rows = compare_rows(state.sample_book, state.checkpoints, base=state.output_dir)
     assert [(r.step, r.name, r.validation, r.best) for r in rows] == [
         (100, "x-000100.safetensors", 0.3, False), (200, "x-000200.safetensors", 0.2, True),
         (250, "", None, False), (300, "x.safetensors", None, False)]
@@ -83,4 +83,4 @@ def test_a_new_run_start_clears_the_sample_sets():
     state = reduce(CockpitState(), samples(100))
     state = reduce(state, RunStarted(run_id="r2", output_dir="/o", output_name="x", total_steps=10, num_epochs=1,
                                      batches_per_epoch=10, device="cpu", pid=1, config={}, t=1.0))
-    assert state.samples.sets == ()
+    assert state.sample_book.sets == ()
