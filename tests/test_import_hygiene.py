@@ -14,7 +14,8 @@ UI_PACKAGES = ("textual", "plotext", "cockpit")
 
 
 def engine_modules() -> list[str]:
-    return sorted(f"engine.{p.stem}" for p in ENGINE.glob("*.py") if p.stem != "__init__")
+    top = [f"engine.{p.stem}" for p in ENGINE.glob("*.py") if p.stem != "__init__"]
+    return sorted(top + [f"engine.sample.{p.stem}" for p in (ENGINE / "sample").glob("*.py")])
 
 
 def loaded_after(code: str) -> set[str]:
@@ -42,7 +43,8 @@ def test_engine_package_and_light_modules_do_not_import_torch():
     """The cockpit imports these on the UI thread: they must stay light."""
     assert (ENGINE / "__init__.py").read_text().strip() == "" or "torch" not in (ENGINE / "__init__.py").read_text()
     loaded = loaded_after("import engine, engine.config, engine.events, engine.control, engine.errors, "
-                          "engine.cli_args, engine.plan")
+                          "engine.cli_args, engine.plan, engine.sample.prompts, engine.sample.naming, "
+                          "engine.sample.samplers")
     assert not loaded & {"torch", "diffusers", "transformers", "peft", *UI_PACKAGES}
 
 
