@@ -45,7 +45,8 @@ def test_engine_package_and_light_modules_do_not_import_torch():
     """The cockpit imports these on the UI thread: they must stay light."""
     assert (ENGINE / "__init__.py").read_text().strip() == "" or "torch" not in (ENGINE / "__init__.py").read_text()
     loaded = loaded_after("import engine, engine.config, engine.events, engine.control, engine.errors, "
-                          "engine.cli_args, engine.plan")
+                          "engine.cli_args, engine.plan, engine.sample.prompts, engine.sample.naming, "
+                          "engine.sample.samplers")
     assert not loaded & {"torch", "diffusers", "transformers", "peft", *UI_PACKAGES}
 
 
