@@ -407,7 +407,8 @@ def test_event_tail_tolerates_a_half_written_line(tmp_path):
 def test_headless_prints_the_built_network_but_not_other_info_messages(tmp_path):
     import io
 
-    from engine.events import LogMessage, NetworkBuilt, parse_line
+    from engine.events import LogMessage, NetworkBuilt
+    from engine.run.journal import parse_line
     from engine.headless import ProgressPrinter
 
     built = NetworkBuilt.of(192, 72, 32, 16.0)
