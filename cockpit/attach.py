@@ -62,6 +62,8 @@ def main(argv: Sequence[str]) -> int:
     guard = HangupGuard(app)
     with guard:
         result = app.run()
+    if app.lifeline.ending:         # told to end (a signal, serve gone): a viewer has nothing to save
+        app.lifeline.finish()
     app.source.stop()
     if guard.hung_up:
         guard.detach(wait=None)

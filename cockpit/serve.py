@@ -17,6 +17,7 @@ from engine.errors import SpykeError
 
 
 def serve_command(run: str | None, read_only: bool, root: str | None = None) -> str:
+    """The shell command textual-serve runs per tab: ``exec`` makes its process the viewer itself."""
     parts = [sys.executable, "-m", "cockpit.cli", "attach"]
     if run:
         parts.append(run)
@@ -24,7 +25,7 @@ def serve_command(run: str | None, read_only: bool, root: str | None = None) -> 
         parts += ["--root", root]
     if read_only:
         parts.append("--read-only")
-    return " ".join(shlex.quote(p) for p in parts)
+    return "exec " + " ".join(shlex.quote(p) for p in parts)
 
 
 def main(argv: Sequence[str]) -> int:
@@ -41,11 +42,11 @@ def main(argv: Sequence[str]) -> int:
 
     port = check_port(ns.host, ns.port)
     resolve_run(ns.run, ns.root)  # the browser would only show the error: say it here
-    from textual_serve.server import Server
+    from cockpit.viewer_server import ViewerServer
 
     print(f"serving the cockpit on http://{ns.host}:{port} (Ctrl-C to stop)", flush=True)
     try:
-        Server(serve_command(ns.run, ns.read_only, ns.root), host=ns.host, port=port, title="spyke-cockpit").serve()
+        ViewerServer(serve_command(ns.run, ns.read_only, ns.root), host=ns.host, port=port, title="spyke-cockpit").serve()
     except OSError as err:        # taken between the check and the server's own bind
         raise SpykeError(f"--port={port}: cannot listen on {ns.host}:{port} ({err.strerror or err})") from None
     return 0
