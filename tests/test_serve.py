@@ -160,10 +160,10 @@ def gone(pid: int) -> bool:
 class Served:
     """A real ``spyke-cockpit serve`` on a free loopback port with one websocket client (a browser tab)."""
 
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, *args: str, cwd: Path = ROOT) -> None:
         self.port = free_port()
-        self.server = subprocess.Popen([sys.executable, "-m", "cockpit.cli", "serve", str(run_dir), "--port",
-                                        str(self.port)], cwd=ROOT, stdout=subprocess.PIPE,
+        self.server = subprocess.Popen([sys.executable, "-m", "cockpit.cli", "serve", *args, "--port",
+                                        str(self.port)], cwd=cwd, stdout=subprocess.PIPE,
                                        stderr=subprocess.STDOUT, text=True)
         self.client = subprocess.Popen([sys.executable, "-c", CLIENT, f"http://127.0.0.1:{self.port}/ws?width=80"
                                         "&height=24"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
@@ -184,9 +184,23 @@ class Served:
 
 @pytest.fixture
 def served(tmp_path):
-    tab = Served(finished_run(tmp_path))
+    tab = Served(str(finished_run(tmp_path)))
     yield tab
     tab.close()
+
+
+def test_serve_root_finds_the_run_by_id_and_its_viewers_look_there_too(tmp_path):
+    finished_run(tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    out = subprocess.run([sys.executable, "-m", "cockpit.cli", "serve", "a-run", "--port", str(free_port())],
+                         cwd=elsewhere, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and f"no such run folder or run id under {elsewhere}" in out.stderr, out
+    tab = Served("a-run", "--root", str(tmp_path / "out"), cwd=elsewhere)     # the viewer drew the run
+    try:
+        assert psutil.Process(tab.viewer).cmdline()[-2:] == ["--root", str(tmp_path / "out")]
+    finally:
+        tab.close()
 
 
 def test_a_tab_whose_client_dies_without_closing_ends_its_viewer(served):
