@@ -41,7 +41,7 @@ def _refresh_seconds(text: str) -> float:
     return value
 
 
-def main(argv: Sequence[str]) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="spyke-cockpit attach",
         description="Watch and steer a training run from its run folder (any terminal, any number of viewers).")
@@ -54,7 +54,11 @@ def main(argv: Sequence[str]) -> int:
                              "training); keys act at once, pause, checkpoints and the finish show within a second")
     parser.add_argument("--root", help="where to look for runs (default: $SPYKE_RUNS_ROOT, else runs_root in "
                                        "~/.config/spyke-cockpit/config.toml, else the current folder)")
-    ns = parser.parse_args(list(argv))
+    return parser
+
+
+def main(argv: Sequence[str]) -> int:
+    ns = build_parser().parse_args(list(argv))
     run_dir = resolve_run(ns.run, ns.root)
     app = make_app(run_dir, read_only=ns.read_only, prefetch=True, refresh=ns.refresh)
     from cockpit.hangup import HangupGuard
@@ -62,6 +66,8 @@ def main(argv: Sequence[str]) -> int:
     guard = HangupGuard(app)
     with guard:
         result = app.run()
+    if app.lifeline.ending:         # told to end (a signal, serve gone): a viewer has nothing to save
+        app.lifeline.finish()
     app.source.stop()
     if guard.hung_up:
         guard.detach(wait=None)

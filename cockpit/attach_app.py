@@ -14,6 +14,7 @@ from textual.screen import Screen
 
 from cockpit.monitor import CONTROL_ACTIONS, MonitorApp
 from cockpit.pace import BUSY_POLL, PLOT_EVERY, VIEW_INTERVAL, IdleCpu, ViewerPace
+from cockpit.viewer.lifeline import Lifeline
 from cockpit.viewer.tail import TailSource
 
 
@@ -29,6 +30,7 @@ class AttachApp(MonitorApp):
         self._idle_cpu = idle_cpu
         self._base_poll = source.poll_interval
         self._plot_drawn_at = -1e9
+        self.lifeline = Lifeline(lambda: self.call_from_thread(self.exit, 0))
         self._set_sub_title()
 
     @property
@@ -44,6 +46,9 @@ class AttachApp(MonitorApp):
 
     # ------------------------------------------------------------------ the monitor's hooks
     def wire(self, main: Screen) -> None:
+        # after the driver's own signal handlers: SIGTERM/SIGHUP end the viewer even mid-render; in a
+        # browser tab (serve) also SIGINT, and the end of serve or of its pipe to us
+        self.lifeline.install(_web_signals() if self.is_web else (), watch_parent=self.is_web)
         if self._idle_cpu is None:       # psutil loads after the first frame, not before it
             self.call_after_refresh(self._start_idle_meter)
 
@@ -100,3 +105,9 @@ class AttachApp(MonitorApp):
     def action_quit_cockpit(self) -> None:
         self.source.stop()
         self.exit(0)
+
+
+def _web_signals() -> tuple[int, ...]:
+    import signal
+
+    return tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP", "SIGINT") if hasattr(signal, name))

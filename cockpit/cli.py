@@ -1,26 +1,50 @@
-"""The ``spyke-cockpit`` command.
-
-    spyke-cockpit [CONFIG.toml] [kohya flags…] [--autostart]   the cockpit (form + live panels)
-    spyke-cockpit demo [--headless] [--autostart] [flags…]      the built-in tiny model on a generated dataset
-    spyke-cockpit train --headless [CONFIG.toml] [flags…]       train without the TUI
-    spyke-cockpit attach [RUN] [--read-only]                    watch / steer a run from its run folder
-    spyke-cockpit ls [FOLDER]                                   list runs
-    spyke-cockpit serve [RUN] [--port 8000]                     attach in a web browser (127.0.0.1)
-    spyke-cockpit compare RUN [--sheet OUT.png]                 choose a checkpoint: samples × prompts
+"""The ``spyke-cockpit`` command: picks the subcommand; ``spyke-cockpit --help`` prints :data:`OVERVIEW`.
 
 Importing this module loads neither textual nor torch: each command imports what it needs.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
+from cockpit.pace import VIEW_INTERVAL
 from engine.errors import SpykeError
 
 PROG = "spyke-cockpit"
 COMMANDS = ("train", "demo", "attach", "ls", "serve", "compare")
+README = Path(__file__).resolve().parent.parent / "README.md"
+SUMMARY = "Train Stable Diffusion 1.5 LoRAs with kohya train_network.py flags, and watch the run in a terminal."
+
+OVERVIEW = f"""\
+usage: spyke-cockpit [COMMAND] [ARGS...]
+
+{SUMMARY}
+
+commands:
+  spyke-cockpit [CONFIG.toml] [flags]        the cockpit: the settings form, then the live panels
+  spyke-cockpit train [CONFIG.toml] [flags]  train with kohya flags (add --headless or --detach)
+  spyke-cockpit demo [flags]                 the built-in tiny model on a generated dataset
+  spyke-cockpit attach [RUN]                 watch and steer a run from any terminal
+  spyke-cockpit ls [FOLDER]                  list runs: live, paused, finished, failed, stale
+  spyke-cockpit serve [RUN]                  the attach view in a web browser (127.0.0.1 only)
+  spyke-cockpit compare RUN [--sheet OUT]    choose a checkpoint: samples × prompts (or a PNG sheet)
+
+everyday flags:
+  --headless         train, demo: no screen; one line per step and per checkpoint
+  --detach           train, demo: headless in the background (survives logout); prints how to attach
+  --no_notify        train, demo: no bell or desktop notification when a run ends unwatched
+  --autostart        the cockpit, demo: start training at once
+  --root DIR         attach, ls, serve: where to look for runs (default: $SPYKE_RUNS_ROOT, else
+                     runs_root in ~/.config/spyke-cockpit/config.toml, else the current folder)
+  --read-only        attach, serve: watch only; pause, save and abort are refused
+  --refresh SECONDS  attach: seconds between redraws (default {VIEW_INTERVAL:g})
+  --port PORT        serve: the port to listen on, on 127.0.0.1 (default 8000)
+
+more: `spyke-cockpit COMMAND --help` shows a command's flags (`train --help`: every kohya flag);
+the README: {README if README.is_file() else "README.md in the spyke-cockpit source folder"}"""
 
 
 def _fail(message: str, code: int = 2) -> int:
@@ -28,14 +52,53 @@ def _fail(message: str, code: int = 2) -> int:
     return code
 
 
-def cmd_train(argv: Sequence[str]) -> int:
-    from engine.api import make_parser, parse_train_args
+DETACH_FLAG = (("--detach",), {"action": "store_true",
+                               "help": "start a headless run in the background and return (prints how to attach)"})
 
-    parser = make_parser(f"{PROG} train", "Train a LoRA with kohya train_network.py flags.", extra=[
+
+def train_parser() -> argparse.ArgumentParser:
+    from engine.api import make_parser
+
+    return make_parser(f"{PROG} train", "Train a LoRA with kohya train_network.py flags.", extra=[
         (("--headless",), {"action": "store_true", "help": "train without the cockpit, printing progress lines"}),
-        (("--detach",), {"action": "store_true", "help": "start a headless run in the background and return"}),
+        DETACH_FLAG,
     ])
-    ns, config = parse_train_args(parser, argv)
+
+
+def demo_parser() -> argparse.ArgumentParser:
+    from engine.api import make_parser
+
+    return make_parser(f"{PROG} demo", "Train the built-in tiny SD1.5-shaped model on a generated dataset.",
+                       config_positional=False, extra=[
+                           (("--headless",), {"action": "store_true", "help": "train without the cockpit"}),
+                           DETACH_FLAG,
+                           (("--autostart",), {"action": "store_true", "help": "start training at once"}),
+                       ])
+
+
+def cockpit_parser() -> argparse.ArgumentParser:
+    from engine.api import make_parser
+
+    return make_parser(PROG, SUMMARY, extra=[
+        (("--autostart",), {"action": "store_true", "help": "start training at once"}),
+    ])
+
+
+def parsers() -> dict[str, Callable[[], argparse.ArgumentParser]]:
+    """Every command's argparse parser (by command name; "" is the bare cockpit), for --help and tests."""
+    from cockpit.attach import build_parser as attach_parser
+    from cockpit.compare_run import build_parser as compare_parser
+    from cockpit.ls import build_parser as ls_parser
+    from cockpit.serve import build_parser as serve_parser
+
+    return {"": cockpit_parser, "train": train_parser, "demo": demo_parser, "attach": attach_parser,
+            "ls": ls_parser, "serve": serve_parser, "compare": compare_parser}
+
+
+def cmd_train(argv: Sequence[str]) -> int:
+    from engine.api import parse_train_args
+
+    ns, config = parse_train_args(train_parser(), argv)
     if ns.detach:
         from engine.api import detach_run
 
@@ -49,32 +112,25 @@ def cmd_train(argv: Sequence[str]) -> int:
 
 
 def cmd_demo(argv: Sequence[str]) -> int:
-    from engine.api import make_parser, overrides_from_namespace
+    from engine.api import overrides_from_namespace
 
-    parser = make_parser(f"{PROG} demo", "Train the built-in tiny SD1.5-shaped model on a generated dataset.",
-                         config_positional=False, extra=[
-                             (("--headless",), {"action": "store_true", "help": "train without the cockpit"}),
-                             (("--autostart",), {"action": "store_true", "help": "start training at once"}),
-                         ])
-    ns, unknown = parser.parse_known_args(list(argv))
+    ns, unknown = demo_parser().parse_known_args(list(argv))
     if unknown:
         return _fail(f"unknown flag {unknown[0].split('=', 1)[0]} (see `{PROG} demo --help`)")
     overrides = overrides_from_namespace(ns)
-    if ns.headless:
-        from engine.api import prepare_demo, run_headless
+    if ns.headless or ns.detach:
+        from engine.api import detach_run, prepare_demo, run_headless
 
         print("preparing the built-in tiny model and dataset…", flush=True)
-        return run_headless(prepare_demo(**overrides).validate())
+        config = prepare_demo(**overrides).validate()
+        return detach_run(config) if ns.detach else run_headless(config)
     return _run_tui(None, demo=True, autostart=ns.autostart, config_path=None, overrides=overrides)
 
 
 def cmd_cockpit(argv: Sequence[str]) -> int:
-    from engine.api import make_parser, parse_train_args
+    from engine.api import parse_train_args
 
-    parser = make_parser(PROG, __doc__.strip().splitlines()[0], extra=[
-        (("--autostart",), {"action": "store_true", "help": "start training at once"}),
-    ])
-    ns, config = parse_train_args(parser, argv)
+    ns, config = parse_train_args(cockpit_parser(), argv)
     given = bool(ns.config) or any(a.startswith("--") and a != "--autostart" for a in argv)
     return _run_tui(config if given else None, demo=False, autostart=ns.autostart,
                     config_path=Path(ns.config) if ns.config else None)
@@ -116,7 +172,7 @@ def cmd_compare(argv: Sequence[str]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("-h", "--help") and len(argv) == 1:
-        print(__doc__.strip())
+        print(OVERVIEW)
         return 0
     command = argv[0] if argv and argv[0] in COMMANDS else None
     rest = argv[1:] if command else argv

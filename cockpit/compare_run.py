@@ -26,7 +26,7 @@ def load_run_state(run_dir: Path) -> CockpitState:
     return reduce_all(CockpitState(), load_snapshot(path).actions)
 
 
-def main(argv: Sequence[str]) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="spyke-cockpit compare",
         description="Compare a run's checkpoints side by side: sample images per prompt, validation loss "
@@ -36,7 +36,11 @@ def main(argv: Sequence[str]) -> int:
                                                           "opening the screen")
     parser.add_argument("--overwrite", action="store_true", help="with --sheet: replace an existing file")
     parser.add_argument("--root", help="where to look for runs (as for `spyke-cockpit attach`)")
-    ns = parser.parse_args(list(argv))
+    return parser
+
+
+def main(argv: Sequence[str]) -> int:
+    ns = build_parser().parse_args(list(argv))
     if ns.overwrite and not ns.sheet:
         raise SpykeError("--overwrite goes with --sheet OUT.png")
     run_dir = resolve_run(ns.run, ns.root)

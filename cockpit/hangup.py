@@ -117,7 +117,8 @@ class HangupGuard:
         while app.starting and not source.running and time.monotonic() < deadline:
             time.sleep(0.2)
         finished = True
-        if source.running and source.owns_run:
+        unwatched = source.running and source.owns_run     # it ends with nobody in front of it
+        if unwatched:
             finished = bool(source.wait(wait))
         for stream in (sys.stdout, sys.stderr):
             try:
@@ -126,4 +127,17 @@ class HangupGuard:
                 pass
         if not finished:
             return 1
+        if unwatched:
+            self.notify_end()
         return 0 if source.outcome() in (None, "completed") else 1
+
+    def notify_end(self) -> None:
+        """Nobody watches any more: a desktop notification when the run this process trained ends."""
+        source = self.app.source
+        result, config = getattr(source, "result", None), getattr(source, "config", None)
+        if result is None or config is None or config.no_notify:
+            return
+        from engine.api import notify_run_end
+
+        run = result.run_dir.name if result.run_dir else config.output_name
+        notify_run_end(result.status, result.global_step, result.error, run=run)

@@ -1,4 +1,4 @@
-"""``spyke-cockpit ls [FOLDER] [--json]``: the runs under a folder, newest first."""
+"""``spyke-cockpit ls [FOLDER | --root DIR] [--json]``: the runs under a folder, newest first."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-from engine.api import RUNS_ROOT_ENV, RunInfo, default_runs_root, list_runs, user_config_path
+from engine.api import RUNS_ROOT_ENV, RunInfo, SpykeError, default_runs_root, list_runs, user_config_path
 
 
 def format_table(runs: Sequence[RunInfo]) -> str:
@@ -21,14 +21,21 @@ def format_table(runs: Sequence[RunInfo]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
 
 
-def main(argv: Sequence[str]) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spyke-cockpit ls", description="List training runs under a folder.")
-    parser.add_argument("folder", nargs="?", default=None,
-                        help=f"where to look (default: ${RUNS_ROOT_ENV}, else runs_root in {user_config_path()}, "
-                             "else the current folder)")
+    where = f"${RUNS_ROOT_ENV}, else runs_root in {user_config_path()}, else the current folder"
+    parser.add_argument("folder", nargs="?", default=None, help=f"where to look (default: {where})")
+    parser.add_argument("--root", metavar="DIR", help="where to look, as for attach and serve (the same as FOLDER)")
     parser.add_argument("--json", action="store_true", help="one JSON object per run")
-    ns = parser.parse_args(list(argv))
-    ns.folder = Path(ns.folder) if ns.folder else default_runs_root()
+    return parser
+
+
+def main(argv: Sequence[str]) -> int:
+    ns = build_parser().parse_args(list(argv))
+    if ns.folder and ns.root and Path(ns.folder) != Path(ns.root):
+        raise SpykeError(f"ls {ns.folder} --root {ns.root}: two folders to list; give FOLDER or --root DIR")
+    given = ns.folder or ns.root
+    ns.folder = Path(given).expanduser() if given else default_runs_root()
     runs = list_runs(ns.folder)
     if ns.json:
         for r in runs:

@@ -17,6 +17,7 @@ from engine.errors import SpykeError
 
 
 def serve_command(run: str | None, read_only: bool, root: str | None = None) -> str:
+    """The shell command textual-serve runs per tab: ``exec`` makes its process the viewer itself."""
     parts = [sys.executable, "-m", "cockpit.cli", "attach"]
     if run:
         parts.append(run)
@@ -24,28 +25,35 @@ def serve_command(run: str | None, read_only: bool, root: str | None = None) -> 
         parts += ["--root", root]
     if read_only:
         parts.append("--read-only")
-    return " ".join(shlex.quote(p) for p in parts)
+    return "exec " + " ".join(shlex.quote(p) for p in parts)
 
 
-def main(argv: Sequence[str]) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spyke-cockpit serve",
-                                     description="Serve `spyke-cockpit attach` to a web browser.")
+                                     description="Serve the attach view of a run to a web browser (one viewer per "
+                                                 "tab; each ends when its tab closes or serve stops).")
     parser.add_argument("run", nargs="?", default=None,
                         help="run folder (default: the most recent live run under the runs root, as for attach)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", default="8000", help="port to listen on, 1..65535 (default 8000)")
     parser.add_argument("--read-only", action="store_true", help="browser viewers cannot pause/save/abort")
-    parser.add_argument("--root", help="where to look for runs, as for attach")
-    ns = parser.parse_args(list(argv))
+    parser.add_argument("--root", metavar="DIR",
+                        help="where to look for runs (default: $SPYKE_RUNS_ROOT, else runs_root in "
+                             "~/.config/spyke-cockpit/config.toml, else the current folder)")
+    return parser
+
+
+def main(argv: Sequence[str]) -> int:
+    ns = build_parser().parse_args(list(argv))
     from engine.api import resolve_run
 
     port = check_port(ns.host, ns.port)
     resolve_run(ns.run, ns.root)  # the browser would only show the error: say it here
-    from textual_serve.server import Server
+    from cockpit.viewer_server import ViewerServer
 
     print(f"serving the cockpit on http://{ns.host}:{port} (Ctrl-C to stop)", flush=True)
     try:
-        Server(serve_command(ns.run, ns.read_only, ns.root), host=ns.host, port=port, title="spyke-cockpit").serve()
+        ViewerServer(serve_command(ns.run, ns.read_only, ns.root), host=ns.host, port=port, title="spyke-cockpit").serve()
     except OSError as err:        # taken between the check and the server's own bind
         raise SpykeError(f"--port={port}: cannot listen on {ns.host}:{port} ({err.strerror or err})") from None
     return 0

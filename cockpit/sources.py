@@ -9,7 +9,7 @@ other way and are thread-safe. The attach command adds a source that tails a run
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Protocol, runtime_checkable
+from typing import Any, Callable, Protocol, runtime_checkable
 
 from engine.api import Event, TrainConfig
 
@@ -55,11 +55,18 @@ class LiveSource:
 
     def __init__(self) -> None:
         self._handle = None
+        self.config: TrainConfig | None = None
 
     def start(self, config: TrainConfig, deliver: Deliver) -> None:
         from engine.api import start_training  # heavy (torch): imported by the call, once a run starts
 
+        self.config = config
         self._handle = start_training(config, [deliver])
+
+    @property
+    def result(self) -> Any:
+        """The run's ``RunResult`` once it has ended, else None."""
+        return None if self._handle is None else self._handle.result
 
     @property
     def control(self):

@@ -36,7 +36,7 @@ __all__ = [
     "MemorySample", "ModelLoadError", "PhaseChanged", "RunFinished", "RunInfo", "RunStarted", "SamplesSaved", "SpykeError",
     "StepCompleted", "TrainConfig", "build_config", "coerce_value", "default_runs_root", "detach_run",
     "field_is_optional", "field_type", "fields_in_group", "format_bytes", "line_at", "list_runs", "make_parser",
-    "overrides_from_namespace", "parse_line", "parse_train_args", "pid_alive", "plan_run", "prepare_demo",
+    "notify_run_end", "overrides_from_namespace", "parse_line", "parse_train_args", "pid_alive", "plan_run", "prepare_demo",
     "resolve_run", "run_headless", "send_command", "start_training", "step_loss", "step_losses", "to_toml",
     "type_token", "user_config_path", "ValidationLoss",
 ]
@@ -68,6 +68,13 @@ def run_headless(config: TrainConfig) -> int:
     from engine.headless import run_headless as run
 
     return run(config)
+
+
+def notify_run_end(status: str, step: int, error: str | None = None, *, run: str = "", out: Any = None) -> None:
+    """Ring the terminal bell (``out`` a tty) and send a desktop notification that a run ended."""
+    from engine.notify import notify_run_end as notify
+
+    notify(status, step, error, run=run, out=out)
 
 
 def detach_run(config: TrainConfig, config_path: str | None = None) -> int:

@@ -141,6 +141,7 @@ class TrainConfig:
     overwrite: bool = _f(False, "saving", "Allow replacing existing checkpoint files of the same name.", ours=True)
     nan_policy: str = _f("stop", "saving", "On a non-finite loss: stop, skip the step, or rollback to the last state.",
                          choices=NAN_POLICIES, ours=True)
+    no_notify: bool = _f(False, "saving", "No bell or desktop notification when a run ends unwatched.", ours=True)
     # --- precision & memory
     mixed_precision: str = _f("no", "precision", "Mixed precision.", choices=PRECISIONS)
     no_half_vae: bool = _f(False, "precision", "Keep the VAE in fp32 under mixed precision.")

@@ -104,4 +104,9 @@ def run_headless(config: TrainConfig, *, out: TextIO = sys.stdout) -> int:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+    if not config.no_notify:               # nobody watches a headless run's end: ring and notify
+        from engine.notify import notify_run_end
+
+        notify_run_end(result.status, result.global_step, result.error,
+                       run=result.run_dir.name if result.run_dir else config.output_name, out=out)
     return 0 if result.status in ("completed", "aborted") else 1

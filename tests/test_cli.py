@@ -259,3 +259,83 @@ def test_detach_on_a_finished_run_says_so_and_changes_nothing(cli_assets, tmp_pa
     assert "started run" not in out
     after = {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(out_dir.rglob("*")) if p.is_file()}
     assert after == before
+
+
+# ---------------------------------------------------------------------------- help and the everyday flags
+def test_top_level_help_is_an_overview_of_every_command_and_the_everyday_flags(capsys):
+    from cockpit.cli import COMMANDS, main
+
+    assert main(["--help"]) == 0
+    text = capsys.readouterr().out
+    lines = text.splitlines()
+    for command in COMMANDS:
+        assert sum(l.startswith(f"  spyke-cockpit {command} ") for l in lines) == 1, command
+    for flag in ("--detach", "--root DIR", "--read-only", "--refresh SECONDS", "--port PORT", "--headless"):
+        assert any(l.startswith(f"  {flag} ") for l in lines), flag
+    assert "``" not in text and "import" not in text.lower()          # no developer notes, no RST
+    assert "COMMAND --help" in lines[-2] and "README" in lines[-1]
+
+
+def test_every_option_of_every_command_has_help():
+    from cockpit.cli import COMMANDS, parsers
+
+    built = parsers()
+    assert set(COMMANDS) | {""} == set(built)
+    missing = [f"{name or 'spyke-cockpit'} {action.option_strings or action.dest}"
+               for name, build in built.items() for action in build()._actions
+               if not (action.help or "").strip() or action.help == "==SUPPRESS=="]
+    assert not missing, missing
+
+
+def write_finished_run(out_dir: Path, run_id: str = "a-run") -> Path:
+    from engine.events import RunFinished, RunStarted
+
+    run_dir = out_dir / ".spyke" / run_id
+    run_dir.mkdir(parents=True)
+    events = [RunStarted(run_id=run_id, output_dir=str(out_dir), output_name="a", total_steps=1, num_epochs=1,
+                         batches_per_epoch=1, device="cpu", pid=1, config={}),
+              RunFinished(status="completed", step=1)]
+    (run_dir / "events.jsonl").write_text("".join(e.to_json() + "\n" for e in events))
+    return run_dir
+
+
+def test_ls_root_lists_the_runs_under_that_folder(tmp_path, monkeypatch, capsys):
+    from cockpit.ls import main as ls_main
+    from engine.errors import SpykeError
+
+    write_finished_run(tmp_path / "runs" / "out")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert ls_main([]) == 0
+    assert capsys.readouterr().out.startswith("no runs under ")
+    assert ls_main(["--root", str(tmp_path / "runs")]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split()[:2] == ["RUN", "STATE"] and table[1].split()[:2] == ["a-run", "finished"], table
+    with pytest.raises(SpykeError, match="give FOLDER or --root DIR"):
+        ls_main([str(elsewhere), "--root", str(tmp_path / "runs")])
+
+
+def test_demo_detach_trains_the_demo_in_the_background_and_says_how_to_watch_it(cli_assets, tmp_path):
+    import json
+    import time
+
+    code, out, err = run(["demo", "--detach", f"--dataset_config={cli_assets['small'].dataset_toml}",
+                          "--resolution=64", "--max_train_epochs=1", "--network_dim=4"], tmp_path, cli_assets["cache"],
+                         timeout=120)
+    assert code == 0, out + err
+    assert re.search(r"^started run \S+ \(pid \d+\) in the background$", out, re.M), out
+    watch = re.search(r"^  watch:   spyke-cockpit attach (\S+)$", out, re.M)
+    listing = re.search(r"^  list:    spyke-cockpit ls (\S+)$", out, re.M)
+    assert watch and listing, out
+    run_dir, out_dir = Path(watch.group(1)), Path(listing.group(1))
+    assert out_dir.is_relative_to(tmp_path / "spyke-demo-output") and run_dir.is_relative_to(out_dir)
+    events = run_dir / "events.jsonl"
+    deadline = time.monotonic() + 120
+    records: list = []
+    while time.monotonic() < deadline and not any(r["type"] == "finished" for r in records):
+        records = [json.loads(l) for l in events.read_text().splitlines() if l.strip()] if events.exists() else []
+        time.sleep(0.3)
+    finished = next(r for r in records if r["type"] == "finished")
+    assert finished["status"] == "completed" and finished["step"] == 4, finished     # 4 images x 1 epoch
+    assert (out_dir / "spyke_demo.safetensors").is_file()
