@@ -19,9 +19,12 @@ from textual_plotext import PlotextPlot
 
 from cockpit.history import smooth
 from cockpit.state import (CockpitState, elapsed, eta_next_checkpoint, eta_seconds, format_duration, memory_pressure,
-                           next_checkpoint, steps_per_second)
+                           next_checkpoint, status_word, steps_per_second)
 from engine.api import format_bytes
 
+STATUS_TONES = {"pending": ("bold reverse yellow", "yellow"), "paused": ("bold reverse yellow", "yellow"),
+                "failed": ("bold reverse red", "red"), "aborted": ("bold reverse yellow", "dim"),
+                "done": ("bold reverse green", "dim"), "phase": ("bold reverse", "dim")}
 WARN_LEVEL = 0.85
 CRITICAL_LEVEL = 0.95
 
@@ -56,27 +59,11 @@ def progress_markup(state: CockpitState, now: float) -> Text:
         text.append(" · press ctrl+r (Start) when the form is valid\n", style="dim")
         text.append(f"step 0/{state.total_steps}")
         return text
-    if state.paused:
-        text.append(" PAUSED ", style="bold reverse yellow")
-        text.append("  model kept loaded · space resumes" if not state.abort_requested else "", style="yellow")
-        if not state.pause_requested:
-            text.append("  resuming…", style="yellow")
-    elif state.pause_requested and state.running:
-        text.append(" PAUSED ", style="bold reverse yellow")
-        text.append("  halting at the next step boundary…", style="yellow")
-    elif state.status == "failed":
-        text.append(" FAILED ", style="bold reverse red")
-    elif state.status == "aborted":
-        text.append(" ABORTED ", style="bold reverse yellow")
-    elif state.status == "completed":
-        text.append(" FINISHED ", style="bold reverse green")
-    else:
-        phase = (state.phase or "starting").upper()
-        text.append(f" {phase} ", style="bold reverse")
-        if state.phase_detail:
-            text.append(f"  {state.phase_detail}", style="dim")
-    if state.abort_requested and state.running:
-        text.append("  stopping…", style="bold red")
+    word, detail, tone = status_word(state)
+    style, detail_style = STATUS_TONES[tone]
+    text.append(f" {word} ", style=style)
+    if detail:
+        text.append(f"  {detail}", style=detail_style)
     text.append("\n")
     text.append(f"step {state.step}/{state.total_steps}", style="bold")
     text.append(f"   epoch {state.epoch}/{state.num_epochs}")
@@ -121,7 +108,7 @@ class ProgressPanel(Panel):
         if not self.changed(state) and not (state.running and not state.paused and second != self._last_second):
             return
         self._last_second = second
-        self.set_class(state.paused or (state.pause_requested and state.running), "-paused")
+        self.set_class(state.paused or (state.pending == "pause" and state.running), "-paused")
         self.set_class(state.status == "failed", "-failed")
         # layout=False: the text fills a fixed-size panel, so no relayout of the whole screen per update
         self.query_one("#progress-text", Static).update(progress_markup(state, now), layout=False)

@@ -123,7 +123,7 @@ async def test_preview_shows_the_plan():
 
 
 @sync
-async def test_keys_send_the_right_commands_and_pause_shows_at_once():
+async def test_keys_send_the_right_commands_and_pause_reads_pausing_until_the_engine_confirms():
     app = make_app(config=valid_config())
     async with app.run_test(size=SIZE) as pilot:
         assert app.check_action("toggle_pause", ()) is None       # dimmed before a run
@@ -134,15 +134,17 @@ async def test_keys_send_the_right_commands_and_pause_shows_at_once():
         assert app.query_one("#field-output_name", Input).is_disabled   # form is read-only while training
         await pilot.press("space")
         await pilot.pause()
-        assert source.commands[-1] == "pause" and "PAUSED" in text_of(app, "#progress-text")
+        assert source.commands[-1] == "pause" and "PAUSING…" in text_of(app, "#progress-text")
+        assert "PAUSED" not in text_of(app, "#progress-text")              # the engine has not paused yet
         source.emit(PhaseChanged(phase="paused", t=T0 + 2))
         await settle(app, pilot)
         assert "PAUSED" in text_of(app, "#progress-text")
         await pilot.press("p")
-        assert source.commands[-1] == "resume"
+        await pilot.pause()
+        assert source.commands[-1] == "resume" and "RESUMING…" in text_of(app, "#progress-text")
         source.emit(PhaseChanged(phase="training", t=T0 + 3))
         await settle(app, pilot)
-        assert "PAUSED" not in text_of(app, "#progress-text")
+        assert "PAUSED" not in text_of(app, "#progress-text") and "RESUMING" not in text_of(app, "#progress-text")
         await pilot.press("s")
         assert source.commands[-1] == "save"
 
