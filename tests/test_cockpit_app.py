@@ -373,3 +373,198 @@ def test_help_and_control_keys_come_from_the_bindings_of_each_app():
     attach_keys = {keys for keys, _ in AttachApp.help_rows(AttachApp.__new__(AttachApp))}
     assert attach_keys == {"space / p", "s", "a / ctrl+x", "q / ctrl+c", "[ / ]", "?"}     # no editor keys
     assert CockpitApp.CONTROL_KEYS == AttachApp.CONTROL_KEYS == ("space", "p", "s", "a", "ctrl+x")
+
+
+# ---------------------------------------------------------------------------- status words, labels, keys
+def footer_keys(app) -> dict[str, str]:
+    """What the footer shows: description → key, for the keys that are there (enabled or dimmed)."""
+    from textual.widgets._footer import FooterKey
+
+    return {key.description: key.key_display for key in app.screen_stack[0].query(FooterKey)}
+
+
+def recorded_toasts(app) -> list[str]:
+    toasts: list[str] = []
+    original = app.notify
+
+    def notify(message, **kwargs):
+        toasts.append(message)
+        original(message, **kwargs)
+    app.notify = notify
+    return toasts
+
+
+@sync
+async def test_abort_dialog_buttons_show_their_key_hints():
+    app = make_app(config=valid_config())
+    async with app.run_test(size=SIZE) as pilot:
+        await start_run(app, pilot)
+        await pilot.press("a")
+        await pilot.pause()
+        labels = [str(app.screen.query_one(f"#confirm-{k}", Button).label) for k in ("save", "nosave", "cancel")]
+        assert labels == ["Save and stop [s]", "Stop without saving [n]", "Cancel [esc]"]
+
+
+@sync
+async def test_the_save_toast_says_now_while_paused_and_at_the_boundary_while_training():
+    app = make_app(config=valid_config())
+    async with app.run_test(size=SIZE) as pilot:
+        await start_run(app, pilot)
+        toasts = recorded_toasts(app)
+        await pilot.press("s")
+        await pilot.pause()
+        assert toasts[-1] == "a checkpoint will be saved at the next step boundary"
+        await pilot.press("space")
+        app.source.emit(PhaseChanged(phase="paused", t=T0 + 2))
+        await settle(app, pilot)
+        await pilot.press("s")
+        await pilot.pause()
+        assert toasts[-1] == "saving a checkpoint now (the run stays paused)"
+        assert app.source.commands[-3:] == ["save", "pause", "save"]
+
+
+@sync
+async def test_the_planned_total_shows_before_start():
+    app = make_app(config=valid_config())
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot, 0.5)
+        await settle(app, pilot)
+        assert "240 total steps" in text_of(app, "#preview-text")
+        assert "step 0/240" in text_of(app, "#progress-text")
+
+
+@sync
+async def test_the_footer_spells_pause_with_space_before_and_during_training():
+    app = make_app(config=valid_config())
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        app.set_focus(app.query_one("#field-allow_pickle"))        # a checkbox takes space for itself
+        await pilot.pause()
+        assert footer_keys(app)["Pause/Resume"] == "space"
+        await start_run(app, pilot)
+        assert footer_keys(app)["Pause/Resume"] == "space"
+
+
+@sync
+async def test_a_checkbox_reads_ticked_or_not_without_colours():
+    app = make_app(config=valid_config())
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        box = app.query_one("#field-allow_pickle")
+        assert str(box.render()).startswith("[ ] allow_pickle")
+        box.value = True
+        await pilot.pause()
+        assert str(box.render()).startswith("[x] allow_pickle")
+        assert "[ours]" in text_of(app, "#note-allow_pickle")
+        assert "kohya does not have" in text_of(app, "#ours-help")
+        assert "kohya does not have" in str(app.query_one("#note-allow_pickle").tooltip)
+
+
+# ---------------------------------------------------------------------------- starting again after a run ended
+def finished_run(out: Path, *, status="completed", step=100, state_dir: str | None = "plasma-state"):
+    """A run of 100 steps that ended in ``out``: its events, with a final checkpoint (and state)."""
+    events = [RunStarted(run_id="r1", output_dir=str(out), output_name="plasma", total_steps=100, num_epochs=2,
+                         batches_per_epoch=50, device="cpu", pid=1, config={}, checkpoint_steps=[50, 100], t=T0),
+              PhaseChanged(phase="training", t=T0 + 1)]
+    events += [StepCompleted(step=i, epoch=1, loss=1.0 / i, lrs={"unet": 1e-4}, step_seconds=0.1, t=T0 + 1 + i * 0.1)
+               for i in range(1, step + 1)]
+    events += [CheckpointSaved(path=str(out / "plasma.safetensors"), step=step, epoch=2, bytes=2**20, kind="final",
+                               loss=0.01, verified=True, state_dir=str(out / state_dir) if state_dir else None,
+                               t=T0 + 20),
+               RunFinished(status=status, step=step, t=T0 + 21)]
+    return events
+
+
+async def finish_a_run(app, pilot, out: Path, **kwargs):
+    await settle(app, pilot)
+    await pilot.press("ctrl+r")
+    await settle(app, pilot)
+    app.source.emit(*finished_run(out, **kwargs))
+    await settle(app, pilot)
+    assert app.state.status == kwargs.get("status", "completed")
+
+
+@pytest.mark.parametrize("choose, expect", [
+    ("continue", dict(resume="latest", resume_force=True, max_train_steps=200, overwrite=False,
+                      output_name="plasma")),
+    ("new_name", dict(resume="", output_name="plasma-3", overwrite=False, max_train_steps=100)),
+    ("overwrite", dict(resume="", output_name="plasma", overwrite=True, max_train_steps=100)),
+])
+@sync
+async def test_start_after_a_run_ended_asks_and_starts_the_chosen_config(tmp_path, choose, expect):
+    from cockpit.restart import RestartScreen
+
+    (tmp_path / "plasma.safetensors").write_bytes(b"x")
+    (tmp_path / "plasma-2.safetensors").write_bytes(b"x")         # NAME-2 is taken: NAME-3 is offered
+    app = make_app(config=valid_config(output_dir=str(tmp_path), max_train_steps=100))
+    async with app.run_test(size=SIZE) as pilot:
+        await finish_a_run(app, pilot, tmp_path)
+        shown = app.state
+        await pilot.press("ctrl+r")
+        await pilot.pause()
+        dialog = app.screen
+        assert isinstance(dialog, RestartScreen) and app.state is shown and app.source.commands == ["start"]
+        assert dialog.query_one("#restart-total", Input).value == "200"
+        assert dialog.query_one("#restart-name", Input).value == "plasma-3"
+        texts = " ".join(str(w.render()) for w in dialog.query(".restart-why"))
+        assert "--resume latest --resume_force" in texts and "replaces plasma.safetensors" in texts
+        await pilot.press({"continue": "c", "new_name": "n", "overwrite": "o"}[choose])
+        await settle(app, pilot)
+        assert app.source.commands == ["start", "start"]
+        started = app.source.configs[-1]
+        assert {k: getattr(started, k) for k in expect} == expect
+        assert {k: getattr(app.form.config, k) for k in expect} == expect        # the form says what runs
+
+
+@sync
+async def test_cancelling_the_start_again_dialog_changes_nothing(tmp_path):
+    app = make_app(config=valid_config(output_dir=str(tmp_path)))
+    async with app.run_test(size=SIZE) as pilot:
+        await finish_a_run(app, pilot, tmp_path)
+        shown, progress = app.state, text_of(app, "#progress-text")
+        await pilot.press("ctrl+r")
+        await pilot.pause()
+        await pilot.press("escape")
+        await settle(app, pilot)
+        assert app.state is shown and text_of(app, "#progress-text") == progress and "FINISHED" in progress
+        assert app.source.commands == ["start"] and app.query_one("#checkpoints-table", DataTable).row_count == 1
+
+
+@sync
+async def test_a_run_that_saved_no_state_cannot_be_continued_and_the_dialog_says_why(tmp_path):
+    app = make_app(config=valid_config(output_dir=str(tmp_path)))
+    async with app.run_test(size=SIZE) as pilot:
+        await finish_a_run(app, pilot, tmp_path, state_dir=None)
+        await pilot.press("ctrl+r")
+        await pilot.pause()
+        assert app.screen.query_one("#restart-continue", Button).disabled
+        assert "saved no training state" in " ".join(str(w.render()) for w in app.screen.query(".restart-why"))
+        await pilot.press("c")
+        await pilot.pause()
+        assert app.source.commands == ["start"]
+
+
+@sync
+async def test_continuing_asks_for_a_total_above_what_is_trained(tmp_path):
+    app = make_app(config=valid_config(output_dir=str(tmp_path), max_train_steps=100))
+    async with app.run_test(size=SIZE) as pilot:
+        await finish_a_run(app, pilot, tmp_path)
+        await pilot.press("ctrl+r")
+        await pilot.pause()
+        app.screen.query_one("#restart-total", Input).value = "100"
+        await pilot.press("c")
+        await pilot.pause()
+        assert "above 100" in str(app.screen.query_one("#restart-problem", Static).render())
+        assert app.source.commands == ["start"]
+
+
+@sync
+async def test_a_start_with_another_output_name_needs_no_dialog(tmp_path):
+    app = make_app(config=valid_config(output_dir=str(tmp_path)))
+    async with app.run_test(size=SIZE) as pilot:
+        await finish_a_run(app, pilot, tmp_path)
+        app.query_one("#field-output_name", Input).value = "other"
+        await settle(app, pilot)
+        await pilot.press("ctrl+r")
+        await settle(app, pilot)
+        assert app.source.commands == ["start", "start"] and app.source.configs[-1].output_name == "other"
