@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import re
 import tomllib
 from pathlib import Path
 from types import SimpleNamespace
@@ -20,6 +21,7 @@ from engine.events import (CheckpointSaved, LogMessage, MemorySample, PhaseChang
                            StepCompleted)
 
 SIZE = (120, 40)
+STEP_RE = re.compile(r"step \d+/\d+")
 T0 = 1_700_000_000.0
 
 
@@ -568,3 +570,91 @@ async def test_a_start_with_another_output_name_needs_no_dialog(tmp_path):
         await pilot.press("ctrl+r")
         await settle(app, pilot)
         assert app.source.commands == ["start", "start"] and app.source.configs[-1].output_name == "other"
+
+
+@sync
+async def test_an_error_the_engine_logged_is_toasted_once():
+    app = make_app(config=valid_config())
+    async with app.run_test(size=SIZE) as pilot:
+        await start_run(app, pilot)
+        toasts = recorded_toasts(app)
+        app.source.emit(LogMessage(level="error", message="--output_dir=/out already holds plasma.safetensors",
+                                   t=T0 + 2),
+                        RunFinished(status="failed", step=0, error="--output_dir=/out already holds plasma.safetensors",
+                                    t=T0 + 3))
+        await settle(app, pilot)
+        assert toasts == ["--output_dir=/out already holds plasma.safetensors"]
+
+
+# ---------------------------------------------------------------------------- the real engine, tiny model
+async def wait_until(pilot, predicate, what: str, timeout: float = 120.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        assert loop.time() < deadline, f"timed out waiting for {what}"
+        await pilot.pause(0.05)
+
+
+@sync
+async def test_real_engine_pause_reads_pausing_until_confirmed_and_a_finished_run_stays_until_the_next_starts(
+        tiny_cache, tmp_path):
+    import threading
+
+    from cockpit.restart import RestartScreen
+    from cockpit.sources import LiveSource
+    from engine.demo import prepare_demo
+
+    class HeldSource(LiveSource):
+        """The real engine; a start after the first waits until the test lets it go."""
+        def __init__(self):
+            super().__init__()
+            self.configs: list = []
+            self.go = threading.Event()
+
+        def start(self, config, deliver):
+            self.configs.append(config)
+            if len(self.configs) > 1:
+                self.go.wait(60)
+            super().start(config, deliver)
+
+    config = prepare_demo(tiny_cache, tmp_path, output_dir=str(tmp_path / "out"), resolution="64",
+                          max_train_steps=6, max_train_epochs=None, save_every_n_steps=3, save_state=True,
+                          gradient_checkpointing=False, seed=1).validate()
+    source = HeldSource()
+    app = CockpitApp(source, config=config, presets_dir=Path("/nonexistent-presets"))
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        shown: list[str] = []
+        progress = app.query_one("#progress-text", Static)
+        original_update = progress.update
+        progress.update = lambda content="", **kw: (shown.append(str(content)), original_update(content, **kw))[1]
+        await pilot.press("ctrl+r")
+        await wait_until(pilot, lambda: app.state.step >= 1, "the first step")
+        await pilot.press("space")
+        assert "PAUSING…" in shown[-1] or app.state.paused
+        await wait_until(pilot, lambda: app.state.paused, "the engine's pause")
+        await pilot.pause(0.3)
+        paused_texts = [t for t in shown if "PAUSED" in t]
+        assert paused_texts and "PAUSING…" in next(t for t in shown if "PAUS" in t)   # PAUSING… came first
+        assert len({STEP_RE.search(t).group(0) for t in paused_texts}) == 1           # no step moved under PAUSED
+        await pilot.press("space")
+        await wait_until(pilot, lambda: app.state.status == "completed", "the end of the run")
+        await settle(app, pilot)
+        table = app.query_one("#checkpoints-table", DataTable)
+        rows, history = table.row_count, len(app.state.history)
+        assert rows == 3 and history == 6          # step 3, step 6, the final
+        await pilot.press("ctrl+r")
+        await pilot.pause()
+        assert isinstance(app.screen, RestartScreen)
+        app.screen.query_one("#restart-total", Input).value = "9"
+        await pilot.press("c")
+        await pilot.pause(0.3)
+        assert app.state.status == "starting"                       # held: the new run has not started yet
+        assert table.row_count == rows and len(app.state.history) == history and "step 6/6" in str(progress.render())
+        source.go.set()
+        await wait_until(pilot, lambda: app.state.status == "completed" and app.state.total_steps == 9,
+                         "the continued run")
+        await settle(app, pilot)
+        assert app.state.start_step == 6 and app.state.step == 9
+        assert source.configs[-1].resume == "latest" and source.configs[-1].max_train_steps == 9
+        assert (tmp_path / "out" / "spyke_demo.safetensors").exists()
