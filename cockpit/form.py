@@ -24,7 +24,8 @@ from engine.api import (FIELDS, GROUPS, ConfigError, TrainConfig, coerce_value, 
 _DEFAULTS = TrainConfig()
 FIRST_FRAME_GROUPS = 1
 OURS_TAG = "[ours]"
-OURS_HELP = f"{OURS_TAG} = a spyke-cockpit option kohya does not have"
+OURS_HELP = f"{OURS_TAG}: a spyke-cockpit option kohya does not have"       # the tooltip
+OURS_LEGEND = f"{OURS_TAG} = not in kohya (spyke-cockpit only)"           # one line of the form's width
 
 
 class PlainCheckbox(Checkbox):
@@ -74,7 +75,7 @@ class ConfigForm(VerticalScroll):
     def compose(self) -> ComposeResult:
         # Only the first groups are in the first frame; the rest mount right after it
         # (a full form is ~250 widgets, too many for a sub-second first frame).
-        yield Static(Text(OURS_HELP, style="dim italic"), id="ours-help", classes="note")
+        yield Static(Text(OURS_LEGEND, style="dim italic"), id="ours-help", classes="note")
         for group in list(GROUPS)[:FIRST_FRAME_GROUPS]:
             yield from self._group(group)
 

@@ -458,7 +458,7 @@ async def test_a_checkbox_reads_ticked_or_not_without_colours():
         await pilot.pause()
         assert str(box.render()).startswith("[x] allow_pickle")
         assert "[ours]" in text_of(app, "#note-allow_pickle")
-        assert "kohya does not have" in text_of(app, "#ours-help")
+        assert "[ours] = not in kohya" in text_of(app, "#ours-help")
         assert "kohya does not have" in str(app.query_one("#note-allow_pickle").tooltip)
 
 
