@@ -26,7 +26,8 @@ from cockpit.modals import SaveTomlScreen
 from cockpit.monitor import MonitorApp, one_line
 from cockpit.panels import PreviewPanel
 from cockpit.sources import EventSource, LiveSource
-from cockpit.state import StartRequested
+from cockpit.restart import RestartChoice, RestartOffer, RestartScreen, free_name, replaced_files, restart_config
+from cockpit.state import ENDED, PlanPreviewed, StartRequested
 from engine.api import LogMessage, SpykeError, TrainConfig, build_config, to_toml
 
 PREVIEW_DELAY = 0.35        # debounce of the live preview
@@ -90,6 +91,7 @@ class CockpitApp(MonitorApp, inherit_bindings=False):
         self._preview_timer: Timer | None = None
         self._preview_token = 0
         self._form_valid = False
+        self._plan: Any = None
         if config_path:
             self.sub_title = str(config_path)
         elif demo:
@@ -145,6 +147,8 @@ class CockpitApp(MonitorApp, inherit_bindings=False):
         preview = self.preview
         if message.config is None:
             self._preview_token += 1
+            self._plan = None
+            self.apply(PlanPreviewed(0))
             n = len(message.problems)
             first = next(iter(message.problems.items()), None)
             detail = f": {first[0]} {first[1]}" if first else ""
@@ -174,9 +178,14 @@ class CockpitApp(MonitorApp, inherit_bindings=False):
             return
         preview = self.preview
         if message.error:
+            self._plan = None
+            self.apply(PlanPreviewed(0))
             preview.show_message(message.error, error=True)
             return
+        self._plan = message.plan
         try:
+            self.apply(PlanPreviewed(int(getattr(message.plan, "total_steps", 0) or 0),
+                                    int(getattr(message.plan, "num_epochs", 0) or 0)))
             preview.show_plan(message.plan)
         except Exception as err:  # noqa: BLE001 - an odd plan must not take the app down
             preview.show_message(f"preview unavailable: {one_line(err)}", error=True)
@@ -265,7 +274,49 @@ class CockpitApp(MonitorApp, inherit_bindings=False):
             if not self.state.running and form.problems:
                 self.notify("fix the highlighted fields first", severity="warning")
             return
-        config = form.config
+        if isinstance(self.screen, RestartScreen):
+            return
+        offer = self._restart_offer(form.config)
+        if offer is not None:       # the last run's files are where this one would write: ask first
+            self.push_screen(RestartScreen(offer), callback=self._restart_chosen)
+            return
+        self._start_with(form.config)
+
+    def _restart_offer(self, config: TrainConfig) -> RestartOffer | None:
+        """What to ask when this Start would write where the run on screen has ended; None: just start."""
+        s = self.state
+        if s.status not in ENDED or not s.run_id or config.output_name != s.output_name:
+            return None
+        try:
+            same_dir = Path(config.output_dir).expanduser().resolve() == Path(s.output_dir).expanduser().resolve()
+        except (OSError, RuntimeError):
+            same_dir = config.output_dir == s.output_dir
+        if not same_dir:
+            return None
+        out = Path(s.output_dir)
+        by_epochs = config.max_train_epochs is not None
+        if by_epochs:
+            done, planned = s.epoch, config.max_train_epochs or 0
+        else:
+            done, planned = s.step, config.max_train_steps
+        default = max(planned * 2, done + 1) if done >= planned else planned
+        names = [c.filename for c in getattr(self._plan, "checkpoints", [])] or [r.name for r in s.checkpoints]
+        return RestartOffer(name=s.output_name, output_dir=s.output_dir, status=s.status, step=s.step,
+                            total_field="max_train_epochs" if by_epochs else "max_train_steps",
+                            total_default=default, total_floor=done,
+                            can_continue=bool(s.last_state_dir or s.resume_hint),
+                            suggested_name=free_name(out, s.output_name), replaced=replaced_files(out, names))
+
+    def _restart_chosen(self, choice: RestartChoice | None) -> None:
+        if choice is None or self.form.config is None:
+            return
+        self.form.set_config(restart_config(self.form.config, choice))    # the form says what runs
+        if self.form.config is None:
+            self.notify("fix the highlighted fields first", severity="warning")
+            return
+        self._start_with(self.form.config)
+
+    def _start_with(self, config: TrainConfig) -> None:
         self.apply(StartRequested())
         self.start_source(config)
         self.form.set_enabled(False)

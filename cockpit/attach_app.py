@@ -12,10 +12,13 @@ from typing import Any, Callable
 from textual import events as tevents
 from textual.screen import Screen
 
-from cockpit.monitor import CONTROL_ACTIONS, MonitorApp
+from cockpit.monitor import MonitorApp
 from cockpit.pace import BUSY_POLL, PLOT_EVERY, VIEW_INTERVAL, IdleCpu, ViewerPace
 from cockpit.viewer.lifeline import Lifeline
+from cockpit.state import ENDED
 from cockpit.viewer.tail import TailSource
+
+STAYS_PAUSED = "the run stays PAUSED; press space in any viewer to resume"
 
 
 class AttachApp(MonitorApp):
@@ -31,6 +34,7 @@ class AttachApp(MonitorApp):
         self._base_poll = source.poll_interval
         self._plot_drawn_at = -1e9
         self.lifeline = Lifeline(lambda: self.call_from_thread(self.exit, 0))
+        self._quit_warned = False
         self._set_sub_title()
 
     @property
@@ -39,10 +43,16 @@ class AttachApp(MonitorApp):
         return self.pace.interval
 
     def _set_sub_title(self) -> None:
-        # the busy note first: a long run path is what the header cuts off on a narrow terminal
+        # what the viewer can do and the busy note first: a long run path is what a narrow header cuts off
         busy = self.pace.label()
-        parts = ([busy] if busy else []) + [f"attach {self.source.run_dir}"]
-        self.sub_title = " · ".join(parts + (["read-only"] if self.read_only else []))
+        over = self.state.status in ENDED
+        word = {"completed": "finished"}.get(self.state.status, self.state.status)
+        parts = (["read-only"] if self.read_only else []) + ([word] if over else []) + ([busy] if busy else [])
+        self.sub_title = " · ".join(parts + [f"attach {self.source.run_dir}"])
+
+    def run_status_changed(self) -> None:
+        self._set_sub_title()
+        super().run_status_changed()
 
     # ------------------------------------------------------------------ the monitor's hooks
     def wire(self, main: Screen) -> None:
@@ -91,11 +101,6 @@ class AttachApp(MonitorApp):
         self._arm()
 
     # ------------------------------------------------------------------ keys
-    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
-        if action in CONTROL_ACTIONS and self.read_only:
-            return None
-        return super().check_action(action, parameters)
-
     def on_key(self, event: tevents.Key) -> None:
         if event.key in self.CONTROL_KEYS:
             refusal = self.source.control_refusal() if self.read_only or not self.state.running else None
@@ -103,6 +108,11 @@ class AttachApp(MonitorApp):
                 self.notify(refusal, severity="warning", timeout=4)
 
     def action_quit_cockpit(self) -> None:
+        held = self.state.running and (self.state.paused or self.state.pending == "pause")
+        if held and not self._quit_warned:
+            self._quit_warned = True      # the next q leaves: a viewer never stops or resumes the run
+            self.notify(f"{STAYS_PAUSED}; q again quits", title="Quit?", severity="warning", timeout=8)
+            return
         self.source.stop()
         self.exit(0)
 

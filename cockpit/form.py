@@ -14,6 +14,7 @@ from typing import Any
 from rich.text import Text
 from textual import on
 from textual.app import ComposeResult
+from textual.content import Content
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.message import Message
 from textual.widgets import Checkbox, Input, Label, Select, Static
@@ -23,6 +24,18 @@ from engine.api import (FIELDS, GROUPS, ConfigError, TrainConfig, coerce_value, 
 
 _DEFAULTS = TrainConfig()
 FIRST_FRAME_GROUPS = 1
+OURS_TAG = "[ours]"
+OURS_HELP = f"{OURS_TAG}: a spyke-cockpit option kohya does not have"       # the tooltip
+OURS_LEGEND = f"{OURS_TAG} = not in kohya (spyke-cockpit only)"           # one line of the form's width
+
+
+class PlainCheckbox(Checkbox):
+    """A checkbox that reads the same in any terminal: ``[x]`` on, ``[ ]`` off (Textual's own is a
+    coloured ``▐X▌`` either way, which looks ticked where the colours do not show)."""
+
+    @property
+    def _button(self) -> Content:
+        return Content.styled("[x]" if self.value else "[ ]", self.get_visual_style("toggle--button"))
 
 
 def _display(value: Any) -> str:
@@ -65,6 +78,7 @@ class ConfigForm(VerticalScroll):
     def compose(self) -> ComposeResult:
         # Only the first groups are in the first frame; the rest mount right after it
         # (a full form is ~250 widgets, too many for a sub-second first frame).
+        yield Static(Text(OURS_LEGEND, style="dim italic"), id="ours-help", classes="note")
         for group in list(GROUPS)[:FIRST_FRAME_GROUPS]:
             yield from self._group(group)
 
@@ -95,7 +109,7 @@ class ConfigForm(VerticalScroll):
         kind = field_type(name)
         editor_id = f"field-{name}"
         if kind is bool:
-            editor: Any = Checkbox(name, value=bool(value), id=editor_id, classes="editor")
+            editor: Any = PlainCheckbox(name, value=bool(value), id=editor_id, classes="editor")
             label = None
         elif meta.get("choices"):
             options = [(c, c) for c in meta["choices"]]
@@ -119,12 +133,14 @@ class ConfigForm(VerticalScroll):
             yield (Vertical if stacked else Horizontal)(label, editor,
                                                        classes="field-line -stacked" if stacked else "field-line")
         note = Static(self._note(name, ""), classes="note", id=f"note-{name}")
+        if f.metadata.get("ours"):
+            note.tooltip = OURS_HELP
         self._notes[name] = note
         yield note
 
     def _note(self, name: str, why: str) -> Text:
         meta = FIELDS[name].metadata
-        text = Text(meta.get("help", "") + (" [ours]" if meta.get("ours") else ""), style="dim")
+        text = Text(meta.get("help", "") + (f" {OURS_TAG}" if meta.get("ours") else ""), style="dim")
         if why:
             text.append(f"\n⚠ {why}", style="bold red")
         return text

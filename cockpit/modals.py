@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
+from rich.markup import escape
 from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -35,9 +36,10 @@ class ConfirmAbortScreen(ModalScreen[str | None]):
             if self._detail:
                 yield Static(self._detail, classes="dialog-detail", markup=False)
             with Horizontal(classes="dialog-buttons"):
-                yield Button("Save and stop [s]", id="confirm-save", variant="warning")
-                yield Button("Stop without saving [n]", id="confirm-nosave", variant="error")
-                yield Button("Cancel [esc]", id="confirm-cancel", variant="default")
+                # a label is markup: the key hints' brackets are escaped, or they vanish
+                yield Button(escape("Save and stop [s]"), id="confirm-save", variant="warning")
+                yield Button(escape("Stop without saving [n]"), id="confirm-nosave", variant="error")
+                yield Button(escape("Cancel [esc]"), id="confirm-cancel", variant="default")
 
     def on_mount(self) -> None:
         self.query_one("#confirm-save", Button).focus()

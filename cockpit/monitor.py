@@ -33,14 +33,16 @@ from cockpit.modals import SAVE_AND_STOP, ConfirmAbortScreen, HelpScreen
 from cockpit.panels import CheckpointsPanel, LogPanel, LossPanel, MemoryPanel, ProgressPanel, compose_live_panels
 from cockpit.samples_panel import SamplesKeys, SamplesPanel
 from cockpit.sources import EventSource
-from cockpit.state import (AbortRequested, CockpitState, PauseRequested, SaveRequested, SmoothingChanged, StartFailed,
-                           reduce, resume_command)
+from cockpit.state import (ENDED, AbortRequested, CockpitState, PauseRequested, SaveRequested, SmoothingChanged,
+                           StartFailed, reduce, resume_command)
 from engine.api import Event, LogMessage, MemorySample, RunFinished, SpykeError, StepCompleted, TrainConfig
 
 DRAIN_INTERVAL = 0.25       # seconds between drains of per-step events (4 Hz)
 RENDER_INTERVAL = 0.5       # seconds between panel redraws while only steps arrive
 CONTROL_ACTIONS = ("toggle_pause", "save_now", "abort", "sample_now")   # what steers the run (not the screen)
 SHORT_ROWS = 32             # fewer rows than this: the compact layout (one-line borders, panels side by side)
+SAVE_AT_BOUNDARY = "a checkpoint will be saved at the next step boundary"
+SAVE_WHILE_PAUSED = "saving a checkpoint now (the run stays paused)"
 KEY_NAMES = {"question_mark": "?", "left_square_bracket": "[", "right_square_bracket": "]"}
 
 
@@ -89,7 +91,7 @@ class MonitorApp(SamplesKeys, App[int]):
     TITLE = "spyke-cockpit"
 
     BINDINGS = [
-        Binding("space,p", "toggle_pause", "Pause/Resume", id="pause",
+        Binding("space,p", "toggle_pause", "Pause/Resume", id="pause", key_display="space",
                 tooltip="pause ⇄ resume (halts at the next step boundary, model stays loaded)"),
         Binding("s", "save_now", "Save now", id="save", tooltip="save a checkpoint now"),
         Binding("a,ctrl+x", "abort", "Abort", id="abort", tooltip="abort: save and stop / stop without saving / cancel"),
@@ -130,6 +132,7 @@ class MonitorApp(SamplesKeys, App[int]):
         self._rendered_at = float("-inf")
         self._quitting = False
         self._start_in_flight = False
+        self._error_toasted: str | None = None
 
     # ------------------------------------------------------------------ hooks for subclasses
     def compose_side(self) -> ComposeResult:
@@ -153,7 +156,8 @@ class MonitorApp(SamplesKeys, App[int]):
     def bindings_key(self) -> tuple:
         """What the keys' availability depends on; the footer is redrawn only when it changes."""
         s = self.state
-        return (s.status, s.running, s.paused, s.pause_requested, s.abort_requested, resume_command(s) is not None)
+        return (s.status, s.running, s.paused, s.pause_requested, s.abort_requested, s.pending,
+                resume_command(s) is not None)
 
     def chart_due(self, now: float, keys_changed: bool) -> bool:
         """Whether this redraw draws the loss chart too (the costly panel)."""
@@ -253,17 +257,24 @@ class MonitorApp(SamplesKeys, App[int]):
     @on(EngineSignal)
     def _engine_signal(self, message: EngineSignal) -> None:
         self.drain()
-        if isinstance(message.event, RunFinished):
-            event = message.event
+        event = message.event
+        if isinstance(event, RunFinished):
             if event.status == "failed":
-                self.notify(event.error or "training failed", title="Training failed", severity="error",
-                            timeout=10)
+                if event.error != self._error_toasted:     # the engine's error line was toasted already
+                    self.notify(event.error or "training failed", title="Training failed", severity="error",
+                                timeout=10)
             elif event.status == "aborted":
                 self.notify(f"stopped at step {event.step}", title="Aborted", severity="warning")
             else:
                 self.notify(f"finished at step {event.step}", title="Done")
-        elif isinstance(message.event, LogMessage) and message.event.level == "error":
-            self.notify(message.event.message, severity="error", timeout=8)
+            self._error_toasted = None
+        elif isinstance(event, LogMessage) and event.level == "error":
+            self._error_toasted = event.message
+            self.notify(event.message, severity="error", timeout=8)
+
+    def notify(self, message: str, *, markup: bool = False, **kwargs: Any) -> None:
+        """A toast; plain text unless asked (paths and hints such as ``[s]`` keep their brackets)."""
+        super().notify(message, markup=markup, **kwargs)
 
     def apply(self, action: Any) -> None:
         """Fold one local action (or event) into the state and redraw."""
@@ -330,8 +341,18 @@ class MonitorApp(SamplesKeys, App[int]):
         self.run_status_changed()
 
     # ------------------------------------------------------------------ control
+    def can_steer(self) -> bool:
+        """Whether the run keys can ever act here: not on a read-only source, and not in a viewer
+        of a run that is over (a cockpit that owns its runs can start another one)."""
+        source = self.source
+        if getattr(source, "read_only", False):
+            return False
+        return source.owns_run or not (self.state.status in ENDED or source.outcome() is not None)
+
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         if action in CONTROL_ACTIONS:
+            if not self.can_steer():
+                return False               # hidden: nothing to steer here
             return True if self.state.running and not self.state.abort_requested else None
         if action == "copy_resume":
             return True if resume_command(self.state) else False
@@ -358,7 +379,8 @@ class MonitorApp(SamplesKeys, App[int]):
             return
         if self._command(self.source.save):
             self.apply(SaveRequested())
-            self.notify("a checkpoint will be saved at the next step boundary", timeout=3)
+            # a paused engine serves a save at once; a training one after the step in flight
+            self.notify(SAVE_WHILE_PAUSED if self.state.paused else SAVE_AT_BOUNDARY, timeout=3)
 
     def action_abort(self) -> None:
         if not self.state.running or self.state.abort_requested:

@@ -19,9 +19,12 @@ from textual_plotext import PlotextPlot
 
 from cockpit.chart import draw_loss, draw_lr, legend_markup
 from cockpit.state import (CockpitState, best_validation, elapsed, eta_next_checkpoint, eta_seconds, format_duration,
-                           memory_pressure, next_checkpoint, resume_command, steps_per_second)
+                           memory_pressure, next_checkpoint, resume_command, status_word, steps_per_second)
 from engine.api import format_bytes
 
+STATUS_TONES = {"pending": ("bold reverse yellow", "yellow"), "paused": ("bold reverse yellow", "yellow"),
+                "failed": ("bold reverse red", "red"), "aborted": ("bold reverse yellow", "dim"),
+                "done": ("bold reverse green", "dim"), "phase": ("bold reverse", "dim")}
 WARN_LEVEL = 0.85
 CRITICAL_LEVEL = 0.95
 
@@ -57,29 +60,11 @@ def progress_markup(state: CockpitState, now: float) -> Text:
         text.append(" · press ctrl+r (Start) when the form is valid\n", style="dim")
         text.append(f"step 0/{state.total_steps}")
         return text
-    detail = Text()
-    if state.paused:
-        text.append(" PAUSED ", style="bold reverse yellow")
-        detail.append("  model kept loaded · space resumes" if not state.abort_requested else "", style="yellow")
-        if not state.pause_requested:
-            detail.append("  resuming…", style="yellow")
-    elif state.pause_requested and state.running:
-        text.append(" PAUSED ", style="bold reverse yellow")
-        detail.append("  halting at the next step boundary…", style="yellow")
-    elif state.status == "failed":
-        text.append(" FAILED ", style="bold reverse red")
-    elif state.status == "aborted":
-        text.append(" ABORTED ", style="bold reverse yellow")
-    elif state.status == "completed":
-        text.append(" FINISHED ", style="bold reverse green")
-    else:
-        phase = (state.phase or "starting").upper()
-        text.append(f" {phase} ", style="bold reverse")
-        if state.phase_detail:
-            detail.append(f"  {state.phase_detail}", style="dim")
-    if state.abort_requested and state.running:
-        detail.append("  stopping…", style="bold red")
+    word, detail_words, tone = status_word(state)
+    style, detail_style = STATUS_TONES[tone]
+    text.append(f" {word} ", style=style)
     text.append("  ")
+    detail = Text(f"  {detail_words}" if detail_words else "", style=detail_style)
     text.append(f"step {state.step}/{state.total_steps}", style="bold")
     text.append(f"   epoch {state.epoch}/{state.num_epochs}")
     rate = steps_per_second(state)
@@ -135,7 +120,7 @@ class ProgressPanel(Panel):
         if not self.changed(state) and not (state.running and not state.paused and second != self._last_second):
             return
         self._last_second = second
-        self.set_class(state.paused or (state.pause_requested and state.running), "-paused")
+        self.set_class(state.paused or (state.pending == "pause" and state.running), "-paused")
         self.set_class(state.status == "failed", "-failed")
         self.set_class(bool(resume_command(state) or state.resume_hint or state.error), "-long")
         # layout=False: the text fills a fixed-size panel, so no relayout of the whole screen per update

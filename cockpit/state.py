@@ -43,8 +43,16 @@ class StartFailed:
 
 @dataclass(frozen=True)
 class PauseRequested:
-    """The user asked to pause (True) or resume (False); shown at once, applied at the next step boundary."""
+    """The user asked to pause (True) or resume (False); sent at once, applied by the engine at the next step
+    boundary. Until the engine confirms (its PhaseChanged), the state says PAUSING… / RESUMING…."""
     paused: bool
+
+
+@dataclass(frozen=True)
+class PlanPreviewed:
+    """The form's preview planned a run of ``total_steps`` (0: no valid plan); shown before Start."""
+    total_steps: int
+    num_epochs: int = 0
 
 
 @dataclass(frozen=True)
@@ -78,7 +86,10 @@ class HistoryLoaded:
 
 
 Action = (Event | StartRequested | StartFailed | PauseRequested | AbortRequested | SaveRequested
-          | SmoothingChanged | HistoryLoaded)
+          | SmoothingChanged | HistoryLoaded | PlanPreviewed)
+
+ENDED = ("completed", "aborted", "failed")
+HOLD_ENDS = ("training", "finished")     # the phases that end a pause (the others can happen inside one)
 
 
 # ---------------------------------------------------------------- state
@@ -158,6 +169,12 @@ class CockpitState:
     paused: bool = False                  # the engine says it is paused
     pause_requested: bool = False         # the user's latest wish
     abort_requested: bool = False
+    abort_save: bool = False              # the abort asked for saves a checkpoint first
+    pending: str = ""                     # a command sent, not yet confirmed by the engine: pause | resume | abort
+    paused_since: float | None = None     # the engine's pause began then (event time); None when not paused
+    paused_total: float = 0.0             # seconds of earlier, finished pauses (not counted in elapsed and it/s)
+    last_state_dir: str | None = None     # the newest training state the run saved (what --resume latest finds)
+    previous_status: str = ""             # the status before a Start that may still fail (StartFailed restores it)
     error: str | None = None
     final_path: str | None = None
     resume_hint: str | None = None
@@ -197,18 +214,9 @@ def reduce(state: CockpitState, event: Action) -> CockpitState:
             started_at=event.t, last_event_at=event.t, pause_requested=state.pause_requested,
             log=_log(fresh, event.t, "info", f"run {event.run_id}: {event.total_steps} steps, {event.num_epochs} "
                      f"epochs on {event.device}{resumed}"),
-            version=v)
+            pending=state.pending if state.pending != "abort" else "", version=v)
     if isinstance(event, PhaseChanged):
-        paused = event.phase == "paused"
-        pause_requested = state.pause_requested
-        if paused and not state.paused:
-            pause_requested = True
-        elif state.paused and not paused:
-            pause_requested = False
-        return replace(state, phase=event.phase, phase_detail=event.detail, paused=paused,
-                       pause_requested=pause_requested, rate_window=(), last_event_at=event.t,
-                       status="running" if state.status in ("idle", "starting") else state.status,
-                       log=_phase_log(state, event), version=v)
+        return replace(_reduce_phase(state, event, v), log=_phase_log(state, event))
     if isinstance(event, CheckpointSaved):
         row = CheckpointRow(step=event.step, name=Path(event.path).name, path=event.path, bytes=event.bytes,
                             loss=event.loss, verified=event.verified, kind=event.kind, state_dir=event.state_dir)
@@ -217,7 +225,8 @@ def reduce(state: CockpitState, event: Action) -> CockpitState:
         ok = "verified" if event.verified else "NOT verified"
         message = f"saved {row.name} at step {event.step} ({format_bytes(event.bytes)}, {ok})"
         return replace(state, checkpoints=rows, last_event_at=event.t,
-                       log=_log(state, event.t, "info" if event.verified else "warning", message), version=v)
+                       log=_log(state, event.t, "info" if event.verified else "warning", message), version=v,
+                       last_state_dir=event.state_dir or state.last_state_dir)
     if isinstance(event, ValidationLoss):
         point = ValidationPoint(step=event.step, epoch=event.epoch, loss=event.loss, images=event.images,
                                 checkpoint=event.checkpoint)
@@ -246,32 +255,49 @@ def reduce(state: CockpitState, event: Action) -> CockpitState:
     if isinstance(event, LogMessage):
         return replace(state, log=_log(state, event.t, event.level, event.message), version=v)
     if isinstance(event, RunFinished):
+        log = state.log
         if event.status == "failed" and event.error:
-            log = _log(state, event.t, "error", event.error)
+            if not (log and log[-1].level == "error" and log[-1].message == " ".join(event.error.split())):
+                log = _log(state, event.t, "error", event.error)      # the engine logged it already: once
         elif event.status == "aborted":
             log = _log(state, event.t, "warning", f"run aborted at step {event.step}")
         else:
             log = _log(state, event.t, "info", f"run {event.status} at step {event.step}")
         return replace(state, status=event.status, phase="finished", paused=False, pause_requested=False,
+                       pending="", paused_since=None, paused_total=_pauses_until(state, event.t),
                        step=max(state.step, event.step), error=event.error, final_path=event.final_path,
                        resume_hint=event.resume_hint, finished_at=event.t, last_event_at=event.t, log=log,
                        version=v)
     if isinstance(event, StartRequested):
-        return replace(CockpitState(smoothing=state.smoothing, log=state.log), status="starting",
-                       phase="loading", version=v)
+        # What the last run showed stays on screen until the new one starts (RunStarted) or fails to.
+        return replace(state, status="starting", phase="loading", phase_detail="", pending="", error=None,
+                       abort_requested=False, paused=False, pause_requested=False,
+                       previous_status=state.status, version=v)
     if isinstance(event, StartFailed):
+        if state.previous_status in ENDED and state.run_id:     # the last run's screen is kept as it was
+            return replace(state, status=state.previous_status, phase="finished",
+                           log=_log(state, state.last_event_at or 0.0, "error", event.error), version=v)
         return replace(state, status="failed", phase="finished", error=event.error,
                        log=_log(state, state.last_event_at or 0.0, "error", event.error), version=v)
     if isinstance(event, PauseRequested):
+        if not state.running or state.abort_requested:
+            return state
+        # Asking for what the engine already does (e.g. resume before it got to pause) waits for nothing.
+        pending = "" if event.paused == state.paused else ("pause" if event.paused else "resume")
         wish = "pause" if event.paused else "resume"
-        return replace(state, pause_requested=event.paused,
+        return replace(state, pause_requested=event.paused, pending=pending,
                        log=_log(state, state.last_event_at or 0.0, "info", f"{wish} requested at step {state.step}"),
                        version=v)
     if isinstance(event, AbortRequested):
         how = "save and stop" if event.save else "stop without saving"
-        return replace(state, abort_requested=True, pause_requested=False,
-                       log=_log(state, state.last_event_at or 0.0, "warning",
-                                f"abort requested at step {state.step} ({how})"), version=v)
+        return replace(state, abort_requested=True, abort_save=event.save, pause_requested=False,
+                       pending="abort", log=_log(state, state.last_event_at or 0.0, "warning",
+                                                 f"abort requested at step {state.step} ({how})"), version=v)
+    if isinstance(event, PlanPreviewed):
+        if state.status != "idle":
+            return state
+        return replace(state, total_steps=max(0, int(event.total_steps)), num_epochs=max(0, int(event.num_epochs)),
+                       version=v)
     if isinstance(event, SaveRequested):
         return replace(state, log=_log(state, state.last_event_at or 0.0, "info",
                                        f"save requested at step {state.step}"), version=v)
@@ -323,6 +349,38 @@ def _phase_log(state: CockpitState, event: PhaseChanged) -> tuple[LogLine, ...]:
     return _log(state, event.t, "info", f"{words.get(phase, phase)}{detail}")
 
 
+def _pauses_until(state: CockpitState, t: float) -> float:
+    """Seconds paused up to ``t`` (the finished pauses and the current one)."""
+    current = max(0.0, t - state.paused_since) if state.paused_since is not None else 0.0
+    return state.paused_total + current
+
+
+def _reduce_phase(state: CockpitState, event: PhaseChanged, version: int) -> CockpitState:
+    paused = event.phase == "paused"
+    held = state.paused_since is not None
+    pause_requested, pending = state.pause_requested, state.pending
+    paused_since, paused_total = state.paused_since, state.paused_total
+    if paused:
+        pause_requested = True          # also when another viewer paused the run
+        if pending == "pause":
+            pending = ""
+        if not held:
+            paused_since = event.t
+    elif event.phase in HOLD_ENDS:
+        if held:
+            paused_total, paused_since = _pauses_until(state, event.t), None
+            pause_requested = False
+        if pending == "resume" or (pending == "pause" and event.phase == "finished"):
+            pending = ""
+    # A pause (and a save or sample inside it) keeps the speed measured before it: no reset, no jump.
+    keep_rate = held or paused
+    return replace(state, phase=event.phase, phase_detail=event.detail, paused=paused,
+                   pause_requested=pause_requested, pending=pending, paused_since=paused_since,
+                   paused_total=paused_total, rate_window=state.rate_window if keep_rate else (),
+                   last_event_at=event.t,
+                   status="running" if state.status in ("idle", "starting") else state.status, version=version)
+
+
 def _reduce_step(state: CockpitState, event: StepCompleted, version: int) -> CockpitState:
     loss = event.loss
     ema, weight = state.loss_ema, state.ema_weight
@@ -337,7 +395,8 @@ def _reduce_step(state: CockpitState, event: StepCompleted, version: int) -> Coc
             old = dict(lr_history)
             lr_history = tuple((name, old.get(name) or LossHistory()) for name, _ in lrs)
         lr_history = tuple((name, h.appended(event.step, value)) for (name, h), (_, value) in zip(lr_history, lrs))
-    window = (state.rate_window + ((event.t, event.step),))[-RATE_WINDOW:]
+    # timed on the run's own clock: the time spent paused is taken out
+    window = (state.rate_window + ((event.t - _pauses_until(state, event.t), event.step),))[-RATE_WINDOW:]
     return replace(state, step=event.step, epoch=event.epoch, loss=loss, loss_ema=ema, ema_weight=weight,
                    history=history, lr_history=lr_history, lrs=lrs, rate_window=window,
                    skipped_steps=state.skipped_steps + (1 if event.skipped else 0),
@@ -364,10 +423,11 @@ def steps_per_second(state: CockpitState) -> float | None:
 
 
 def elapsed(state: CockpitState, now: float) -> float:
+    """Seconds the run has trained: the clock stops while it is paused."""
     if state.started_at is None:
         return 0.0
     end = state.finished_at if state.finished_at is not None else now
-    return max(0.0, end - state.started_at)
+    return max(0.0, end - state.started_at - _pauses_until(state, end))
 
 
 def eta_seconds(state: CockpitState) -> float | None:
@@ -443,3 +503,25 @@ def best_validation(state: CockpitState) -> CheckpointRow | None:
 def progress_text(state: CockpitState) -> str:
     """The line scripts read through tmux: always contains ``step N/TOTAL``."""
     return f"step {state.step}/{state.total_steps}"
+
+
+def status_word(state: CockpitState) -> tuple[str, str, str]:
+    """(word, detail, tone) for the progress line. A command the engine has not confirmed yet reads
+    ``PAUSING…`` / ``RESUMING…`` / ``ABORTING…``; ``PAUSED`` only once the engine says it has paused.
+    ``tone`` is one of: pending, paused, failed, aborted, done, phase."""
+    if state.running and state.abort_requested:
+        what = "saving a checkpoint, then stopping" if state.abort_save else "stopping without saving"
+        return "ABORTING…", f"{what} at the next step boundary", "pending"
+    if state.running and state.pending == "pause":
+        return "PAUSING…", "the step in flight finishes first", "pending"
+    if state.running and state.pending == "resume":
+        return "RESUMING…", "", "pending"
+    if state.paused:
+        return "PAUSED", "model kept loaded · space resumes", "paused"
+    if state.status == "failed":
+        return "FAILED", "", "failed"
+    if state.status == "aborted":
+        return "ABORTED", "", "aborted"
+    if state.status == "completed":
+        return "FINISHED", "", "done"
+    return (state.phase or "starting").upper(), state.phase_detail, "phase"

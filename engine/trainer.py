@@ -453,8 +453,9 @@ class _Job:
             return max(1, self.t.epoch)
         return min(self.t.epoch + 1, self.plan.num_epochs)
 
-    def save(self, kind: str, *, with_state: bool | None = None) -> Path | None:
-        """Write a checkpoint (+ state when asked). ``kind``: step | epoch | final | manual | abort."""
+    def save(self, kind: str, *, with_state: bool | None = None, then: str | None = None) -> Path | None:
+        """Write a checkpoint (+ state when asked). ``kind``: step | epoch | final | manual | abort.
+        ``then``: the phase after the save (default: training, or finished after the final one)."""
         step, epoch = self.t.global_step, self.current_epoch()
         if kind == "final":
             name = checkpoint_filename(self.cfg.output_name)
@@ -490,7 +491,7 @@ class _Job:
         self.t._emit(CheckpointSaved(path=str(saved.path), step=step, epoch=epoch, bytes=saved.bytes, kind=kind,
                                      loss=loss, verified=saved.verified,
                                      state_dir=str(state_dir) if state_dir else None))
-        self.t._phase("training" if kind != "final" else "finished")
+        self.t._phase(then or ("training" if kind != "final" else "finished"))
         return saved.path
 
     def _state_after_failed_save(self) -> str:
@@ -683,8 +684,7 @@ class _Job:
                 self._sample(force=True)
 
         def on_save() -> None:
-            self.save("manual")
-            t._phase("paused")
+            self.save("manual", then="paused")     # a save inside a pause: still paused after it
 
         self._last_mem = 0.0
         groups: list = []

@@ -342,6 +342,49 @@ def test_app_opens_a_finished_run_as_history_and_quits_at_once(tmp_path):
     assert list((run_dir / "control").iterdir()) == []
 
 
+def test_a_finished_run_or_a_read_only_viewer_hides_the_run_keys_and_says_why_in_the_title(tmp_path):
+    from textual.widgets._footer import FooterKey
+
+    finished = write_run(tmp_path / "a", synthetic_events(30, pid=dead_pid(), finished="completed"))
+    live = write_run(tmp_path / "b", synthetic_events(30, pid=os.getpid(), finished=None, t0=time.time()))
+    seen = {}
+    for label, app in (("finished", make_app(finished)), ("read-only", make_app(live, read_only=True)),
+                       ("live", make_app(live))):
+        async def look(pilot, app=app, label=label):
+            await pilot.pause(0.6)
+            seen[label] = ({k.description for k in app.screen.query(FooterKey)}, app.sub_title,
+                           app.check_action("toggle_pause", ()))
+            app.exit(0)
+        run_app(app, [look])
+    for label in ("finished", "read-only"):
+        keys, title, check = seen[label]
+        assert not keys & {"Pause/Resume", "Save now", "Abort"} and {"Help", "Quit"} <= keys, label
+        assert title.startswith(label) and check is False, label
+    keys, title, check = seen["live"]
+    assert {"Pause/Resume", "Save now", "Abort"} <= keys and check is True and title.startswith("attach")
+
+
+def test_quitting_a_viewer_of_a_paused_run_reminds_that_it_stays_paused(tmp_path):
+    run_dir = write_run(tmp_path, synthetic_events(30, pid=os.getpid(), finished=None, t0=time.time(), pause_at=30))
+    app = make_app(run_dir)
+    seen = {}
+
+    async def quit_twice(pilot):
+        await pilot.pause(0.6)
+        assert app.state.paused
+        await pilot.press("q")
+        await pilot.pause(0.1)
+        seen["running"] = app.is_running
+        seen["notes"] = [n.message for n in app._notifications]
+        await pilot.press("q")
+        await pilot.pause(0.1)
+
+    run_app(app, [quit_twice])
+    assert seen["running"]
+    assert any("the run stays PAUSED; press space in any viewer to resume" in n for n in seen["notes"])
+    assert app.return_code == 0 and list((run_dir / "control").iterdir()) == []     # nothing sent to the run
+
+
 @pytest.mark.parametrize("read_only", [False, True])
 def test_app_keys_steer_a_live_run_unless_read_only(tmp_path, read_only):
     run_dir = write_run(tmp_path, synthetic_events(50, pid=os.getpid(), finished=None, t0=time.time()))
@@ -357,12 +400,17 @@ def test_app_keys_steer_a_live_run_unless_read_only(tmp_path, read_only):
         await pilot.pause(0.1)
         notes.extend(n.message for n in app._notifications)
         await pilot.press("q")
+        await pilot.pause(0.1)
+        if not read_only:                       # the pause asked for stays: quitting says so first
+            assert app.is_running and any("the run stays PAUSED" in n.message for n in app._notifications)
+            await pilot.press("q")
 
     run_app(app, [keys])
     sent = sorted(json.loads(f.read_text())["command"] for f in (run_dir / "control").iterdir())
     if read_only:
         assert sent == [] and any("read-only" in n for n in notes)
-        assert app.check_action("toggle_pause", ()) is None           # the keys are dimmed
+        assert app.check_action("toggle_pause", ()) is False           # the keys are hidden
+        assert app.sub_title.startswith("read-only")
     else:
         assert sent == ["pause", "save"]
     assert app.return_code == 0                                          # quitting a viewer leaves the run alone

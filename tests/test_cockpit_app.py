@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import re
 import tomllib
 from pathlib import Path
 from types import SimpleNamespace
@@ -20,6 +21,7 @@ from engine.events import (CheckpointSaved, LogMessage, MemorySample, PhaseChang
                            SamplesSaved, StepCompleted, ValidationLoss)
 
 SIZE = (120, 40)
+STEP_RE = re.compile(r"step \d+/\d+")
 T0 = 1_700_000_000.0
 
 
@@ -123,7 +125,7 @@ async def test_preview_shows_the_plan():
 
 
 @sync
-async def test_keys_send_the_right_commands_and_pause_shows_at_once():
+async def test_keys_send_the_right_commands_and_pause_reads_pausing_until_the_engine_confirms():
     app = make_app(config=valid_config())
     async with app.run_test(size=SIZE) as pilot:
         assert app.check_action("toggle_pause", ()) is None       # dimmed before a run
@@ -134,15 +136,17 @@ async def test_keys_send_the_right_commands_and_pause_shows_at_once():
         assert app.query_one("#field-output_name", Input).is_disabled   # form is read-only while training
         await pilot.press("space")
         await pilot.pause()
-        assert source.commands[-1] == "pause" and "PAUSED" in text_of(app, "#progress-text")
+        assert source.commands[-1] == "pause" and "PAUSING…" in text_of(app, "#progress-text")
+        assert "PAUSED" not in text_of(app, "#progress-text")              # the engine has not paused yet
         source.emit(PhaseChanged(phase="paused", t=T0 + 2))
         await settle(app, pilot)
         assert "PAUSED" in text_of(app, "#progress-text")
         await pilot.press("p")
-        assert source.commands[-1] == "resume"
+        await pilot.pause()
+        assert source.commands[-1] == "resume" and "RESUMING…" in text_of(app, "#progress-text")
         source.emit(PhaseChanged(phase="training", t=T0 + 3))
         await settle(app, pilot)
-        assert "PAUSED" not in text_of(app, "#progress-text")
+        assert "PAUSED" not in text_of(app, "#progress-text") and "RESUMING" not in text_of(app, "#progress-text")
         await pilot.press("s")
         assert source.commands[-1] == "save"
 
@@ -455,3 +459,287 @@ async def test_checkpoint_table_adds_val_loss_and_samples_columns_only_when_the_
         await settle(app, pilot, 0.3)
         assert [str(c.label) for c in table.columns.values()][-2:] == ["val loss", "samples"]
         assert str(table.get_row_at(1)[-2]) == "★ 0.2000" and table.get_row_at(4)[-2:] == ["  0.3000", "2"]
+
+
+
+# ---------------------------------------------------------------------------- status words, labels, keys
+def footer_keys(app) -> dict[str, str]:
+    """What the footer shows: description → key, for the keys that are there (enabled or dimmed)."""
+    from textual.widgets._footer import FooterKey
+
+    return {key.description: key.key_display for key in app.screen_stack[0].query(FooterKey)}
+
+
+def recorded_toasts(app) -> list[str]:
+    toasts: list[str] = []
+    original = app.notify
+
+    def notify(message, **kwargs):
+        toasts.append(message)
+        original(message, **kwargs)
+    app.notify = notify
+    return toasts
+
+
+@sync
+async def test_abort_dialog_buttons_show_their_key_hints():
+    app = make_app(config=valid_config())
+    async with app.run_test(size=SIZE) as pilot:
+        await start_run(app, pilot)
+        await pilot.press("a")
+        await pilot.pause()
+        labels = [str(app.screen.query_one(f"#confirm-{k}", Button).label) for k in ("save", "nosave", "cancel")]
+        assert labels == ["Save and stop [s]", "Stop without saving [n]", "Cancel [esc]"]
+
+
+@sync
+async def test_the_save_toast_says_now_while_paused_and_at_the_boundary_while_training():
+    app = make_app(config=valid_config())
+    async with app.run_test(size=SIZE) as pilot:
+        await start_run(app, pilot)
+        toasts = recorded_toasts(app)
+        await pilot.press("s")
+        await pilot.pause()
+        assert toasts[-1] == "a checkpoint will be saved at the next step boundary"
+        await pilot.press("space")
+        app.source.emit(PhaseChanged(phase="paused", t=T0 + 2))
+        await settle(app, pilot)
+        await pilot.press("s")
+        await pilot.pause()
+        assert toasts[-1] == "saving a checkpoint now (the run stays paused)"
+        assert app.source.commands[-3:] == ["save", "pause", "save"]
+
+
+@sync
+async def test_the_planned_total_shows_before_start():
+    app = make_app(config=valid_config())
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot, 0.5)
+        await settle(app, pilot)
+        assert "240 total steps" in text_of(app, "#preview-text")
+        assert "step 0/240" in text_of(app, "#progress-text")
+
+
+@sync
+async def test_the_footer_spells_pause_with_space_before_and_during_training():
+    app = make_app(config=valid_config())
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        app.set_focus(app.query_one("#field-allow_pickle"))        # a checkbox takes space for itself
+        await pilot.pause()
+        assert footer_keys(app)["Pause/Resume"] == "space"
+        await start_run(app, pilot)
+        assert footer_keys(app)["Pause/Resume"] == "space"
+
+
+@sync
+async def test_a_checkbox_reads_ticked_or_not_without_colours():
+    app = make_app(config=valid_config())
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        box = app.query_one("#field-allow_pickle")
+        assert str(box.render()).startswith("[ ] allow_pickle")
+        box.value = True
+        await pilot.pause()
+        assert str(box.render()).startswith("[x] allow_pickle")
+        assert "[ours]" in text_of(app, "#note-allow_pickle")
+        assert "[ours] = not in kohya" in text_of(app, "#ours-help")
+        assert "kohya does not have" in str(app.query_one("#note-allow_pickle").tooltip)
+
+
+# ---------------------------------------------------------------------------- starting again after a run ended
+def finished_run(out: Path, *, status="completed", step=100, state_dir: str | None = "plasma-state"):
+    """A run of 100 steps that ended in ``out``: its events, with a final checkpoint (and state)."""
+    events = [RunStarted(run_id="r1", output_dir=str(out), output_name="plasma", total_steps=100, num_epochs=2,
+                         batches_per_epoch=50, device="cpu", pid=1, config={}, checkpoint_steps=[50, 100], t=T0),
+              PhaseChanged(phase="training", t=T0 + 1)]
+    events += [StepCompleted(step=i, epoch=1, loss=1.0 / i, lrs={"unet": 1e-4}, step_seconds=0.1, t=T0 + 1 + i * 0.1)
+               for i in range(1, step + 1)]
+    events += [CheckpointSaved(path=str(out / "plasma.safetensors"), step=step, epoch=2, bytes=2**20, kind="final",
+                               loss=0.01, verified=True, state_dir=str(out / state_dir) if state_dir else None,
+                               t=T0 + 20),
+               RunFinished(status=status, step=step, t=T0 + 21)]
+    return events
+
+
+async def finish_a_run(app, pilot, out: Path, **kwargs):
+    await settle(app, pilot)
+    await pilot.press("ctrl+r")
+    await settle(app, pilot)
+    app.source.emit(*finished_run(out, **kwargs))
+    await settle(app, pilot)
+    assert app.state.status == kwargs.get("status", "completed")
+
+
+@pytest.mark.parametrize("choose, expect", [
+    ("continue", dict(resume="latest", resume_force=True, max_train_steps=200, overwrite=False,
+                      output_name="plasma")),
+    ("new_name", dict(resume="", output_name="plasma-3", overwrite=False, max_train_steps=100)),
+    ("overwrite", dict(resume="", output_name="plasma", overwrite=True, max_train_steps=100)),
+])
+@sync
+async def test_start_after_a_run_ended_asks_and_starts_the_chosen_config(tmp_path, choose, expect):
+    from cockpit.restart import RestartScreen
+
+    (tmp_path / "plasma.safetensors").write_bytes(b"x")
+    (tmp_path / "plasma-2.safetensors").write_bytes(b"x")         # NAME-2 is taken: NAME-3 is offered
+    app = make_app(config=valid_config(output_dir=str(tmp_path), max_train_steps=100))
+    async with app.run_test(size=SIZE) as pilot:
+        await finish_a_run(app, pilot, tmp_path)
+        shown = app.state
+        await pilot.press("ctrl+r")
+        await pilot.pause()
+        dialog = app.screen
+        assert isinstance(dialog, RestartScreen) and app.state is shown and app.source.commands == ["start"]
+        assert dialog.query_one("#restart-total", Input).value == "200"
+        assert dialog.query_one("#restart-name", Input).value == "plasma-3"
+        texts = " ".join(str(w.render()) for w in dialog.query(".restart-why"))
+        assert "--resume latest --resume_force" in texts and "replaces plasma.safetensors" in texts
+        await pilot.press({"continue": "c", "new_name": "n", "overwrite": "o"}[choose])
+        await settle(app, pilot)
+        assert app.source.commands == ["start", "start"]
+        started = app.source.configs[-1]
+        assert {k: getattr(started, k) for k in expect} == expect
+        assert {k: getattr(app.form.config, k) for k in expect} == expect        # the form says what runs
+
+
+@sync
+async def test_cancelling_the_start_again_dialog_changes_nothing(tmp_path):
+    app = make_app(config=valid_config(output_dir=str(tmp_path)))
+    async with app.run_test(size=SIZE) as pilot:
+        await finish_a_run(app, pilot, tmp_path)
+        shown, progress = app.state, text_of(app, "#progress-text")
+        await pilot.press("ctrl+r")
+        await pilot.pause()
+        await pilot.press("escape")
+        await settle(app, pilot)
+        assert app.state is shown and text_of(app, "#progress-text") == progress and "FINISHED" in progress
+        assert app.source.commands == ["start"] and app.query_one("#checkpoints-table", DataTable).row_count == 1
+
+
+@sync
+async def test_a_run_that_saved_no_state_cannot_be_continued_and_the_dialog_says_why(tmp_path):
+    app = make_app(config=valid_config(output_dir=str(tmp_path)))
+    async with app.run_test(size=SIZE) as pilot:
+        await finish_a_run(app, pilot, tmp_path, state_dir=None)
+        await pilot.press("ctrl+r")
+        await pilot.pause()
+        assert app.screen.query_one("#restart-continue", Button).disabled
+        assert "saved no training state" in " ".join(str(w.render()) for w in app.screen.query(".restart-why"))
+        await pilot.press("c")
+        await pilot.pause()
+        assert app.source.commands == ["start"]
+
+
+@sync
+async def test_continuing_asks_for_a_total_above_what_is_trained(tmp_path):
+    app = make_app(config=valid_config(output_dir=str(tmp_path), max_train_steps=100))
+    async with app.run_test(size=SIZE) as pilot:
+        await finish_a_run(app, pilot, tmp_path)
+        await pilot.press("ctrl+r")
+        await pilot.pause()
+        app.screen.query_one("#restart-total", Input).value = "100"
+        await pilot.press("c")
+        await pilot.pause()
+        assert "above 100" in str(app.screen.query_one("#restart-problem", Static).render())
+        assert app.source.commands == ["start"]
+
+
+@sync
+async def test_a_start_with_another_output_name_needs_no_dialog(tmp_path):
+    app = make_app(config=valid_config(output_dir=str(tmp_path)))
+    async with app.run_test(size=SIZE) as pilot:
+        await finish_a_run(app, pilot, tmp_path)
+        app.query_one("#field-output_name", Input).value = "other"
+        await settle(app, pilot)
+        await pilot.press("ctrl+r")
+        await settle(app, pilot)
+        assert app.source.commands == ["start", "start"] and app.source.configs[-1].output_name == "other"
+
+
+@sync
+async def test_an_error_the_engine_logged_is_toasted_once():
+    app = make_app(config=valid_config())
+    async with app.run_test(size=SIZE) as pilot:
+        await start_run(app, pilot)
+        toasts = recorded_toasts(app)
+        app.source.emit(LogMessage(level="error", message="--output_dir=/out already holds plasma.safetensors",
+                                   t=T0 + 2),
+                        RunFinished(status="failed", step=0, error="--output_dir=/out already holds plasma.safetensors",
+                                    t=T0 + 3))
+        await settle(app, pilot)
+        assert toasts == ["--output_dir=/out already holds plasma.safetensors"]
+
+
+# ---------------------------------------------------------------------------- the real engine, tiny model
+async def wait_until(pilot, predicate, what: str, timeout: float = 120.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        assert loop.time() < deadline, f"timed out waiting for {what}"
+        await pilot.pause(0.05)
+
+
+@sync
+async def test_real_engine_pause_reads_pausing_until_confirmed_and_a_finished_run_stays_until_the_next_starts(
+        tiny_cache, tmp_path):
+    import threading
+
+    from cockpit.restart import RestartScreen
+    from cockpit.sources import LiveSource
+    from engine.demo import prepare_demo
+
+    class HeldSource(LiveSource):
+        """The real engine; a start after the first waits until the test lets it go."""
+        def __init__(self):
+            super().__init__()
+            self.configs: list = []
+            self.go = threading.Event()
+
+        def start(self, config, deliver):
+            self.configs.append(config)
+            if len(self.configs) > 1:
+                self.go.wait(60)
+            super().start(config, deliver)
+
+    config = prepare_demo(tiny_cache, tmp_path, output_dir=str(tmp_path / "out"), resolution="64",
+                          max_train_steps=6, max_train_epochs=None, save_every_n_steps=3, save_state=True,
+                          gradient_checkpointing=False, seed=1).validate()
+    source = HeldSource()
+    app = CockpitApp(source, config=config, presets_dir=Path("/nonexistent-presets"))
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        shown: list[str] = []
+        progress = app.query_one("#progress-text", Static)
+        original_update = progress.update
+        progress.update = lambda content="", **kw: (shown.append(str(content)), original_update(content, **kw))[1]
+        await pilot.press("ctrl+r")
+        await wait_until(pilot, lambda: app.state.step >= 1, "the first step")
+        await pilot.press("space")
+        assert "PAUSING…" in shown[-1] or app.state.paused
+        await wait_until(pilot, lambda: app.state.paused, "the engine's pause")
+        await pilot.pause(0.3)
+        paused_texts = [t for t in shown if "PAUSED" in t]
+        assert paused_texts and "PAUSING…" in next(t for t in shown if "PAUS" in t)   # PAUSING… came first
+        assert len({STEP_RE.search(t).group(0) for t in paused_texts}) == 1           # no step moved under PAUSED
+        await pilot.press("space")
+        await wait_until(pilot, lambda: app.state.status == "completed", "the end of the run")
+        await settle(app, pilot)
+        table = app.query_one("#checkpoints-table", DataTable)
+        rows, history = table.row_count, len(app.state.history)
+        assert rows == 3 and history == 6          # step 3, step 6, the final
+        await pilot.press("ctrl+r")
+        await pilot.pause()
+        assert isinstance(app.screen, RestartScreen)
+        app.screen.query_one("#restart-total", Input).value = "9"
+        await pilot.press("c")
+        await pilot.pause(0.3)
+        assert app.state.status == "starting"                       # held: the new run has not started yet
+        assert table.row_count == rows and len(app.state.history) == history and "step 6/6" in str(progress.render())
+        source.go.set()
+        await wait_until(pilot, lambda: app.state.status == "completed" and app.state.total_steps == 9,
+                         "the continued run")
+        await settle(app, pilot)
+        assert app.state.start_step == 6 and app.state.step == 9
+        assert source.configs[-1].resume == "latest" and source.configs[-1].max_train_steps == 9
+        assert (tmp_path / "out" / "spyke_demo.safetensors").exists()

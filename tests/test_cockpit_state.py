@@ -7,8 +7,9 @@ import time
 
 import pytest
 
-from cockpit.state import (AbortRequested, CockpitState, LossHistory, PauseRequested, SaveRequested, SmoothingChanged,
-                           StartFailed, StartRequested, best_validation, elapsed, eta_next_checkpoint, eta_seconds, format_duration,
+from cockpit.state import (AbortRequested, CockpitState, LossHistory, PauseRequested, PlanPreviewed, SaveRequested,
+                           SmoothingChanged, StartFailed, StartRequested, best_validation, status_word, elapsed,
+                           eta_next_checkpoint, eta_seconds, format_duration,
                            memory_pressure, next_checkpoint, progress_text, reduce, reduce_all, smooth,
                            resume_command, steps_per_second)
 from engine.events import (CheckpointSaved, LogMessage, MemorySample, PhaseChanged, RunFinished, RunStarted,
@@ -72,13 +73,89 @@ def test_rate_eta_and_next_checkpoint():
     assert elapsed(s, T0 + 5000) == pytest.approx(100)    # frozen once finished
 
 
-def test_rate_window_resets_across_a_pause():
-    s = reduce_all(CockpitState(), [started(), PhaseChanged(phase="training")])
-    s = reduce_all(s, [step(i, t=T0 + i) for i in range(1, 5)])
-    s = reduce(s, PhaseChanged(phase="paused", t=T0 + 5))
-    s = reduce(s, PhaseChanged(phase="training", t=T0 + 500))
-    s = reduce_all(s, [step(5, t=T0 + 501), step(6, t=T0 + 502)])
-    assert steps_per_second(s) == pytest.approx(1.0)     # the 500 s pause does not count
+def test_a_pause_is_taken_out_of_it_per_second_elapsed_and_eta():
+    s = reduce_all(CockpitState(), [started(total=100, t=T0), PhaseChanged(phase="training", t=T0)])
+    s = reduce_all(s, [step(i, t=T0 + i) for i in range(1, 5)])           # 1 it/s
+    eta_before = eta_seconds(s)
+    s = reduce(s, PauseRequested(True))
+    s = reduce_all(s, [step(5, t=T0 + 5), PhaseChanged(phase="paused", t=T0 + 5)])
+    assert steps_per_second(s) == pytest.approx(1.0)                      # stopped, not reset
+    assert elapsed(s, T0 + 300) == pytest.approx(5) == elapsed(s, T0 + 5)  # the clock stopped at the pause
+    s = reduce_all(s, [PauseRequested(False), PhaseChanged(phase="training", t=T0 + 500)])
+    assert elapsed(s, T0 + 502) == pytest.approx(7)
+    s = reduce_all(s, [step(6, t=T0 + 501), step(7, t=T0 + 502)])
+    assert steps_per_second(s) == pytest.approx(1.0)                      # the 495 s pause does not count
+    assert eta_seconds(s) == pytest.approx(eta_before - 3)                 # no jump after resuming
+    s = reduce(s, RunFinished(status="completed", step=7, t=T0 + 510))
+    assert elapsed(s, T0 + 9000) == pytest.approx(15)
+
+
+def test_pausing_until_the_engine_confirms_then_paused_and_resuming_likewise():
+    s = reduce_all(CockpitState(), [started(), PhaseChanged(phase="training"), step(1)])
+    before = s
+    s = reduce(s, PauseRequested(True))
+    assert status_word(s)[0] == "PAUSING…" and s.pending == "pause" and not s.paused
+    assert before.pending == "" and status_word(before)[0] == "TRAINING"   # the state given is unchanged
+    s = reduce(s, step(2))                                                # the step in flight lands
+    assert status_word(s)[0] == "PAUSING…" and s.step == 2
+    s = reduce(s, PhaseChanged(phase="paused"))
+    assert status_word(s)[0] == "PAUSED" and s.pending == ""
+    s = reduce(s, PauseRequested(False))
+    assert status_word(s)[0] == "RESUMING…" and s.paused
+    s = reduce(s, PhaseChanged(phase="training"))
+    assert status_word(s)[0] == "TRAINING" and not s.paused and s.pending == ""
+
+
+def test_a_resume_before_the_engine_paused_waits_for_nothing():
+    s = reduce_all(CockpitState(), [started(), PhaseChanged(phase="training"), PauseRequested(True),
+                                    PauseRequested(False)])
+    assert s.pending == "" and status_word(s)[0] == "TRAINING"
+
+
+def test_a_save_inside_a_pause_keeps_it_paused_and_its_clock_stopped():
+    s = reduce_all(CockpitState(), [started(t=T0), PhaseChanged(phase="training", t=T0), step(1, t=T0 + 1),
+                                    step(2, t=T0 + 2), PhaseChanged(phase="paused", t=T0 + 2)])
+    s = reduce_all(s, [PhaseChanged(phase="saving", t=T0 + 50), PhaseChanged(phase="paused", t=T0 + 60)])
+    assert s.pause_requested and s.paused and elapsed(s, T0 + 100) == pytest.approx(2)
+    assert steps_per_second(s) == pytest.approx(1.0)
+
+
+def test_aborting_until_the_run_finishes_even_through_a_resume():
+    s = reduce_all(CockpitState(), [started(), PhaseChanged(phase="paused"), AbortRequested(save=True)])
+    assert status_word(s)[0] == "ABORTING…" and "saving a checkpoint" in status_word(s)[1]
+    s = reduce(s, PhaseChanged(phase="training"))          # the engine leaves its pause to stop
+    assert status_word(s)[0] == "ABORTING…"
+    s = reduce_all(s, [PhaseChanged(phase="finished", detail="aborted"), RunFinished(status="aborted", step=3)])
+    assert status_word(s)[0] == "ABORTED" and s.pending == ""
+
+
+def test_the_planned_total_shows_before_start_and_a_run_replaces_it():
+    s = reduce(CockpitState(), PlanPreviewed(128, 2))
+    assert progress_text(s) == "step 0/128" and s.num_epochs == 2
+    s = reduce_all(s, [StartRequested(), started(total=100)])
+    assert progress_text(s) == "step 0/100"
+    assert reduce(s, PlanPreviewed(5)).total_steps == 100                # a live run's total is the engine's
+
+
+def test_a_new_start_keeps_the_ended_run_on_screen_and_a_failed_start_restores_it():
+    s = reduce_all(CockpitState(), [started(), step(1, loss=0.5), step(2, loss=0.4),
+                                    CheckpointSaved(path="/out/x.safetensors", step=2, epoch=1, bytes=1, kind="final",
+                                                    state_dir="/out/x-state"),
+                                    RunFinished(status="completed", step=2)])
+    assert s.last_state_dir == "/out/x-state"
+    s = reduce(s, StartRequested())
+    assert s.running and len(s.history) == 2 and len(s.checkpoints) == 1
+    s = reduce(s, StartFailed("--output_dir=/out already holds x.safetensors"))
+    assert s.status == "completed" and not s.running and len(s.history) == 2 and len(s.checkpoints) == 1
+    assert s.log[-1].message.startswith("--output_dir=/out already holds")
+    s = reduce_all(s, [StartRequested(), started()])
+    assert len(s.history) == 0 and s.checkpoints == ()                    # the new run has begun
+
+
+def test_an_error_the_engine_logged_is_not_logged_again_by_the_finish():
+    s = reduce_all(CockpitState(), [started(), LogMessage(level="error", message="disk full"),
+                                    RunFinished(status="failed", step=1, error="disk full")])
+    assert [line.message for line in s.log].count("disk full") == 1
 
 
 def test_ema_is_debiased_and_adjustable():

@@ -89,18 +89,37 @@ def test_demo_in_tmux_pause_save_abort_quit(tmp_path):
             time.sleep(0.2)
         assert exit_file.read_text().strip() == "0"
     finally:
-        # A cockpit that loses its terminal keeps training by design: end it with the test.
-        panes = subprocess.run(["tmux", "-L", SOCKET, "list-panes", "-a", "-F", "#{pane_pid}"],
-                               capture_output=True, text=True).stdout.split()
-        children = []
-        for pid in panes:
-            try:
-                children += psutil.Process(int(pid)).children(recursive=True)
-            except psutil.Error:
-                pass
-        subprocess.run(["tmux", "-L", SOCKET, "kill-server"], capture_output=True)
-        for child in children:
-            try:
-                child.kill()
-            except psutil.Error:
-                pass
+        end_server()
+
+
+def end_server() -> None:
+    """A cockpit that loses its terminal keeps training by design: end it with the test."""
+    panes = subprocess.run(["tmux", "-L", SOCKET, "list-panes", "-a", "-F", "#{pane_pid}"],
+                           capture_output=True, text=True).stdout.split()
+    children = []
+    for pid in panes:
+        try:
+            children += psutil.Process(int(pid)).children(recursive=True)
+        except psutil.Error:
+            pass
+    subprocess.run(["tmux", "-L", SOCKET, "kill-server"], capture_output=True)
+    for child in children:
+        try:
+            child.kill()
+        except psutil.Error:
+            pass
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None or not BIN.exists(), reason="needs tmux and the console script")
+@pytest.mark.parametrize("term", ["screen", "xterm"])
+def test_checkboxes_read_off_and_on_in_a_plain_terminal(tmp_path, tiny_cache, term):
+    session = f"spyke-{uuid.uuid4().hex[:8]}"
+    cmd = f"cd {tmp_path} && unset COLUMNS LINES && TERM={term} SPYKE_CACHE={tiny_cache} {BIN} demo; sleep 30"
+    tmux("new-session", "-d", "-s", session, "-x", "120", "-y", "40", cmd)
+    try:
+        text = wait_for(session, lambda t: "spyke_demo-step" in t and "allow_pickle" in t, 60, "the demo form")
+        line = next(t for t in text.splitlines() if "allow_pickle" in t)
+        assert "[ ] allow_pickle" in line and "▐" not in line and "X" not in line.split("allow_pickle")[0], line
+        assert "space Pause/Resume" in text and " p Pause/Resume" not in text
+    finally:
+        end_server()

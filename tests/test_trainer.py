@@ -630,6 +630,7 @@ def test_pause_save_resume_abort_with_save(assets, tmp_path):
         manual = of(events, CheckpointSaved)
     assert [(c.kind, c.step) for c in manual] == [("manual", 2)]
     assert Path(manual[0].path).name == f"{NAME}-step00000002.safetensors"
+    assert wait_for(lambda: [e.phase for e in of(events[n_before:], PhaseChanged)] == ["saving", "paused"])
     handle.control.resume()
     assert handle.wait(120)
     result = handle.result
