@@ -14,13 +14,13 @@ import json
 import math
 import os
 import re
-import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from engine.errors import CheckpointError, ConfigError
+from engine.io.atomic import is_temp_name, write_file
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch import Tensor
@@ -30,8 +30,6 @@ SUPPORTED_SAVE_FORMATS = ("safetensors",)
 DEFAULT_STEP_NAME = "at"
 DEFAULT_EPOCH_NAME = "epoch"
 DEFAULT_LAST_NAME = "last"
-
-_TEMP_RE = re.compile(r"^\..+\.tmp-\d+-[0-9a-f]+$")
 
 # Metadata kohya's train_network.py always writes for an SD1 networks.lora run.
 FIXED_METADATA = {
@@ -232,19 +230,6 @@ def _os_error(path: Path, exc: OSError) -> CheckpointError:
     return CheckpointError(f"could not save {path}: {text}; {hint}")
 
 
-def fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems refuse fsync on directories
-    finally:
-        os.close(fd)
-
-
 def _check_finite(tensors: Mapping[str, Tensor], path: Path, where: str) -> None:
     import torch
 
@@ -254,11 +239,6 @@ def _check_finite(tensors: Mapping[str, Tensor], path: Path, where: str) -> None
                 f"not saving {path}: {key} contains NaN or Inf{where}; training diverged — "
                 "lower the learning rate or resume from an earlier checkpoint"
             )
-
-
-def temp_file_name(name: str, pid: int | None = None) -> str:
-    """The name :func:`save_lora_file` writes ``name`` under before renaming it into place."""
-    return f".{name}.tmp-{os.getpid() if pid is None else pid}-{secrets.token_hex(4)}"
 
 
 def save_lora_file(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> SavedFile:
@@ -271,7 +251,6 @@ def save_lora_file(path: Path, tensors: dict[str, Tensor], metadata: dict[str, s
     import safetensors.torch
 
     path = Path(path)
-    folder = path.parent
     for key, value in metadata.items():
         if not isinstance(key, str) or not isinstance(value, str):
             raise TypeError(f"metadata must be str -> str, got {key!r}: {type(value).__name__}")
@@ -287,28 +266,10 @@ def save_lora_file(path: Path, tensors: dict[str, Tensor], metadata: dict[str, s
         raise CheckpointError(f"not saving {path}: tensor data changed between serializations; report this bug")
     file_sha = hashlib.sha256(blob).hexdigest()
 
-    tmp = folder / temp_file_name(path.name)
     try:
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            with os.fdopen(fd, "wb") as f:
-                f.write(blob)
-                f.flush()
-                os.fsync(f.fileno())
-        except OSError as exc:
-            raise _os_error(path, exc) from None
-        _verify(tmp, path, tensors, meta)
-        try:
-            os.replace(tmp, path)
-        except OSError as exc:
-            raise _os_error(path, exc) from None
-    except BaseException:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        raise
-    fsync_dir(folder)
+        write_file(path, blob, check=lambda tmp: _verify(tmp, path, tensors, meta))
+    except OSError as exc:
+        raise _os_error(path, exc) from None
     return SavedFile(path=path, bytes=len(blob), sha256=file_sha, verified=True, model_hash=model_hash)
 
 
@@ -352,7 +313,7 @@ def cleanup_temp_files(folder: Path) -> list[Path]:
     except OSError as exc:
         raise _os_error(folder, exc) from None
     for entry in entries:
-        if _TEMP_RE.match(entry.name) and entry.is_file() and not entry.is_symlink():
+        if is_temp_name(entry.name) and entry.is_file() and not entry.is_symlink():
             try:
                 entry.unlink()
             except FileNotFoundError:

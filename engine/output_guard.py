@@ -15,7 +15,8 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.checkpoint import checkpoint_filename, fsync_dir, read_lora_metadata
+from engine.checkpoint import checkpoint_filename, read_lora_metadata
+from engine.io.atomic import fsync_dir
 from engine.config import TrainConfig
 from engine.errors import CheckpointError, ConfigError
 from engine.plan import RunPlan

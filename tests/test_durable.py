@@ -585,7 +585,7 @@ class _FaultyFile:
 
 def _break_checkpoint_writes(monkeypatch, err: int, after: int) -> None:
     """The checkpoint writer's ``after``+1-th file and later ones fail with ``err``."""
-    import engine.checkpoint as ckpt
+    import engine.io.atomic as ckpt
 
     calls = [0]
     real_fdopen = os.fdopen
