@@ -11,7 +11,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.checkpoint import checkpoint_filename
+from engine.kohya.names import checkpoint_filename
 from engine.config import TrainConfig
 from engine.dataset import DatasetArgs, DatasetPlan, compute_total_steps, load_dataset_plan
 from engine.errors import ConfigError

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.checkpoint import checkpoint_filename
+from engine.kohya.names import checkpoint_filename, state_dirname
 from engine.errors import CheckpointError, ConfigError
 from engine.io.atomic import TEMP_MARK, aside_original, replace_folder, temp_name
 
@@ -37,10 +37,6 @@ class Progress:
     nan_skipped: int = 0
     format: int = STATE_FORMAT
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def state_dirname(output_name: str, step: int | None) -> str:
-    return f"{output_name}-step{step:08d}-state" if step is not None else f"{output_name}-state"
 
 
 def longest_written_name(output_name: str, step_digits: int = 8) -> str:

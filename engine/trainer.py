@@ -18,11 +18,13 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from engine.channel import ControlChannel
-from engine.checkpoint import build_metadata, checkpoint_filename, cleanup_temp_files, save_lora_file
+from engine.checkpoint import cleanup_temp_files, save_lora_file
 from engine.config import TrainConfig, to_toml
 from engine.control import TrainingControl
 from engine.devices import enable_mps_fallback, pick_device, read_memory
 from engine.errors import CheckpointError, ConfigError, ModelLoadError, SpykeError
+from engine.kohya.metadata import run_metadata
+from engine.kohya.names import checkpoint_filename, state_dirname
 from engine.events import (
     CheckpointSaved,
     Event,
@@ -46,7 +48,6 @@ from engine.state import (
     load_state,
     restore_rng,
     save_state,
-    state_dirname,
 )
 
 RUNS_DIRNAME = ".spyke"
@@ -400,47 +401,8 @@ class _Job:
 
     # ------------------------------------------------------------------ saving
     def _metadata(self, step: int, epoch: int) -> dict[str, str]:
-        from engine.dataset_metadata import dataset_metadata
-
-        cfg, plan = self.cfg, self.plan
-        now = time.time()
-        return build_metadata({
-            "session_id": self.t.run_id,
-            "training_started_at": self.started_at,
-            "training_finished_at": now,
-            "output_name": cfg.output_name,
-            "sd_model_name": self.base.model_name,
-            "new_sd_model_hash": self.base.sha256() or "",
-            "network_dim": cfg.network_dim,
-            "network_alpha": cfg.network_alpha,
-            "learning_rate": cfg.learning_rate,
-            "unet_lr": cfg.unet_lr,
-            "text_encoder_lr": cfg.text_encoder_lr,
-            "lr_scheduler": cfg.lr_scheduler,
-            "lr_warmup_steps": cfg.lr_warmup_steps,
-            "optimizer": "torch.optim.adamw.AdamW",
-            "max_grad_norm": cfg.max_grad_norm,
-            "num_train_images": plan.dataset.num_train_images,
-            "num_reg_images": plan.dataset.num_reg_images,
-            "num_batches_per_epoch": plan.batches_per_epoch,
-            "num_epochs": plan.num_epochs,
-            "max_train_steps": plan.total_steps,
-            "steps": step,
-            "epoch": epoch,
-            "gradient_checkpointing": cfg.gradient_checkpointing,
-            "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
-            "mixed_precision": cfg.mixed_precision,
-            "save_precision": cfg.save_precision,
-            "clip_skip": cfg.clip_skip,
-            "seed": self.seed,
-            "cache_latents": cfg.cache_latents,
-            "prior_loss_weight": cfg.prior_loss_weight,
-            "noise_offset": cfg.noise_offset,
-            "min_snr_gamma": cfg.min_snr_gamma,
-            **dataset_metadata(plan.dataset, from_dataset_config=bool(cfg.dataset_config),
-                               gradient_accumulation_steps=cfg.gradient_accumulation_steps),
-            **({"sd_model_hash": legacy} if (legacy := self.base.legacy_hash()) else {}),
-        })
+        return run_metadata(self.cfg, self.plan, self.base, run_id=self.t.run_id, started_at=self.started_at,
+                            seed=self.seed, step=step, epoch=epoch)
 
     def current_epoch(self) -> int:
         """1-based epoch of the last completed step (the one just finished at an epoch boundary)."""
