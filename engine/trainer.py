@@ -7,12 +7,10 @@ same whether a cockpit, a test or nothing is listening.
 
 from __future__ import annotations
 
-import datetime as dt
 import os
 import random
 import time
 import traceback
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
@@ -39,6 +37,7 @@ from engine.events import (
 )
 from engine.output_guard import OutputCheck, apply_renames, check_outputs, refuse_foreign
 from engine.plan import RunPlan, missing_model, plan_run
+from engine.run.folder import RunFolder, new_run_id
 from engine.state import (
     Progress,
     capture_rng,
@@ -50,7 +49,6 @@ from engine.state import (
     save_state,
 )
 
-RUNS_DIRNAME = ".spyke"
 MEMORY_SAMPLE_SECONDS = 2.0
 ROLLBACK_LIMIT = 5
 NAN_SKIP_LIMIT = 5
@@ -69,11 +67,6 @@ class RunResult:
 
 class NonFiniteLoss(SpykeError):
     pass
-
-
-def new_run_id(output_name: str) -> str:
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return f"{stamp}-{output_name}-{uuid.uuid4().hex[:4]}"
 
 
 def _dtype(name: str | None):
@@ -109,6 +102,7 @@ class Trainer:
         self.channel: ControlChannel | None = None
         self.loss_hook = loss_hook
         self.run_dir: Path | None = None
+        self.folder: RunFolder | None = None
         self.global_step = 0
         self.epoch = 0
         self.batch_in_epoch = 0
@@ -150,11 +144,8 @@ class Trainer:
         self._emit(PhaseChanged(phase=phase, detail=detail))
 
     def _write_trace(self) -> None:
-        if self.run_dir is not None:
-            try:
-                (self.run_dir / "error.log").write_text(traceback.format_exc())
-            except OSError:
-                pass
+        if self.folder is not None:
+            self.folder.write_trace(traceback.format_exc())
 
     def _resume_hint(self) -> str | None:
         if self.last_state_dir is None:
@@ -186,17 +177,13 @@ class Trainer:
         return out, check
 
     def _open_run_folder(self, out: Path) -> Path:
-        run_dir = out / RUNS_DIRNAME / self.run_id
-        run_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            os.chmod(out / RUNS_DIRNAME, 0o700)
-            os.chmod(run_dir, 0o700)
-        except OSError:
-            pass
-        (run_dir / "config.toml").write_text(to_toml(self.config))
-        self._log = EventLog(run_dir / "events.jsonl")
+        folder = RunFolder(out, self.run_id)
+        folder.create()
+        folder.write_config(to_toml(self.config))
+        run_dir = folder.path
+        self._log = EventLog(folder.events_path)
         self.bus.add(self._log)
-        self.run_dir = run_dir
+        self.folder, self.run_dir = folder, run_dir
         self.channel = ControlChannel(run_dir, self.control, on_command=lambda command, sender: self._emit(
             LogMessage(level="info", message=f"control: {command.value}" + (f" from {sender}" if sender else ""))))
         return run_dir
