@@ -474,7 +474,7 @@ def test_nan_stop_names_step_and_last_good_checkpoint(assets, tmp_path):
 
 
 def test_nan_skip_drops_the_update_and_stops_after_too_many(assets, tmp_path):
-    from engine.trainer import NAN_SKIP_LIMIT
+    from engine.train.nan_policy import NAN_SKIP_LIMIT
 
     total = 3 + NAN_SKIP_LIMIT + 1
     out = tmp_path / "out"

@@ -442,7 +442,8 @@ def test_same_seed_same_losses_different_seed_different(assets, tmp_path):
 def make_job(assets, out: Path, **overrides):
     """The loaded models/optimizer of a run, without running the loop."""
     from engine.models import load_base_model
-    from engine.trainer import Trainer, _Job
+    from engine.train.job import Job as _Job
+    from engine.trainer import Trainer
 
     cfg = make_config(assets, out, **{"seed": 0, **overrides}).validate()
     plan = plan_run(cfg)
