@@ -1,5 +1,6 @@
 """The step loop: epochs of batch groups, the control between steps (pause, save, abort), the
-NaN policy, step events and memory samples, the step and epoch saves, then the final file."""
+NaN policy, step events and memory samples, and the saves the plan schedules
+(``RunPlan.checkpoint_at``), then the final file."""
 
 from __future__ import annotations
 
@@ -89,15 +90,13 @@ class Loop:
             lrs = {name: float(g["lr"]) for name, g in zip(job.group_names, optimizer.param_groups)}
             lr_scheduler.step()
             epoch_number = c.epoch + 1
-            epoch_done = c.finish_step(loss_value, len(groups))
+            c.finish_step(loss_value, len(groups))
             job.emit(StepCompleted(step=step, epoch=epoch_number, loss=loss_value, lrs=lrs,
                                    step_seconds=time.perf_counter() - step_started, skipped=skipped))
             self._sample()
-            if cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0:
-                saver.save("step")
-            if epoch_done and cfg.save_every_n_epochs and c.epoch % cfg.save_every_n_epochs == 0 \
-                    and c.epoch < plan.num_epochs and step < plan.total_steps:
-                saver.save("epoch")
+            for planned in plan.checkpoint_at(step):   # step files, then epoch files (never at the last epoch)
+                if planned.kind != "final":
+                    saver.save(planned.kind)
         final = saver.save("final")
         return final, "completed"
 
