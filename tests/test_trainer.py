@@ -180,6 +180,18 @@ def test_run_writes_exactly_the_kohya_file_names(main_run):
     assert not list(out.glob("*.tmp*")) and not list(out.glob(".*.safetensors*"))
 
 
+
+def test_a_step_file_and_an_epoch_file_due_at_the_same_step_are_both_saved_step_first(assets, tmp_path):
+    cfg = make_config(assets, tmp_path, max_train_epochs=2, save_every_n_steps=4, save_every_n_epochs=1, seed=1,
+                      network_dim=4, network_alpha=2.0)
+    result, events = train(cfg)
+    assert result.status == "completed", result.error
+    planned = [(c.kind, c.step, c.filename) for c in plan_run(cfg).checkpoints]
+    saved = [(e.kind, e.step, Path(e.path).name) for e in of(events, CheckpointSaved)]
+    assert saved == planned == [
+        ("step", 4, f"{NAME}-step00000004.safetensors"), ("epoch", 4, f"{NAME}-000001.safetensors"),
+        ("step", 8, f"{NAME}-step00000008.safetensors"), ("final", 8, f"{NAME}.safetensors")]
+
 def test_final_file_metadata(main_run):
     cfg, result, _ = main_run
     tensors, meta = read(result.final_path)
