@@ -6,14 +6,10 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from engine.devices import read_memory
 from engine.events import LogMessage, MemorySample, PhaseChanged, StepCompleted
 from engine.train.nan_policy import grads_finite
-
-if TYPE_CHECKING:  # pragma: no cover
-    from engine.train.job import Job
 
 MEMORY_SAMPLE_SECONDS = 2.0
 
@@ -26,7 +22,9 @@ def memory_sample(device_type: str) -> MemorySample:
 
 
 class Loop:
-    def __init__(self, job: Job) -> None:
+    """Runs an assembled ``engine.train.job.Job`` (its parts, counters, control and emitter) to the end."""
+
+    def __init__(self, job) -> None:
         self.job = job
         self._last_mem = 0.0
 
