@@ -1,4 +1,6 @@
-"""kohya-format LoRA files: names, ss_*/modelspec metadata, atomic verified saves.
+"""LoRA ``.safetensors`` files: verified atomic saves, reads, leftover-temp cleanup.
+
+Names, metadata and hashes are kohya's and live in ``engine.kohya``.
 
 A save never leaves a half-written ``.safetensors`` where a finished one is expected:
 the bytes go to ``.{name}.tmp-<pid>-<rand>`` in the same folder, are fsynced, read
@@ -7,207 +9,21 @@ back and checked, and only then ``os.replace``d into place (and the folder fsync
 
 from __future__ import annotations
 
-import datetime
 import errno as errno_mod
 import hashlib
 import json
-import math
 import os
-import re
-import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from engine.errors import CheckpointError, ConfigError
+from engine.errors import CheckpointError
+from engine.io.atomic import is_temp_name, write_file
+from engine.kohya.hashes import data_region_sha256, precalculate_safetensors_hashes
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch import Tensor
-
-SUPPORTED_SAVE_FORMATS = ("safetensors",)
-# kohya's names when --output_name is not given.
-DEFAULT_STEP_NAME = "at"
-DEFAULT_EPOCH_NAME = "epoch"
-DEFAULT_LAST_NAME = "last"
-
-_TEMP_RE = re.compile(r"^\..+\.tmp-\d+-[0-9a-f]+$")
-
-# Metadata kohya's train_network.py always writes for an SD1 networks.lora run.
-FIXED_METADATA = {
-    "ss_base_model_version": "sd_v1",
-    "ss_v2": "False",
-    "ss_network_module": "networks.lora",
-}
-# library/sai_model_spec.py for an SD1 LoRA: implementation is "diffusers" (only
-# SDXL LoRAs, full checkpoints and TIs get the Stability-AI generative-models URL).
-MODELSPEC_SPEC_VERSION = "1.0.0"
-MODELSPEC_ARCHITECTURE = "stable-diffusion-v1/lora"
-MODELSPEC_IMPLEMENTATION = "diffusers"
-MODELSPEC_DEFAULT_RESOLUTION = 512
-
-
-def check_save_model_as(value: str) -> str:
-    """Validate kohya's ``save_model_as``; only safetensors is supported."""
-    ext = str(value).strip().lstrip(".").lower()
-    if ext in SUPPORTED_SAVE_FORMATS:
-        return ext
-    if ext in ("ckpt", "pt"):
-        raise ConfigError(
-            f"save_model_as = {value!r} is not supported: LoRAs are only written as safetensors "
-            "(pickle-based .ckpt/.pt can run code when loaded); set save_model_as = \"safetensors\""
-        )
-    raise ConfigError(f"save_model_as = {value!r} is not a known format; set save_model_as = \"safetensors\"")
-
-
-def checkpoint_filename(
-    output_name: str | None,
-    *,
-    step: int | None = None,
-    epoch: int | None = None,
-    ext: str = "safetensors",
-) -> str:
-    """kohya's file names: ``{name}-step{step:08d}``, ``{name}-{epoch:06d}``, or ``{name}`` (final).
-
-    With no ``output_name`` kohya uses ``at-step…``, ``epoch-…`` and ``last``.
-    """
-    ext = check_save_model_as(ext)
-    if step is not None and epoch is not None:
-        raise ValueError("checkpoint_filename: give step or epoch, not both")
-    if output_name is not None:
-        name = str(output_name)
-        if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
-            raise ConfigError(
-                f"output_name = {output_name!r} must be a plain file name (no folders); put folders in output_dir"
-            )
-    if step is not None:
-        if step < 0:
-            raise ValueError(f"step must be ≥ 0, got {step}")
-        return f"{output_name or DEFAULT_STEP_NAME}-step{int(step):08d}.{ext}"
-    if epoch is not None:
-        if epoch < 0:
-            raise ValueError(f"epoch must be ≥ 0, got {epoch}")
-        return f"{output_name or DEFAULT_EPOCH_NAME}-{int(epoch):06d}.{ext}"
-    return f"{output_name or DEFAULT_LAST_NAME}.{ext}"
-
-
-# --------------------------------------------------------------------------- metadata
-def _meta_str(value: object) -> str:
-    """Format a value as kohya does: ``str(v)`` (so None -> "None", True -> "True",
-    floats as Python prints them, tuples as "(512, 512)"); dicts/lists as JSON."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, (dict, list)):
-        return json.dumps(value)
-    if isinstance(value, Path):
-        return str(value)
-    return str(value)
-
-
-def _parse_resolution(value: object) -> tuple[int, int] | None:
-    if value is None:
-        return None
-    if isinstance(value, int):
-        return (value, value)
-    if isinstance(value, str):
-        parts = [p for p in re.split(r"[,x ()]+", value) if p]
-        try:
-            nums = [int(p) for p in parts]
-        except ValueError:
-            return None
-    else:
-        try:
-            nums = [int(v) for v in value]  # type: ignore[union-attr]
-        except (TypeError, ValueError):
-            return None
-    if len(nums) == 1:
-        return (nums[0], nums[0])
-    if len(nums) >= 2:
-        return (nums[0], nums[1])
-    return None
-
-
-def build_metadata(values: Mapping[str, object]) -> dict[str, str]:
-    """kohya's LoRA metadata: ``ss_*`` training facts plus the ``modelspec.*`` block.
-
-    ``values`` is keyed by the ``ss_`` suffix (``"network_dim"`` -> ``ss_network_dim``);
-    keys already starting with ``ss_``, ``sshs_`` or ``modelspec.`` are taken as-is.
-    Every value becomes a string the way kohya writes it (``str(v)``; dicts and lists
-    as JSON; ``resolution`` (w, h) as ``"(w, h)"``). ``modelspec.*`` is derived like
-    kohya's ``sai_model_spec.build_metadata`` for an SD1 LoRA: title = output_name,
-    resolution ``WxH`` (512x512 when unknown), date from ``training_started_at``
-    (epoch seconds, local time, no microseconds), ``encoder_layer`` = clip_skip when set.
-    """
-    meta: dict[str, str] = {}
-    for key, value in values.items():
-        if key.startswith("metadata_"):
-            continue  # modelspec inputs (kohya --metadata_title etc.), not ss_ facts
-        if key.startswith(("ss_", "sshs_", "modelspec.")):
-            full = key
-        else:
-            full = "ss_" + key
-        if full == "ss_resolution":
-            reso = _parse_resolution(value)
-            meta[full] = str(reso) if reso is not None else _meta_str(value)
-            continue
-        meta[full] = _meta_str(value)
-    meta.update(FIXED_METADATA)
-
-    # ---- modelspec (kohya sai_model_spec for an SD1 LoRA)
-    started = values.get("training_started_at")
-    try:
-        ts = float(started) if started is not None else None  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        ts = None
-    if ts is None or not math.isfinite(ts):
-        ts = datetime.datetime.now().timestamp()
-    title = values.get("metadata_title") or values.get("output_name")
-    if not title:
-        title = f"LoRA@{ts}"
-    reso = _parse_resolution(values.get("resolution")) or (MODELSPEC_DEFAULT_RESOLUTION,) * 2
-    spec = {
-        "modelspec.sai_model_spec": MODELSPEC_SPEC_VERSION,
-        "modelspec.architecture": MODELSPEC_ARCHITECTURE,
-        "modelspec.implementation": MODELSPEC_IMPLEMENTATION,
-        "modelspec.title": str(title),
-        "modelspec.resolution": f"{reso[0]}x{reso[1]}",
-        "modelspec.date": datetime.datetime.fromtimestamp(int(ts)).isoformat(),
-        "modelspec.prediction_type": "epsilon",
-    }
-    clip_skip = values.get("clip_skip")
-    if clip_skip is not None:
-        spec["modelspec.encoder_layer"] = str(clip_skip)
-    for key in ("author", "description", "license", "tags"):
-        if values.get(f"metadata_{key}") is not None:
-            spec[f"modelspec.{key}"] = str(values[f"metadata_{key}"])
-    for key, value in spec.items():
-        meta.setdefault(key, value)
-    return meta
-
-
-# --------------------------------------------------------------------------- hashes
-def _data_region_sha256(blob: bytes | memoryview) -> str:
-    n = int.from_bytes(bytes(blob[:8]), "little")
-    return hashlib.sha256(blob[8 + n:]).hexdigest()
-
-
-def _legacy_hash(blob: bytes | memoryview) -> str:
-    # sd-webui-additional-networks' old hash: sha256 of the 64 KiB at offset 1 MiB.
-    return hashlib.sha256(blob[0x100000:0x110000]).hexdigest()[:8]
-
-
-def precalculate_safetensors_hashes(tensors: dict[str, Tensor], metadata: Mapping[str, str]) -> tuple[str, str]:
-    """``(sshs_model_hash, sshs_legacy_hash)`` as kohya precomputes them.
-
-    Both are taken from the serialization with only the ``ss_*`` metadata (kohya's
-    rule, so user metadata edits do not change them); the model hash covers the
-    tensor-data region only (after the 8-byte length and the JSON header).
-    """
-    import safetensors.torch
-
-    ss_only = {k: v for k, v in metadata.items() if k.startswith("ss_")}
-    blob = safetensors.torch.save(tensors, ss_only)
-    return _data_region_sha256(blob), _legacy_hash(blob)
 
 
 # --------------------------------------------------------------------------- save/load
@@ -232,19 +48,6 @@ def _os_error(path: Path, exc: OSError) -> CheckpointError:
     return CheckpointError(f"could not save {path}: {text}; {hint}")
 
 
-def fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems refuse fsync on directories
-    finally:
-        os.close(fd)
-
-
 def _check_finite(tensors: Mapping[str, Tensor], path: Path, where: str) -> None:
     import torch
 
@@ -254,11 +57,6 @@ def _check_finite(tensors: Mapping[str, Tensor], path: Path, where: str) -> None
                 f"not saving {path}: {key} contains NaN or Inf{where}; training diverged — "
                 "lower the learning rate or resume from an earlier checkpoint"
             )
-
-
-def temp_file_name(name: str, pid: int | None = None) -> str:
-    """The name :func:`save_lora_file` writes ``name`` under before renaming it into place."""
-    return f".{name}.tmp-{os.getpid() if pid is None else pid}-{secrets.token_hex(4)}"
 
 
 def save_lora_file(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> SavedFile:
@@ -271,7 +69,6 @@ def save_lora_file(path: Path, tensors: dict[str, Tensor], metadata: dict[str, s
     import safetensors.torch
 
     path = Path(path)
-    folder = path.parent
     for key, value in metadata.items():
         if not isinstance(key, str) or not isinstance(value, str):
             raise TypeError(f"metadata must be str -> str, got {key!r}: {type(value).__name__}")
@@ -283,32 +80,14 @@ def save_lora_file(path: Path, tensors: dict[str, Tensor], metadata: dict[str, s
     meta["sshs_model_hash"] = model_hash
     meta["sshs_legacy_hash"] = legacy_hash
     blob = safetensors.torch.save(tensors, meta)
-    if _data_region_sha256(blob) != model_hash:  # pragma: no cover - safetensors invariant
+    if data_region_sha256(blob) != model_hash:  # pragma: no cover - safetensors invariant
         raise CheckpointError(f"not saving {path}: tensor data changed between serializations; report this bug")
     file_sha = hashlib.sha256(blob).hexdigest()
 
-    tmp = folder / temp_file_name(path.name)
     try:
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            with os.fdopen(fd, "wb") as f:
-                f.write(blob)
-                f.flush()
-                os.fsync(f.fileno())
-        except OSError as exc:
-            raise _os_error(path, exc) from None
-        _verify(tmp, path, tensors, meta)
-        try:
-            os.replace(tmp, path)
-        except OSError as exc:
-            raise _os_error(path, exc) from None
-    except BaseException:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        raise
-    fsync_dir(folder)
+        write_file(path, blob, check=lambda tmp: _verify(tmp, path, tensors, meta))
+    except OSError as exc:
+        raise _os_error(path, exc) from None
     return SavedFile(path=path, bytes=len(blob), sha256=file_sha, verified=True, model_hash=model_hash)
 
 
@@ -352,7 +131,7 @@ def cleanup_temp_files(folder: Path) -> list[Path]:
     except OSError as exc:
         raise _os_error(folder, exc) from None
     for entry in entries:
-        if _TEMP_RE.match(entry.name) and entry.is_file() and not entry.is_symlink():
+        if is_temp_name(entry.name) and entry.is_file() and not entry.is_symlink():
             try:
                 entry.unlink()
             except FileNotFoundError:

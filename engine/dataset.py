@@ -33,7 +33,6 @@ from __future__ import annotations
 import bisect
 import math
 import random
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -110,7 +109,7 @@ class DatasetPlan:
         self.datasets = datasets
         self.entries = entries
         self.warnings = warnings
-        self._subset_images = subset_images  # per dataset: (subset, image count, captions of all its images)
+        self.subset_images = subset_images  # per dataset: (subset, image count, captions of all its images)
         self.sample_offsets: list[int] = []
         n = 0
         for e in entries:
@@ -118,7 +117,7 @@ class DatasetPlan:
             n += e.num_repeats
         self.num_samples = n
         # per dataset: sorted list of (bucket reso, [sample ids in registration order])
-        self._dataset_buckets: list[list[tuple[tuple[int, int], list[int]]]] = []
+        self.dataset_buckets: list[list[tuple[tuple[int, int], list[int]]]] = []
         self.buckets: dict[tuple[int, int], list[int]] = {}
         for di in range(len(datasets)):
             per: dict[tuple[int, int], list[int]] = {}
@@ -128,11 +127,11 @@ class DatasetPlan:
                 start = self.sample_offsets[ei]
                 per.setdefault(e.bucket, []).extend(range(start, start + e.num_repeats))
                 self.buckets.setdefault(e.bucket, []).append(ei)
-            self._dataset_buckets.append(sorted(per.items()))
+            self.dataset_buckets.append(sorted(per.items()))
         self.buckets = dict(sorted(self.buckets.items()))
         self.batches_per_epoch = sum(
             math.ceil(len(ids) / ds.batch_size)
-            for ds, buckets in zip(datasets, self._dataset_buckets)
+            for ds, buckets in zip(datasets, self.dataset_buckets)
             for _, ids in buckets
         )
         self.num_train_images = sum(
@@ -144,80 +143,11 @@ class DatasetPlan:
         self._cache: dict[int, np.ndarray] = {}
         self.cache_images = True
 
-    # ---- metadata -------------------------------------------------------------------
+    # ---- facts (kohya's metadata is built from them in engine.kohya.dataset_metadata) ----
     @property
     def batch_size(self) -> int:
         """The first dataset's batch size (kohya's ss_batch_size_per_device)."""
         return self.datasets[0].batch_size
-
-    def _dirs_metadata(self, reg: bool) -> dict:
-        out: dict[str, dict[str, int]] = {}
-        for subs in self._subset_images:
-            for s, count, _ in subs:
-                if s.is_reg == reg:
-                    out[s.image_dir.name] = {"n_repeats": s.num_repeats, "img_count": count}
-        return out
-
-    def dataset_dirs_metadata(self) -> dict:
-        """kohya ss_dataset_dirs: {dir name: {"n_repeats", "img_count"}} for training subsets."""
-        return self._dirs_metadata(reg=False)
-
-    def reg_dataset_dirs_metadata(self) -> dict:
-        """kohya ss_reg_dataset_dirs: the same for regularisation subsets."""
-        return self._dirs_metadata(reg=True)
-
-    def subset_image_counts(self, dataset_index: int) -> list[tuple[SubsetSpec, int]]:
-        """One dataset's subsets with how many images each folder holds (kohya ``img_count``)."""
-        return [(s, count) for s, count, _ in self._subset_images[dataset_index]]
-
-    def tag_frequency(self, dataset_index: int | None = None) -> dict:
-        """kohya ss_tag_frequency: {dir name: {lower-cased tag: count}} over every subset's captions.
-
-        Within a dataset, subsets sharing a folder name add up; a folder name already
-        counted by an earlier dataset is not counted again (kohya). With
-        ``dataset_index``: that dataset's own counts (kohya's per-dataset ``tag_frequency``).
-        """
-        result: dict[str, dict[str, int]] = {}
-        chosen = self._subset_images if dataset_index is None else [self._subset_images[dataset_index]]
-        for subs in chosen:
-            mine: dict[str, Counter] = {}
-            for s, _, captions in subs:
-                name = s.image_dir.name
-                if name in result:
-                    continue
-                counter = mine.setdefault(name, Counter())
-                for cap in captions:
-                    for tag in cap.split(","):
-                        tag = tag.strip().lower()
-                        if tag:
-                            counter[tag] += 1
-            for name, counter in mine.items():
-                result[name] = dict(counter)
-        return result
-
-    def bucket_info(self, dataset_index: int | None = None) -> dict | None:
-        """kohya ss_bucket_info (None when no dataset uses bucketing).
-
-        With ``dataset_index``: that dataset's buckets numbered from 0 in sorted order
-        (kohya's per-dataset ``bucket_info``; None when it does not bucket); counts include
-        repeats, the mean aspect-ratio error is over images without repeats.
-        """
-        if dataset_index is None:
-            indices = range(len(self.datasets))
-            if not any(ds.enable_bucket for ds in self.datasets):
-                return None
-        else:
-            indices = [dataset_index]
-            if not self.datasets[dataset_index].enable_bucket:
-                return None
-        buckets = {}
-        i = 0
-        for di in indices:
-            for reso, ids in self._dataset_buckets[di]:
-                buckets[i] = {"resolution": list(reso), "count": len(ids)}
-                i += 1
-        errs = [abs(e.ar_error) for e in self.entries if e.dataset_index in indices]
-        return {"buckets": buckets, "mean_img_ar_error": float(np.mean(errs)) if errs else 0.0}
 
     # ---- order ----------------------------------------------------------------------
     def sample_to_entry(self, sample_id: int) -> int:
@@ -233,7 +163,7 @@ class DatasetPlan:
         """
         rng = random.Random(int(seed) + int(epoch))
         batches: list[list[int]] = []
-        for ds, buckets in zip(self.datasets, self._dataset_buckets):
+        for ds, buckets in zip(self.datasets, self.dataset_buckets):
             bs = ds.batch_size
             for _, ids in buckets:
                 ids = list(ids)
@@ -255,9 +185,6 @@ class DatasetPlan:
         if self.cache_images:
             self._cache[entry_index] = arr
         return arr
-
-    def clear_cache(self) -> None:
-        self._cache.clear()
 
     def load_image(self, entry_index: int, flip: bool = False) -> "torch.Tensor":
         """[3, H, W] float32 in [-1, 1], resized and center-cropped to the entry's bucket."""

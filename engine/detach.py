@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +19,7 @@ from engine.output_guard import OutputCheck, check_outputs
 from engine.plan import RunPlan, missing_model, plan_run
 from engine.run.layout import RUNS_DIRNAME
 from engine.state import PROGRESS, config_mismatches, find_latest_state
-from engine.trainer import new_run_id
+from engine.run.folder import RunFolder, new_run_id
 
 
 def preflight(config: TrainConfig) -> tuple[str | None, OutputCheck]:
@@ -80,26 +79,25 @@ def detach_run(config: TrainConfig, config_path: str | None = None) -> int:
         print(outputs.finished_message())
         return 0
     run_id = resumed or new_run_id(config.output_name)
-    run_dir = Path(config.output_dir) / RUNS_DIRNAME / run_id
-    created = not run_dir.exists()
+    folder = RunFolder(config.output_dir, run_id)
+    run_dir = folder.path
+    created = False
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        os.chmod(run_dir, 0o700)
-        launch = run_dir / "launch.toml"
-        launch.write_text(to_toml(config))
+        created = folder.create()
+        launch = folder.write_launch(to_toml(config))
         env = dict(os.environ, SPYKE_RUN_ID=run_id, PYTHONUNBUFFERED="1")
-        with open(run_dir / "console.log", "ab") as log:
+        with open(folder.console_log, "ab") as log:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "cockpit.cli", "train", "--headless", str(launch)],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env,
                 cwd=os.getcwd())
     except OSError as err:
         if created:
-            shutil.rmtree(run_dir, ignore_errors=True)
+            folder.remove()
         raise ConfigError(f"--output_dir={config.output_dir}: cannot start the run there "
                           f"({err.strerror or err}); choose a folder you can write to") from None
     print(f"started run {run_id} (pid {proc.pid}) in the background")
-    print(f"  output:  {run_dir / 'console.log'}")
+    print(f"  output:  {folder.console_log}")
     print(f"  watch:   spyke-cockpit attach {run_dir}")
     print(f"  list:    spyke-cockpit ls {config.output_dir}")
     return 0

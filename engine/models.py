@@ -12,7 +12,6 @@ are refused unless ``allow_pickle`` (``--allow_pickle``) is set.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.errors import ModelLoadError
+from engine.kohya.hashes import file_legacy_hash, file_sha256
 
 DEFAULT_SD15_CONFIG_DIR = Path(__file__).resolve().parent / "assets" / "sd15"
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -43,11 +43,7 @@ class BaseModel:
         if self.source != "single_file":
             return None
         if self.file_sha256 is None:
-            digest = hashlib.sha256()
-            with open(self.path, "rb") as f:
-                while chunk := f.read(1 << 20):
-                    digest.update(chunk)
-            self.file_sha256 = digest.hexdigest()
+            self.file_sha256 = file_sha256(self.path)
         return self.file_sha256
 
     def legacy_hash(self) -> str | None:
@@ -55,9 +51,7 @@ class BaseModel:
         offset 1 MiB of the single file (A1111's first model hash); None for folders."""
         if self.source != "single_file":
             return None
-        with open(self.path, "rb") as f:
-            f.seek(0x100000)
-            return hashlib.sha256(f.read(0x10000)).hexdigest()[:8]
+        return file_legacy_hash(self.path)
 
 
 def load_base_model(

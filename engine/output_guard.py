@@ -15,11 +15,13 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.checkpoint import checkpoint_filename, fsync_dir, read_lora_metadata
+from engine.checkpoint import read_lora_metadata
+from engine.io.atomic import fsync_dir
+from engine.kohya.names import checkpoint_filename, state_dirname
 from engine.config import TrainConfig
 from engine.errors import CheckpointError, ConfigError
 from engine.plan import RunPlan
-from engine.state import read_progress, state_dirname
+from engine.state import read_progress
 
 
 @dataclass

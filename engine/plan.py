@@ -11,7 +11,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.checkpoint import checkpoint_filename
+from engine.kohya.names import checkpoint_filename
 from engine.config import TrainConfig
 from engine.dataset import DatasetArgs, DatasetPlan, compute_total_steps, load_dataset_plan
 from engine.errors import ConfigError
@@ -46,9 +46,15 @@ class RunPlan:
     output_dir: Path
     free_bytes: int | None
     warnings: list[str] = field(default_factory=list)
+    _by_step: dict[int, list[PlannedCheckpoint]] | None = field(default=None, init=False, repr=False, compare=False)
 
     def checkpoint_at(self, step: int) -> list[PlannedCheckpoint]:
-        return [c for c in self.checkpoints if c.step == step]
+        """The files planned at ``step``, in the order they are written (step, epoch, final)."""
+        if self._by_step is None:
+            self._by_step = {}
+            for c in self.checkpoints:
+                self._by_step.setdefault(c.step, []).append(c)
+        return self._by_step.get(step, [])
 
 
 def dataset_args(config: TrainConfig) -> DatasetArgs:

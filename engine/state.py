@@ -12,17 +12,16 @@ import json
 import os
 import random
 import shutil
-import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.checkpoint import checkpoint_filename, fsync_dir, temp_file_name
+from engine.kohya.names import checkpoint_filename, state_dirname
 from engine.errors import CheckpointError, ConfigError
+from engine.io.atomic import TEMP_MARK, aside_original, replace_folder, temp_name
 
 PROGRESS = "progress.json"
 STATE_FORMAT = 1
-TMP_MARK = ".tmp-"
 PID_MAX = 4_194_304     # the highest pid Linux can hand out (macOS: 99998): the widest pid in a temp name
 
 
@@ -40,21 +39,12 @@ class Progress:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def state_dirname(output_name: str, step: int | None) -> str:
-    return f"{output_name}-step{step:08d}-state" if step is not None else f"{output_name}-state"
-
-
-def temp_dir_name(name: str, pid: int | None = None) -> str:
-    """The name :func:`save_state` writes the state folder ``name`` under before renaming it into place."""
-    return f".{name}{TMP_MARK}{os.getpid() if pid is None else pid}-{uuid.uuid4().hex[:6]}"
-
-
 def longest_written_name(output_name: str, step_digits: int = 8) -> str:
     """The longest file or folder name a run called ``output_name`` writes in its output folder:
     the temp names of a step checkpoint and of a step state, with the widest step and pid."""
     step = 10 ** step_digits - 1
-    names = (temp_file_name(checkpoint_filename(output_name, step=step), pid=PID_MAX),
-             temp_dir_name(state_dirname(output_name, step), pid=PID_MAX))
+    names = (temp_name(checkpoint_filename(output_name, step=step), pid=PID_MAX),
+             temp_name(state_dirname(output_name, step), pid=PID_MAX))
     return max(names, key=lambda n: len(os.fsencode(n)))
 
 
@@ -112,28 +102,16 @@ def save_state(dest: Path, *, lora_tensors: dict, optimizer_state: dict, schedul
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise CheckpointError(f"not saving training state {dest}: {key} contains NaN or Inf; training "
                                   "diverged — lower the learning rate or resume from an earlier state")
-    tmp = dest.with_name(temp_dir_name(dest.name))
-    try:
-        tmp.mkdir(parents=True)
+    def fill(tmp: Path) -> None:
         save_file({k: v.contiguous() for k, v in lora_tensors.items()}, str(tmp / "lora.safetensors"))
         torch.save(optimizer_state, tmp / "optimizer.pt")
         torch.save(scheduler_state, tmp / "scheduler.pt")
         torch.save(rng_state, tmp / "rng.pt")
         (tmp / PROGRESS).write_text(json.dumps(asdict(progress), indent=1, default=str))
-        for child in tmp.iterdir():
-            with open(child, "rb") as fh:
-                os.fsync(fh.fileno())
-        fsync_dir(tmp)
-        old = None
-        if dest.exists():
-            old = dest.with_name(f".{dest.name}{TMP_MARK}old-{uuid.uuid4().hex[:6]}")
-            os.rename(dest, old)
-        os.rename(tmp, dest)
-        fsync_dir(dest.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+
+    try:
+        replace_folder(dest, fill)
     except OSError as err:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(f"could not write training state {dest}: {err.strerror or err}") from None
     return dest
 
@@ -209,11 +187,12 @@ def cleanup_temp_dirs(folder: Path) -> list[Path]:
     if not folder.is_dir():
         return removed
     for child in folder.iterdir():
-        if child.is_dir() and child.name.startswith(".") and TMP_MARK in child.name:
+        if child.is_dir() and child.name.startswith(".") and TEMP_MARK in child.name:
             # A kill between "move the old state aside" and "move the new one in" leaves only the
             # old one, complete, under its temp name: put it back rather than lose it.
-            original = folder / child.name[1:].split(f"{TMP_MARK}old-")[0]
-            if f"{TMP_MARK}old-" in child.name and not original.exists() and (child / PROGRESS).is_file():
+            original_name = aside_original(child.name)
+            original = folder / original_name if original_name else None
+            if original is not None and not original.exists() and (child / PROGRESS).is_file():
                 try:
                     os.rename(child, original)
                     continue

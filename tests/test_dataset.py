@@ -19,6 +19,8 @@ from engine.dataset import (
     process_caption,
 )
 from engine.errors import DatasetError
+from engine.kohya.dataset_metadata import (bucket_info, dataset_dirs_metadata, reg_dataset_dirs_metadata,
+                                           tag_frequency)
 from engine.tiny import generate_dataset
 
 
@@ -66,8 +68,8 @@ def test_seed_run_step_math_from_toml(seed_dataset):
     assert list(plan.buckets) == [(64, 64)]
     assert compute_total_steps(plan.batches_per_epoch, 4, None) == (920, 4)
     assert compute_total_steps(plan.batches_per_epoch, None, 1600) == (1600, 7)
-    assert plan.dataset_dirs_metadata() == {"10_spyke": {"n_repeats": 10, "img_count": 23}}
-    assert plan.reg_dataset_dirs_metadata() == {}
+    assert dataset_dirs_metadata(plan) == {"10_spyke": {"n_repeats": 10, "img_count": 23}}
+    assert reg_dataset_dirs_metadata(plan) == {}
     assert plan.warnings == []
 
 
@@ -184,7 +186,7 @@ def test_caption_first_line_stripped_and_class_tokens_fallback(tmp_path):
                                 "image_dir = \"i\"\nclass_tokens = \"sks dog\"\n")
     assert [e.caption for e in plan.entries] == ["first line, tag", "sks dog"]
     assert [e.caption_from_file for e in plan.entries] == [True, False]
-    assert plan.tag_frequency() == {"i": {"first line": 1, "tag": 1, "sks dog": 1}}
+    assert tag_frequency(plan) == {"i": {"first line": 1, "tag": 1, "sks dog": 1}}
 
 
 def test_missing_caption_and_class_tokens_is_an_error(tmp_path):
@@ -257,7 +259,7 @@ def test_train_data_dir_folder_convention(tmp_path):
     joined = " | ".join(plan.warnings)
     assert "'misc'" in joined and "'0_zero'" in joined and "10_spyke" in joined
     assert any("directly inside" in w and "ignored" in w for w in plan.warnings)   # loose.png
-    assert plan.dataset_dirs_metadata() == {"1_other": {"n_repeats": 1, "img_count": 1},
+    assert dataset_dirs_metadata(plan) == {"1_other": {"n_repeats": 1, "img_count": 1},
                                             "3_my_char": {"n_repeats": 3, "img_count": 2}}
 
 
@@ -282,8 +284,8 @@ def test_reg_images_repeated_to_match_train(tmp_path):
     assert [e.num_repeats for e in reg] == [3, 3, 2]          # kohya: +1 round-robin until 8
     assert plan.num_train_images == 8 and plan.num_reg_images == 3
     assert plan.num_samples == 16 and plan.batches_per_epoch == 16
-    assert plan.reg_dataset_dirs_metadata() == {"1_dog": {"n_repeats": 1, "img_count": 3}}
-    assert set(plan.tag_frequency()) == {"2_sks", "1_dog"}
+    assert reg_dataset_dirs_metadata(plan) == {"1_dog": {"n_repeats": 1, "img_count": 3}}
+    assert set(tag_frequency(plan)) == {"2_sks", "1_dog"}
     reg_ids = {s for s in range(plan.num_samples) if plan.entries[plan.sample_to_entry(s)].is_reg}
     batch = plan.load_batch(sorted(reg_ids)[:1] + [0], random.Random(0))
     assert batch.is_reg.tolist() == [True, False] and batch.is_reg.dtype == torch.bool
@@ -339,7 +341,7 @@ def test_bucket_selection_nearest_aspect_then_cover_and_crop(tmp_path):
     wide = next(i for i, e in enumerate(plan.entries) if e.path.name == "wide.png")
     t = plan.load_image(wide)
     assert t.shape == (3, 64, 192) and t.dtype == torch.float32
-    info = plan.bucket_info()
+    info = bucket_info(plan)
     assert sorted(tuple(b["resolution"]) for b in info["buckets"].values()) == [(128, 128), (192, 64)]
 
 
@@ -508,7 +510,7 @@ batch_size = 4
         assert len(datasets) == 1
         assert len(batch) <= (2 if datasets == {0} else 4)
     # a folder counted by an earlier dataset is not counted again (kohya)
-    assert plan.tag_frequency() == {"i": {"tag": 3, "other": 3}}
+    assert tag_frequency(plan) == {"i": {"tag": 3, "other": 3}}
 
 
 def test_headless_run_prints_the_caption_extension_warning(tiny_cache, tmp_path):

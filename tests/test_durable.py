@@ -474,7 +474,7 @@ def test_nan_stop_names_step_and_last_good_checkpoint(assets, tmp_path):
 
 
 def test_nan_skip_drops_the_update_and_stops_after_too_many(assets, tmp_path):
-    from engine.trainer import NAN_SKIP_LIMIT
+    from engine.train.nan_policy import NAN_SKIP_LIMIT
 
     total = 3 + NAN_SKIP_LIMIT + 1
     out = tmp_path / "out"
@@ -585,7 +585,7 @@ class _FaultyFile:
 
 def _break_checkpoint_writes(monkeypatch, err: int, after: int) -> None:
     """The checkpoint writer's ``after``+1-th file and later ones fail with ``err``."""
-    import engine.checkpoint as ckpt
+    import engine.io.atomic as ckpt
 
     calls = [0]
     real_fdopen = os.fdopen

@@ -13,13 +13,13 @@ import torch
 from torch import nn
 
 from engine.checkpoint import (
-    build_metadata,
-    checkpoint_filename,
     cleanup_temp_files,
     read_lora_file,
     save_lora_file,
 )
 from engine.errors import CheckpointError, ConfigError
+from engine.kohya.metadata import build_metadata
+from engine.kohya.names import checkpoint_filename
 from engine.lora import apply_lora
 
 DIM = 4

@@ -179,6 +179,18 @@ def test_run_writes_exactly_the_kohya_file_names(main_run):
     assert not list(out.glob("*.tmp*")) and not list(out.glob(".*.safetensors*"))
 
 
+
+def test_a_step_file_and_an_epoch_file_due_at_the_same_step_are_both_saved_step_first(assets, tmp_path):
+    cfg = make_config(assets, tmp_path, max_train_epochs=2, save_every_n_steps=4, save_every_n_epochs=1, seed=1,
+                      network_dim=4, network_alpha=2.0)
+    result, events = train(cfg)
+    assert result.status == "completed", result.error
+    planned = [(c.kind, c.step, c.filename) for c in plan_run(cfg).checkpoints]
+    saved = [(e.kind, e.step, Path(e.path).name) for e in of(events, CheckpointSaved)]
+    assert saved == planned == [
+        ("step", 4, f"{NAME}-step00000004.safetensors"), ("epoch", 4, f"{NAME}-000001.safetensors"),
+        ("step", 8, f"{NAME}-step00000008.safetensors"), ("final", 8, f"{NAME}.safetensors")]
+
 def test_final_file_metadata(main_run):
     cfg, result, _ = main_run
     tensors, meta = read(result.final_path)
@@ -442,7 +454,8 @@ def test_same_seed_same_losses_different_seed_different(assets, tmp_path):
 def make_job(assets, out: Path, **overrides):
     """The loaded models/optimizer of a run, without running the loop."""
     from engine.models import load_base_model
-    from engine.trainer import Trainer, _Job
+    from engine.train.job import Job as _Job
+    from engine.trainer import Trainer
 
     cfg = make_config(assets, out, **{"seed": 0, **overrides}).validate()
     plan = plan_run(cfg)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from engine.control import Command, TrainingControl
 from engine.errors import SpykeError
+from engine.io.atomic import write_file
 from engine.run.layout import CONTROL_DIRNAME
 
 
@@ -66,13 +67,5 @@ def send_command(run_dir: Path, command: Command | str, sender: str = "") -> Pat
     if not folder.is_dir():
         raise SpykeError(f"{run_dir}: this run has no control channel (is it a spyke-cockpit run folder?)")
     name = f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.json"
-    tmp = folder / f".{name}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.write(fd, json.dumps({"command": command.value, "sender": sender, "t": time.time()}).encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    final = folder / name
-    os.rename(tmp, final)
-    return final
+    data = json.dumps({"command": command.value, "sender": sender, "t": time.time()}).encode()
+    return write_file(folder / name, data, mode=0o600)

@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import secrets
 from pathlib import Path
 
-from engine.checkpoint import fsync_dir
+from engine.io.atomic import write_file
 
 PARAMETERS_KEY = "parameters"
 JSON_KEY = "spyke_sample"
@@ -62,20 +60,5 @@ def read_png_parameters(path: str | Path) -> dict | None:
 
 
 def write_atomic(path: str | Path, data: bytes) -> None:
-    path = Path(path)
-    folder = path.parent
-    tmp = folder / f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        raise
-    fsync_dir(folder)
+    """The PNG through the project's one atomic writer (temp name, fsync, rename, fsync the folder)."""
+    write_file(Path(path), data)

@@ -19,10 +19,88 @@ kohya options spyke-cockpit does not implement carry the only value it accepts
 from __future__ import annotations
 
 import json
+from collections import Counter
 from typing import Any
+
+import numpy as np
 
 from engine.dataset import DatasetPlan
 from engine.dataset_config import DatasetSpec, SubsetSpec
+
+
+def _dirs_metadata(plan: DatasetPlan, reg: bool) -> dict:
+    out: dict[str, dict[str, int]] = {}
+    for subs in plan.subset_images:
+        for s, count, _ in subs:
+            if s.is_reg == reg:
+                out[s.image_dir.name] = {"n_repeats": s.num_repeats, "img_count": count}
+    return out
+
+
+def dataset_dirs_metadata(plan: DatasetPlan) -> dict:
+    """kohya ss_dataset_dirs: {dir name: {"n_repeats", "img_count"}} for training subsets."""
+    return _dirs_metadata(plan, reg=False)
+
+
+def reg_dataset_dirs_metadata(plan: DatasetPlan) -> dict:
+    """kohya ss_reg_dataset_dirs: the same for regularisation subsets."""
+    return _dirs_metadata(plan, reg=True)
+
+
+def subset_image_counts(plan: DatasetPlan, dataset_index: int) -> list[tuple[SubsetSpec, int]]:
+    """One dataset's subsets with how many images each folder holds (kohya ``img_count``)."""
+    return [(s, count) for s, count, _ in plan.subset_images[dataset_index]]
+
+
+def tag_frequency(plan: DatasetPlan, dataset_index: int | None = None) -> dict:
+    """kohya ss_tag_frequency: {dir name: {lower-cased tag: count}} over every subset's captions.
+
+    Within a dataset, subsets sharing a folder name add up; a folder name already
+    counted by an earlier dataset is not counted again (kohya). With
+    ``dataset_index``: that dataset's own counts (kohya's per-dataset ``tag_frequency``).
+    """
+    result: dict[str, dict[str, int]] = {}
+    chosen = plan.subset_images if dataset_index is None else [plan.subset_images[dataset_index]]
+    for subs in chosen:
+        mine: dict[str, Counter] = {}
+        for s, _, captions in subs:
+            name = s.image_dir.name
+            if name in result:
+                continue
+            counter = mine.setdefault(name, Counter())
+            for cap in captions:
+                for tag in cap.split(","):
+                    tag = tag.strip().lower()
+                    if tag:
+                        counter[tag] += 1
+        for name, counter in mine.items():
+            result[name] = dict(counter)
+    return result
+
+
+def bucket_info(plan: DatasetPlan, dataset_index: int | None = None) -> dict | None:
+    """kohya ss_bucket_info (None when no dataset uses bucketing).
+
+    With ``dataset_index``: that dataset's buckets numbered from 0 in sorted order
+    (kohya's per-dataset ``bucket_info``; None when it does not bucket); counts include
+    repeats, the mean aspect-ratio error is over images without repeats.
+    """
+    if dataset_index is None:
+        indices = range(len(plan.datasets))
+        if not any(ds.enable_bucket for ds in plan.datasets):
+            return None
+    else:
+        indices = [dataset_index]
+        if not plan.datasets[dataset_index].enable_bucket:
+            return None
+    buckets = {}
+    i = 0
+    for di in indices:
+        for reso, ids in plan.dataset_buckets[di]:
+            buckets[i] = {"resolution": list(reso), "count": len(ids)}
+            i += 1
+    errs = [abs(e.ar_error) for e in plan.entries if e.dataset_index in indices]
+    return {"buckets": buckets, "mean_img_ar_error": float(np.mean(errs)) if errs else 0.0}
 
 
 def _bucket_sizes(ds: DatasetSpec) -> tuple[int | None, int | None]:
@@ -53,7 +131,7 @@ def _subset(sub: SubsetSpec, img_count: int) -> dict[str, Any]:
 
 def _dataset(plan: DatasetPlan, index: int) -> dict[str, Any]:
     ds = plan.datasets[index]
-    counts = plan.subset_image_counts(index)
+    counts = subset_image_counts(plan, index)
     lo, hi = _bucket_sizes(ds)
     return {
         "is_dreambooth": True,
@@ -64,8 +142,8 @@ def _dataset(plan: DatasetPlan, index: int) -> dict[str, Any]:
         "enable_bucket": bool(ds.enable_bucket),
         "min_bucket_reso": lo,
         "max_bucket_reso": hi,
-        "tag_frequency": plan.tag_frequency(index),
-        "bucket_info": plan.bucket_info(index),
+        "tag_frequency": tag_frequency(plan, index),
+        "bucket_info": bucket_info(plan, index),
         "resize_interpolation": None,
         "subsets": [_subset(s, n) for s, n in counts],
     }
@@ -75,7 +153,7 @@ def _merged_dirs(plan: DatasetPlan) -> dict[str, dict[str, int]]:
     """kohya's merged ss_dataset_dirs: training subsets only; a repeated folder name gets " (2)", " (3)"..."""
     out: dict[str, dict[str, int]] = {}
     for index in range(len(plan.datasets)):
-        for sub, count in plan.subset_image_counts(index):
+        for sub, count in subset_image_counts(plan, index):
             if sub.is_reg:
                 continue
             name, n = sub.image_dir.name, 2
@@ -87,14 +165,14 @@ def _merged_dirs(plan: DatasetPlan) -> dict[str, dict[str, int]]:
 
 def dataset_metadata(plan: DatasetPlan, *, from_dataset_config: bool,
                      gradient_accumulation_steps: int) -> dict[str, Any]:
-    """The dataset keys for ``checkpoint.build_metadata`` (``ss_`` prefix left off), plus
+    """The dataset keys for ``engine.kohya.metadata.build_metadata`` (``ss_`` prefix left off), plus
     ``modelspec.resolution`` from the first dataset."""
     first = plan.datasets[0]
     modelspec = {"modelspec.resolution": f"{first.resolution[0]}x{first.resolution[1]}"}
     if from_dataset_config:
         return {
             "datasets": [_dataset(plan, i) for i in range(len(plan.datasets))],
-            "tag_frequency": plan.tag_frequency(),
+            "tag_frequency": tag_frequency(plan),
             "dataset_dirs": _merged_dirs(plan),
             **modelspec,
         }
@@ -114,9 +192,9 @@ def dataset_metadata(plan: DatasetPlan, *, from_dataset_config: bool,
         "max_bucket_reso": hi,
         "keep_tokens": sub.keep_tokens,
         "caption_extension": sub.caption_extension,
-        "dataset_dirs": plan.dataset_dirs_metadata(),
-        "reg_dataset_dirs": plan.reg_dataset_dirs_metadata(),
-        "tag_frequency": plan.tag_frequency(),
-        "bucket_info": json.dumps(plan.bucket_info()),  # "null" without buckets, as kohya writes it
+        "dataset_dirs": dataset_dirs_metadata(plan),
+        "reg_dataset_dirs": reg_dataset_dirs_metadata(plan),
+        "tag_frequency": tag_frequency(plan),
+        "bucket_info": json.dumps(bucket_info(plan)),  # "null" without buckets, as kohya writes it
         **modelspec,
     }

@@ -1,0 +1,109 @@
+"""The step loop: epochs of batch groups, the control between steps (pause, save, abort), the
+NaN policy, step events and memory samples, and the saves the plan schedules
+(``RunPlan.checkpoint_at``), then the final file."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from engine.devices import read_memory
+from engine.events import LogMessage, MemorySample, PhaseChanged, StepCompleted
+from engine.train.nan_policy import grads_finite
+
+MEMORY_SAMPLE_SECONDS = 2.0
+
+
+def memory_sample(device_type: str) -> MemorySample:
+    m = read_memory(device_type)
+    return MemorySample(device=m.device, rss=m.rss, sys_used=m.sys_used, sys_available=m.sys_available,
+                        sys_total=m.sys_total, allocated=m.allocated, reserved=m.reserved, peak=m.peak,
+                        device_total=m.device_total)
+
+
+class Loop:
+    """Runs an assembled ``engine.train.job.Job`` (its parts, counters, control and emitter) to the end."""
+
+    def __init__(self, job) -> None:
+        self.job = job
+        self._last_mem = 0.0
+
+    def _phase(self, phase: str, detail: str = "") -> None:
+        self.job.emit(PhaseChanged(phase=phase, detail=detail))
+
+    def _sample(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if force or now - self._last_mem >= MEMORY_SAMPLE_SECONDS:
+            self._last_mem = now
+            self.job.emit(memory_sample(self.job.device_type))
+
+    def run(self) -> tuple[Path | None, str]:
+        job = self.job
+        cfg, plan, c, saver, nan, step_fn = job.cfg, job.plan, job.counters, job.saver, job.nan, job.step
+        optimizer, lr_scheduler = job.optimizer, job.lr_scheduler
+        if cfg.cache_latents:
+            step_fn.cache_latents(self._phase)
+        self._phase("training")
+        accum = cfg.gradient_accumulation_steps
+        poll = job.channel.poll if job.channel is not None else None
+
+        def on_pause(entering: bool) -> None:
+            self._phase("paused" if entering else "training")
+            if entering:
+                self._sample(force=True)
+
+        def on_save() -> None:
+            saver.save("manual", then="paused")     # a save inside a pause: still paused after it
+
+        self._last_mem = 0.0
+        groups: list = []
+        groups_epoch = None
+        while c.global_step < plan.total_steps and c.epoch < plan.num_epochs:
+            if groups_epoch != c.epoch:
+                batches = plan.dataset.epoch_batches(c.epoch, job.seed)
+                groups = [batches[i:i + accum] for i in range(0, len(batches), accum)]
+                groups_epoch = c.epoch
+            decision = job.control.between_steps(on_pause, on_save, poll)
+            if decision.save_now and not decision.abort:
+                saver.save("manual")
+            if decision.abort:
+                return self._abort(decision.abort_save)
+            step_started = time.perf_counter()
+            step = c.global_step + 1
+            loss_value, nonfinite = step_fn.forward_backward(groups[c.batch_in_epoch], step, job.loss_hook)
+            if nonfinite is None and not grads_finite(cfg, job.params, job.accelerator):
+                nonfinite = "gradient"
+            skipped = False
+            if nonfinite is not None:
+                optimizer.zero_grad(set_to_none=True)
+                if nan.on_nonfinite(step, nonfinite) == "rollback":
+                    continue
+                skipped = True
+                loss_value = float("nan")
+            else:
+                nan.finite_step()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            lrs = {name: float(g["lr"]) for name, g in zip(job.group_names, optimizer.param_groups)}
+            lr_scheduler.step()
+            epoch_number = c.epoch + 1
+            c.finish_step(loss_value, len(groups))
+            job.emit(StepCompleted(step=step, epoch=epoch_number, loss=loss_value, lrs=lrs,
+                                   step_seconds=time.perf_counter() - step_started, skipped=skipped))
+            self._sample()
+            for planned in plan.checkpoint_at(step):   # step files, then epoch files (never at the last epoch)
+                if planned.kind != "final":
+                    saver.save(planned.kind)
+        final = saver.save("final")
+        return final, "completed"
+
+    def _abort(self, save: bool) -> tuple[Path | None, str]:
+        job = self.job
+        path = None
+        if save and job.counters.global_step > 0:
+            path = job.saver.save("abort", with_state=True)
+        elif save:
+            job.saver.save_training_state()
+        job.emit(LogMessage(level="info", message=f"aborted at step {job.counters.global_step}" + (
+            f"; saved {path}" if path else "")))
+        return path, "aborted"

@@ -1,0 +1,109 @@
+"""Everything a run trains with, built once: the device and precision, the base models in place,
+the LoRA injected (``engine.lora``), gradient checkpointing, the parameter groups, and the
+optimizer with its learning-rate schedule (:func:`build_optimizer`, the one place that picks them)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from engine.config import TrainConfig
+from engine.errors import ConfigError
+
+
+def dtype_of(name: str | None):
+    import torch
+
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(name or "", torch.float32)
+
+
+@dataclass
+class Models:
+    accelerator: Any
+    device: Any
+    unet: Any
+    vae: Any
+    te: Any
+    tokenizer: Any
+    network: Any                    # engine.lora.LoraNetwork
+    weight_dtype: Any               # the frozen base weights' dtype
+    vae_dtype: Any
+    save_dtype: Any
+    train_unet: bool
+    train_te: bool                  # the text encoder's LoRA is trained (and its forward keeps grads)
+    unet_lr: float
+    te_lr: float
+
+
+def setup_models(cfg: TrainConfig, base, device, seed: int) -> Models:
+    """Place the base models on ``device`` in the training dtype and inject the LoRA (seeded)."""
+    import torch
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import set_seed
+
+    from engine.lora import apply_lora
+
+    device_type = device.type
+    if cfg.mixed_precision == "fp16" and device_type == "cpu":
+        raise ConfigError("--mixed_precision=fp16 needs a CUDA or MPS device; use bf16 or no on the CPU")
+    AcceleratorState._reset_state(True)
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=device_type == "cpu")
+    device = accelerator.device if device_type != "cpu" else device
+    set_seed(seed)
+
+    weight_dtype = dtype_of(cfg.mixed_precision)
+    unet, vae, te = base.unet, base.vae, base.text_encoder
+    unet_lr, te_lr = cfg.effective_unet_lr(), cfg.effective_text_encoder_lr()
+    train_te = not cfg.network_train_unet_only
+    train_unet = not cfg.network_train_text_encoder_only and unet_lr > 0
+    network = apply_lora(unet, te, dim=cfg.network_dim, alpha=cfg.network_alpha, train_unet=train_unet,
+                         train_text_encoder=train_te, text_encoder_frozen=te_lr == 0)
+    train_te = train_te and te_lr > 0
+    # Frozen base weights in the training dtype; LoRA weights stay fp32 (kohya does the same).
+    unet.to(device, dtype=weight_dtype)
+    te.to(device, dtype=weight_dtype)
+    vae_dtype = torch.float32 if (cfg.no_half_vae or cfg.mixed_precision == "no") else weight_dtype
+    vae.to(device, dtype=vae_dtype)
+    vae.requires_grad_(False)
+    vae.eval()
+    for p in network.unet_params + network.text_encoder_params:
+        p.data = p.data.float()
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if train_te:
+            if hasattr(te, "activation_checkpointing_enable"):  # transformers >= 5.2x
+                te.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    unet.train()
+    te.train(train_te)
+    return Models(accelerator=accelerator, device=device, unet=unet, vae=vae, te=te, tokenizer=base.tokenizer,
+                  network=network, weight_dtype=weight_dtype, vae_dtype=vae_dtype,
+                  save_dtype=dtype_of(cfg.save_precision), train_unet=train_unet, train_te=train_te,
+                  unet_lr=unet_lr, te_lr=te_lr)
+
+
+def param_groups(models: Models) -> list[dict]:
+    """The optimizer's parameter groups, named ``unet`` and ``text_encoder`` (the order kohya uses)."""
+    net = models.network
+    groups = []
+    if models.train_unet and net.unet_params:
+        groups.append({"params": net.unet_params, "lr": models.unet_lr, "name": "unet"})
+    if models.train_te and net.text_encoder_params:
+        groups.append({"params": net.text_encoder_params, "lr": models.te_lr, "name": "text_encoder"})
+    if not groups:
+        raise ConfigError("nothing to train: unet_lr and text_encoder_lr are both 0 (or the network is frozen)")
+    return groups
+
+
+def build_optimizer(cfg: TrainConfig, groups: list[dict], total_steps: int, device_type: str):
+    """The optimizer kohya's names and ``--optimizer_args`` ask for over ``groups`` (an
+    ``engine.optimizers.BuiltOptimizer``), its learning-rate schedule over ``total_steps``, and the
+    (level, text) notes both have for the log."""
+    from engine.optimizers import build_optimizer as build
+    from engine.schedules import build_scheduler
+
+    built = build(cfg, groups, device_type)
+    scheduler, notes = build_scheduler(cfg, built, total_steps)
+    return built, scheduler, built.messages + notes
