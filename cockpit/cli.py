@@ -20,7 +20,7 @@ from typing import Sequence
 from engine.errors import SpykeError
 
 PROG = "spyke-cockpit"
-COMMANDS = ("train", "demo", "attach", "ls", "serve", "compare")
+COMMANDS = ("train", "demo", "attach", "ls", "serve", "compare", "import-kohya", "export-kohya")
 
 
 def _fail(message: str, code: int = 2) -> int:
@@ -113,6 +113,49 @@ def cmd_compare(argv: Sequence[str]) -> int:
     return compare_main(argv)
 
 
+def cmd_import_kohya(argv: Sequence[str]) -> int:
+    import argparse
+
+    from engine.api import import_kohya
+
+    parser = argparse.ArgumentParser(prog=f"{PROG} import-kohya", description="A kohya train_network.py command "
+                                     "(a shell file, or - for stdin) as a spyke-cockpit preset TOML.")
+    parser.add_argument("source", metavar="FILE|-")
+    parser.add_argument("-o", "--output", metavar="PRESET.toml", help="write here (never over an existing file)")
+    ns = parser.parse_args(list(argv))
+    if ns.source == "-":
+        text = sys.stdin.read()
+    else:
+        try:
+            text = Path(ns.source).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            return _fail(f"{ns.source}: cannot read ({getattr(err, 'strerror', None) or err})")
+    toml_text, notes = import_kohya(text)
+    for note in notes:
+        sys.stderr.write(f"{PROG}: {note}\n")
+    if not ns.output:
+        sys.stdout.write(toml_text)
+        return 0
+    try:
+        with open(ns.output, "x", encoding="utf-8") as f:
+            f.write(toml_text)
+    except FileExistsError:
+        return _fail(f"{ns.output}: already exists; import-kohya never replaces a file (choose another -o name)")
+    except OSError as err:
+        return _fail(f"{ns.output}: cannot write ({err.strerror})")
+    print(f"wrote {ns.output}")
+    return 0
+
+
+def cmd_export_kohya(argv: Sequence[str]) -> int:
+    if len(argv) != 1 or argv[0].startswith("-"):
+        return _fail(f"usage: {PROG} export-kohya CONFIG.toml")
+    from engine.api import export_kohya
+
+    sys.stdout.write(export_kohya(argv[0]))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("-h", "--help") and len(argv) == 1:
@@ -121,7 +164,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = argv[0] if argv and argv[0] in COMMANDS else None
     rest = argv[1:] if command else argv
     handler = {"train": cmd_train, "demo": cmd_demo, "attach": cmd_attach, "ls": cmd_ls,
-               "serve": cmd_serve, "compare": cmd_compare}.get(command, cmd_cockpit)
+               "serve": cmd_serve, "compare": cmd_compare,
+               "import-kohya": cmd_import_kohya, "export-kohya": cmd_export_kohya}.get(command, cmd_cockpit)
     try:
         return handler(rest)
     except SpykeError as err:
