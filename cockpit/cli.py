@@ -14,7 +14,7 @@ from cockpit.pace import VIEW_INTERVAL
 from engine.errors import SpykeError
 
 PROG = "spyke-cockpit"
-COMMANDS = ("train", "demo", "attach", "ls", "serve", "compare")
+COMMANDS = ("train", "demo", "attach", "ls", "serve", "compare", "import-kohya", "export-kohya")
 README = Path(__file__).resolve().parent.parent / "README.md"
 SUMMARY = "Train Stable Diffusion 1.5 LoRAs with kohya train_network.py flags, and watch the run in a terminal."
 
@@ -31,6 +31,8 @@ commands:
   spyke-cockpit ls [FOLDER]                  list runs: live, paused, finished, failed, stale
   spyke-cockpit serve [RUN]                  the attach view in a web browser (127.0.0.1 only)
   spyke-cockpit compare RUN [--sheet OUT]    choose a checkpoint: samples × prompts (or a PNG sheet)
+  spyke-cockpit import-kohya FILE|-          a kohya train_network.py command (shell text) as a preset TOML
+  spyke-cockpit export-kohya CONFIG          the accelerate launch train_network.py command for a preset
 
 everyday flags:
   --headless         train, demo: no screen; one line per step and per checkpoint
@@ -92,7 +94,8 @@ def parsers() -> dict[str, Callable[[], argparse.ArgumentParser]]:
     from cockpit.serve import build_parser as serve_parser
 
     return {"": cockpit_parser, "train": train_parser, "demo": demo_parser, "attach": attach_parser,
-            "ls": ls_parser, "serve": serve_parser, "compare": compare_parser}
+            "ls": ls_parser, "serve": serve_parser, "compare": compare_parser, "import-kohya": import_kohya_parser,
+            "export-kohya": export_kohya_parser}
 
 
 def cmd_train(argv: Sequence[str]) -> int:
@@ -169,6 +172,57 @@ def cmd_compare(argv: Sequence[str]) -> int:
     return compare_main(argv)
 
 
+def import_kohya_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"{PROG} import-kohya", description="A kohya train_network.py command "
+                                     "(a shell file, or - for stdin) as a spyke-cockpit preset TOML.")
+    parser.add_argument("source", metavar="FILE|-", help="the shell file holding the command, or - for stdin")
+    parser.add_argument("-o", "--output", metavar="PRESET.toml", help="write here (never over an existing file)")
+    return parser
+
+
+def export_kohya_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"{PROG} export-kohya", description="Print the accelerate launch "
+                                     "train_network.py command that trains a preset.")
+    parser.add_argument("config", metavar="CONFIG.toml", help="the preset (or a run folder's config.toml)")
+    return parser
+
+
+def cmd_import_kohya(argv: Sequence[str]) -> int:
+    from engine.api import import_kohya
+
+    ns = import_kohya_parser().parse_args(list(argv))
+    if ns.source == "-":
+        text = sys.stdin.read()
+    else:
+        try:
+            text = Path(ns.source).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            return _fail(f"{ns.source}: cannot read ({getattr(err, 'strerror', None) or err})")
+    toml_text, notes = import_kohya(text)
+    for note in notes:
+        sys.stderr.write(f"{PROG}: {note}\n")
+    if not ns.output:
+        sys.stdout.write(toml_text)
+        return 0
+    try:
+        with open(ns.output, "x", encoding="utf-8") as f:
+            f.write(toml_text)
+    except FileExistsError:
+        return _fail(f"{ns.output}: already exists; import-kohya never replaces a file (choose another -o name)")
+    except OSError as err:
+        return _fail(f"{ns.output}: cannot write ({err.strerror})")
+    print(f"wrote {ns.output}")
+    return 0
+
+
+def cmd_export_kohya(argv: Sequence[str]) -> int:
+    ns = export_kohya_parser().parse_args(list(argv))
+    from engine.api import export_kohya
+
+    sys.stdout.write(export_kohya(ns.config))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("-h", "--help") and len(argv) == 1:
@@ -177,7 +231,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = argv[0] if argv and argv[0] in COMMANDS else None
     rest = argv[1:] if command else argv
     handler = {"train": cmd_train, "demo": cmd_demo, "attach": cmd_attach, "ls": cmd_ls,
-               "serve": cmd_serve, "compare": cmd_compare}.get(command, cmd_cockpit)
+               "serve": cmd_serve, "compare": cmd_compare,
+               "import-kohya": cmd_import_kohya, "export-kohya": cmd_export_kohya}.get(command, cmd_cockpit)
     try:
         return handler(rest)
     except SpykeError as err:

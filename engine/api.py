@@ -35,8 +35,9 @@ __all__ = [
     "RUNS_ROOT_ENV", "SKIPPED", "CheckpointSaved", "Command", "ConfigError", "Event", "EventTail", "LogMessage",
     "MemorySample", "ModelLoadError", "PhaseChanged", "RunFinished", "RunInfo", "RunStarted", "SamplesSaved", "SpykeError",
     "StepCompleted", "TrainConfig", "build_config", "coerce_value", "default_runs_root", "detach_run",
-    "field_is_optional", "field_type", "fields_in_group", "format_bytes", "line_at", "list_runs", "make_parser",
-    "notify_run_end", "overrides_from_namespace", "parse_line", "parse_train_args", "pid_alive", "plan_run", "prepare_demo",
+    "export_kohya", "field_is_optional", "field_type", "fields_in_group", "format_bytes", "import_kohya", "line_at",
+    "list_runs", "make_parser", "notify_run_end", "overrides_from_namespace", "parse_line", "parse_train_args",
+    "pid_alive", "plan_run", "prepare_demo",
     "resolve_run", "run_headless", "send_command", "start_training", "step_loss", "step_losses", "to_toml",
     "type_token", "user_config_path", "ValidationLoss",
 ]
@@ -75,6 +76,27 @@ def notify_run_end(status: str, step: int, error: str | None = None, *, run: str
     from engine.notify import notify_run_end as notify
 
     notify(status, step, error, run=run, out=out)
+
+
+def import_kohya(text: str) -> tuple[str, list[str]]:
+    """A kohya training command (as a shell file holds it) as a preset TOML, and the info lines of its flags."""
+    from engine.cli_args import make_parser as parser_for, parse_train_args as parse
+    from engine.kohya_command import command_to_argv
+
+    notes: list[str] = []
+    _, config = parse(parser_for("import-kohya", "", config_positional=False), command_to_argv(text), notes=notes)
+    return to_toml(config, skip_defaults=True), notes
+
+
+def export_kohya(config_path: str) -> str:
+    """The ``accelerate launch … train_network.py …`` command that trains the preset at ``config_path``."""
+    from pathlib import Path
+
+    from engine.kohya_command import export_command
+
+    config = build_config(Path(config_path))
+    ours = {name for name, f in FIELDS.items() if f.metadata.get("ours")}
+    return export_command(config.to_dict(skip_defaults=True), ours)
 
 
 def detach_run(config: TrainConfig, config_path: str | None = None) -> int:

@@ -12,7 +12,6 @@ import dataclasses
 import math
 import os
 import shlex
-import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -36,6 +35,9 @@ SAVE_PRECISIONS = ("float", "fp16", "bf16")
 DEVICES = ("auto", "mps", "cuda", "cpu")
 NAN_POLICIES = ("stop", "skip", "rollback")
 FP32_MAX = 3.4028234663852886e38
+# Fields whose engine part exists (engine/models.py: load_external_vae, full_precision_dtype) but which the
+# training setup does not call yet: refused rather than silently ignored. Remove a name once the setup applies it.
+AWAITING_TRAINING_SETUP = ("vae", "full_fp16", "full_bf16")
 
 
 def _f(default: Any, group: str, help: str, *, choices: Iterable[str] | None = None,
@@ -57,6 +59,8 @@ class TrainConfig:
         kind="path", ours=True)
     allow_pickle: bool = _f(False, "model", "Allow loading pickle .ckpt/.pt base models (runs code from the file).",
                             ours=True)
+    vae: str = _f("", "model", "An external VAE instead of the base model's: a diffusers folder or a single "
+                  ".safetensors file.", kind="path")
     clip_skip: int | None = _f(None, "model", "Use the output of the n-th last text-encoder layer (2 = skip the last).",
                                minimum=1)
     # --- dataset
@@ -92,8 +96,8 @@ class TrainConfig:
     unet_lr: float | None = _f(None, "optimizer", "UNet LoRA learning rate (overrides learning_rate; 0 freezes).",
                                minimum=0)
     text_encoder_lr: float | None = _f(None, "optimizer",
-                                       "Text-encoder LoRA learning rate (overrides learning_rate; 0 freezes).",
-                                       minimum=0)
+                                       "Text-encoder LoRA learning rate (overrides learning_rate; 0 freezes). kohya "
+                                       "takes one per text encoder; SD1.x has one.", minimum=0, kind="one_float")
     optimizer_type: str = _f(
         "AdamW", "optimizer", "Optimizer, kohya's names: AdamW, AdamW8bit, PagedAdamW8bit, Lion, Prodigy, Adafactor, "
         "DAdaptAdam, AdamWScheduleFree, SGDNesterov, ... or a dotted path module.Class to a torch optimizer.")
@@ -146,6 +150,8 @@ class TrainConfig:
     mixed_precision: str = _f("no", "precision", "Mixed precision.", choices=PRECISIONS)
     no_half_vae: bool = _f(False, "precision", "Keep the VAE in fp32 under mixed precision.")
     gradient_checkpointing: bool = _f(False, "precision", "Recompute activations to save memory.")
+    full_fp16: bool = _f(False, "precision", "Train the LoRA weights in fp16 too (needs mixed_precision fp16).")
+    full_bf16: bool = _f(False, "precision", "Train the LoRA weights in bf16 too (needs mixed_precision bf16).")
     device: str = _f("auto", "precision", "Device: auto picks MPS, then CUDA, then CPU.", choices=DEVICES, ours=True)
 
     # ---------------------------------------------------------------- derived
@@ -191,6 +197,14 @@ class TrainConfig:
             resolve_type(self.optimizer_type, self.use_8bit_adam, self.use_lion_optimizer)
         except ConfigError as err:
             out.setdefault("use_8bit_adam" if self.use_8bit_adam else "use_lion_optimizer", str(err).split(" ", 1)[1])
+        if self.full_fp16 and self.full_bf16:
+            out["full_bf16"] = "cannot be combined with full_fp16"
+        for name, dtype in (("full_fp16", "fp16"), ("full_bf16", "bf16")):
+            if getattr(self, name) and self.mixed_precision != dtype:
+                out[name] = f"needs --mixed_precision={dtype}, as in kohya (got {self.mixed_precision})"
+        for name in AWAITING_TRAINING_SETUP:
+            if getattr(self, name) != field_default(name):
+                out.setdefault(name, "is parsed but the training setup does not apply it yet; remove it for now")
         if self.network_train_unet_only and self.network_train_text_encoder_only:
             out["network_train_text_encoder_only"] = "cannot be combined with network_train_unet_only"
         return out
@@ -293,10 +307,21 @@ def parse_resolution(value: Any, where: str) -> tuple[int, int]:
 
 
 def coerce_value(name: str, raw: Any, where: str) -> Any:
-    """Convert a TOML value or a CLI/form string into the field's type, or raise a one-line ConfigError."""
+    """Convert a TOML value or a CLI/form string into the field's type, or raise a one-line ConfigError.
+    A kohya flag that is no field (engine.kohya_flags.TABLE) is typed by its kohya type."""
     if name not in FIELDS:
+        from engine.kohya_flags import TABLE
+
+        if name in TABLE:
+            from engine.kohya_config import coerce_flag
+
+            return coerce_flag(name, raw, where)
         raise ConfigError(f"{where}: unknown option {name!r}; see `spyke-cockpit train --help` for the flags")
     kind = field_type(name)
+    if FIELDS[name].metadata.get("kind") == "one_float":
+        from engine.kohya_config import one_float
+
+        raw = one_float(name, raw, where)
     if kind is list:
         return _coerce_list(name, raw, where)
     if raw is None or (isinstance(raw, str) and raw.strip() == "" and kind is not str):
@@ -370,15 +395,11 @@ def _steps_or_ratio(name: str, value: float, where: str) -> float | int:
 
 
 def load_toml_values(path: Path) -> dict[str, Any]:
-    """Read a preset TOML: keys at top level or in any tables (kohya's config_file style)."""
-    try:
-        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"{path}: not valid TOML ({err})") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{path}: cannot read ({err})") from None
+    """Read a preset TOML: keys at top level or in any tables (kohya's config_file style), typed; kohya flags
+    that are no config field are kept too (see :func:`build_config`)."""
+    from engine.kohya_config import read_toml
+
+    data = read_toml(Path(path))
     if is_dataset_toml(data):
         raise ConfigError(f"{path}: this is a kohya dataset config; pass it as --dataset_config={path} "
                           "(the positional argument is a training preset)")
@@ -392,14 +413,31 @@ def load_toml_values(path: Path) -> dict[str, Any]:
     return flat
 
 
-def build_config(toml_path: Path | None = None, overrides: Mapping[str, Any] | None = None) -> TrainConfig:
-    """Defaults, then the TOML, then ``overrides`` (already-typed values, e.g. from the CLI)."""
+def build_config(toml_path: Path | None = None, overrides: Mapping[str, Any] | None = None, *,
+                 notes: list[str] | None = None) -> TrainConfig:
+    """Defaults, then the TOML, then ``overrides`` (already-typed values, e.g. from the CLI).
+
+    kohya flags that are no field are decided by engine.kohya_flags: their info lines are appended to
+    ``notes``; one spyke-cockpit cannot honour raises a one-line ConfigError naming it."""
+    from engine.kohya_config import apply_flags
+
     values: dict[str, Any] = {}
+    where: dict[str, str] = {}
     if toml_path is not None:
-        values.update(load_toml_values(Path(toml_path)))
+        loaded = load_toml_values(Path(toml_path))
+        values.update(loaded)
+        where.update({k: str(toml_path) for k in loaded})
     if overrides:
         values.update(overrides)
-    return TrainConfig(**values)
+        where.update({k: f"--{k}" for k in overrides})
+    extras = {k: (v, where.get(k, f"--{k}")) for k, v in values.items() if k not in FIELDS}
+    fields_set, lines = apply_flags(extras, values)
+    chosen = {k: v for k, v in values.items() if k in FIELDS}
+    for key, value in fields_set.items():
+        chosen.setdefault(key, value)
+    if notes is not None:
+        notes.extend(lines)
+    return TrainConfig(**chosen)
 
 
 def to_toml(config: TrainConfig, *, skip_defaults: bool = False) -> str:

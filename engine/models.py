@@ -197,3 +197,60 @@ def _finish(unet, vae, text_encoder, tokenizer, source: str, path: Path) -> Base
         unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
         source=source, model_name=path.name, path=path,
     )
+
+
+def attention_kernel(unet: Any) -> str:
+    """Which attention runs in ``unet``: the processor class(es) of its attention layers, e.g. 'AttnProcessor2_0'
+    (PyTorch's fused scaled_dot_product_attention, on CPU, MPS and CUDA)."""
+    processors = getattr(unet, "attn_processors", None) or {}
+    names = sorted({type(p).__name__ for p in processors.values()})
+    return ", ".join(names) if names else "none"
+
+
+def load_external_vae(path: str | Path, *, sd_config_dir: Path | None = None) -> Any:
+    """kohya's ``--vae``: an AutoencoderKL from a diffusers folder (``config.json`` or a ``vae/`` subfolder) or a
+    single ``.safetensors`` file (configured from the SD1.5 VAE config shipped in engine/assets/sd15/vae), fp32,
+    offline. One ModelLoadError line naming ``--vae`` when it cannot."""
+    _force_offline()
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ModelLoadError(f"--vae: {path} not found — give a diffusers VAE folder or a .safetensors file")
+    import torch
+    from diffusers import AutoencoderKL
+
+    try:
+        if path.is_dir():
+            sub = "vae" if (path / "vae" / "config.json").is_file() else None
+            if sub is None and not (path / "config.json").is_file():
+                raise ModelLoadError(f"--vae: {path} is not a diffusers VAE folder (no config.json or vae/config.json)")
+            return AutoencoderKL.from_pretrained(path, subfolder=sub, torch_dtype=torch.float32,
+                                                 local_files_only=True)
+        if path.suffix.lower() != ".safetensors":
+            raise ModelLoadError(f"--vae: {path}: only .safetensors VAE files are loaded (pickle files can run code)")
+        config_dir = Path(sd_config_dir) if sd_config_dir is not None else DEFAULT_SD15_CONFIG_DIR
+        return AutoencoderKL.from_single_file(str(path), config=str(config_dir), subfolder="vae",
+                                              torch_dtype=torch.float32, local_files_only=True)
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any loader failure is one line naming the flag
+        raise ModelLoadError(f"--vae: cannot load {path}: {_first_line(exc)}") from None
+
+
+def full_precision_dtype(full_fp16: bool, full_bf16: bool, device: str) -> Any:
+    """kohya's ``--full_fp16``/``--full_bf16``: the dtype the LoRA weights train in (None: fp32), or one
+    ConfigError line where ``device`` ('cpu', 'mps', 'cuda') cannot train in it."""
+    import torch
+
+    from engine.errors import ConfigError
+
+    if not (full_fp16 or full_bf16):
+        return None
+    name, dtype = ("full_fp16", torch.float16) if full_fp16 else ("full_bf16", torch.bfloat16)
+    if device == "cpu" and dtype is torch.float16:
+        raise ConfigError("--full_fp16: the CPU cannot train in fp16; use --mixed_precision=bf16 --full_bf16, or "
+                          "remove --full_fp16")
+    if device == "mps" and dtype is torch.bfloat16 and not torch.backends.mps.is_macos_or_newer(14, 0):
+        raise ConfigError("--full_bf16: MPS trains in bf16 only on macOS 14 or newer; remove --full_bf16")
+    if device == "cuda" and dtype is torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        raise ConfigError("--full_bf16: this GPU has no bf16; use --mixed_precision=fp16 --full_fp16")
+    return dtype

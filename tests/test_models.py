@@ -260,3 +260,45 @@ def test_clip_skip_is_checked_against_the_loaded_text_encoder(tiny_cache, tmp_pa
     result = Trainer(cfg).run()
     assert (result.status, result.global_step) == ("failed", 0)
     assert result.error == "--clip_skip=7: the text encoder has 5 layers; use 1..5"
+
+
+def test_external_vae_loads_from_a_folder_and_a_single_file(folder_model, tiny_dir, tiny_single_file, tmp_path):
+    import torch
+
+    from engine.models import load_external_vae
+
+    folder = tmp_path / "vae"
+    folder_model.vae.save_pretrained(folder)
+    want = folder_model.vae.state_dict()
+    for vae in (load_external_vae(folder), load_external_vae(tiny_single_file, sd_config_dir=tiny_dir)):
+        got = vae.state_dict()
+        assert set(got) == set(want)
+        assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_external_vae_that_is_missing_or_pickle_is_one_line_naming_the_flag(tmp_path):
+    from engine.models import load_external_vae
+
+    with pytest.raises(ModelLoadError, match=r"^--vae: .*not found"):
+        load_external_vae(tmp_path / "nope.safetensors")
+    pickle = tmp_path / "vae.pt"
+    pickle.write_bytes(b"x")
+    with pytest.raises(ModelLoadError, match=r"^--vae: .*only \.safetensors"):
+        load_external_vae(pickle)
+
+
+def test_attention_kernel_reports_pytorch_fused_attention(folder_model):
+    from engine.models import attention_kernel
+
+    assert attention_kernel(folder_model.unet) == "AttnProcessor2_0"
+
+
+def test_full_fp16_on_cpu_is_refused_in_one_line():
+    from engine.errors import ConfigError
+    from engine.models import full_precision_dtype
+    import torch
+
+    assert full_precision_dtype(False, False, "cpu") is None
+    assert full_precision_dtype(False, True, "cpu") is torch.bfloat16
+    with pytest.raises(ConfigError, match=r"^--full_fp16: the CPU cannot train in fp16"):
+        full_precision_dtype(True, False, "cpu")

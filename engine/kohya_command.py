@@ -1,0 +1,66 @@
+"""A kohya training command as users keep it <-> a spyke-cockpit preset.
+
+:func:`command_to_argv` reads a whole shell command (line continuations, quotes, ``VAR=…``
+prefixes, ``accelerate launch`` and its own flags, ``python``, the path to ``train_network.py``)
+and returns the flags ``train_network.py`` gets. :func:`export_command` prints a config as the
+``accelerate launch … train_network.py …`` command that trains the same run.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from typing import Any
+
+from engine.errors import ConfigError
+
+SCRIPT = "train_network.py"
+
+
+def command_to_argv(text: str) -> list[str]:
+    """The arguments after ``train_network.py`` in a shell command (one ConfigError line when there is none)."""
+    joined = re.sub(r"\\\r?\n", " ", text)
+    # Keep the line that runs the script (a file may hold cd/export lines before it).
+    lines = [ln for ln in joined.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    runs = [ln for ln in lines if SCRIPT in ln]
+    if not runs:
+        if lines and lines[0].lstrip().startswith("--"):
+            runs = [" ".join(lines)]  # only the flags
+        else:
+            raise ConfigError(f"no {SCRIPT} command found: paste the whole `accelerate launch … {SCRIPT} …` "
+                              "command, or just its flags")
+    try:
+        words = shlex.split(runs[-1], comments=True)
+    except ValueError as err:
+        raise ConfigError(f"cannot read the command: {err} (an unclosed quote?)") from None
+    for i, word in enumerate(words):
+        if word == SCRIPT or word.endswith("/" + SCRIPT) or word.endswith("\\" + SCRIPT):
+            return words[i + 1:]
+    if words and words[0].startswith("--"):
+        return words
+    raise ConfigError(f"no {SCRIPT} command found in {runs[-1][:60]!r}")
+
+
+def export_command(values: dict[str, Any], ours: set[str] = frozenset()) -> str:
+    """``accelerate launch --num_cpu_threads_per_process=1 train_network.py --flag=value …`` (non-default values).
+    spyke-cockpit's own flags (``ours``) are no kohya flags: they are named in a comment line instead."""
+    parts = ["accelerate launch --num_cpu_threads_per_process=1", SCRIPT]
+    left_out = []
+    for name, value in values.items():
+        if name in ours:
+            left_out.append(f"--{name}={value}" if value is not True else f"--{name}")
+            continue
+        if value is None or value is False or value == "" or value == []:
+            continue
+        if value is True:
+            parts.append(f"--{name}")
+        elif isinstance(value, list):
+            parts.append(f"--{name} " + " ".join(shlex.quote(str(v)) for v in value))
+        else:
+            parts.append(f"--{name}={shlex.quote(_number(value))}")
+    tail = f"# spyke-cockpit's own settings, no kohya flags, left out: {' '.join(left_out)}\n" if left_out else ""
+    return " \\\n  ".join(parts) + "\n" + tail
+
+
+def _number(value: Any) -> str:
+    return repr(value) if isinstance(value, float) else str(value)

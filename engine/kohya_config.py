@@ -1,0 +1,114 @@
+"""kohya's ``--config_file`` and the values of kohya flags that are not config fields.
+
+sd-scripts' ``read_config_from_file``: the file name gets ``.toml`` when it has none; every table is
+flattened into one set of keys (a key outside a table is kept as is); command-line flags override
+the file; ``--output_config`` writes the given settings to the file (never over an existing one)
+and exits. Values are typed by the flag, with what kohya's TOMLs carry: ``64.0`` for an integer,
+``[5e-5, 5e-5]`` for ``text_encoder_lr`` (kohya's nargs="*"), ``""`` for an unset path.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Mapping
+
+from engine.errors import ConfigError
+from engine.kohya_flags import TABLE, decide
+
+
+def config_file_path(value: str) -> Path:
+    """kohya: ``--config_file=NAME`` reads ``NAME.toml`` when NAME does not end in .toml."""
+    return Path(value if value.endswith(".toml") else value + ".toml")
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML ({err})") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: cannot read ({err})") from None
+
+
+def coerce_flag(name: str, raw: Any, where: str) -> Any:
+    """A value of a table flag, typed by kohya's flag (None for an empty value)."""
+    kind = TABLE[name].kind
+    if raw is None or (isinstance(raw, str) and raw.strip() == "" and kind is not str):
+        return [] if kind is list else None
+    try:
+        if kind is list:
+            if isinstance(raw, str):
+                return raw.split()
+            if isinstance(raw, (list, tuple)):
+                return [str(x) for x in raw]
+            raise ValueError
+        if kind is bool:
+            if isinstance(raw, bool):
+                return raw
+            text = str(raw).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if kind is int:
+            if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
+                raise ValueError
+            return int(raw) if not isinstance(raw, str) else int(raw.strip())
+        if kind is float:
+            if isinstance(raw, bool):
+                raise ValueError
+            return float(raw)
+        if isinstance(raw, (dict, list)):
+            raise ValueError
+        return str(raw)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: {name} must be {kind.__name__} (got {raw!r})") from None
+
+
+def one_float(name: str, raw: Any, where: str) -> Any:
+    """kohya's ``text_encoder_lr`` is nargs="*" (one value per text encoder); SD1.x has one, so a list must
+    hold one value or equal values. Returns the float, None for an empty list, or ``raw`` when it is no list."""
+    if not isinstance(raw, (list, tuple)):
+        return raw
+    if not raw:
+        return None
+    try:
+        values = [float(x) for x in raw]
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: {name} must be numbers (got {list(raw)!r})") from None
+    if any(v != values[0] for v in values):
+        raise ConfigError(f"{where}: {name} has different values {list(raw)!r}, one per text encoder; SD1.x has one "
+                          f"text encoder: give one value, e.g. {name}={raw[0]}")
+    return values[0]
+
+
+def apply_flags(extras: Mapping[str, tuple[Any, str]], given: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """Decide every table flag: ``extras`` maps name -> (typed value, where it came from).
+    Returns the config fields they set and the info lines; raises the first refusal."""
+    fields: dict[str, Any] = {}
+    notes: list[str] = []
+    for name, (value, where) in extras.items():
+        note, sets = decide(name, value, given, where)
+        fields.update(sets)
+        if note:
+            notes.append(note)
+    return fields, notes
+
+
+def output_config(path: Path, values: Mapping[str, Any]) -> None:
+    """kohya's ``--output_config``: the given settings (not the defaults) as TOML; refuses an existing file."""
+    import tomli_w
+
+    if path.exists():
+        raise ConfigError(f"{path}: config file already exists; --output_config never replaces a file "
+                          "(choose another --config_file name)")
+    doc = {k: v for k, v in values.items() if v is not None and k not in ("config_file", "output_config")}
+    try:
+        with open(path, "x", encoding="utf-8") as f:
+            f.write(tomli_w.dumps(doc))
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot write the config file ({err.strerror})") from None

@@ -1,0 +1,278 @@
+"""What spyke-cockpit does with each kohya ``train_network.py`` flag that is not a config field.
+
+One table, :data:`TABLE`: flag -> :class:`KohyaFlag` (its kohya type, the form group it belongs
+to, and the decision). The rule: only a flag that cannot change the trained weights is accepted
+with one info line; a flag that changes training is never a silent no-op, so until it is
+implemented it is refused in one line naming it. A value equal to kohya's default (or an "off"
+switch) changes nothing in kohya either, so it is accepted without a word: the GUI writes
+``loss_type = "l2"`` and ``xformers = false`` into every config.
+
+Flags that are config fields (:data:`engine.config.FIELDS`) are not in this table: a field wins.
+This module is light: no torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+from engine.errors import ConfigError
+
+INFO = "info"            # accepted; cannot change the weights; one info line when switched on
+REFUSED = "refused"      # spyke-cockpit will not do it; one line when switched on
+PENDING = "pending"      # changes training and is not implemented yet; refused in one line when switched on
+ALIAS = "alias"          # kohya's other spelling of a field
+
+# Who implements a pending flag (shown in the refusal and grouped in the tests).
+OWNERS = {
+    "logging": "TensorBoard/wandb logging",
+    "samples": "sample images during training",
+    "training": "the network_args / loss / caption options",
+    "saving": "the saving options",
+    "max_token_length": "long prompts (max_token_length)",
+}
+# Help-only sections for flags outside the form's groups.
+EXTRA_GROUPS = {"logging": "Logging & console", "other": "Other kohya flags"}
+
+
+@dataclass(frozen=True)
+class KohyaFlag:
+    name: str
+    kind: type               # bool (store_true), int, float, str, list (nargs="*")
+    group: str               # a key of engine.config.GROUPS or EXTRA_GROUPS
+    status: str
+    line: str = ""           # the info line, or why it is refused
+    default: Any = None      # kohya's default: the same value is accepted silently
+    owner: str = ""          # PENDING: a key of OWNERS
+    target: str = ""         # ALIAS: the field it sets
+    decide: Callable[[Any, Mapping[str, Any]], str | None] | None = None  # custom: info line or raise
+
+
+def _v2(value: Any, _: Mapping[str, Any]) -> str | None:
+    if value:
+        raise ConfigError("--v2: SD2.x base models are not supported; spyke-cockpit trains SD1.x "
+                          "(remove --v2 / set v2 = false)")
+    return None
+
+
+def _dynamo(value: Any, given: Mapping[str, Any]) -> str | None:
+    if str(value).lower() == "no":
+        return "--dynamo_backend=no: accepted; the model runs without torch.compile, as in kohya"
+    return (f"--dynamo_backend={value}: accepted; kohya uses it only with --torch_compile, which is not given, "
+            "so nothing is compiled")
+
+
+def _max_token_length(value: Any, _: Mapping[str, Any]) -> str | None:
+    if value in (None, 75):
+        return None  # kohya: 75 + BOS/EOS = the tokenizer's 77, the same as not giving it
+    if value in (150, 225):
+        raise ConfigError(f"--max_token_length={value}: prompts longer than 75 tokens are not supported yet; "
+                          "remove it (75 tokens)")
+    raise ConfigError(f"--max_token_length must be 75, 150 or 225 (got {value!r})")
+
+
+def _fp8(value: Any, _: Mapping[str, Any]) -> str | None:
+    if value:
+        raise ConfigError("--fp8_base: a float8 base model is not supported: CPU and MPS have no float8 matmul "
+                          "and spyke-cockpit keeps the base model in mixed_precision on CUDA; remove --fp8_base")
+    return None
+
+
+def _cache_to_disk(value: Any, _: Mapping[str, Any]) -> str | None:
+    if value:
+        return ("--cache_latents_to_disk: latents are cached in memory (as --cache_latents), not written beside the "
+                "images; the training is the same")
+    return None
+
+
+def _torch_compile(value: Any, _: Mapping[str, Any]) -> str | None:
+    if value:
+        raise ConfigError("--torch_compile: torch.compile is not used by spyke-cockpit; remove --torch_compile")
+    return None
+
+
+def _in_json(value: Any, _: Mapping[str, Any]) -> str | None:
+    if value:
+        raise ConfigError(f"--in_json={value}: kohya's fine-tuning metadata file is not supported; give the images "
+                          "as --train_data_dir=<folder> or --dataset_config=<dataset.toml> with caption files")
+    return None
+
+
+_SDPA = "PyTorch's fused attention (SDPA) runs instead, same results"
+
+_ROWS: list[KohyaFlag] = [
+    # --- model
+    KohyaFlag("v2", bool, "model", REFUSED, decide=_v2),
+    KohyaFlag("v_parameterization", bool, "model", PENDING, "v-prediction training", False, "training"),
+    KohyaFlag("tokenizer_cache_dir", str, "model", INFO,
+              "the tokenizer ships with the base model (or spyke-cockpit's SD1.5 config); no download, no cache"),
+    KohyaFlag("xformers", bool, "precision", INFO, f"xformers is not used; {_SDPA}", False),
+    KohyaFlag("sdpa", bool, "precision", INFO, "PyTorch's fused attention (SDPA) runs, as asked", False),
+    KohyaFlag("mem_eff_attn", bool, "precision", INFO, f"kohya's memory-efficient attention is not used; {_SDPA}",
+              False),
+    KohyaFlag("fp8_base", bool, "precision", REFUSED, decide=_fp8),
+    KohyaFlag("fp8_base_unet", bool, "precision", REFUSED, decide=_fp8),
+    KohyaFlag("lowram", bool, "precision", INFO, "the base model is loaded the same way either way", False),
+    KohyaFlag("highvram", bool, "precision", INFO, "memory is managed the same way either way", False),
+    KohyaFlag("vae_batch_size", int, "precision", INFO,
+              "latents are cached one image at a time; the batch size of caching does not change the weights", 1),
+    KohyaFlag("dynamo_backend", str, "precision", INFO, default=None, decide=_dynamo),
+    KohyaFlag("torch_compile", bool, "precision", REFUSED, decide=_torch_compile),
+    KohyaFlag("cpu_offload_checkpointing", bool, "precision", INFO,
+              "activations are not offloaded to the CPU; only memory use differs", False),
+    KohyaFlag("ddp_timeout", int, "other", INFO, "single-device training; no distributed process group"),
+    KohyaFlag("ddp_gradient_as_bucket_view", bool, "other", INFO, "single-device training; no DDP", False),
+    KohyaFlag("ddp_static_graph", bool, "other", INFO, "single-device training; no DDP", False),
+    KohyaFlag("deepspeed", bool, "other", REFUSED, "DeepSpeed is not supported (single-device training)", False),
+    KohyaFlag("zero_stage", int, "other", INFO, "DeepSpeed is not used", 2),
+    KohyaFlag("offload_optimizer_device", str, "other", REFUSED, "DeepSpeed offloading is not supported"),
+    KohyaFlag("offload_optimizer_nvme_path", str, "other", REFUSED, "DeepSpeed offloading is not supported"),
+    KohyaFlag("offload_param_device", str, "other", REFUSED, "DeepSpeed offloading is not supported"),
+    KohyaFlag("offload_param_nvme_path", str, "other", REFUSED, "DeepSpeed offloading is not supported"),
+    KohyaFlag("zero3_init_flag", bool, "other", REFUSED, "DeepSpeed is not supported", False),
+    KohyaFlag("zero3_save_16bit_model", bool, "other", REFUSED, "DeepSpeed is not supported", False),
+    KohyaFlag("fp16_master_weights_and_gradients", bool, "other", REFUSED, "DeepSpeed is not supported", False),
+    KohyaFlag("fused_backward_pass", bool, "optimizer", REFUSED,
+              "the fused backward pass (Adafactor, SDXL) is not supported for SD1.x LoRA", False),
+    # --- dataset
+    KohyaFlag("in_json", str, "dataset", REFUSED, decide=_in_json),
+    KohyaFlag("dataset_repeats", int, "dataset", INFO,
+              "kohya applies it only to an --in_json fine-tuning dataset; repeats come from the 'N_name' folders "
+              "or num_repeats", 1),
+    KohyaFlag("caption_extention", str, "dataset", ALIAS, target="caption_extension"),
+    KohyaFlag("cache_latents_to_disk", bool, "dataset", ALIAS, target="cache_latents", decide=_cache_to_disk),
+    KohyaFlag("cache_info", bool, "dataset", INFO, "image sizes are read again each run; only start-up time differs",
+              False),
+    KohyaFlag("skip_cache_check", bool, "dataset", INFO, "latents are cached in memory, nothing to check", False),
+    KohyaFlag("debug_dataset", bool, "dataset", REFUSED,
+              "kohya's dataset viewer is not available; the cockpit's run plan lists the images", False),
+    KohyaFlag("dataset_class", str, "dataset", REFUSED, "a custom dataset class is not supported"),
+    KohyaFlag("conditioning_data_dir", str, "dataset", REFUSED, "ControlNet conditioning images are not used "
+              "by LoRA training"),
+    KohyaFlag("max_token_length", int, "dataset", PENDING, owner="max_token_length", decide=_max_token_length),
+    # --- network
+    KohyaFlag("base_weights", list, "network", PENDING, "merging LoRA weights into the base model", [], "training"),
+    KohyaFlag("base_weights_multiplier", list, "network", PENDING, "merging LoRA weights into the base model", [],
+              "training"),
+    # --- other: console
+    KohyaFlag("console_log_level", str, "logging", INFO, "progress lines go to the console and the run folder"),
+    KohyaFlag("console_log_file", str, "logging", INFO,
+              "the console is written to the run folder (.spyke/…/console.log), not to this file"),
+    KohyaFlag("console_log_simple", bool, "logging", INFO, "progress lines are always plain", False),
+    KohyaFlag("huggingface_repo_id", str, "saving", REFUSED, "uploading to the Hugging Face Hub is not supported"),
+    KohyaFlag("huggingface_repo_type", str, "saving", INFO, "nothing is uploaded"),
+    KohyaFlag("huggingface_path_in_repo", str, "saving", INFO, "nothing is uploaded"),
+    KohyaFlag("huggingface_token", str, "saving", INFO, "nothing is uploaded"),
+    KohyaFlag("huggingface_repo_visibility", str, "saving", INFO, "nothing is uploaded"),
+    KohyaFlag("save_state_to_huggingface", bool, "saving", REFUSED, "uploading to the Hugging Face Hub is not "
+              "supported", False),
+    KohyaFlag("resume_from_huggingface", bool, "saving", REFUSED, "resuming from the Hugging Face Hub is not "
+              "supported; download the state folder and pass --resume=<folder>", False),
+    KohyaFlag("async_upload", bool, "saving", INFO, "nothing is uploaded", False),
+]
+
+# Keys the kohya_ss GUI writes into its --config_file that are not train_network.py flags:
+# sd-scripts ignores them, and says nothing.
+_GUI_ONLY = {
+    "epoch": "the GUI's epoch box; sd-scripts ignores it (max_train_epochs / max_train_steps decide the length)",
+    "noise_offset_type": "the GUI's noise-offset choice; sd-scripts ignores it (noise_offset / "
+                         "multires_noise_iterations decide)",
+}
+for _name, _why in _GUI_ONLY.items():
+    _ROWS.append(KohyaFlag(_name, str, "other", INFO, _why, decide=lambda v, g, _w=_why, _n=_name: f"{_n}: {_w}"))
+
+# Flags of this parser another part of spyke-cockpit implements (refused until then, unless off/default).
+_PENDING_ELSEWHERE: list[tuple[str, type, str, Any]] = [
+    # logging
+    ("logging_dir", str, "logging", None), ("log_with", str, "logging", None), ("log_prefix", str, "logging", None),
+    ("log_tracker_name", str, "logging", None), ("log_tracker_config", str, "logging", None),
+    ("wandb_run_name", str, "logging", None), ("wandb_api_key", str, "logging", None),
+    ("log_config", bool, "logging", False),
+    # samples
+    ("sample_every_n_steps", int, "samples", None), ("sample_every_n_epochs", int, "samples", None),
+    ("sample_at_first", bool, "samples", False), ("sample_prompts", str, "samples", None),
+    ("sample_sampler", str, "samples", "ddim"),
+    # training semantics: network, loss, noise, captions, augmentation, validation
+    ("network_args", list, "training", []), ("network_dropout", float, "training", None),
+    ("scale_weight_norms", float, "training", None), ("loss_type", str, "training", "l2"),
+    ("huber_schedule", str, "training", "snr"), ("huber_c", float, "training", 0.1),
+    ("huber_scale", float, "training", 1.0), ("min_timestep", int, "training", 0),
+    ("max_timestep", int, "training", 1000), ("multires_noise_iterations", int, "training", None),
+    ("multires_noise_discount", float, "training", 0.3), ("adaptive_noise_scale", float, "training", None),
+    ("noise_offset_random_strength", bool, "training", False), ("ip_noise_gamma", float, "training", None),
+    ("ip_noise_gamma_random_strength", bool, "training", False), ("zero_terminal_snr", bool, "training", False),
+    ("scale_v_pred_loss_like_noise_pred", bool, "training", False), ("v_pred_like_loss", float, "training", None),
+    ("debiased_estimation_loss", bool, "training", False), ("weighted_captions", bool, "training", False),
+    ("masked_loss", bool, "training", False), ("alpha_mask", bool, "training", False),
+    ("caption_dropout_rate", float, "training", 0.0), ("caption_dropout_every_n_epochs", int, "training", 0),
+    ("caption_tag_dropout_rate", float, "training", 0.0), ("caption_prefix", str, "training", None),
+    ("caption_suffix", str, "training", None), ("caption_separator", str, "training", ","),
+    ("keep_tokens_separator", str, "training", ""), ("secondary_separator", str, "training", None),
+    ("enable_wildcard", bool, "training", False), ("color_aug", bool, "training", False),
+    ("random_crop", bool, "training", False), ("face_crop_aug_range", str, "training", None),
+    ("token_warmup_min", int, "training", 1), ("token_warmup_step", float, "training", 0),
+    ("resize_interpolation", str, "training", None), ("validation_seed", int, "training", None),
+    ("validation_split", float, "training", 0.0), ("validate_every_n_steps", int, "training", None),
+    ("validate_every_n_epochs", int, "training", None), ("max_validation_steps", int, "training", None),
+    # saving
+    ("save_last_n_steps", int, "saving", None), ("save_last_n_epochs", int, "saving", None),
+    ("save_last_n_steps_state", int, "saving", None), ("save_last_n_epochs_state", int, "saving", None),
+    ("save_n_epoch_ratio", int, "saving", None), ("save_state_on_train_end", bool, "saving", False),
+    ("training_comment", str, "saving", None), ("no_metadata", bool, "saving", False),
+    ("network_weights", str, "saving", None), ("dim_from_weights", bool, "saving", False),
+    ("skip_until_initial_step", bool, "saving", False), ("initial_epoch", int, "saving", None),
+    ("initial_step", int, "saving", None),
+] + [(f"metadata_{m}", str, "saving", None) for m in (
+    "title", "author", "description", "license", "tags", "usage_hint", "thumbnail", "merged_from", "trigger_phrase",
+    "preprocessor", "is_negative_embedding")]
+
+_FORM_GROUP = {"logging": "logging", "samples": "other", "training": "other", "saving": "saving"}
+for _name, _kind, _owner, _default in _PENDING_ELSEWHERE:
+    _ROWS.append(KohyaFlag(_name, _kind, _FORM_GROUP[_owner], PENDING, "", _default, _owner))
+
+TABLE: dict[str, KohyaFlag] = {row.name: row for row in _ROWS}
+# The launcher's own flags, read by import-kohya (accelerate launch …): they never reach train_network.py.
+CONFIG_FILE_FLAGS = ("config_file", "output_config")
+
+
+def _is_off(flag: KohyaFlag, value: Any) -> bool:
+    """The value changes nothing in kohya: a switch left off, an empty value, or kohya's default."""
+    if value is None or value is False or value == "" or value == []:
+        return True
+    return flag.default is not None and value == flag.default
+
+
+def decide(name: str, value: Any, given: Mapping[str, Any], where: str) -> tuple[str | None, dict[str, Any]]:
+    """What ``name=value`` (already typed) does: (an info line or None, config fields it sets).
+
+    Raises a one-line ConfigError naming the flag when spyke-cockpit cannot honour it.
+    """
+    flag = TABLE[name]
+    if flag.status == ALIAS:
+        note = flag.decide(value, given) if flag.decide else None
+        return note, ({flag.target: value} if not _is_off(flag, value) or flag.kind is not bool else {})
+    if flag.decide is not None:
+        try:
+            return flag.decide(value, given), {}
+        except ConfigError as err:
+            raise ConfigError(f"{where}: {err}" if where != f"--{name}" else str(err)) from None
+    if _is_off(flag, value):
+        return None, {}
+    shown = f"--{name}" + ("" if flag.kind is bool else f"={value!r}" if not isinstance(value, list) else "")
+    if flag.status == INFO:
+        return f"{shown}: accepted; {flag.line}", {}
+    prefix = "" if where == f"--{name}" else f"{where}: "
+    if flag.status == REFUSED:
+        raise ConfigError(f"{prefix}{shown}: {flag.line}; remove it")
+    what = flag.line or OWNERS[flag.owner]
+    raise ConfigError(f"{prefix}{shown}: not supported yet ({what}); remove it or set it to kohya's default "
+                      f"({flag.default!r})" if flag.default not in (None, False, []) else
+                      f"{prefix}{shown}: not supported yet ({what}); remove it")
+
+
+def pending_by_owner() -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for flag in TABLE.values():
+        if flag.status == PENDING:
+            out.setdefault(flag.owner, []).append(flag.name)
+    return out

@@ -1,0 +1,198 @@
+"""kohya's --config_file, its flag table, and kohya commands in and out (parse only: no torch)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from engine.api import export_kohya, import_kohya
+from engine.cli_args import make_parser, parse_train_args
+from engine.config import FIELDS, coerce_value
+from engine.errors import ConfigError
+from engine.kohya_config import read_toml
+from engine.kohya_flags import OWNERS, TABLE, decide
+
+GUI_CONFIGS = Path(__file__).resolve().parent.parent.parent / "shared" / "kohya-gui-configs"
+PLACEHOLDERS = {"TRAIN_DATA_DIR": "/data/train", "REG_DATA_DIR": "/data/reg", "OUTPUT_DIR": "/data/out",
+                "DATASET_TOML": "/data/dataset.toml", "CONFIG_TOML": "/data/config.toml", "MODEL": "/data/model"}
+# Keys of the GUI's configs that other parts of spyke-cockpit implement: refused until they land.
+PENDING_KEYS = {
+    "training": {"adaptive_noise_scale", "caption_dropout_rate", "multires_noise_iterations",
+                 "multires_noise_discount", "network_args", "network_dropout", "scale_weight_norms"},
+    "samples": {"sample_prompts", "sample_sampler"},
+    "logging": {"wandb_run_name"},
+    "saving": {"training_comment"},
+    "network_module": {"network_module"},  # lycoris.kohya (a value of a field)
+    "optimizer_type": {"optimizer_type"},  # Prodigy where prodigyopt is absent
+}
+# Values of fields the GUI emits and sd-scripts accepts that the bucket code still refuses.
+VALUE_PENDING = {"bucket_reso_steps", "resolution"}  # bucket_reso_steps = 1, resolution = "512,650"
+
+
+def parser():
+    return make_parser("spyke-cockpit train", "test", extra=[(("--headless",), {"action": "store_true"})])
+
+
+def parse(argv, notes=None):
+    return parse_train_args(parser(), argv, notes=[] if notes is None else notes)[1]
+
+
+def refused_keys(values: dict) -> dict[str, str]:
+    """Each key of a flattened kohya config that spyke-cockpit refuses, with its one line."""
+    out = {}
+    for key, raw in values.items():
+        try:
+            value = coerce_value(key, raw, "cfg")
+            if key in FIELDS:
+                from engine.config import TrainConfig
+
+                problem = TrainConfig(**{key: value}).problems().get(key)
+                if problem:
+                    raise ConfigError(problem)
+            else:
+                decide(key, value, values, "cfg")
+        except ConfigError as err:
+            out[key] = str(err)
+    return out
+
+
+def gui_configs():
+    return sorted(GUI_CONFIGS.glob("*.config.toml")) if GUI_CONFIGS.is_dir() else []
+
+
+@pytest.mark.skipif(not GUI_CONFIGS.is_dir(), reason="the kohya_ss GUI configs are not beside this checkout")
+@pytest.mark.parametrize("path", gui_configs(), ids=lambda p: p.name.split(".")[0])
+def test_gui_config_keys_are_accepted_except_those_pending_elsewhere(path, tmp_path):
+    text = path.read_text()
+    for placeholder, value in PLACEHOLDERS.items():
+        text = text.replace(placeholder, value)
+    flat = {}
+    for key, value in __import__("tomllib").loads(text).items():
+        flat.update(value if isinstance(value, dict) else {key: value})
+    pending = set().union(*PENDING_KEYS.values())
+    refused = refused_keys(flat)
+    unexpected = {k: v for k, v in refused.items() if k not in pending | VALUE_PENDING}
+    assert unexpected == {}, unexpected
+
+
+def test_config_file_is_flattened_typed_by_flag_and_overridden_by_flags(tmp_path):
+    cfg = tmp_path / "run.toml"
+    cfg.write_text('[model]\npretrained_model_name_or_path = "/m"\nv2 = false\nvae = ""\n'
+                   '[additional]\ntrain_data_dir = "/d"\nbucket_reso_steps = 64.0\nmax_train_steps = 10\n'
+                   'text_encoder_lr = [5e-5, 5e-5]\nmax_token_length = 75\nxformers = true\nepoch = 3\n'
+                   'lr_scheduler_args = []\nloss_type = "l2"\ndynamo_backend = "no"\n')
+    notes = []
+    config = parse([f"--config_file={tmp_path / 'run'}", "--max_train_steps", "20"], notes)
+    assert (config.bucket_reso_steps, config.max_train_steps, config.text_encoder_lr) == (64, 20, 5e-5)
+    assert config.train_data_dir == "/d" and config.vae == "" and config.lr_scheduler_args == []
+    assert any(n.startswith("--xformers: accepted; xformers is not used; PyTorch's fused attention (SDPA) runs "
+                            "instead") for n in notes)
+    assert any(n.startswith("epoch: the GUI's epoch box; sd-scripts ignores it") for n in notes)
+    assert any(n.startswith("--dynamo_backend=no: accepted") for n in notes)
+
+
+def test_text_encoder_lr_takes_several_values_on_the_command_line_when_they_agree():
+    assert parse(["--text_encoder_lr", "1e-4", "1e-4", "--network_dim", "8"]).text_encoder_lr == 1e-4
+    with pytest.raises(ConfigError, match=r"^--text_encoder_lr: text_encoder_lr has different values"):
+        parse(["--text_encoder_lr", "1e-4", "5e-5"])
+
+
+def test_a_stray_value_names_the_flag_before_it():
+    with pytest.raises(ConfigError, match=r"^--output_name: takes one value, but 'lora' follows it; quote"):
+        parse(["--output_name", "my", "lora"])
+
+
+def test_unknown_key_in_config_file_is_refused_naming_it(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('learnig_rate = 1e-4\n')
+    with pytest.raises(ConfigError, match=r"c\.toml: unknown option 'learnig_rate'"):
+        parse([f"--config_file={cfg}"])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--v2"], "--v2: SD2.x base models are not supported"),
+    (["--fp8_base"], "--fp8_base: a float8 base model is not supported"),
+    (["--in_json", "meta.json"], "--in_json=meta.json: kohya's fine-tuning metadata file is not supported"),
+    (["--max_token_length", "150"], "--max_token_length=150: prompts longer than 75 tokens are not supported yet"),
+    (["--loss_type", "huber"], "--loss_type='huber': not supported yet"),
+    (["--torch_compile"], "--torch_compile: torch.compile is not used"),
+])
+def test_flags_that_change_training_and_are_not_honoured_are_one_line_naming_the_flag(argv, message):
+    with pytest.raises(ConfigError) as info:
+        parse(argv)
+    assert str(info.value).startswith(message)
+
+
+@pytest.mark.parametrize("flag", ["--sdpa", "--mem_eff_attn", "--lowram", "--highvram", "--tokenizer_cache_dir=/x",
+                                  "--vae_batch_size=4", "--dataset_repeats=3", "--ddp_static_graph",
+                                  "--console_log_level=INFO", "--persistent_data_loader_workers"])
+def test_flags_that_cannot_change_the_weights_are_accepted(flag):
+    notes = []
+    parse([flag], notes)
+    name = flag.split("=")[0][2:]
+    assert name in FIELDS or any(n.startswith(f"--{name}") for n in notes)
+
+
+def test_cache_latents_to_disk_caches_latents_as_kohya_does():
+    notes = []
+    assert parse(["--cache_latents_to_disk"], notes).cache_latents is True
+    assert notes and notes[0].startswith("--cache_latents_to_disk: latents are cached in memory")
+
+
+def test_full_bf16_needs_bf16_mixed_precision():
+    assert "needs --mixed_precision=bf16" in parse(["--full_bf16"]).problems()["full_bf16"]
+
+
+def test_output_config_writes_the_given_flags_and_never_replaces_a_file(tmp_path):
+    target = tmp_path / "out.toml"
+    with pytest.raises(SystemExit) as done:
+        parse([f"--config_file={target}", "--output_config", "--network_dim=8", "--text_encoder_lr", "1e-5"])
+    assert done.value.code == 0
+    assert read_toml(target) == {"network_dim": 8, "text_encoder_lr": 1e-5}
+    assert parse([f"--config_file={target}"]).network_dim == 8
+    with pytest.raises(ConfigError, match="already exists"):
+        parse([f"--config_file={target}", "--output_config"])
+    assert read_toml(target) == {"network_dim": 8, "text_encoder_lr": 1e-5}
+
+
+COMMAND = r'''#!/bin/bash
+export HF_HOME=/tmp/hf
+CUDA_VISIBLE_DEVICES=0 accelerate launch --num_cpu_threads_per_process=2 --mixed_precision bf16 \
+  "./sd-scripts/train_network.py" \
+  --pretrained_model_name_or_path="/models/my model.safetensors" \
+  --train_data_dir '/data/my set' --output_name "my lora" \
+  --text_encoder_lr 5e-5 5e-5 --xformers --network_dim=16 --lr_warmup_steps=0.1 \
+  --optimizer_args weight_decay=0.1 betas=0.9,0.99 --seed 42  # my best run
+'''
+
+
+def test_import_kohya_reads_a_shell_command_as_users_keep_it(tmp_path):
+    toml_text, notes = import_kohya(COMMAND)
+    preset = tmp_path / "p.toml"
+    preset.write_text(toml_text)
+    config = parse([str(preset)])
+    assert config.pretrained_model_name_or_path == "/models/my model.safetensors"
+    assert (config.train_data_dir, config.output_name, config.text_encoder_lr) == ("/data/my set", "my lora", 5e-5)
+    assert config.optimizer_args == ["weight_decay=0.1", "betas=0.9,0.99"] and config.lr_warmup_steps == 0.1
+    assert config.seed == 42 and config.mixed_precision == "no"
+    assert any(n.startswith("--xformers") for n in notes)
+
+
+def test_export_of_an_imported_command_parses_to_the_same_config(tmp_path):
+    preset = tmp_path / "p.toml"
+    preset.write_text(import_kohya(COMMAND)[0])
+    command = export_kohya(str(preset))
+    assert command.startswith("accelerate launch --num_cpu_threads_per_process=1 \\\n  train_network.py")
+    again = tmp_path / "again.toml"
+    again.write_text(import_kohya(command)[0])
+    assert parse([str(again)]) == parse([str(preset)])
+
+
+def test_import_kohya_without_a_command_is_one_line():
+    with pytest.raises(ConfigError, match="no train_network.py command found"):
+        import_kohya("echo hello\n")
+
+
+def test_every_pending_flag_names_who_implements_it():
+    assert all(flag.owner in OWNERS for flag in TABLE.values() if flag.status == "pending")
