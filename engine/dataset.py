@@ -148,6 +148,7 @@ class DatasetPlan:
         self._cache: dict[int, np.ndarray] = {}
         self._resized: dict[int, object] = {}
         self.cache_images = True
+        self.args: DatasetArgs | None = None
         self.max_train_steps = 0          # set by the run plan (kohya set_max_train_steps): token_warmup_step ratios
 
     def subset_of(self, entry_index: int) -> SubsetSpec:
@@ -420,6 +421,7 @@ def load_dataset_plan(args: DatasetArgs) -> DatasetPlan:
         entries.extend(_balance_reg(reg, num_train, ds, warnings))
         subset_images.append(infos)
     plan = DatasetPlan(specs, entries, warnings, subset_images)
+    plan.args = args
     if plan.num_train_images == 0:
         raise DatasetError("the dataset has no training images (only regularisation images); add a subset without is_reg")
     return plan
