@@ -117,12 +117,7 @@ def resize_and_crop(image, reso: tuple[int, int], resized_size: tuple[int, int])
 
     Downscaling uses a box filter (kohya: cv2 INTER_AREA), upscaling Lanczos.
     """
-    from PIL import Image
-
-    if image.size != tuple(resized_size):
-        shrinking = resized_size[0] * resized_size[1] < image.size[0] * image.size[1]
-        image = image.resize(tuple(resized_size), Image.Resampling.BOX if shrinking else Image.Resampling.LANCZOS)
-    arr = np.array(image, dtype=np.uint8)  # a writable copy
+    arr = resize_only(image, resized_size)
     h, w = arr.shape[:2]
     if w > reso[0]:
         p = (w - reso[0]) // 2
@@ -133,3 +128,13 @@ def resize_and_crop(image, reso: tuple[int, int], resized_size: tuple[int, int])
     if arr.shape[0] != reso[1] or arr.shape[1] != reso[0]:
         raise ValueError(f"resize_and_crop produced {arr.shape[1]}x{arr.shape[0]}, expected {reso[0]}x{reso[1]}")
     return np.ascontiguousarray(arr)
+
+
+def resize_only(image, resized_size: tuple[int, int]) -> np.ndarray:
+    """Resize a PIL RGB image to ``resized_size`` (box filter down, Lanczos up); uint8 HWC, writable."""
+    from PIL import Image
+
+    if image.size != tuple(resized_size):
+        shrinking = resized_size[0] * resized_size[1] < image.size[0] * image.size[1]
+        image = image.resize(tuple(resized_size), Image.Resampling.BOX if shrinking else Image.Resampling.LANCZOS)
+    return np.array(image, dtype=np.uint8)

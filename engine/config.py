@@ -74,12 +74,33 @@ class TrainConfig:
     enable_bucket: bool = _f(False, "dataset", "Aspect-ratio buckets.")
     min_bucket_reso: int = _f(256, "dataset", "Smallest bucket side.", minimum=64)
     max_bucket_reso: int = _f(1024, "dataset", "Largest bucket side.", minimum=64)
-    bucket_reso_steps: int = _f(64, "dataset", "Bucket side step (multiple of 8).", minimum=8)
+    bucket_reso_steps: int = _f(64, "dataset", "Bucket side step (64 recommended).", minimum=1)
     bucket_no_upscale: bool = _f(False, "dataset", "Never upscale an image to fit a bucket.")
     shuffle_caption: bool = _f(False, "dataset", "Shuffle comma-separated caption tags.")
     keep_tokens: int = _f(0, "dataset", "Leading caption tags kept in place when shuffling.", minimum=0)
     flip_aug: bool = _f(False, "dataset", "Random horizontal flips.")
     cache_latents: bool = _f(False, "dataset", "Encode every image with the VAE once, before training.")
+    # --- dataset: captions and augmentation (kohya flags; dataset-TOML keys of the same names override them)
+    caption_prefix: str = _f("", "dataset", "Text put before every caption (joined with a space).")
+    caption_suffix: str = _f("", "dataset", "Text put after every caption (joined with a space).")
+    caption_dropout_rate: float = _f(0.0, "dataset", "Probability of training a sample on an empty caption.",
+                                     minimum=0)
+    caption_dropout_every_n_epochs: int = _f(0, "dataset", "Train on empty captions every N-th epoch (0 = never).",
+                                             minimum=0)
+    caption_tag_dropout_rate: float = _f(0.0, "dataset", "Probability of dropping each shuffleable caption tag.",
+                                         minimum=0)
+    caption_separator: str = _f(",", "dataset", "Separator between caption tags.")
+    keep_tokens_separator: str = _f("", "dataset", "Caption marker: tags before it (and after a second one) stay fixed.")
+    secondary_separator: str = _f("", "dataset", "Separator kept together when shuffling, turned into the tag separator.")
+    enable_wildcard: bool = _f(False, "dataset", "Expand {a|b|c} and pick one line of multi-line captions at random.")
+    token_warmup_min: int = _f(1, "dataset", "Caption tags used at step 0 of the token warm-up.", minimum=0)
+    token_warmup_step: float = _f(0, "dataset", "Steps (or ratio of total steps below 1) to reach all tags; 0 = off.",
+                                  minimum=0)
+    color_aug: bool = _f(False, "dataset", "Random weak hue/gamma augmentation (not with --cache_latents).")
+    random_crop: bool = _f(False, "dataset", "Random instead of centre crop (not with --cache_latents).")
+    face_crop_aug_range: str = _f("", "dataset", "Face crop scale range 'lo,hi' (face from names name_cx_cy_w_h).")
+    cache_latents_to_disk: bool = _f(False, "dataset", "Cache latents on disk, reused by later runs (implies "
+                                     "--cache_latents; see the README for the folder).")
     max_data_loader_n_workers: int = _f(
         8, "dataset", "Accepted for kohya compatibility; images load in-process and are kept decoded in memory.",
         minimum=0)
@@ -301,8 +322,8 @@ def parse_resolution(value: Any, where: str) -> tuple[int, int]:
         nums = []
     if len(nums) == 1:
         nums = nums * 2
-    if len(nums) != 2 or min(nums) < 64 or any(n % 8 for n in nums):
-        raise ConfigError(f"{where}: must be 'N' or 'W,H' with sides ≥ 64 and multiples of 8 (got {value!r})")
+    if len(nums) != 2 or min(nums) < 64:
+        raise ConfigError(f"{where}: must be 'N' or 'W,H' with sides ≥ 64 (got {value!r})")
     return nums[0], nums[1]
 
 

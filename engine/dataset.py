@@ -8,9 +8,11 @@ Kohya parity notes (train_util.py / config_util.py):
 
 * Captions (``engine.captions``): ``<image stem><caption_extension>`` read as UTF-8 (a BOM
   is dropped), first line, stripped. No caption file → the subset's ``class_tokens``;
-  neither → error. An empty caption file is an error too (kohya would train on an empty
-  caption). Images that fall back to class tokens while a .txt/.caption/.tags file sits
-  beside them get one plan warning per subset naming the flag to set.
+  neither → an empty caption with one plan warning per subset (kohya trains it so). An
+  empty caption file is an error (kohya asserts). Images that fall back while a
+  .txt/.caption/.tags file sits beside them get one plan warning per subset naming the
+  flag to set. A subset with ``metadata_file`` takes captions from kohya's fine-tuning
+  metadata instead (``engine.finetune_metadata``).
 * Regularisation images are balanced per dataset like kohya's DreamBoothDataset: reg
   images are registered in order with their repeats until they reach the dataset's
   train count; if they fall short, repeats are added one image at a time, round-robin.
@@ -19,10 +21,9 @@ Kohya parity notes (train_util.py / config_util.py):
   ``sample_offsets[i] .. sample_offsets[i] + entries[i].num_repeats - 1``.
 * Each dataset has its own buckets and batch size (kohya's DatasetGroup); an epoch's
   batches never mix buckets or datasets.
-* ``shuffle_caption``: split on ",", strip, drop empty tags, keep the first
-  ``keep_tokens`` tags in place, shuffle the rest, join with ", ". Without
-  ``shuffle_caption`` the caption is used as written (kohya: keep_tokens alone does
-  nothing).
+* Per sample, ``load_batch`` draws from the run's data RNG in kohya's order: flip, crop
+  (``random_crop``; ``face_crop_aug_range`` without bucketing), ``color_aug``, then the
+  caption (``engine.captions.process_caption``: dropout, wildcards, shuffle, tag dropout).
 * ``num_reg_images`` is kohya's count before balancing (reg images x their repeats).
 * Pixels come from ``engine.images`` (every Pillow mode to 8-bit RGB, EXIF-upright; the
   bucket is chosen for the upright size). See ``to_rgb8`` for where that departs from kohya.
@@ -39,10 +40,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from engine.buckets import BucketSelector, resize_and_crop
-from engine.captions import caption_extension_warning, process_caption, read_caption
+from engine.augment import color_aug, crop_offsets, face_check, face_crop, face_from_name
+from engine.buckets import BucketSelector, resize_and_crop, resize_only
+from engine.captions import caption_extension_warning, missing_captions_warning, process_caption, read_caption
 from engine.dataset_config import DatasetArgs, DatasetSpec, SubsetSpec, resolve_dataset_specs
 from engine.errors import ConfigError, DatasetError
+from engine.finetune_metadata import read_finetune_metadata
 from engine.images import image_size, load_rgb8
 
 if TYPE_CHECKING:
@@ -75,6 +78,7 @@ class ImageEntry:
     dataset_index: int
     subset_index: int
     ar_error: float = 0.0              # bucket aspect ratio minus the image's
+    face: tuple[int, int, int, int] | None = None   # face (cx, cy, w, h) from the name, for face_crop_aug_range
 
 
 @dataclass
@@ -141,7 +145,26 @@ class DatasetPlan:
             s.num_repeats * count for subs in subset_images for s, count, _ in subs if s.is_reg
         )
         self._cache: dict[int, np.ndarray] = {}
+        self._resized: dict[int, object] = {}
         self.cache_images = True
+        self.args: DatasetArgs | None = None
+        self.max_train_steps = 0          # set by the run plan (kohya set_max_train_steps): token_warmup_step ratios
+
+    def subset_of(self, entry_index: int) -> SubsetSpec:
+        e = self.entries[entry_index]
+        return self.datasets[e.dataset_index].subsets[e.subset_index]
+
+    def set_max_train_steps(self, steps: int) -> None:
+        self.max_train_steps = int(steps)
+
+    def augments(self, entry_index: int) -> bool:
+        """Whether an entry's pixels change from draw to draw (random_crop, color_aug or a face crop)."""
+        sub = self.subset_of(entry_index)
+        return bool(sub.color_aug or sub.random_crop or self._face_crops(entry_index))
+
+    def _face_crops(self, entry_index: int) -> bool:
+        e = self.entries[entry_index]
+        return e.face is not None and not self.datasets[e.dataset_index].enable_bucket
 
     # ---- facts (kohya's metadata is built from them in engine.kohya.dataset_metadata) ----
     @property
@@ -173,32 +196,73 @@ class DatasetPlan:
         return batches
 
     # ---- pixels ---------------------------------------------------------------------
-    def _array(self, entry_index: int) -> np.ndarray:
-        arr = self._cache.get(entry_index)
-        if arr is not None:
-            return arr
+    def _decoded(self, entry_index: int):
         e = self.entries[entry_index]
         im = load_rgb8(e.path)
         if im.size != e.image_size:
             raise DatasetError(f"image {e.path} changed size since the dataset was scanned; restart the run")
-        arr = resize_and_crop(im, e.bucket, e.resized_size)
+        return im
+
+    def _array(self, entry_index: int) -> np.ndarray:
+        """The entry's pixels resized and centre-cropped to its bucket (no random augmentation)."""
+        arr = self._cache.get(entry_index)
+        if arr is not None:
+            return arr
+        e = self.entries[entry_index]
+        arr = resize_and_crop(self._decoded(entry_index), e.bucket, e.resized_size)
         if self.cache_images:
             self._cache[entry_index] = arr
         return arr
 
-    def load_image(self, entry_index: int, flip: bool = False) -> "torch.Tensor":
-        """[3, H, W] float32 in [-1, 1], resized and center-cropped to the entry's bucket."""
+    def _augmented(self, entry_index: int, rng: random.Random) -> np.ndarray:
+        """Pixels with the subset's random crop / face crop, then color_aug, drawing from ``rng``."""
+        e = self.entries[entry_index]
+        sub = self.subset_of(entry_index)
+        if self._face_crops(entry_index):
+            ds = self.datasets[e.dataset_index]
+            arr = face_crop(self._source(entry_index, resized=False), e.face, ds.resolution,
+                            sub.face_crop_aug_range, sub.random_crop, rng)
+        elif sub.random_crop:
+            arr = self._source(entry_index, resized=True)
+            left, top = crop_offsets((arr.shape[1], arr.shape[0]), e.bucket, True, rng)
+            arr = arr[top:top + e.bucket[1], left:left + e.bucket[0]]
+        else:
+            arr = self._array(entry_index)
+        if sub.color_aug:
+            arr = color_aug(arr, rng)
+        return arr
+
+    def _source(self, entry_index: int, *, resized: bool):
+        """The decoded image (PIL) for a face crop, or its resized uint8 array for a random crop; kept in memory."""
+        got = self._resized.get(entry_index)
+        if got is None:
+            e = self.entries[entry_index]
+            im = self._decoded(entry_index)
+            got = resize_only(im, e.resized_size) if resized else im
+            if self.cache_images:
+                self._resized[entry_index] = got
+        return got
+
+    @staticmethod
+    def _tensor(arr: np.ndarray, flip: bool) -> "torch.Tensor":
         import torch
 
-        arr = self._array(entry_index)
         if flip:
             arr = arr[:, ::-1]
         t = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float()
         return t.div_(127.5).sub_(1.0)
 
-    def load_batch(self, batch: list[int], rng: random.Random) -> Batch:
-        """Decode one batch of sample ids (all from one bucket). Per sample, in order:
-        flip (if the subset has flip_aug: ``rng.random() < 0.5``), then the caption.
+    def load_image(self, entry_index: int, flip: bool = False) -> "torch.Tensor":
+        """[3, H, W] float32 in [-1, 1], resized and center-cropped to the entry's bucket, without the random
+        augmentations (what latent caching encodes; kohya refuses caching with color_aug/random_crop)."""
+        return self._tensor(self._array(entry_index), flip)
+
+    def load_batch(self, batch: list[int], rng: random.Random, *, epoch: int | None = None,
+                   step: int | None = None) -> Batch:
+        """Decode one batch of sample ids (all from one bucket). Per sample, in kohya's order:
+        flip (if the subset has flip_aug: ``rng.random() < 0.5``), the crop and color_aug draws,
+        then the caption's. ``epoch`` (1-based) and ``step`` (optimizer steps done) feed
+        ``caption_dropout_every_n_epochs`` and ``token_warmup_step``.
         """
         import torch
 
@@ -212,8 +276,10 @@ class DatasetPlan:
             if e.bucket != bucket:
                 raise ValueError(f"load_batch: samples from buckets {bucket} and {e.bucket} cannot share a batch")
             flip = bool(e.flip_aug and rng.random() < 0.5)
-            images.append(self.load_image(ei, flip=flip))
-            captions.append(process_caption(e.caption, e.shuffle_caption, e.keep_tokens, rng))
+            arr = self._augmented(ei, rng) if self.augments(ei) else self._array(ei)
+            images.append(self._tensor(arr, flip))
+            captions.append(process_caption(e.caption, self.subset_of(ei), rng, epoch=epoch, step=step,
+                                            max_train_steps=self.max_train_steps))
             flipped.append(flip)
         return Batch(
             pixel_values=torch.stack(images),
@@ -243,11 +309,17 @@ def load_dataset_plan(args: DatasetArgs) -> DatasetPlan:
         for si, sub in enumerate(ds.subsets):
             captions = []
             uncaptioned: list[Path] = []
-            for path in _list_images(sub):
-                caption, from_file = read_caption(path, sub)
+            if sub.metadata_file is not None:
+                listed = read_finetune_metadata(sub, IMAGE_EXTENSIONS)
+            else:
+                listed = [(path, *read_caption(path, sub)) for path in _list_images(sub)]
+            for path, caption, from_file in listed:
                 if not from_file:
                     uncaptioned.append(path)
                 w, h = image_size(path)
+                face = face_from_name(path) if sub.face_crop_aug_range is not None else None
+                if face is not None and not ds.enable_bucket:
+                    face_check(path, (w, h), ds.resolution)
                 choice = selector.select(w, h)
                 if choice.reso[0] < 1 or choice.reso[1] < 1:
                     raise DatasetError(
@@ -260,15 +332,22 @@ def load_dataset_plan(args: DatasetArgs) -> DatasetPlan:
                     bucket=choice.reso, resized_size=choice.resized_size, image_size=(w, h),
                     shuffle_caption=sub.shuffle_caption, keep_tokens=sub.keep_tokens, flip_aug=sub.flip_aug,
                     caption_from_file=from_file, dataset_index=di, subset_index=si, ar_error=choice.ar_error,
+                    face=face,
                 ))
             infos.append((sub, len(captions), captions))
-            if (warning := caption_extension_warning(sub, uncaptioned, len(captions))) is not None:
+            if sub.metadata_file is not None:
+                continue
+            warning = caption_extension_warning(sub, uncaptioned, len(captions))
+            if warning is None:
+                warning = missing_captions_warning(sub, [p for p in uncaptioned])
+            if warning is not None:
                 warnings.append(warning)
         num_train = sum(e.num_repeats for e in train)
         entries.extend(train)
         entries.extend(_balance_reg(reg, num_train, ds, warnings))
         subset_images.append(infos)
     plan = DatasetPlan(specs, entries, warnings, subset_images)
+    plan.args = args
     if plan.num_train_images == 0:
         raise DatasetError("the dataset has no training images (only regularisation images); add a subset without is_reg")
     return plan

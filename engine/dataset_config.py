@@ -4,8 +4,15 @@ Value fallback (kohya ``config_util``): subset → dataset → ``[general]`` →
 (``DatasetArgs``). Option scopes follow kohya's schema:
 
 * subset-or-above: ``num_repeats``, ``caption_extension``, ``class_tokens``,
-  ``shuffle_caption``, ``keep_tokens``, ``flip_aug``
-* subset only: ``image_dir`` (required), ``is_reg``
+  ``shuffle_caption``, ``keep_tokens``, ``flip_aug``, and the caption/augmentation keys
+  (``caption_prefix``/``caption_suffix``, ``caption_dropout_rate``,
+  ``caption_dropout_every_n_epochs``, ``caption_tag_dropout_rate``, ``caption_separator``,
+  ``keep_tokens_separator``, ``secondary_separator``, ``enable_wildcard``,
+  ``token_warmup_min``/``token_warmup_step``, ``color_aug``, ``random_crop``,
+  ``face_crop_aug_range``)
+* subset only: ``image_dir`` (required unless ``metadata_file``), ``is_reg``,
+  ``metadata_file`` (a fine-tuning subset: captions from kohya's JSON/JSONL metadata;
+  every subset of that dataset must have one, as in kohya)
 * dataset-or-general only: ``resolution`` (int or ``[w, h]``), ``batch_size``,
   ``enable_bucket``, ``min_bucket_reso``, ``max_bucket_reso``, ``bucket_reso_steps``,
   ``bucket_no_upscale``
@@ -51,6 +58,21 @@ class DatasetArgs:
     shuffle_caption: bool = False
     keep_tokens: int = 0
     flip_aug: bool = False
+    # captions and augmentation (kohya flag names and defaults)
+    caption_prefix: str | None = None
+    caption_suffix: str | None = None
+    caption_dropout_rate: float = 0.0
+    caption_dropout_every_n_epochs: int = 0
+    caption_tag_dropout_rate: float = 0.0
+    caption_separator: str = ","
+    keep_tokens_separator: str = ""
+    secondary_separator: str | None = None
+    enable_wildcard: bool = False
+    token_warmup_min: int = 1
+    token_warmup_step: float = 0
+    color_aug: bool = False
+    random_crop: bool = False
+    face_crop_aug_range: str | tuple[float, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -64,6 +86,21 @@ class SubsetSpec:
     is_reg: bool
     flip_aug: bool
     where: str  # where it was declared, for messages ("ds.toml: datasets[0].subsets[1]")
+    caption_prefix: str | None = None
+    caption_suffix: str | None = None
+    caption_dropout_rate: float = 0.0
+    caption_dropout_every_n_epochs: int = 0
+    caption_tag_dropout_rate: float = 0.0
+    caption_separator: str = ","
+    keep_tokens_separator: str = ""
+    secondary_separator: str | None = None
+    enable_wildcard: bool = False
+    token_warmup_min: int = 1
+    token_warmup_step: float = 0
+    color_aug: bool = False
+    random_crop: bool = False
+    face_crop_aug_range: tuple[float, float] | None = None
+    metadata_file: Path | None = None   # a fine-tuning subset (kohya FineTuningSubset)
 
 
 @dataclass(frozen=True)
@@ -86,8 +123,24 @@ SUBSET_ASCENDABLE = {
     "shuffle_caption": "bool",
     "keep_tokens": "int",
     "flip_aug": "bool",
+    "caption_prefix": "str",
+    "caption_suffix": "str",
+    "caption_dropout_rate": "float",
+    "caption_dropout_every_n_epochs": "int",
+    "caption_tag_dropout_rate": "float",
+    "caption_separator": "str",
+    "keep_tokens_separator": "str",
+    "secondary_separator": "str",
+    "enable_wildcard": "bool",
+    "token_warmup_min": "int",
+    "token_warmup_step": "float",
+    "color_aug": "bool",
+    "random_crop": "bool",
+    "face_crop_aug_range": "range2",
 }
-SUBSET_ONLY = {"image_dir": "str", "is_reg": "bool"}
+# kohya's DreamBooth-only subset keys: not allowed beside metadata_file
+DREAMBOOTH_ONLY = ("caption_extension", "class_tokens", "is_reg")
+SUBSET_ONLY = {"image_dir": "str", "is_reg": "bool", "metadata_file": "str"}
 DATASET_ASCENDABLE = {
     "resolution": "resolution",
     "batch_size": "int",
@@ -99,21 +152,14 @@ DATASET_ASCENDABLE = {
 }
 # CLI flag for each option (kohya names); options without a flag have a fixed default.
 CLI_FLAG = {"batch_size": "train_batch_size"}
-NO_CLI_DEFAULT = {"num_repeats": 1, "class_tokens": None, "is_reg": False}
+NO_CLI_DEFAULT = {"num_repeats": 1, "class_tokens": None, "is_reg": False, "metadata_file": None}
 
 _ANY = object()      # any value is harmless (ignored)
 _ABSENT = object()   # kohya default is "not set": any value changes behaviour
 # kohya options this engine does not implement: scope -> {key: harmless value}
 UNSUPPORTED = {
-    "subset": {
-        "color_aug": False, "random_crop": False, "face_crop_aug_range": _ABSENT,
-        "keep_tokens_separator": "", "secondary_separator": _ABSENT, "caption_separator": ",",
-        "enable_wildcard": False, "token_warmup_min": 1, "token_warmup_step": 0,
-        "caption_prefix": _ABSENT, "caption_suffix": _ABSENT,
-        "caption_dropout_every_n_epochs": 0, "caption_dropout_rate": 0, "caption_tag_dropout_rate": 0,
-        "cache_info": _ANY, "custom_attributes": {},
-    },
-    "subset_only": {"alpha_mask": False, "metadata_file": _ABSENT, "conditioning_data_dir": _ABSENT},
+    "subset": {"cache_info": _ANY, "custom_attributes": {}},
+    "subset_only": {"alpha_mask": False, "conditioning_data_dir": _ABSENT},
     "dataset": {"network_multiplier": 1.0, "validation_seed": _ANY, "validation_split": 0.0,
                 "resize_interpolation": _ABSENT},
 }
@@ -142,6 +188,22 @@ def _check_type(kind: str, value: Any, where: str, key: str) -> Any:
         if not isinstance(value, str):
             raise DatasetError(f"{where}: {key} = {value!r} is {_tname(value)}; it must be a quoted string")
         return value
+    if kind == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise DatasetError(f"{where}: {key} = {value!r} is {_tname(value)}; it must be a number, e.g. {key} = 0.1")
+        return value
+    if kind == "range2":   # kohya face_crop_aug_range: [lo, hi] in TOML, "lo,hi" on the CLI
+        if isinstance(value, str):
+            try:
+                value = [float(v) for v in value.split(",")]
+            except ValueError:
+                value = None
+        ok = (isinstance(value, (list, tuple)) and len(value) == 2
+              and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value))
+        if not ok or not 0 < value[0] <= value[1]:
+            raise DatasetError(f"{where}: {key} = {value!r} must be two positive numbers low <= high, "
+                               f"e.g. {key} = [2.0, 4.0] (--{key}=2.0,4.0)")
+        return (float(value[0]), float(value[1]))
     if kind == "resolution":
         if isinstance(value, str):  # CLI style "512" or "512,768"
             try:
@@ -233,9 +295,10 @@ def _make_dataset(ds_layers: list[tuple[dict, str]], args: DatasetArgs, subsets:
         if vals[key] < 1:
             raise DatasetError(f"{srcs[key]} = {vals[key]} must be at least 1")
     steps = vals["bucket_reso_steps"]
-    if steps % 8:
-        raise DatasetError(f"{srcs['bucket_reso_steps']} = {steps} must be a multiple of 8 (the VAE downscale), e.g. 64")
     res = vals["resolution"]
+    if vals["enable_bucket"] and steps % 64:
+        warnings.append(f"{srcs['bucket_reso_steps']} = {steps} is not a multiple of 64: kohya sd-scripts 0.8 trains "
+                        f"it as spyke-cockpit does, 0.9 and later refuse it")
     if vals["enable_bucket"]:
         lo, hi = vals["min_bucket_reso"], vals["max_bucket_reso"]
         if lo % steps:
@@ -253,8 +316,6 @@ def _make_dataset(ds_layers: list[tuple[dict, str]], args: DatasetArgs, subsets:
         vals["min_bucket_reso"], vals["max_bucket_reso"] = lo, hi
         if res[0] % steps or res[1] % steps:
             warnings.append(f"{srcs['resolution']} {res[0]}x{res[1]} is not a multiple of bucket_reso_steps {steps}")
-    elif res[0] % 8 or res[1] % 8:
-        raise DatasetError(f"{srcs['resolution']} = {res[0]}x{res[1]} must be a multiple of 8 (the VAE downscale), e.g. 512")
     return DatasetSpec(
         resolution=res, batch_size=vals["batch_size"], enable_bucket=vals["enable_bucket"],
         min_bucket_reso=vals["min_bucket_reso"], max_bucket_reso=vals["max_bucket_reso"],
@@ -264,23 +325,53 @@ def _make_dataset(ds_layers: list[tuple[dict, str]], args: DatasetArgs, subsets:
 
 
 def _make_subset(sub_layers: list[tuple[dict, str]], args: DatasetArgs, image_dir: Path,
-                 is_reg: bool, where: str) -> SubsetSpec:
+                 is_reg: bool, where: str, metadata_file: Path | None = None) -> SubsetSpec:
     vals: dict[str, Any] = {}
     srcs: dict[str, str] = {}
     for key, kind in SUBSET_ASCENDABLE.items():
         vals[key], srcs[key] = _pick(key, kind, sub_layers, args)
-    if vals["num_repeats"] < 1:
-        raise DatasetError(f"{srcs['num_repeats']} = {vals['num_repeats']} must be at least 1")
-    if vals["keep_tokens"] < 0:
-        raise DatasetError(f"{srcs['keep_tokens']} = {vals['keep_tokens']} must be 0 or more")
+    for key in ("num_repeats", "token_warmup_min"):
+        if vals[key] < (1 if key == "num_repeats" else 0):
+            raise DatasetError(f"{srcs[key]} = {vals[key]} must be at least {1 if key == 'num_repeats' else 0}")
+    for key in ("keep_tokens", "caption_dropout_every_n_epochs", "token_warmup_step"):
+        if vals[key] < 0:
+            raise DatasetError(f"{srcs[key]} = {vals[key]} must be 0 or more")
+    for key in ("caption_dropout_rate", "caption_tag_dropout_rate"):
+        if not 0 <= vals[key] <= 1:
+            raise DatasetError(f"{srcs[key]} = {vals[key]} must be a probability from 0 to 1, e.g. 0.05")
+    if not vals["caption_separator"]:
+        raise DatasetError(f"{srcs['caption_separator']} is empty; use the character between tags, e.g. \",\"")
     class_tokens = vals["class_tokens"]
     if class_tokens is not None and not class_tokens.strip():
         class_tokens = None
+    for key in ("caption_prefix", "caption_suffix", "secondary_separator"):
+        if vals[key] == "":
+            vals[key] = None
     return SubsetSpec(
         image_dir=image_dir, num_repeats=vals["num_repeats"], caption_extension=vals["caption_extension"],
         class_tokens=class_tokens, shuffle_caption=vals["shuffle_caption"], keep_tokens=vals["keep_tokens"],
         is_reg=is_reg, flip_aug=vals["flip_aug"], where=where,
+        caption_prefix=vals["caption_prefix"], caption_suffix=vals["caption_suffix"],
+        caption_dropout_rate=float(vals["caption_dropout_rate"]),
+        caption_dropout_every_n_epochs=vals["caption_dropout_every_n_epochs"],
+        caption_tag_dropout_rate=float(vals["caption_tag_dropout_rate"]),
+        caption_separator=vals["caption_separator"], keep_tokens_separator=vals["keep_tokens_separator"] or "",
+        secondary_separator=vals["secondary_separator"], enable_wildcard=vals["enable_wildcard"],
+        token_warmup_min=vals["token_warmup_min"], token_warmup_step=vals["token_warmup_step"],
+        color_aug=vals["color_aug"], random_crop=vals["random_crop"],
+        face_crop_aug_range=vals["face_crop_aug_range"], metadata_file=metadata_file,
     )
+
+
+def _resolve_existing(raw: str, toml_path: Path, where: str, key: str) -> Path:
+    """A file path from the TOML: beside the TOML first, then the working directory (kohya's rule)."""
+    p = Path(raw).expanduser()
+    candidates = [p] if p.is_absolute() else [(toml_path.parent / p).absolute(), Path.cwd() / p]
+    for c in candidates:
+        if c.is_file():
+            return c
+    looked = " and ".join(str(c) for c in candidates)
+    raise DatasetError(f"{where}: {key} {raw!r} not found (looked in {looked}); fix the path")
 
 
 def _resolve_image_dir(raw: str, toml_path: Path, where: str) -> Path:
@@ -333,16 +424,31 @@ def parse_dataset_toml(path: Path, args: DatasetArgs, warnings: list[str]) -> li
         if not isinstance(raw_subsets, list) or not all(isinstance(s, dict) for s in raw_subsets):
             raise DatasetError(f"{ds_where}: subsets must be an array of tables; write each as [[datasets.subsets]]")
         subsets = []
+        fine_tuning = [("metadata_file" in sub) for sub in raw_subsets]
+        if any(fine_tuning) and not all(fine_tuning):
+            raise DatasetError(f"{ds_where}: subsets with metadata_file (fine tuning) and without it (image folders) "
+                               f"cannot share a dataset (kohya); put them in separate [[datasets]]")
         for si, sub in enumerate(raw_subsets):
             s_where = f"{ds_where}.subsets[{si}]"
             _check_keys(sub, set(SUBSET_ASCENDABLE) | set(SUBSET_ONLY), "subset", s_where)
-            if "image_dir" not in sub:
-                raise DatasetError(f"{s_where}: image_dir is missing; add image_dir = \"path/to/images\"")
-            raw_dir = _check_type("str", sub["image_dir"], s_where, "image_dir")
+            metadata_file = None
+            if "metadata_file" in sub:
+                for key in DREAMBOOTH_ONLY:
+                    if key in sub:
+                        raise DatasetError(f"{s_where}: {key} cannot be used with metadata_file (a fine-tuning "
+                                           f"subset takes its captions from the metadata); remove it")
+                raw_meta = _check_type("str", sub["metadata_file"], s_where, "metadata_file")
+                metadata_file = _resolve_existing(raw_meta, path, s_where, "metadata_file")
+                raw_dir = _check_type("str", sub.get("image_dir", ""), s_where, "image_dir")
+                image_dir = _resolve_image_dir(raw_dir, path, s_where) if raw_dir else metadata_file.parent
+            else:
+                if "image_dir" not in sub:
+                    raise DatasetError(f"{s_where}: image_dir is missing; add image_dir = \"path/to/images\"")
+                raw_dir = _check_type("str", sub["image_dir"], s_where, "image_dir")
+                image_dir = _resolve_image_dir(raw_dir, path, s_where)
             is_reg = _check_type("bool", sub.get("is_reg", False), s_where, "is_reg")
-            image_dir = _resolve_image_dir(raw_dir, path, s_where)
             layers = [(sub, s_where), (ds_fields, ds_where), gen_layer]
-            subsets.append(_make_subset(layers, args, image_dir, is_reg, s_where))
+            subsets.append(_make_subset(layers, args, image_dir, is_reg, s_where, metadata_file))
         specs.append(_make_dataset([(ds_fields, ds_where), gen_layer], args, subsets, ds_where, warnings))
     return specs
 

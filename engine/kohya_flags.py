@@ -78,13 +78,6 @@ def _fp8(value: Any, _: Mapping[str, Any]) -> str | None:
     return None
 
 
-def _cache_to_disk(value: Any, _: Mapping[str, Any]) -> str | None:
-    if value:
-        return ("--cache_latents_to_disk: latents are cached in memory (as --cache_latents), not written beside the "
-                "images; the training is the same")
-    return None
-
-
 def _torch_compile(value: Any, _: Mapping[str, Any]) -> str | None:
     if value:
         raise ConfigError("--torch_compile: torch.compile is not used by spyke-cockpit; remove --torch_compile")
@@ -140,7 +133,6 @@ _ROWS: list[KohyaFlag] = [
               "kohya applies it only to an --in_json fine-tuning dataset; repeats come from the 'N_name' folders "
               "or num_repeats", 1),
     KohyaFlag("caption_extention", str, "dataset", ALIAS, target="caption_extension"),
-    KohyaFlag("cache_latents_to_disk", bool, "dataset", ALIAS, target="cache_latents", decide=_cache_to_disk),
     KohyaFlag("cache_info", bool, "dataset", INFO, "image sizes are read again each run; only start-up time differs",
               False),
     KohyaFlag("skip_cache_check", bool, "dataset", INFO, "latents are cached in memory, nothing to check", False),

@@ -73,7 +73,37 @@ def dataset_args(config: TrainConfig) -> DatasetArgs:
         shuffle_caption=config.shuffle_caption,
         keep_tokens=config.keep_tokens,
         flip_aug=config.flip_aug,
+        caption_prefix=config.caption_prefix or None,
+        caption_suffix=config.caption_suffix or None,
+        caption_dropout_rate=config.caption_dropout_rate,
+        caption_dropout_every_n_epochs=config.caption_dropout_every_n_epochs,
+        caption_tag_dropout_rate=config.caption_tag_dropout_rate,
+        caption_separator=config.caption_separator,
+        keep_tokens_separator=config.keep_tokens_separator,
+        secondary_separator=config.secondary_separator or None,
+        enable_wildcard=config.enable_wildcard,
+        token_warmup_min=config.token_warmup_min,
+        token_warmup_step=config.token_warmup_step,
+        color_aug=config.color_aug,
+        random_crop=config.random_crop,
+        face_crop_aug_range=config.face_crop_aug_range or None,
     )
+
+
+def check_latent_caching(config: TrainConfig, dataset: DatasetPlan, warnings: list[str]) -> None:
+    """kohya's rule: cached latents cannot hold random augmentations (and caching to disk implies caching)."""
+    if config.cache_latents_to_disk and not config.cache_latents:
+        warnings.append("--cache_latents_to_disk is enabled, so --cache_latents is also enabled (kohya behaviour)")
+    if not (config.cache_latents or config.cache_latents_to_disk):
+        return
+    for ds in dataset.datasets:
+        for sub in ds.subsets:
+            if sub.color_aug or sub.random_crop:
+                which = "color_aug" if sub.color_aug else "random_crop"
+                raise ConfigError(f"--cache_latents cannot be used with {which} ({sub.where}): cached latents would "
+                                  f"freeze one random {'colour' if sub.color_aug else 'crop'}; turn off "
+                                  f"--cache_latents{'/--cache_latents_to_disk' if config.cache_latents_to_disk else ''} "
+                                  f"or {which} (kohya refuses this too)")
 
 
 def schedule_checkpoints(config: TrainConfig, total_steps: int, num_epochs: int,
@@ -111,9 +141,11 @@ def plan_run(config: TrainConfig) -> RunPlan:
     config.validate()
     check_clip_skip(config.clip_skip, text_encoder_layers(config))
     dataset = load_dataset_plan(dataset_args(config))
+    check_latent_caching(config, dataset, dataset.warnings)
     total_steps, num_epochs = compute_total_steps(
         dataset.batches_per_epoch, config.max_train_epochs, config.max_train_steps,
         config.gradient_accumulation_steps)
+    dataset.set_max_train_steps(total_steps)
     steps_per_epoch = -(-dataset.batches_per_epoch // config.gradient_accumulation_steps)
     subsets: dict[tuple[str, int, bool], int] = {}
     for entry in dataset.entries:

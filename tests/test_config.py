@@ -169,7 +169,7 @@ def test_parse_errors_are_one_line_naming_the_flag(argv, needle):
     ({"mixed_precision": "fp8"}, "mixed_precision"),
     ({"save_precision": "double"}, "save_precision"),
     ({"network_module": "networks.lycoris"}, "network_module"),
-    ({"resolution": "100"}, "resolution"),
+    ({"resolution": "32"}, "resolution"),
     ({"resolution": "512,abc"}, "resolution"),
     ({"output_name": "a/b"}, "output_name"),
     ({"pretrained_model_name_or_path": ""}, "pretrained_model_name_or_path"),

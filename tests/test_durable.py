@@ -1046,3 +1046,19 @@ def test_resume_from_a_saved_state_equals_the_straight_run_for_each_optimizer(as
         assert (e.loss, e.lrs) == (ref[e.step].loss, ref[e.step].lrs), f"step {e.step}"
     assert max_abs_diff(final, read_tensors(resumed.result.final_path)) == 0.0
     assert max_abs_diff(step4, read_tensors(out / "spyke_demo-step00000004.safetensors")) == 0.0
+
+
+def test_resume_with_caption_dropout_shuffle_and_color_aug_equals_the_straight_run(assets, tmp_path):
+    aug = dict(caption_dropout_rate=0.3, shuffle_caption=True, color_aug=True, flip_aug=True)
+    straight_run = train(make_config(assets, tmp_path / "straight" / "out", **aug))
+    assert straight_run.result.status == "completed", straight_run.result.error
+    out = tmp_path / "aborted" / "out"
+    first = train(make_config(assets, out, **aug), abort_at=ABORT_AT)
+    assert first.result.status == "aborted", first.result.error
+    state_dir = out / f"spyke_demo-step{ABORT_AT:08d}-state"
+    resumed = train(make_config(assets, out, resume=str(state_dir), **aug))
+    assert resumed.result.status == "completed", resumed.result.error
+    ref = {e.step: e.loss for e in straight_run.steps}
+    assert {e.step: e.loss for e in first.steps + resumed.steps} == ref
+    assert max_abs_diff(read_tensors(Path(straight_run.result.final_path)),
+                        read_tensors(Path(resumed.result.final_path))) == 0.0

@@ -686,3 +686,17 @@ def test_save_now_then_abort_without_saving(assets, tmp_path):
     assert sorted(p.name for p in out.glob("*.safetensors")) == [f"{NAME}-step00000001.safetensors"]
     assert not [p for p in out.iterdir() if p.name.endswith("-state")]
     assert [e.step for e in of(events, StepCompleted)] == [1, 2]
+
+
+def test_latents_cached_on_disk_train_exactly_as_in_memory_and_are_reused(assets, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    folder = tmp_path / "cache" / "spyke-cockpit" / "latents"
+    memory, _ = train(make_config(assets, tmp_path / "memory", cache_latents=True, seed=5))
+    cold, _ = train(make_config(assets, tmp_path / "cold", cache_latents_to_disk=True, seed=5))
+    entries = sorted(p for p in folder.rglob("*.safetensors"))
+    assert len(entries) == 4                                   # one per image (the small dataset does not flip)
+    stamps = [p.stat().st_mtime_ns for p in entries]
+    warm, _ = train(make_config(assets, tmp_path / "warm", cache_latents_to_disk=True, seed=5))
+    assert [p.stat().st_mtime_ns for p in sorted(folder.rglob("*.safetensors"))] == stamps   # read, not rewritten
+    assert memory.status == cold.status == warm.status == "completed"
+    assert memory.losses == cold.losses == warm.losses

@@ -11,9 +11,10 @@ kohya's ``train_network.py`` writes the dataset facts one of two ways:
 
 Every value is what the plan trains on (TOML over CLI, bucket sizes after rounding;
 kohya's ``None`` bucket sizes when bucketing is off), never a command-line default.
-kohya options spyke-cockpit does not implement carry the only value it accepts
-(``color_aug`` false, ``caption_prefix`` null, ...). Each subset also records its
-``caption_extension``, which kohya leaves out.
+Caption and augmentation options carry the values trained with (``color_aug``,
+``caption_prefix``, ...); ``resize_interpolation`` is null (not implemented). Each subset also
+records its ``caption_extension``, which kohya leaves out; a fine-tuning subset records
+``metadata_file`` instead of ``class_tokens``/``is_reg`` (and its dataset ``is_dreambooth`` false).
 """
 
 from __future__ import annotations
@@ -108,24 +109,44 @@ def _bucket_sizes(ds: DatasetSpec) -> tuple[int | None, int | None]:
 
 
 def _subset(sub: SubsetSpec, img_count: int) -> dict[str, Any]:
-    return {
+    out = {
         "img_count": img_count,
         "num_repeats": sub.num_repeats,
-        "color_aug": False,
+        "color_aug": bool(sub.color_aug),
         "flip_aug": bool(sub.flip_aug),
-        "random_crop": False,
+        "random_crop": bool(sub.random_crop),
         "shuffle_caption": bool(sub.shuffle_caption),
         "keep_tokens": sub.keep_tokens,
-        "keep_tokens_separator": "",
-        "secondary_separator": None,
-        "enable_wildcard": False,
-        "caption_prefix": None,
-        "caption_suffix": None,
+        "keep_tokens_separator": sub.keep_tokens_separator,
+        "secondary_separator": sub.secondary_separator,
+        "enable_wildcard": bool(sub.enable_wildcard),
+        "caption_prefix": sub.caption_prefix,
+        "caption_suffix": sub.caption_suffix,
         "resize_interpolation": None,
         "image_dir": sub.image_dir.name,
-        "class_tokens": sub.class_tokens,
-        "is_reg": bool(sub.is_reg),
-        "caption_extension": sub.caption_extension,
+    }
+    if sub.metadata_file is not None:
+        out["metadata_file"] = sub.metadata_file.name
+        return out
+    out |= {"class_tokens": sub.class_tokens, "is_reg": bool(sub.is_reg), "caption_extension": sub.caption_extension}
+    return out
+
+
+def _caption_args(plan: DatasetPlan) -> dict[str, Any]:
+    """kohya's run-level caption keys (from the flags; the first subset's value without a dataset config)."""
+    sub = plan.datasets[0].subsets[0]
+    if plan.args is not None and plan.args.dataset_config is not None:   # kohya writes the flags' values
+        from engine.dataset_config import _check_type
+
+        sub = plan.args
+        rng = sub.face_crop_aug_range and _check_type("range2", sub.face_crop_aug_range, "--", "face_crop_aug_range")
+    else:
+        rng = sub.face_crop_aug_range
+    return {
+        "caption_dropout_rate": sub.caption_dropout_rate,
+        "caption_dropout_every_n_epochs": sub.caption_dropout_every_n_epochs,
+        "caption_tag_dropout_rate": sub.caption_tag_dropout_rate,
+        "face_crop_aug_range": f"({rng[0]}, {rng[1]})" if rng else None,
     }
 
 
@@ -134,7 +155,7 @@ def _dataset(plan: DatasetPlan, index: int) -> dict[str, Any]:
     counts = subset_image_counts(plan, index)
     lo, hi = _bucket_sizes(ds)
     return {
-        "is_dreambooth": True,
+        "is_dreambooth": not any(s.metadata_file is not None for s in ds.subsets),
         "batch_size_per_device": ds.batch_size,
         "num_train_images": sum(s.num_repeats * n for s, n in counts if not s.is_reg),
         "num_reg_images": sum(s.num_repeats * n for s, n in counts if s.is_reg),
@@ -174,6 +195,7 @@ def dataset_metadata(plan: DatasetPlan, *, from_dataset_config: bool,
             "datasets": [_dataset(plan, i) for i in range(len(plan.datasets))],
             "tag_frequency": tag_frequency(plan),
             "dataset_dirs": _merged_dirs(plan),
+            **_caption_args(plan),
             **modelspec,
         }
     sub = first.subsets[0]
@@ -182,9 +204,9 @@ def dataset_metadata(plan: DatasetPlan, *, from_dataset_config: bool,
         "batch_size_per_device": first.batch_size,
         "total_batch_size": first.batch_size * gradient_accumulation_steps,
         "resolution": first.resolution,
-        "color_aug": False,
+        "color_aug": bool(sub.color_aug),
         "flip_aug": bool(sub.flip_aug),
-        "random_crop": False,
+        "random_crop": bool(sub.random_crop),
         "shuffle_caption": bool(sub.shuffle_caption),
         "enable_bucket": bool(first.enable_bucket),
         "bucket_no_upscale": bool(first.enable_bucket and first.bucket_no_upscale),
@@ -196,5 +218,6 @@ def dataset_metadata(plan: DatasetPlan, *, from_dataset_config: bool,
         "reg_dataset_dirs": reg_dataset_dirs_metadata(plan),
         "tag_frequency": tag_frequency(plan),
         "bucket_info": json.dumps(bucket_info(plan)),  # "null" without buckets, as kohya writes it
+        **_caption_args(plan),
         **modelspec,
     }

@@ -41,7 +41,7 @@ class Loop:
         job = self.job
         cfg, plan, c, saver, nan, step_fn = job.cfg, job.plan, job.counters, job.saver, job.nan, job.step
         optimizer, lr_scheduler = job.optimizer, job.lr_scheduler
-        if cfg.cache_latents:
+        if cfg.cache_latents or cfg.cache_latents_to_disk:
             step_fn.cache_latents(self._phase)
         self._phase("training")
         accum = cfg.gradient_accumulation_steps
@@ -70,7 +70,8 @@ class Loop:
                 return self._abort(decision.abort_save)
             step_started = time.perf_counter()
             step = c.global_step + 1
-            loss_value, nonfinite = step_fn.forward_backward(groups[c.batch_in_epoch], step, job.loss_hook)
+            loss_value, nonfinite = step_fn.forward_backward(groups[c.batch_in_epoch], step, job.loss_hook,
+                                                             epoch=c.epoch + 1)
             if nonfinite is None and not grads_finite(cfg, job.params, job.accelerator):
                 nonfinite = "gradient"
             skipped = False

@@ -65,20 +65,40 @@ class TrainStep:
             return dist.sample(generator=generator) * VAE_SCALE
 
     def cache_latents(self, phase: Callable[[str, str], None]) -> None:
-        """Encode every image (and its flip, when any subset flips) once, reporting progress to ``phase``."""
+        """Encode every image (and its flip, when any subset flips) once, reporting progress to ``phase``.
+        With ``--cache_latents_to_disk`` the VAE's moments (mean and log-variance, not a sample) come from
+        and go to the on-disk cache, so a cold, a warm and no disk cache give the same run."""
         import torch
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        from engine.latent_cache import LatentDiskCache, cache_key, image_sha256, vae_identity
 
         entries = self.plan.dataset.entries
         flips = (False, True) if any(getattr(e, "flip_aug", False) for e in entries) or self.cfg.flip_aug else (False,)
         total = len(entries) * len(flips)
         phase("caching", f"0/{total}")
         gen = torch.Generator(device="cpu").manual_seed(self.seed)
+        disk = LatentDiskCache() if self.cfg.cache_latents_to_disk else None
+        vae_id = vae_identity(self.m.vae, self.m.vae_dtype) if disk is not None else ""
         cache = {}
         done = 0
         for index in range(len(entries)):
+            e = entries[index]
             for flip in flips:
-                pixels = self.plan.dataset.load_image(index, flip=flip).unsqueeze(0)
-                cache[(index, flip)] = self.vae_latents(pixels, gen)[0].to(self.m.weight_dtype)
+                if disk is None:
+                    pixels = self.plan.dataset.load_image(index, flip=flip).unsqueeze(0)
+                    cache[(index, flip)] = self.vae_latents(pixels, gen)[0].to(self.m.weight_dtype)
+                else:
+                    key = cache_key(image_sha256(e.path), e.bucket, e.resized_size, flip, vae_id)
+                    moments = disk.get(key)
+                    if moments is None:
+                        pixels = self.plan.dataset.load_image(index, flip=flip).unsqueeze(0)
+                        with torch.no_grad():
+                            moments = self.m.vae.encode(pixels.to(self.device, dtype=self.m.vae_dtype)
+                                                        ).latent_dist.parameters[0]
+                        disk.put(key, moments)
+                    dist = DiagonalGaussianDistribution(moments[None].to(self.device, dtype=self.m.vae_dtype))
+                    cache[(index, flip)] = (dist.sample(generator=gen) * VAE_SCALE)[0].to(self.m.weight_dtype)
                 done += 1
                 if done % 8 == 0 or done == total:
                     phase("caching", f"{done}/{total}")
@@ -120,15 +140,17 @@ class TrainStep:
         return loss.mean()
 
     # ---- forward + backward
-    def forward_backward(self, group: list, step: int, loss_hook: Callable | None) -> tuple[float, str | None]:
+    def forward_backward(self, group: list, step: int, loss_hook: Callable | None, *,
+                         epoch: int | None = None) -> tuple[float, str | None]:
         """Accumulate the gradients of one optimizer step's batches. Returns (mean loss, None), or
-        (partial loss, "loss") at the first non-finite loss, which is not backpropagated."""
+        (partial loss, "loss") at the first non-finite loss, which is not backpropagated. ``epoch`` is
+        1-based and ``step`` the step being made (caption dropout per epoch, token warm-up)."""
         import torch
 
         accum = self.cfg.gradient_accumulation_steps
         loss_value = 0.0
         for batch_ids in group:
-            batch = self.plan.dataset.load_batch(batch_ids, self.data_rng)
+            batch = self.plan.dataset.load_batch(batch_ids, self.data_rng, epoch=epoch, step=step - 1)
             loss = self.loss(batch)
             if loss_hook is not None:
                 loss = loss_hook(step, loss)
