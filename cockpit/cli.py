@@ -7,6 +7,7 @@
     spyke-cockpit ls [FOLDER]                                   list runs
     spyke-cockpit serve [RUN] [--port 8000]                     attach in a web browser (127.0.0.1)
     spyke-cockpit compare RUN [--sheet OUT.png]                 choose a checkpoint: samples × prompts
+    spyke-cockpit export-tensorboard RUN [--logging_dir DIR]    kohya's TensorBoard logs from a run's journal
 
 Importing this module loads neither textual nor torch: each command imports what it needs.
 """
@@ -20,7 +21,7 @@ from typing import Sequence
 from engine.errors import SpykeError
 
 PROG = "spyke-cockpit"
-COMMANDS = ("train", "demo", "attach", "ls", "serve", "compare")
+COMMANDS = ("train", "demo", "attach", "ls", "serve", "compare", "export-tensorboard")
 
 
 def _fail(message: str, code: int = 2) -> int:
@@ -113,6 +114,22 @@ def cmd_compare(argv: Sequence[str]) -> int:
     return compare_main(argv)
 
 
+def cmd_export_tensorboard(argv: Sequence[str]) -> int:
+    import argparse
+
+    from engine.api import export_tensorboard
+
+    parser = argparse.ArgumentParser(prog=f"{PROG} export-tensorboard",
+                                     description="Write kohya's TensorBoard scalars for a run from its events.jsonl.")
+    parser.add_argument("run", metavar="RUN_FOLDER", help="a run folder (<output_dir>/.spyke/<run id>) or a run id")
+    parser.add_argument("--logging_dir", default=None, metavar="DIR",
+                        help="where to write (default: the run's --logging_dir, else <output_dir>/logs)")
+    ns = parser.parse_args(list(argv))
+    for line in export_tensorboard(ns.run, ns.logging_dir):
+        print(line)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("-h", "--help") and len(argv) == 1:
@@ -121,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = argv[0] if argv and argv[0] in COMMANDS else None
     rest = argv[1:] if command else argv
     handler = {"train": cmd_train, "demo": cmd_demo, "attach": cmd_attach, "ls": cmd_ls,
-               "serve": cmd_serve, "compare": cmd_compare}.get(command, cmd_cockpit)
+               "serve": cmd_serve, "compare": cmd_compare, "export-tensorboard": cmd_export_tensorboard}.get(command, cmd_cockpit)
     try:
         return handler(rest)
     except SpykeError as err:

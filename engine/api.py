@@ -37,7 +37,7 @@ __all__ = [
     "StepCompleted", "TrainConfig", "build_config", "coerce_value", "default_runs_root", "detach_run",
     "field_is_optional", "field_type", "fields_in_group", "format_bytes", "line_at", "list_runs", "make_parser",
     "overrides_from_namespace", "parse_line", "parse_train_args", "pid_alive", "plan_run", "prepare_demo",
-    "resolve_run", "run_headless", "send_command", "start_training", "step_loss", "step_losses", "to_toml",
+    "resolve_run", "run_headless", "export_tensorboard", "send_command", "start_training", "step_loss", "step_losses", "to_toml",
     "type_token", "user_config_path", "ValidationLoss",
 ]
 
@@ -75,3 +75,10 @@ def detach_run(config: TrainConfig, config_path: str | None = None) -> int:
     from engine.detach import detach_run as detach
 
     return detach(config, config_path)
+
+
+def export_tensorboard(run: str, logging_dir: str | None = None) -> list[str]:
+    """Write kohya's TensorBoard scalars for a run from its journal; the lines to show the user."""
+    from engine.tensorboard_export import export_tensorboard as export
+
+    return export(run, logging_dir)
