@@ -14,7 +14,8 @@ from cockpit.pace import VIEW_INTERVAL
 from engine.errors import SpykeError
 
 PROG = "spyke-cockpit"
-COMMANDS = ("train", "demo", "attach", "ls", "serve", "compare", "import-kohya", "export-kohya")
+COMMANDS = ("train", "demo", "attach", "ls", "serve", "compare", "import-kohya", "export-kohya",
+            "export-tensorboard")
 README = Path(__file__).resolve().parent.parent / "README.md"
 SUMMARY = "Train Stable Diffusion 1.5 LoRAs with kohya train_network.py flags, and watch the run in a terminal."
 
@@ -33,6 +34,7 @@ commands:
   spyke-cockpit compare RUN [--sheet OUT]    choose a checkpoint: samples × prompts (or a PNG sheet)
   spyke-cockpit import-kohya FILE|-          a kohya train_network.py command (shell text) as a preset TOML
   spyke-cockpit export-kohya CONFIG          the accelerate launch train_network.py command for a preset
+  spyke-cockpit export-tensorboard RUN       kohya's TensorBoard logs from a run's journal
 
 everyday flags:
   --headless         train, demo: no screen; one line per step and per checkpoint
@@ -95,7 +97,7 @@ def parsers() -> dict[str, Callable[[], argparse.ArgumentParser]]:
 
     return {"": cockpit_parser, "train": train_parser, "demo": demo_parser, "attach": attach_parser,
             "ls": ls_parser, "serve": serve_parser, "compare": compare_parser, "import-kohya": import_kohya_parser,
-            "export-kohya": export_kohya_parser}
+            "export-kohya": export_kohya_parser, "export-tensorboard": export_tensorboard_parser}
 
 
 def cmd_train(argv: Sequence[str]) -> int:
@@ -223,6 +225,24 @@ def cmd_export_kohya(argv: Sequence[str]) -> int:
     return 0
 
 
+def export_tensorboard_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"{PROG} export-tensorboard",
+                                     description="Write kohya's TensorBoard scalars for a run from its events.jsonl.")
+    parser.add_argument("run", metavar="RUN_FOLDER", help="a run folder (<output_dir>/.spyke/<run id>) or a run id")
+    parser.add_argument("--logging_dir", default=None, metavar="DIR",
+                        help="where to write (default: the run's --logging_dir, else <output_dir>/logs)")
+    return parser
+
+
+def cmd_export_tensorboard(argv: Sequence[str]) -> int:
+    from engine.api import export_tensorboard
+
+    ns = export_tensorboard_parser().parse_args(list(argv))
+    for line in export_tensorboard(ns.run, ns.logging_dir):
+        print(line)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("-h", "--help") and len(argv) == 1:
@@ -231,8 +251,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = argv[0] if argv and argv[0] in COMMANDS else None
     rest = argv[1:] if command else argv
     handler = {"train": cmd_train, "demo": cmd_demo, "attach": cmd_attach, "ls": cmd_ls,
-               "serve": cmd_serve, "compare": cmd_compare,
-               "import-kohya": cmd_import_kohya, "export-kohya": cmd_export_kohya}.get(command, cmd_cockpit)
+               "serve": cmd_serve, "compare": cmd_compare, "import-kohya": cmd_import_kohya,
+               "export-kohya": cmd_export_kohya, "export-tensorboard": cmd_export_tensorboard}.get(command, cmd_cockpit)
     try:
         return handler(rest)
     except SpykeError as err:

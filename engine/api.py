@@ -35,9 +35,9 @@ __all__ = [
     "RUNS_ROOT_ENV", "SKIPPED", "CheckpointSaved", "Command", "ConfigError", "Event", "EventTail", "LogMessage",
     "MemorySample", "ModelLoadError", "PhaseChanged", "RunFinished", "RunInfo", "RunStarted", "SamplesSaved", "SpykeError",
     "StepCompleted", "TrainConfig", "build_config", "coerce_value", "default_runs_root", "detach_run",
-    "export_kohya", "field_is_optional", "field_type", "fields_in_group", "format_bytes", "import_kohya", "line_at",
-    "list_runs", "make_parser", "notify_run_end", "overrides_from_namespace", "parse_line", "parse_train_args",
-    "pid_alive", "plan_run", "prepare_demo",
+    "export_kohya", "export_tensorboard", "field_is_optional", "field_type", "fields_in_group", "format_bytes",
+    "import_kohya", "line_at", "list_runs", "make_parser", "notify_run_end", "overrides_from_namespace", "parse_line",
+    "parse_train_args", "pid_alive", "plan_run", "prepare_demo",
     "resolve_run", "run_headless", "send_command", "start_training", "step_loss", "step_losses", "to_toml",
     "type_token", "user_config_path", "ValidationLoss",
 ]
@@ -104,3 +104,10 @@ def detach_run(config: TrainConfig, config_path: str | None = None) -> int:
     from engine.detach import detach_run as detach
 
     return detach(config, config_path)
+
+
+def export_tensorboard(run: str, logging_dir: str | None = None) -> list[str]:
+    """Write kohya's TensorBoard scalars for a run from its journal; the lines to show the user."""
+    from engine.tensorboard_export import export_tensorboard as export
+
+    return export(run, logging_dir)

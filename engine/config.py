@@ -28,12 +28,14 @@ GROUPS: dict[str, str] = {
     "optimizer": "Optimizer & schedule",
     "saving": "Saving",
     "precision": "Precision & memory",
+    "logging": "Logging",
 }
 
 PRECISIONS = ("no", "fp16", "bf16")
 SAVE_PRECISIONS = ("float", "fp16", "bf16")
 DEVICES = ("auto", "mps", "cuda", "cpu")
 NAN_POLICIES = ("stop", "skip", "rollback")
+LOG_WITH = ("tensorboard", "wandb", "all")
 FP32_MAX = 3.4028234663852886e38
 # Fields whose engine part exists (engine/models.py: load_external_vae, full_precision_dtype) but which the
 # training setup does not call yet: refused rather than silently ignored. Remove a name once the setup applies it.
@@ -174,6 +176,18 @@ class TrainConfig:
     full_fp16: bool = _f(False, "precision", "Train the LoRA weights in fp16 too (needs mixed_precision fp16).")
     full_bf16: bool = _f(False, "precision", "Train the LoRA weights in bf16 too (needs mixed_precision bf16).")
     device: str = _f("auto", "precision", "Device: auto picks MPS, then CUDA, then CPU.", choices=DEVICES, ours=True)
+    # --- logging (kohya's trackers: TensorBoard event files, wandb)
+    logging_dir: str = _f("", "logging", "Write TensorBoard logs under this folder (<dir>/<prefix><time>/<tracker>).",
+                          kind="path")
+    log_with: str | None = _f(None, "logging", "Trackers: tensorboard, wandb or all (default: tensorboard when "
+                              "--logging_dir is given).", choices=LOG_WITH)
+    log_prefix: str = _f("", "logging", "Prefix of each run's log folder name (before the timestamp).")
+    log_tracker_name: str = _f("", "logging", "Tracker run name: the TensorBoard subfolder, the wandb project "
+                               "(default: network_train).")
+    log_tracker_config: str = _f("", "logging", "TOML of tracker init options: [tensorboard] and [wandb] tables.",
+                                 kind="path")
+    wandb_run_name: str = _f("", "logging", "The wandb run's name.")
+    wandb_api_key: str = _f("", "logging", "wandb API key to log in with (kept out of the run folder).")
 
     # ---------------------------------------------------------------- derived
     def resolution_wh(self) -> tuple[int, int]:
@@ -228,6 +242,9 @@ class TrainConfig:
                 out.setdefault(name, "is parsed but the training setup does not apply it yet; remove it for now")
         if self.network_train_unet_only and self.network_train_text_encoder_only:
             out["network_train_text_encoder_only"] = "cannot be combined with network_train_unet_only"
+        from engine.tracker_config import logging_problems
+
+        out.update({k: v for k, v in logging_problems(self).items() if k not in out})
         return out
 
     def validate(self) -> "TrainConfig":

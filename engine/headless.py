@@ -38,6 +38,8 @@ class ProgressPrinter:
         self.out.write(line + "\n")
         self.out.flush()
 
+    say = _print
+
     def __call__(self, event: Event) -> None:
         if isinstance(event, RunStarted):
             self.total, self.num_epochs, self.start_step = event.total_steps, event.num_epochs, event.start_step
@@ -79,6 +81,7 @@ class ProgressPrinter:
 def run_headless(config: TrainConfig, *, out: TextIO = sys.stdout) -> int:
     """Train in this thread. SIGINT/SIGTERM: save a checkpoint + state and stop (exit 0);
     a second SIGINT within 3 s exits at once (files are atomic, so none is partial)."""
+    from engine.trackers import make_trackers, without_secrets
     from engine.trainer import Trainer
 
     control = TrainingControl()
@@ -100,7 +103,9 @@ def run_headless(config: TrainConfig, *, out: TextIO = sys.stdout) -> int:
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        result = Trainer(config, control=control, sinks=[ProgressPrinter(out)]).run()
+        printer = ProgressPrinter(out)
+        trackers = make_trackers(config, say=printer.say)
+        result = Trainer(without_secrets(config), control=control, sinks=[printer, *trackers]).run()
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)

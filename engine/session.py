@@ -9,7 +9,7 @@ from typing import Callable, Iterable
 
 from engine.config import TrainConfig
 from engine.control import TrainingControl
-from engine.events import Event
+from engine.events import Event, LogMessage
 
 
 @dataclass
@@ -35,10 +35,18 @@ class TrainingHandle:
 def start_training(config: TrainConfig, sinks: Iterable[Callable[[Event], None]] = (),
                    control: TrainingControl | None = None, **trainer_kwargs) -> TrainingHandle:
     """Start a run on a daemon thread; ``sinks`` are called on that thread for every event."""
+    from engine.trackers import make_trackers, without_secrets
     from engine.trainer import Trainer
 
     control = control or TrainingControl()
-    trainer = Trainer(config, control=control, sinks=list(sinks), **trainer_kwargs)
+    viewers = list(sinks)
+
+    def say(line: str) -> None:  # the trackers' info lines, to the viewers (the journal is the trainer's)
+        for sink in viewers:
+            sink(LogMessage(level="info", message=line))
+
+    trackers = make_trackers(config, say=say)
+    trainer = Trainer(without_secrets(config), control=control, sinks=viewers + trackers, **trainer_kwargs)
     handle = TrainingHandle(control=control, thread=None, trainer=trainer)  # type: ignore[arg-type]
 
     def target() -> None:

@@ -112,8 +112,6 @@ BAD_INPUT = {
                           1, "missing_images"),
     "empty image dir": (lambda a, t: train_args(a, t / "o") + [f"--dataset_config={t / 'empty_dir.toml'}"],
                         1, "empty_images"),
-    "no caption": (lambda a, t: train_args(a, t / "o") + [f"--dataset_config={t / 'no_caption.toml'}"],
-                   1, "lonely.png"),
     "corrupt image": (lambda a, t: train_args(a, t / "o") + [f"--dataset_config={t / 'corrupt.toml'}"],
                       1, "broken.png"),
     "output name too long": (lambda a, t: train_args(a, t / "o") + ["--output_name=" + "n" * 240], 2,
@@ -133,9 +131,6 @@ def _bad_datasets(tmp: Path) -> None:
     (tmp / "empty_images").mkdir()
     (tmp / "empty_images" / "notes.txt").write_text("no images here")
     toml("empty_dir.toml", tmp / "empty_images")
-    (tmp / "nocap").mkdir()
-    Image.new("RGB", (64, 64), (10, 20, 30)).save(tmp / "nocap" / "lonely.png")
-    toml("no_caption.toml", tmp / "nocap", class_tokens=False)
     (tmp / "corrupt").mkdir()
     Image.new("RGB", (64, 64), (10, 20, 30)).save(tmp / "corrupt" / "fine.png")
     (tmp / "corrupt" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00garbage" * 20)

@@ -1,0 +1,230 @@
+"""Experiment trackers as event sinks: a run's events become kohya's TensorBoard scalars and wandb logs.
+
+The tags and steps are those of kohya's ``train_network.py`` (``generate_step_logs`` and the epoch and
+validation logs), so dashboards built on kohya runs read these the same way:
+
+- every step, at TensorBoard step ``global_step``: ``loss/current``, ``loss/average`` (kohya's
+  ``LossRecorder.moving_average``: the mean of the last epoch's worth of step losses), and one
+  ``lr/<group>`` per parameter group (``lr/textencoder``, ``lr/unet``), plus the ``lr/group<i>`` copies
+  kohya's loop also writes (its ``for … else`` runs after every loop);
+- at the end of each epoch, at TensorBoard step ``epoch``: ``loss/epoch_average``;
+- after a validation pass, at ``global_step``: ``loss/validation/step_average`` and ``…/step_divergence``.
+
+wandb gets the same logs with ``global_step`` and ``epoch`` added (kohya's wandb form).
+"""
+
+from __future__ import annotations
+
+import netrc
+import os
+import socket
+from collections import deque
+from pathlib import Path
+from typing import Any, Callable
+from urllib.parse import urlparse
+
+from engine.events import Event, RunFinished, RunStarted, Sink, StepCompleted, ValidationLoss
+from engine.tracker_config import (destinations, run_log_dir, tensorboard_options, tracker_name,
+                                   wandb_init_options)
+
+Record = tuple[dict[str, float], int, int, int]   # logs, TensorBoard step, global step, epoch
+TEXT_ENCODER_GROUP = "text_encoder"                # the engine's group name; kohya says "textencoder"
+
+
+def kohya_lr_logs(lrs: dict[str, float], unet_only: bool) -> dict[str, float]:
+    """kohya's ``lr/…`` scalars for the engine's parameter groups (text encoder first, as kohya orders them)."""
+    ordered = sorted(lrs.items(), key=lambda item: not item[0].startswith(TEXT_ENCODER_GROUP))
+    logs: dict[str, float] = {}
+    for name, lr in ordered:
+        logs["lr/" + name.replace(TEXT_ENCODER_GROUP, "textencoder")] = float(lr)
+    # kohya's `for … else` also writes every group past the text encoder's as lr/group<i>
+    first = 0 if unet_only else 1
+    for i in range(first, len(ordered)):
+        logs[f"lr/group{i}"] = float(ordered[i][1])
+    return logs
+
+
+class KohyaScalars:
+    """Turns one run's events into kohya's log records (tags, TensorBoard step, global step, epoch)."""
+
+    def __init__(self) -> None:
+        self.steps_per_epoch = 1
+        self.total_steps = 0
+        self.unet_only = False
+        self.recent: deque[float] = deque()
+
+    def start(self, event: RunStarted) -> None:
+        accumulation = max(1, int(event.config.get("gradient_accumulation_steps") or 1))
+        self.steps_per_epoch = max(1, -(-event.batches_per_epoch // accumulation))
+        self.total_steps = event.total_steps
+        self.unet_only = bool(event.config.get("network_train_unet_only"))
+        self.recent = deque(maxlen=self.steps_per_epoch)
+
+    @property
+    def moving_average(self) -> float:
+        return sum(self.recent) / len(self.recent) if self.recent else 0.0
+
+    def records(self, event: Event) -> list[Record]:
+        if isinstance(event, StepCompleted):
+            if not event.skipped:
+                self.recent.append(event.loss)
+            logs = {"loss/current": event.loss, "loss/average": self.moving_average,
+                    **kohya_lr_logs(event.lrs, self.unet_only)}
+            out = [(logs, event.step, event.step, event.epoch)]
+            if event.step % self.steps_per_epoch == 0 or event.step == self.total_steps:
+                out.append(({"loss/epoch_average": self.moving_average}, event.epoch, event.step, event.epoch))
+            return out
+        if isinstance(event, ValidationLoss):
+            logs = {"loss/validation/step_average": event.loss,
+                    "loss/validation/step_divergence": event.loss - self.moving_average}
+            return [(logs, event.step, event.step, event.epoch)]
+        return []
+
+
+class TensorBoardTracker:
+    """Writes ``<logging_dir>/<prefix><timestamp>/<name>/events.out.tfevents.*`` for each run start.
+
+    The timestamp is the run's start (local time, kohya's format); scalars carry the events' wall times,
+    so exporting a finished run writes what live logging wrote."""
+
+    def __init__(self, logging_dir: str | Path, prefix: str, name: str, options: dict[str, Any] | None = None) -> None:
+        self.logging_dir, self.prefix, self.name = Path(logging_dir), prefix, name
+        self.options = dict(options or {})
+        self.scalars = KohyaScalars()
+        self.writer = None
+        self.folders: list[Path] = []
+        self.written = 0
+
+    def __repr__(self) -> str:
+        return f"TensorBoard logging to {self.logging_dir}"
+
+    def __call__(self, event: Event) -> None:
+        if isinstance(event, RunStarted):
+            self.close()
+            self._open(event)
+            return
+        if self.writer is None:
+            return
+        records = self.scalars.records(event)
+        for logs, tb_step, _step, _epoch in records:
+            for tag, value in logs.items():
+                self.writer.add_scalar(tag, value, tb_step, walltime=event.t)
+                self.written += 1
+        if records:
+            self.writer.flush()
+        if isinstance(event, RunFinished):
+            self.close()
+
+    def folder_for(self, event: RunStarted) -> Path:
+        return run_log_dir(self.logging_dir, self.prefix, event.t) / self.name
+
+    def _open(self, event: RunStarted) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        folder = self.folder_for(event)
+        self.scalars.start(event)
+        self.writer = SummaryWriter(str(folder), **self.options)
+        self.folders.append(folder)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+def reachable(host: str, port: int = 443, timeout: float = 3.0) -> bool:
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def wandb_offline_reason(api_key: str) -> str | None:
+    """Why wandb cannot log online from here (None: it can)."""
+    host = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname or "api.wandb.ai"
+    if not reachable(host):
+        return f"no network ({host} unreachable)"
+    if api_key or os.environ.get("WANDB_API_KEY"):
+        return None
+    try:
+        if netrc.netrc().authenticators(host):
+            return None
+    except (OSError, netrc.NetrcParseError):
+        pass
+    return "not logged in (no --wandb_api_key, WANDB_API_KEY or `wandb login`)"
+
+
+class WandbTracker:
+    """A wandb run per run start: project = the tracker name, offline when wandb cannot log online."""
+
+    def __init__(self, logging_dir: str, prefix: str, name: str, options: dict[str, Any], api_key: str,
+                 say: Callable[[str], None]) -> None:
+        self.logging_dir, self.prefix, self.name = logging_dir, prefix, name
+        self.options, self.api_key, self.say = options, api_key, say
+        self.scalars = KohyaScalars()
+        self.run = None
+
+    def __repr__(self) -> str:
+        return f"wandb logging to project {self.name}"
+
+    def __call__(self, event: Event) -> None:
+        if isinstance(event, RunStarted):
+            self.finish(0)
+            self._init(event)
+            return
+        if self.run is None:
+            return
+        for logs, _tb_step, step, epoch in self.scalars.records(event):
+            self.run.log({**logs, "global_step": step, "epoch": epoch})
+        if isinstance(event, RunFinished):
+            self.finish(0 if event.status == "completed" else 1)
+
+    def _init(self, event: RunStarted) -> None:
+        import wandb
+
+        options = dict(self.options)
+        if self.logging_dir:  # kohya points WANDB_DIR at the launch's log folder
+            folder = run_log_dir(self.logging_dir, self.prefix, event.t)
+            folder.mkdir(parents=True, exist_ok=True)
+            options.setdefault("dir", str(folder))
+        reason = None
+        if not options.get("mode") and not os.environ.get("WANDB_MODE"):
+            reason = wandb_offline_reason(self.api_key)
+            options["mode"] = "offline" if reason else "online"
+        if options.get("mode") == "online" and self.api_key:
+            wandb.login(key=self.api_key)
+        self.scalars.start(event)
+        self.run = wandb.init(project=self.name, **options)
+        for metric in ("epoch", "val_step", "global_step"):
+            self.run.define_metric(metric, hidden=True)
+        if reason:
+            where = self.run.settings.sync_dir
+            self.say(f"wandb: {reason}: logging offline to {where}; upload it later with `wandb sync {where}`")
+
+    def finish(self, exit_code: int) -> None:
+        if self.run is not None:
+            self.run.finish(exit_code=exit_code)
+            self.run = None
+
+
+def make_trackers(config: Any, say: Callable[[str], None] | None = None) -> list[Sink]:
+    """The tracker sinks a run of ``config`` (a TrainConfig) logs to; none for an invalid config (the
+    run itself refuses that, in one line). ``say`` gets the trackers' info lines."""
+    if config.problems():
+        return []
+    chosen = destinations(config.log_with, config.logging_dir)
+    values = config.to_dict()
+    sinks: list[Sink] = []
+    if "tensorboard" in chosen:
+        sinks.append(TensorBoardTracker(config.logging_dir, config.log_prefix, tracker_name(config.log_tracker_name),
+                                        tensorboard_options(values)))
+    if "wandb" in chosen:
+        sinks.append(WandbTracker(config.logging_dir, config.log_prefix, tracker_name(config.log_tracker_name),
+                                  wandb_init_options(values), config.wandb_api_key, say or (lambda _line: None)))
+    return sinks
+
+
+def without_secrets(config: Any) -> Any:
+    """The config the run records (config.toml, the journal): the wandb API key left out."""
+    return config.replace(wandb_api_key="") if config.wandb_api_key else config
