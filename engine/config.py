@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from engine.errors import ConfigError
+from engine.scalars import scalar_value
 from engine.optimizers import optimizer_type_problem, resolve_type
 from engine.schedules import SCHEDULERS
 
@@ -370,30 +371,12 @@ def coerce_value(name: str, raw: Any, where: str) -> Any:
         w, h = parse_resolution(raw, where)
         return f"{w},{h}" if w != h else str(w)
     try:
-        if kind is bool:
-            if isinstance(raw, bool):
-                return raw
-            text = str(raw).strip().lower()
-            if text in ("1", "true", "yes", "on"):
-                return True
-            if text in ("0", "false", "no", "off"):
-                return False
-            raise ValueError
-        if kind is int:
-            if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
-                raise ValueError
-            return int(raw) if not isinstance(raw, str) else int(raw.strip())
-        if kind is float:
-            if isinstance(raw, bool):
-                raise ValueError
-            if FIELDS[name].metadata.get("kind") == "steps_or_ratio":
-                return _steps_or_ratio(name, float(raw), where)
-            return float(raw)
-        if isinstance(raw, (dict, list)):
-            raise ValueError
-        return str(raw)
+        value = scalar_value(kind, raw)
     except (TypeError, ValueError):
         raise ConfigError(f"{where}: {name} must be {kind.__name__} (got {raw!r})") from None
+    if kind is float and FIELDS[name].metadata.get("kind") == "steps_or_ratio":
+        return _steps_or_ratio(name, value, where)
+    return value
 
 
 def is_dataset_toml(data: Mapping[str, Any]) -> bool:

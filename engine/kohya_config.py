@@ -15,6 +15,7 @@ from typing import Any, Mapping
 
 from engine.errors import ConfigError
 from engine.kohya_flags import TABLE, decide
+from engine.scalars import scalar_value
 
 
 def config_file_path(value: str) -> Path:
@@ -45,26 +46,7 @@ def coerce_flag(name: str, raw: Any, where: str) -> Any:
             if isinstance(raw, (list, tuple)):
                 return [str(x) for x in raw]
             raise ValueError
-        if kind is bool:
-            if isinstance(raw, bool):
-                return raw
-            text = str(raw).strip().lower()
-            if text in ("1", "true", "yes", "on"):
-                return True
-            if text in ("0", "false", "no", "off"):
-                return False
-            raise ValueError
-        if kind is int:
-            if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
-                raise ValueError
-            return int(raw) if not isinstance(raw, str) else int(raw.strip())
-        if kind is float:
-            if isinstance(raw, bool):
-                raise ValueError
-            return float(raw)
-        if isinstance(raw, (dict, list)):
-            raise ValueError
-        return str(raw)
+        return scalar_value(kind, raw)
     except (TypeError, ValueError):
         raise ConfigError(f"{where}: {name} must be {kind.__name__} (got {raw!r})") from None
 
