@@ -147,6 +147,11 @@ class TrainConfig:
     gradient_checkpointing: bool = _f(False, "precision", "Recompute activations to save memory.")
     device: str = _f("auto", "precision", "Device: auto picks MPS, then CUDA, then CPU.", choices=DEVICES, ours=True)
 
+    # --- will it fit (memory pre-flight, keeping the Mac awake)
+    ignore_memory_check: bool = _f(False, "precision", "Start even when the memory estimate exceeds the device's memory.",
+                                   ours=True)
+    no_prevent_sleep: bool = _f(False, "precision", "Let macOS sleep during the run (no caffeinate).", ours=True)
+
     # ---------------------------------------------------------------- derived
     def resolution_wh(self) -> tuple[int, int]:
         return parse_resolution(self.resolution, "resolution")
