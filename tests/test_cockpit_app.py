@@ -455,3 +455,24 @@ async def test_checkpoint_table_adds_val_loss_and_samples_columns_only_when_the_
         await settle(app, pilot, 0.3)
         assert [str(c.label) for c in table.columns.values()][-2:] == ["val loss", "samples"]
         assert str(table.get_row_at(1)[-2]) == "★ 0.2000" and table.get_row_at(4)[-2:] == ["  0.3000", "2"]
+
+
+@sync
+async def test_preview_shows_the_memory_estimate_and_verdict(tiny_cache, tmp_path, monkeypatch):
+    from engine.demo import prepare_demo
+    from engine.fit import preflight
+    from engine.fit.device_memory import DeviceMemory
+    from engine.plan import plan_run
+
+    monkeypatch.setattr(preflight, "device_memory", lambda device: DeviceMemory("mps", 16 * 10**9, 16 * 10**9,
+                                                                                  "unified"))
+    config = prepare_demo(root=tiny_cache, output_root=tmp_path)
+    app = CockpitApp(FakeSource(), config=config, clock=lambda: T0, planner=plan_run,
+                     presets_dir=Path("/nonexistent-presets"))
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        for _ in range(200):                          # the preview is debounced, then planned in a worker
+            if "total steps" in (preview := text_of(app, "#preview-text")):
+                break
+            await settle(app, pilot, 0.05)
+        assert "est. peak 0.5 GB of 16.0 GB unified · fits" in preview
