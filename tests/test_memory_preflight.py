@@ -54,7 +54,8 @@ def test_lora_parameter_count_from_the_headers_matches_the_injected_network(tiny
 
 # Peak RSS measured by bench/bench_memory.py (2 AdamW steps, fp32, dim 32, clip_skip 2, on CPU).
 @pytest.mark.parametrize("res,batch,gc,measured", [
-    (128, 1, True, 5.085e9), (128, 1, False, 5.260e9), (256, 1, True, 5.333e9),
+    (128, 1, True, 5.085e9), (128, 1, False, 5.260e9), (256, 1, True, 5.333e9), (256, 1, False, 5.870e9),
+    (128, 2, False, 5.547e9), (256, 2, True, 5.858e9),
 ])
 def test_full_size_estimate_is_within_20_percent_of_the_measured_peak(res, batch, gc, measured):
     est = estimate(sd15_shapes(), Settings(res, res, batch, gc, network_dim=32, no_half_vae=True))
@@ -64,7 +65,7 @@ def test_full_size_estimate_is_within_20_percent_of_the_measured_peak(res, batch
 def test_tiny_estimate_is_within_20_percent_of_the_measured_peak(tiny_cache):
     shapes = model_shapes(tiny_cache / "tiny-sd15", DEFAULT_SD15_CONFIG_DIR)
     est = estimate(shapes, Settings(128, 128, 1, True, network_dim=32, no_half_vae=True))
-    assert abs(est.peak_bytes - 504e6) / 504e6 <= 0.20
+    assert abs(est.peak_bytes - 502e6) / 502e6 <= 0.20
 
 
 def test_activations_grow_with_batch_and_resolution_and_shrink_with_checkpointing():
@@ -83,7 +84,12 @@ def test_savings_list_only_the_settings_that_lower_the_peak():
                                "--network_train_unet_only"}
     assert all(v > 0 for v in without_gc.values())
     with_gc = dict(savings(sd15_shapes(), Settings(512, 512, 4, True, network_dim=32)))
-    assert "--cache_latents" in with_gc and "--gradient_checkpointing" not in with_gc
+    assert "--gradient_checkpointing" not in with_gc and "--cache_latents" not in with_gc   # the UNet's peak rules
+    wide_vae = sd15_shapes()
+    wide_vae = ModelShapes(wide_vae.unet, wide_vae.text_encoder, wide_vae.vae, wide_vae.unet_config,
+                           {**wide_vae.vae_config, "block_out_channels": [1024, 1024, 1024, 1024]},
+                           wide_vae.text_encoder_config)
+    assert "--cache_latents" in dict(savings(wide_vae, Settings(512, 512, 4, True, cached_images=20)))
     done = dict(savings(sd15_shapes(), Settings(256, 256, 1, True, cache_latents=True, train_text_encoder=False)))
     assert done == {}
 

@@ -33,9 +33,10 @@ from engine.fit.shapes import ModelShapes
 
 # Fitted by bench/bench_memory.py --refit (see bench/README.md).
 COEFFICIENTS = {
-    "runtime_bytes": 470e6,          # python + torch + diffusers + the loop's buffers (peak RSS of the tiny run)
-    "unet_act_gc": 1.0,              # bytes saved per activation unit with gradient checkpointing
-    "unet_act_nogc": 6.0,            # ... without
+    "runtime_bytes": 484e6,          # python + torch + diffusers + the loop's buffers (≈ the tiny run's peak)
+    "pixel_bytes": 316.0,            # per image pixel per batch item, whatever the model (data, loss, buffers)
+    "unet_act_gc": 6.14,             # bytes per activation unit and activation byte, gradient checkpointing on
+    "unet_act_nogc": 11.94,          # ... off
 }
 TE_TOKENS = 77
 TE_ACT_PER_LAYER = 16               # saved tensors of width ``hidden`` per token and layer (no checkpointing)
@@ -70,6 +71,7 @@ class Settings:
     optimizer: str = "adamw"
     cache_latents: bool = False
     sample_size: tuple[int, int] | None = None      # (w, h) of the largest sample image, None = no sampling
+    cached_images: int = 0                          # latents kept with --cache_latents (images × flips)
     device: str = "cpu"
 
 
@@ -134,6 +136,7 @@ def estimate(shapes: ModelShapes, s: Settings, coefficients: dict | None = None)
     lw, lh = max(1, s.width // 8), max(1, s.height // 8)
     coef = k["unet_act_gc"] if s.gradient_checkpointing else k["unet_act_nogc"]
     acts = s.batch * unet_activation_units(shapes.unet_config, lw, lh) * _act_bytes(s) * coef
+    acts += s.batch * s.width * s.height * k["pixel_bytes"]
     if s.train_text_encoder:
         te = shapes.text_encoder_config
         per_layer = TE_ACT_PER_LAYER_GC if s.gradient_checkpointing else TE_ACT_PER_LAYER
@@ -142,14 +145,16 @@ def estimate(shapes: ModelShapes, s: Settings, coefficients: dict | None = None)
     attention = _attention_matrix_bytes(shapes, s, lw, lh)
     c0 = list(shapes.vae_config.get("block_out_channels", [128]))[0]
     vae_encode = (1 if s.cache_latents else s.batch) * s.width * s.height * c0 * vbytes * VAE_ENCODE_TENSORS
+    latent_cache = s.cached_images * 4 * lw * lh * wbytes if s.cache_latents else 0
     sampling = 0
     if s.sample_size:
         sw, sh = s.sample_size
         sampling = sw * sh * c0 * vbytes * (VAE_ENCODE_TENSORS + 2)
     runtime = CUDA_CONTEXT_BYTES if s.device == "cuda" else int(k["runtime_bytes"])
-    parts = {"runtime": runtime, "weights": int(weights), "lora": int(lora), "activations": int(acts),
+    parts = {"runtime": runtime, "weights": int(weights), "lora": int(lora), "latent_cache": int(latent_cache),
+             "activations": int(acts),
              "attention": int(attention), "vae_encode": int(vae_encode), "sampling": int(sampling)}
-    peak = runtime + weights + lora + max(acts + attention, vae_encode, sampling)
+    peak = runtime + weights + lora + latent_cache + max(acts + attention, vae_encode, sampling)
     return MemoryEstimate(int(peak), parts)
 
 
@@ -164,7 +169,7 @@ def savings(shapes: ModelShapes, s: Settings) -> list[tuple[str, int]]:
     base = estimate(shapes, s).peak_bytes
     options: list[tuple[str, Settings]] = []
     if not s.cache_latents:
-        options.append(("--cache_latents", replace(s, cache_latents=True)))
+        options.append(("--cache_latents", replace(s, cache_latents=True, cached_images=s.cached_images)))
     if not s.gradient_checkpointing:
         options.append(("--gradient_checkpointing", replace(s, gradient_checkpointing=True)))
     if s.batch > 1:
@@ -193,12 +198,14 @@ def fit_activation_coefficients(rows: Iterable[dict]) -> dict:
         spec = row["spec"]
         shapes = model_shapes(spec["model"], DEFAULT_SD15_CONFIG_DIR)
         s = Settings(spec["res"], spec["res"], spec["batch"], spec["gc"], network_dim=32, no_half_vae=True)
-        zero = estimate(shapes, s, {"runtime_bytes": 0, "unet_act_gc": 0, "unet_act_nogc": 0})
+        zero = estimate(shapes, s, {"runtime_bytes": 0, "pixel_bytes": 0, "unet_act_gc": 0, "unet_act_nogc": 0})
         fixed = zero.parts["weights"] + zero.parts["lora"] + zero.parts["activations"]   # TE activations
         units = s.batch * unet_activation_units(shapes.unet_config, s.width // 8, s.height // 8) * 4
-        design.append([1.0, units if s.gradient_checkpointing else 0.0, 0.0 if s.gradient_checkpointing else units])
+        design.append([1.0, s.batch * s.width * s.height, units if s.gradient_checkpointing else 0.0,
+                       0.0 if s.gradient_checkpointing else units])
         target.append(row["peak_rss"] - fixed)
         weight.append(1.0 / row["peak_rss"])
     a, b, w = np.array(design), np.array(target), np.array(weight)
     sol, *_ = np.linalg.lstsq(a * w[:, None], b * w, rcond=None)
-    return {"runtime_bytes": float(sol[0]), "unet_act_gc": float(sol[1]), "unet_act_nogc": float(sol[2])}
+    return {"runtime_bytes": float(sol[0]), "pixel_bytes": float(sol[1]), "unet_act_gc": float(sol[2]),
+            "unet_act_nogc": float(sol[3])}

@@ -96,6 +96,8 @@ def _sample_size(config) -> tuple[int, int] | None:
 
 def settings_for(config, plan_dataset=None, device: str = "cpu") -> Settings:
     w, h, batch = _largest_batch(config, plan_dataset)
+    entries = list(getattr(plan_dataset, "entries", []) or [])
+    flips = 2 if config.flip_aug or any(getattr(e, "flip_aug", False) for e in entries) else 1
     try:
         optimizer = resolve_type(config.optimizer_type, config.use_8bit_adam, config.use_lion_optimizer)
     except ConfigError:
@@ -104,7 +106,8 @@ def settings_for(config, plan_dataset=None, device: str = "cpu") -> Settings:
                     mixed_precision=config.mixed_precision, no_half_vae=config.no_half_vae,
                     network_dim=config.network_dim, train_unet=not config.network_train_text_encoder_only,
                     train_text_encoder=not config.network_train_unet_only, optimizer=optimizer.rsplit(".", 1)[-1],
-                    cache_latents=config.cache_latents, sample_size=_sample_size(config), device=device)
+                    cache_latents=config.cache_latents, sample_size=_sample_size(config), device=device,
+                    cached_images=len(entries) * flips)
 
 
 def shapes_for(config) -> ModelShapes | None:
