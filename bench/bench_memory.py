@@ -10,7 +10,8 @@ size × gradient checkpointing on/off runs ``engine.trainer.Trainer`` for a few 
 subprocess, which reports its own ``ru_maxrss`` (peak RSS). Every result is appended to the JSON file
 as soon as it is measured (an interrupted sweep keeps what it had), beside what
 ``engine.fit.estimate.estimate_memory`` predicts for the same config, so the fit can be checked and
-re-done (``--refit`` prints the least-squares activation coefficients from the file).
+re-done: ``--refit`` prints the least-squares coefficients from the file's rows, ``--check`` compares
+every row with the estimator as it stands.
 """
 
 from __future__ import annotations
@@ -105,11 +106,28 @@ def predicted(spec: dict) -> int:
     return estimate_memory(cfg, device_type="cpu").peak_bytes
 
 
-def refit(path: Path) -> None:
-    from engine.fit.estimate import fit_activation_coefficients
+def refit(path: Path, fit: bool) -> None:
+    """Print the least-squares coefficients (``--refit``) and each row's estimate against its measurement,
+    with those coefficients or, for ``--check``, with the ones in engine/fit/estimate.py."""
+    from engine.fit.estimate import Settings, estimate, fit_activation_coefficients
+    from engine.fit.shapes import model_shapes
+    from engine.models import DEFAULT_SD15_CONFIG_DIR
 
-    rows = json.loads(path.read_text())
-    print(json.dumps(fit_activation_coefficients(rows), indent=2))
+    rows = [r for r in json.loads(path.read_text()) if r.get("status") == "completed"]
+    k = fit_activation_coefficients(rows) if fit else None
+    if k:
+        print(json.dumps(k, indent=2))
+    worst = 0.0
+    for r in rows:
+        spec = r["spec"]
+        shapes = model_shapes(spec["model"], DEFAULT_SD15_CONFIG_DIR)
+        s = Settings(spec["res"], spec["res"], spec["batch"], spec["gc"], network_dim=32, no_half_vae=True)
+        est = estimate(shapes, s, k).peak_bytes
+        err = (est - r["peak_rss"]) / r["peak_rss"]
+        worst = max(worst, abs(err))
+        print(f"{r['model']:5} {spec['res']:4} px batch {spec['batch']} gc {'on ' if spec['gc'] else 'off'}  "
+              f"measured {r['peak_rss'] / 1e9:.3f} GB  estimate {est / 1e9:.3f} GB  {err:+.1%}")
+    print(f"worst {worst:.1%} over {len(rows)} rows")
 
 
 def main() -> None:
@@ -121,14 +139,15 @@ def main() -> None:
     ap.add_argument("--batch", default="1,2")
     ap.add_argument("--gc", default="1,0")
     ap.add_argument("--out", default=str(REPO / "bench" / "memory_measurements.json"))
-    ap.add_argument("--refit", action="store_true")
+    ap.add_argument("--refit", action="store_true", help="fit the coefficients to the file's rows and compare")
+    ap.add_argument("--check", action="store_true", help="compare the file's rows with the estimator as it is")
     ap.add_argument("--child", default=None)
     args = ap.parse_args()
     if args.child:
         return child(args)
     out = Path(args.out)
-    if args.refit:
-        return refit(out)
+    if args.refit or args.check:
+        return refit(out, args.refit)
     root = Path(args.root) if args.root else Path(tempfile.gettempdir()) / "spyke-bench-memory"
     root.mkdir(parents=True, exist_ok=True)
     from engine.tiny import build_tiny_model

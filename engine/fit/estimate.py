@@ -33,10 +33,10 @@ from engine.fit.shapes import ModelShapes
 
 # Fitted by bench/bench_memory.py --refit (see bench/README.md).
 COEFFICIENTS = {
-    "runtime_bytes": 484e6,          # python + torch + diffusers + the loop's buffers (≈ the tiny run's peak)
-    "pixel_bytes": 316.0,            # per image pixel per batch item, whatever the model (data, loss, buffers)
-    "unet_act_gc": 6.14,             # bytes per activation unit and activation byte, gradient checkpointing on
-    "unet_act_nogc": 11.94,          # ... off
+    "runtime_bytes": 483e6,          # python + torch + diffusers + the loop's buffers (≈ the tiny run's peak)
+    "pixel_bytes": 265.0,            # per image pixel per batch item, whatever the model (data, loss, buffers)
+    "unet_act_gc": 7.42,             # bytes per activation unit and activation byte, gradient checkpointing on
+    "unet_act_nogc": 13.48,          # ... off
 }
 TE_TOKENS = 77
 TE_ACT_PER_LAYER = 16               # saved tensors of width ``hidden`` per token and layer (no checkpointing)
