@@ -168,9 +168,13 @@ def test_cli_train_headless_refusal_is_one_error_line_with_exit_2(tiny_cache, tm
     assert len(err) == 1 and err[0].startswith("spyke-cockpit: error: memory: est. peak")
 
 
-def test_an_unreadable_model_gives_no_verdict_rather_than_an_error(tmp_path):
-    config = SimpleNamespace(pretrained_model_name_or_path=str(tmp_path / "missing.safetensors"), sd_config_dir="",
-                             device="cpu")
+@pytest.mark.parametrize("content", [None, b"", b"\x05", b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!",
+                                     b"\x02\x00\x00\x00\x00\x00\x00\x00[]"])
+def test_an_unreadable_model_gives_no_verdict_rather_than_an_error(tmp_path, content):
+    path = tmp_path / "model.safetensors"
+    if content is not None:
+        path.write_bytes(content)
+    config = SimpleNamespace(pretrained_model_name_or_path=str(path), sd_config_dir="", device="cpu")
     assert memory_preflight(config) is None
 
 

@@ -47,10 +47,15 @@ class ModelShapes:
 def read_header(path: Path) -> dict:
     """The tensor table of a .safetensors file (name -> {dtype, shape, ...}), metadata dropped."""
     with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
+        head = f.read(8)
+        if len(head) != 8:
+            raise ValueError(f"{path}: too short for a safetensors file")
+        (n,) = struct.unpack("<Q", head)
         if n > 100_000_000:
             raise ValueError(f"{path}: implausible safetensors header")
         table = json.loads(f.read(n))
+    if not isinstance(table, dict):
+        raise ValueError(f"{path}: safetensors header is not a table")
     table.pop("__metadata__", None)
     return table
 
