@@ -106,7 +106,7 @@ def predicted(spec: dict) -> int:
     return estimate_memory(cfg, device_type="cpu").peak_bytes
 
 
-def refit(path: Path, fit: bool) -> None:
+def refit(path: Path, fit: bool, root: Path) -> None:
     """Print the least-squares coefficients (``--refit``) and each row's estimate against its measurement,
     with those coefficients or, for ``--check``, with the ones in engine/fit/estimate.py."""
     from engine.fit.estimate import Settings, estimate, fit_activation_coefficients
@@ -114,6 +114,8 @@ def refit(path: Path, fit: bool) -> None:
     from engine.models import DEFAULT_SD15_CONFIG_DIR
 
     rows = [r for r in json.loads(path.read_text()) if r.get("status") == "completed"]
+    for r in rows:                                  # rows name the models under --root as <root>/...
+        r["spec"]["model"] = r["spec"]["model"].replace("<root>", str(root))
     k = fit_activation_coefficients(rows) if fit else None
     if k:
         print(json.dumps(k, indent=2))
@@ -146,9 +148,9 @@ def main() -> None:
     if args.child:
         return child(args)
     out = Path(args.out)
-    if args.refit or args.check:
-        return refit(out, args.refit)
     root = Path(args.root) if args.root else Path(tempfile.gettempdir()) / "spyke-bench-memory"
+    if args.refit or args.check:
+        return refit(out, args.refit, root)
     root.mkdir(parents=True, exist_ok=True)
     from engine.tiny import build_tiny_model
 
@@ -167,7 +169,8 @@ def main() -> None:
                     spec = dict(model=str(model), root=str(root), res=res, batch=batch, gc=gc, steps=args.steps)
                     got = measure(spec)
                     row = {"model": name, "resolution": res, "batch": batch, "gradient_checkpointing": gc,
-                           "steps": args.steps, "spec": spec, **got}
+                           "steps": args.steps, **got,
+                           "spec": dict(spec, model=spec["model"].replace(str(root), "<root>"), root="<root>")}
                     try:
                         row["estimate"] = predicted(spec)
                     except Exception as exc:  # noqa: BLE001 - the bench records whatever happened

@@ -56,6 +56,7 @@ def test_lora_parameter_count_from_the_headers_matches_the_injected_network(tiny
 @pytest.mark.parametrize("res,batch,gc,measured", [
     (128, 1, True, 5.085e9), (128, 1, False, 5.260e9), (256, 1, True, 5.333e9), (256, 1, False, 5.870e9),
     (128, 2, False, 5.547e9), (256, 2, True, 5.858e9), (384, 2, True, 7.293e9), (384, 2, False, 8.801e9),
+    (512, 1, True, 7.038e9), (512, 1, False, 8.435e9),
 ])
 def test_full_size_estimate_is_within_20_percent_of_the_measured_peak(res, batch, gc, measured):
     est = estimate(sd15_shapes(), Settings(res, res, batch, gc, network_dim=32, no_half_vae=True))
