@@ -403,6 +403,10 @@ def preview_text(plan: Any) -> Text:
     free = getattr(plan, "free_bytes", None)
     text.append(f"output {plan.output_dir}\n")
     text.append(f"free space {format_bytes(free)}")
+    memory = getattr(plan, "memory", None)
+    if memory is not None:
+        style = {"fits": "green", "tight": "yellow", "too_big": "bold red"}.get(getattr(memory, "verdict", ""), "dim")
+        text.append(f"\n{memory.summary()}", style=style)
     for warning in getattr(plan, "warnings", []) or []:
         text.append(f"\n⚠ {warning}", style="yellow")
     return text

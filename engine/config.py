@@ -190,6 +190,11 @@ class TrainConfig:
     wandb_run_name: str = _f("", "logging", "The wandb run's name.")
     wandb_api_key: str = _f("", "logging", "wandb API key to log in with (kept out of the run folder).")
 
+    # --- will it fit (memory pre-flight, keeping the Mac awake)
+    ignore_memory_check: bool = _f(False, "precision", "Start even when the memory estimate exceeds the device's memory.",
+                                   ours=True)
+    no_prevent_sleep: bool = _f(False, "precision", "Let macOS sleep during the run (no caffeinate).", ours=True)
+
     # ---------------------------------------------------------------- derived
     def resolution_wh(self) -> tuple[int, int]:
         return parse_resolution(self.resolution, "resolution")

@@ -9,8 +9,10 @@ from typing import TextIO
 
 from engine.config import TrainConfig
 from engine.control import TrainingControl
+from engine.errors import SpykeError
 from engine.events import (CheckpointSaved, Event, LogMessage, NetworkBuilt, PhaseChanged, RunFinished,
                            RunStarted, StepCompleted)
+from engine.fit.awake import keep_awake
 from engine.units import format_bytes
 
 SECOND_SIGINT_WINDOW = 3.0
@@ -78,6 +80,22 @@ class ProgressPrinter:
                 self._print(f"to resume: {event.resume_hint}")
 
 
+def memory_startup_line(config: TrainConfig) -> str | None:
+    """``memory: est. peak 5.1 GB of 21.0 GB available RAM · fits`` before anything loads. A run that
+    cannot fit is refused here (MemoryCheckError, one line); any other bad input is left to the
+    trainer, which reports it as before."""
+    from engine.fit.preflight import MemoryCheckError
+    from engine.plan import plan_run
+
+    try:
+        plan = plan_run(config)
+    except MemoryCheckError:
+        raise
+    except SpykeError:
+        return None
+    return f"memory: {plan.memory.summary()}" if plan.memory is not None else None
+
+
 def run_headless(config: TrainConfig, *, out: TextIO = sys.stdout) -> int:
     """Train in this thread. SIGINT/SIGTERM: save a checkpoint + state and stop (exit 0);
     a second SIGINT within 3 s exits at once (files are atomic, so none is partial)."""
@@ -101,11 +119,16 @@ def run_headless(config: TrainConfig, *, out: TextIO = sys.stdout) -> int:
         out.flush()
         control.abort(save=True)
 
+    memory_line = memory_startup_line(config)
+    if memory_line:
+        out.write(memory_line + "\n")
+        out.flush()
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         printer = ProgressPrinter(out)
         trackers = make_trackers(config, say=printer.say)
-        result = Trainer(without_secrets(config), control=control, sinks=[printer, *trackers]).run()
+        with keep_awake(config.no_prevent_sleep):
+            result = Trainer(without_secrets(config), control=control, sinks=[printer, *trackers]).run()
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)

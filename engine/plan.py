@@ -10,11 +10,14 @@ import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from engine.kohya.names import checkpoint_filename
 from engine.config import TrainConfig
 from engine.dataset import DatasetArgs, DatasetPlan, compute_total_steps, load_dataset_plan
 from engine.errors import ConfigError
+from engine.fit.mps_env import check_mps_watermarks, mps_may_be_used
+from engine.fit.preflight import enforce, memory_preflight
 from engine.models import DEFAULT_SD15_CONFIG_DIR
 
 
@@ -47,6 +50,7 @@ class RunPlan:
     free_bytes: int | None
     warnings: list[str] = field(default_factory=list)
     _by_step: dict[int, list[PlannedCheckpoint]] | None = field(default=None, init=False, repr=False, compare=False)
+    memory: Any = None   # engine.fit.preflight.MemoryVerdict: estimated peak vs the device; None if unknown
 
     def checkpoint_at(self, step: int) -> list[PlannedCheckpoint]:
         """The files planned at ``step``, in the order they are written (step, epoch, final)."""
@@ -140,8 +144,12 @@ def plan_run(config: TrainConfig) -> RunPlan:
     """Validate the config and scan the dataset; raises a one-line SpykeError on bad input."""
     config.validate()
     check_clip_skip(config.clip_skip, text_encoder_layers(config))
+    if mps_may_be_used(config.device):
+        check_mps_watermarks()
     dataset = load_dataset_plan(dataset_args(config))
     check_latent_caching(config, dataset, dataset.warnings)
+    memory = memory_preflight(config, dataset)
+    enforce(memory, config.ignore_memory_check)
     total_steps, num_epochs = compute_total_steps(
         dataset.batches_per_epoch, config.max_train_epochs, config.max_train_steps,
         config.gradient_accumulation_steps)
@@ -151,6 +159,9 @@ def plan_run(config: TrainConfig) -> RunPlan:
     for entry in dataset.entries:
         key = (str(entry.path.parent), entry.num_repeats, entry.is_reg)
         subsets[key] = subsets.get(key, 0) + 1
+    warnings = list(getattr(dataset, "warnings", [])) + ([missing] if (missing := missing_model(config)) else [])
+    if memory is not None and (memory_warning := memory.warning()):
+        warnings.append(memory_warning)
     return RunPlan(
         dataset=dataset,
         subsets=[SubsetSummary(d, n, r, reg) for (d, r, reg), n in subsets.items()],
@@ -161,7 +172,8 @@ def plan_run(config: TrainConfig) -> RunPlan:
         checkpoints=schedule_checkpoints(config, total_steps, num_epochs, steps_per_epoch),
         output_dir=Path(config.output_dir),
         free_bytes=free_space(Path(config.output_dir)),
-        warnings=list(getattr(dataset, "warnings", [])) + ([missing] if (missing := missing_model(config)) else []),
+        warnings=warnings,
+        memory=memory,
     )
 
 

@@ -10,6 +10,7 @@ from typing import Callable, Iterable
 from engine.config import TrainConfig
 from engine.control import TrainingControl
 from engine.events import Event, LogMessage
+from engine.fit.awake import keep_awake
 
 
 @dataclass
@@ -51,7 +52,8 @@ def start_training(config: TrainConfig, sinks: Iterable[Callable[[Event], None]]
 
     def target() -> None:
         try:
-            handle.result = trainer.run()
+            with keep_awake(config.no_prevent_sleep):
+                handle.result = trainer.run()
         finally:
             handle._done.set()
 

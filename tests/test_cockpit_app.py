@@ -743,3 +743,24 @@ async def test_real_engine_pause_reads_pausing_until_confirmed_and_a_finished_ru
         assert app.state.start_step == 6 and app.state.step == 9
         assert source.configs[-1].resume == "latest" and source.configs[-1].max_train_steps == 9
         assert (tmp_path / "out" / "spyke_demo.safetensors").exists()
+
+
+@sync
+async def test_preview_shows_the_memory_estimate_and_verdict(tiny_cache, tmp_path, monkeypatch):
+    from engine.demo import prepare_demo
+    from engine.fit import preflight
+    from engine.fit.device_memory import DeviceMemory
+    from engine.plan import plan_run
+
+    monkeypatch.setattr(preflight, "device_memory", lambda device: DeviceMemory("mps", 16 * 10**9, 16 * 10**9,
+                                                                                  "unified"))
+    config = prepare_demo(root=tiny_cache, output_root=tmp_path)
+    app = CockpitApp(FakeSource(), config=config, clock=lambda: T0, planner=plan_run,
+                     presets_dir=Path("/nonexistent-presets"))
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        for _ in range(200):                          # the preview is debounced, then planned in a worker
+            if "total steps" in (preview := text_of(app, "#preview-text")):
+                break
+            await settle(app, pilot, 0.05)
+        assert "est. peak 0.5 GB of 16.0 GB unified · fits" in preview

@@ -1,0 +1,1 @@
+"""Will the run fit: memory estimate, device memory, the Mac's allocator settings, staying awake."""
