@@ -176,7 +176,7 @@ class TrainConfig:
     debiased_estimation_loss: bool = _f(False, "optimizer", "Debiased estimation loss weighting.")
     zero_terminal_snr: bool = _f(False, "optimizer", "Rescale the noise schedule to zero terminal SNR "
                                  "(for v-prediction).")
-    v_parameterization: bool = _f(False, "model", "Train v-prediction (the base model predicts v).")
+    v_parameterization: bool = _f(False, "optimizer", "Train v-prediction (for a v-prediction base model).")
     scale_v_pred_loss_like_noise_pred: bool = _f(False, "optimizer", "Scale the v-prediction loss like a noise "
                                                  "prediction loss (needs --v_parameterization).")
     v_pred_like_loss: float | None = _f(None, "optimizer", "Add a v-prediction-like loss times this "
