@@ -221,3 +221,67 @@ def test_default_loss_options_train_exactly_as_explicit_kohya_defaults_and_optio
                   scale_v_pred_loss_like_noise_pred=True, min_snr_gamma=5.0)
     assert len(several) == 3 and all(math.isfinite(x) for x in several)
     assert several != default
+
+
+# ----------------------------------------------------------------------------- TrainStep.loss wiring
+class _Unet:
+    def __init__(self, pred):
+        self.pred, self.seen = pred, {}
+
+    def __call__(self, noisy, timesteps, hidden):
+        from types import SimpleNamespace
+
+        self.seen.update(noisy=noisy.clone(), t=timesteps.clone())
+        return SimpleNamespace(sample=self.pred)
+
+
+def _step(latents, pred, **cfg):
+    """A TrainStep on fixed latents and a fixed prediction (no model), its noise generator at seed 3."""
+    import contextlib
+    from types import SimpleNamespace
+
+    from engine.train.step import TrainStep
+
+    unet = _Unet(pred)
+    models = SimpleNamespace(device=torch.device("cpu"), unet=unet,
+                             accelerator=SimpleNamespace(autocast=contextlib.nullcontext))
+    step = TrainStep(TrainConfig(**cfg), models, plan=None, seed=3)
+    step.batch_latents = lambda batch: latents
+    step.encode_prompts = lambda captions: None
+    batch = SimpleNamespace(captions=["a", "b"], is_reg=torch.tensor([False, False]))
+    return step, unet, batch
+
+
+def test_v_parameterization_targets_the_velocity_and_ip_noise_only_perturbs_the_input():
+    latents = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(0))
+    pred = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(1))
+    step, unet, batch = _step(latents, pred, v_parameterization=True, ip_noise_gamma=0.1)
+    loss = float(step.loss(batch))
+    gen = torch.Generator().manual_seed(3)
+    noise = torch.randn((2, 4, 8, 8), generator=gen)
+    t = torch.randint(0, 1000, (2,), generator=gen)
+    extra = torch.randn((2, 4, 8, 8), generator=gen)
+    ac = scheduler().alphas_cumprod[t].view(2, 1, 1, 1)
+    velocity = ac.sqrt() * noise - (1 - ac).sqrt() * latents
+    assert torch.equal(unet.seen["t"], t)
+    assert torch.allclose(unet.seen["noisy"], ac.sqrt() * latents + (1 - ac).sqrt() * (noise + 0.1 * extra), atol=1e-5)
+    assert loss == pytest.approx(float(((pred - velocity) ** 2).mean()), rel=1e-5)
+
+
+def test_zero_terminal_snr_noises_with_the_new_schedule_but_weights_by_the_old_snr_as_kohya():
+    latents = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(0))
+    pred = torch.zeros((2, 4, 8, 8))
+    step, unet, batch = _step(latents, pred, zero_terminal_snr=True, debiased_estimation_loss=True, loss_type="l1",
+                              min_timestep=900, max_timestep=990)
+    loss = float(step.loss(batch))
+    gen = torch.Generator().manual_seed(3)
+    noise = torch.randn((2, 4, 8, 8), generator=gen)
+    t = torch.randint(900, 990, (2,), generator=gen)
+    fixed = scheduler()
+    losses.apply_zero_terminal_snr(fixed)
+    ac = fixed.alphas_cumprod[t].view(2, 1, 1, 1)
+    assert torch.allclose(unet.seen["noisy"], ac.sqrt() * latents + (1 - ac).sqrt() * noise, atol=1e-5)
+    snr = all_snr()[t]                              # the schedule before the rescale
+    per_sample = (pred - noise).abs().mean(dim=[1, 2, 3]) / torch.sqrt(snr)
+    assert not torch.allclose(snr, fixed.alphas_cumprod[t] / (1 - fixed.alphas_cumprod[t]), rtol=0.1)
+    assert loss == pytest.approx(float(per_sample.mean()), rel=1e-5)
