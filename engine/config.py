@@ -37,6 +37,8 @@ SAVE_PRECISIONS = ("float", "fp16", "bf16")
 DEVICES = ("auto", "mps", "cuda", "cpu")
 NAN_POLICIES = ("stop", "skip", "rollback")
 LOG_WITH = ("tensorboard", "wandb", "all")
+LOSS_TYPES = ("l2", "l1", "huber", "smooth_l1")
+HUBER_SCHEDULES = ("constant", "exponential", "snr")
 FP32_MAX = 3.4028234663852886e38
 # Fields whose engine part exists (engine/models.py: load_external_vae, full_precision_dtype) but which the
 # training setup does not call yet: refused rather than silently ignored. Remove a name once the setup applies it.
@@ -154,6 +156,32 @@ class TrainConfig:
     noise_offset: float | None = _f(None, "optimizer", "Noise offset (e.g. 0.05).", minimum=0)
     min_snr_gamma: float | None = _f(None, "optimizer", "Min-SNR loss weighting gamma (e.g. 5).", minimum=0)
     prior_loss_weight: float = _f(1.0, "optimizer", "Loss weight of regularisation images.", minimum=0)
+    # --- optimizer & schedule: kohya's loss and noise options (engine/train/losses.py; checks in engine/loss_config.py)
+    loss_type: str = _f("l2", "optimizer", "Loss: l2, l1, huber or smooth_l1.", choices=LOSS_TYPES)
+    huber_schedule: str = _f("snr", "optimizer", "Huber c over the timesteps (huber/smooth_l1): constant, "
+                             "exponential or snr.", choices=HUBER_SCHEDULES)
+    huber_c: float = _f(0.1, "optimizer", "Huber c (huber/smooth_l1).", minimum=0)
+    huber_scale: float = _f(1.0, "optimizer", "Huber c scale (constant and exponential schedules).", minimum=0)
+    min_timestep: int | None = _f(None, "optimizer", "Lowest training timestep (default 0).", minimum=0)
+    max_timestep: int | None = _f(None, "optimizer", "Training timesteps stay below this one (default 1000).",
+                                  minimum=0)
+    noise_offset_random_strength: bool = _f(False, "optimizer", "Noise offset strength uniform in 0..noise_offset.")
+    adaptive_noise_scale: float | None = _f(None, "optimizer", "Add this times |latent mean| to the noise offset "
+                                            "(needs --noise_offset).")
+    multires_noise_iterations: int | None = _f(None, "optimizer", "Multi-resolution (pyramid) noise levels "
+                                               "(e.g. 6-10).", minimum=1)
+    multires_noise_discount: float = _f(0.3, "optimizer", "Weight falloff of each multires noise level.", minimum=0)
+    ip_noise_gamma: float | None = _f(None, "optimizer", "Input perturbation noise (e.g. 0.1).", minimum=0)
+    ip_noise_gamma_random_strength: bool = _f(False, "optimizer", "Perturbation strength uniform in "
+                                              "0..ip_noise_gamma.")
+    debiased_estimation_loss: bool = _f(False, "optimizer", "Debiased estimation loss weighting.")
+    zero_terminal_snr: bool = _f(False, "optimizer", "Rescale the noise schedule to zero terminal SNR "
+                                 "(for v-prediction).")
+    v_parameterization: bool = _f(False, "optimizer", "Train v-prediction (for a v-prediction base model).")
+    scale_v_pred_loss_like_noise_pred: bool = _f(False, "optimizer", "Scale the v-prediction loss like a noise "
+                                                 "prediction loss (needs --v_parameterization).")
+    v_pred_like_loss: float | None = _f(None, "optimizer", "Add a v-prediction-like loss times this "
+                                        "(not with --v_parameterization).", minimum=0)
     # --- saving
     output_dir: str = _f("output", "saving", "Folder for checkpoints (and the run folder .spyke/).", kind="path")
     output_name: str = _f("last", "saving", "Checkpoint base name.")
@@ -251,6 +279,9 @@ class TrainConfig:
         from engine.tracker_config import logging_problems
 
         out.update({k: v for k, v in logging_problems(self).items() if k not in out})
+        from engine.loss_config import loss_problems
+
+        out.update({k: v for k, v in loss_problems(self).items() if k not in out})
         return out
 
     def validate(self) -> "TrainConfig":

@@ -91,12 +91,12 @@ def _in_json(value: Any, _: Mapping[str, Any]) -> str | None:
     return None
 
 
+_MASKED = "the masked loss, masks from alpha_mask transparency or conditioning_data_dir images"
 _SDPA = "PyTorch's fused attention (SDPA) runs instead, same results"
 
 _ROWS: list[KohyaFlag] = [
     # --- model
     KohyaFlag("v2", bool, "model", REFUSED, decide=_v2),
-    KohyaFlag("v_parameterization", bool, "model", PENDING, "v-prediction training", False, "training"),
     KohyaFlag("tokenizer_cache_dir", str, "model", INFO,
               "the tokenizer ships with the base model (or spyke-cockpit's SD1.5 config); no download, no cache"),
     KohyaFlag("xformers", bool, "precision", INFO, f"xformers is not used; {_SDPA}", False),
@@ -139,8 +139,9 @@ _ROWS: list[KohyaFlag] = [
     KohyaFlag("debug_dataset", bool, "dataset", REFUSED,
               "kohya's dataset viewer is not available; the cockpit's run plan lists the images", False),
     KohyaFlag("dataset_class", str, "dataset", REFUSED, "a custom dataset class is not supported"),
-    KohyaFlag("conditioning_data_dir", str, "dataset", REFUSED, "ControlNet conditioning images are not used "
-              "by LoRA training"),
+    KohyaFlag("conditioning_data_dir", str, "dataset", PENDING, _MASKED, owner="training"),
+    KohyaFlag("masked_loss", bool, "optimizer", PENDING, _MASKED, False, "training"),
+    KohyaFlag("alpha_mask", bool, "dataset", PENDING, _MASKED, False, "training"),
     KohyaFlag("max_token_length", int, "dataset", PENDING, owner="max_token_length", decide=_max_token_length),
     # --- network
     KohyaFlag("base_weights", list, "network", PENDING, "merging LoRA weights into the base model", [], "training"),
@@ -186,16 +187,7 @@ _PENDING_ELSEWHERE: list[tuple[str, type, str, Any]] = [
     ("sample_sampler", str, "samples", "ddim"),
     # training semantics: network, loss, noise, captions, augmentation, validation
     ("network_args", list, "training", []), ("network_dropout", float, "training", None),
-    ("scale_weight_norms", float, "training", None), ("loss_type", str, "training", "l2"),
-    ("huber_schedule", str, "training", "snr"), ("huber_c", float, "training", 0.1),
-    ("huber_scale", float, "training", 1.0), ("min_timestep", int, "training", 0),
-    ("max_timestep", int, "training", 1000), ("multires_noise_iterations", int, "training", None),
-    ("multires_noise_discount", float, "training", 0.3), ("adaptive_noise_scale", float, "training", None),
-    ("noise_offset_random_strength", bool, "training", False), ("ip_noise_gamma", float, "training", None),
-    ("ip_noise_gamma_random_strength", bool, "training", False), ("zero_terminal_snr", bool, "training", False),
-    ("scale_v_pred_loss_like_noise_pred", bool, "training", False), ("v_pred_like_loss", float, "training", None),
-    ("debiased_estimation_loss", bool, "training", False), ("weighted_captions", bool, "training", False),
-    ("masked_loss", bool, "training", False), ("alpha_mask", bool, "training", False),
+    ("scale_weight_norms", float, "training", None), ("weighted_captions", bool, "training", False),
     ("caption_dropout_rate", float, "training", 0.0), ("caption_dropout_every_n_epochs", int, "training", 0),
     ("caption_tag_dropout_rate", float, "training", 0.0), ("caption_prefix", str, "training", None),
     ("caption_suffix", str, "training", None), ("caption_separator", str, "training", ","),

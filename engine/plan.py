@@ -172,9 +172,17 @@ def plan_run(config: TrainConfig) -> RunPlan:
         checkpoints=schedule_checkpoints(config, total_steps, num_epochs, steps_per_epoch),
         output_dir=Path(config.output_dir),
         free_bytes=free_space(Path(config.output_dir)),
-        warnings=warnings,
+        warnings=warnings + loss_warnings(config),
         memory=memory,
     )
+
+
+def loss_warnings(config: TrainConfig) -> list[str]:
+    """kohya's warnings about loss options that train but probably not as meant."""
+    if config.zero_terminal_snr and not config.v_parameterization:
+        return ["--zero_terminal_snr is enabled, but --v_parameterization is not: training will be unexpected "
+                "(kohya's warning)"]
+    return []
 
 
 def missing_model(config: TrainConfig) -> str | None:

@@ -18,8 +18,7 @@ PLACEHOLDERS = {"TRAIN_DATA_DIR": "/data/train", "REG_DATA_DIR": "/data/reg", "O
                 "DATASET_TOML": "/data/dataset.toml", "CONFIG_TOML": "/data/config.toml", "MODEL": "/data/model"}
 # Keys of the GUI's configs that other parts of spyke-cockpit implement: refused until they land.
 PENDING_KEYS = {
-    "training": {"adaptive_noise_scale", "caption_dropout_rate", "multires_noise_iterations",
-                 "multires_noise_discount", "network_args", "network_dropout", "scale_weight_norms"},
+    "training": {"caption_dropout_rate", "network_args", "network_dropout", "scale_weight_norms"},
     "samples": {"sample_prompts", "sample_sampler"},
     "logging": {"wandb_run_name"},
     "saving": {"training_comment"},
@@ -40,14 +39,22 @@ def parse(argv, notes=None):
 
 def refused_keys(values: dict) -> dict[str, str]:
     """Each key of a flattened kohya config that spyke-cockpit refuses, with its one line."""
+    from engine.config import TrainConfig
+
     out = {}
+    typed = {}
+    for key, raw in values.items():
+        if key in FIELDS:
+            try:
+                typed[key] = coerce_value(key, raw, "cfg")
+            except ConfigError:
+                pass
     for key, raw in values.items():
         try:
             value = coerce_value(key, raw, "cfg")
             if key in FIELDS:
-                from engine.config import TrainConfig
-
-                problem = TrainConfig(**{key: value}).problems().get(key)
+                # with the config's other fields: some rules are between fields (adaptive_noise_scale, noise_offset)
+                problem = TrainConfig(**{**typed, key: value}).problems().get(key)
                 if problem:
                     raise ConfigError(problem)
             else:
@@ -115,7 +122,7 @@ def test_unknown_key_in_config_file_is_refused_naming_it(tmp_path):
     (["--fp8_base"], "--fp8_base: a float8 base model is not supported"),
     (["--in_json", "meta.json"], "--in_json=meta.json: kohya's fine-tuning metadata file is not supported"),
     (["--max_token_length", "150"], "--max_token_length=150: prompts longer than 75 tokens are not supported yet"),
-    (["--loss_type", "huber"], "--loss_type='huber': not supported yet"),
+    (["--masked_loss"], "--masked_loss: not supported yet (the masked loss, masks from alpha_mask transparency"),
     (["--torch_compile"], "--torch_compile: torch.compile is not used"),
 ])
 def test_flags_that_change_training_and_are_not_honoured_are_one_line_naming_the_flag(argv, message):

@@ -84,6 +84,8 @@ def build_metadata(values: Mapping[str, object]) -> dict[str, str]:
             continue
         meta[full] = _meta_str(value)
     meta.update(FIXED_METADATA)
+    if values.get("base_model_version"):
+        meta["ss_base_model_version"] = str(values["base_model_version"])   # sd_v1_v for v-prediction
 
     # ---- modelspec (kohya sai_model_spec for an SD1 LoRA)
     started = values.get("training_started_at")
@@ -158,7 +160,35 @@ def run_metadata(cfg, plan, base, *, run_id: str, started_at: float, seed: int, 
         "prior_loss_weight": cfg.prior_loss_weight,
         "noise_offset": cfg.noise_offset,
         "min_snr_gamma": cfg.min_snr_gamma,
+        **loss_metadata(cfg),
         **dataset_metadata(plan.dataset, from_dataset_config=bool(cfg.dataset_config),
                            gradient_accumulation_steps=cfg.gradient_accumulation_steps),
         **({"sd_model_hash": legacy} if (legacy := base.legacy_hash()) else {}),
     })
+
+
+def loss_metadata(cfg) -> dict[str, object]:
+    """kohya's ``ss_*`` keys of the loss and noise options (written whether or not they are on), the
+    model version and prediction type of v-prediction, and the timestep range when one is given."""
+    out: dict[str, object] = {
+        "multires_noise_iterations": cfg.multires_noise_iterations,
+        "multires_noise_discount": cfg.multires_noise_discount,
+        "adaptive_noise_scale": cfg.adaptive_noise_scale,
+        "zero_terminal_snr": cfg.zero_terminal_snr,
+        "ip_noise_gamma": cfg.ip_noise_gamma,
+        "debiased_estimation": bool(cfg.debiased_estimation_loss),
+        "noise_offset_random_strength": cfg.noise_offset_random_strength,
+        "ip_noise_gamma_random_strength": cfg.ip_noise_gamma_random_strength,
+        "loss_type": cfg.loss_type,
+        "huber_schedule": cfg.huber_schedule,
+        "huber_scale": cfg.huber_scale,
+        "huber_c": cfg.huber_c,
+    }
+    if cfg.v_parameterization:
+        out["base_model_version"] = "sd_v1_v"
+        out["modelspec.prediction_type"] = "v"
+    if cfg.min_timestep is not None or cfg.max_timestep is not None:
+        low = 0 if cfg.min_timestep is None else cfg.min_timestep
+        high = 1000 if cfg.max_timestep is None else cfg.max_timestep
+        out["modelspec.timestep_range"] = f"{low},{high}"
+    return out

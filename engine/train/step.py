@@ -26,6 +26,12 @@ class TrainStep:
         self.device = models.device
         self.noise_scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                              num_train_timesteps=1000, clip_sample=False)
+        from engine.train.losses import apply_zero_terminal_snr, snr_table
+
+        # kohya takes the SNR weights from the schedule before --zero_terminal_snr rescales it
+        self.all_snr = snr_table(self.noise_scheduler.alphas_cumprod).to(models.device)
+        if cfg.zero_terminal_snr:
+            apply_zero_terminal_snr(self.noise_scheduler)
         self.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(models.device)
         self.noise_gen = torch.Generator(device="cpu").manual_seed(seed)
         self.data_rng = random.Random(seed)
@@ -112,31 +118,66 @@ class TrainStep:
         return self.vae_latents(batch.pixel_values, self.noise_gen).to(self.m.weight_dtype)
 
     # ---- the loss
-    def loss(self, batch):
+    def noise_and_timesteps(self, latents):
+        """kohya's ``get_noise_noisy_latents_and_timesteps``: (noise, noisy latents, timesteps). The draws
+        come in kohya's order from the noise generator; options left off draw nothing."""
         import torch
-        import torch.nn.functional as F
+
+        from engine.train import losses
+
+        cfg, gen = self.cfg, self.noise_gen
+        b = latents.shape[0]
+        noise = torch.randn(latents.shape, generator=gen, dtype=torch.float32).to(self.device, latents.dtype)
+        if cfg.noise_offset:
+            strength = cfg.noise_offset
+            if cfg.noise_offset_random_strength:
+                strength = torch.rand(1, generator=gen) * cfg.noise_offset
+            noise = losses.offset_noise(latents, noise, strength, cfg.adaptive_noise_scale, gen)
+        if cfg.multires_noise_iterations:
+            noise = losses.pyramid_noise(noise, cfg.multires_noise_iterations, cfg.multires_noise_discount, gen)
+        total = self.noise_scheduler.config.num_train_timesteps
+        low = 0 if cfg.min_timestep is None else cfg.min_timestep
+        high = total if cfg.max_timestep is None else cfg.max_timestep
+        timesteps = losses.sample_timesteps(low, high, b, gen).to(self.device)
+        noised = noise
+        if cfg.ip_noise_gamma:
+            strength = cfg.ip_noise_gamma
+            if cfg.ip_noise_gamma_random_strength:
+                strength = float(torch.rand(1, generator=gen)) * cfg.ip_noise_gamma
+            extra = torch.randn(latents.shape, generator=gen, dtype=torch.float32).to(self.device, latents.dtype)
+            noised = noise + strength * extra
+        return noise, self.noise_scheduler.add_noise(latents, noised, timesteps), timesteps
+
+    def loss(self, batch):
+        """kohya's loss: the target (noise, or the velocity with --v_parameterization), the element-wise
+        loss of --loss_type, its mean per sample, the sample weights, then the SNR-based weights."""
+        import torch
+
+        from engine.train import losses
 
         cfg = self.cfg
         latents = self.batch_latents(batch)
-        b = latents.shape[0]
-        noise = torch.randn(latents.shape, generator=self.noise_gen, dtype=torch.float32).to(self.device,
-                                                                                             latents.dtype)
-        if cfg.noise_offset:
-            offset = torch.randn((b, latents.shape[1], 1, 1), generator=self.noise_gen)
-            noise = noise + cfg.noise_offset * offset.to(self.device, noise.dtype)
-        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (b,),
-                                  generator=self.noise_gen).to(self.device)
-        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        noise, noisy, timesteps = self.noise_and_timesteps(latents)
         with self.m.accelerator.autocast():
             hidden = self.encode_prompts(batch.captions)
             pred = self.m.unet(noisy, timesteps, hidden).sample
-        loss = F.mse_loss(pred.float(), noise.float(), reduction="none").mean(dim=[1, 2, 3])
+        target = self.noise_scheduler.get_velocity(latents, noise, timesteps) if cfg.v_parameterization else noise
+        huber_c = None
+        if cfg.loss_type in ("huber", "smooth_l1"):
+            huber_c = losses.huber_threshold(cfg.huber_schedule, cfg.huber_c, cfg.huber_scale, timesteps,
+                                             self.alphas_cumprod, self.noise_scheduler.config.num_train_timesteps)
+        loss = losses.elementwise_loss(pred.float(), target.float(), cfg.loss_type, huber_c).mean(dim=[1, 2, 3])
         weights = torch.where(batch.is_reg.to(self.device), cfg.prior_loss_weight, 1.0)
         loss = loss * weights
+        snr = self.all_snr[timesteps]
         if cfg.min_snr_gamma:
-            ac = self.alphas_cumprod[timesteps]
-            snr = ac / (1.0 - ac)
-            loss = loss * torch.clamp(snr, max=cfg.min_snr_gamma) / snr
+            loss = losses.min_snr_weight(loss, snr, cfg.min_snr_gamma, cfg.v_parameterization)
+        if cfg.scale_v_pred_loss_like_noise_pred:
+            loss = losses.scale_v_like_noise(loss, snr)
+        if cfg.v_pred_like_loss:
+            loss = losses.add_v_like_loss(loss, snr, cfg.v_pred_like_loss)
+        if cfg.debiased_estimation_loss:
+            loss = losses.debiased_estimation(loss, snr, cfg.v_parameterization)
         return loss.mean()
 
     # ---- forward + backward
