@@ -3,9 +3,11 @@
 A file belongs to a run when its ``ss_session_id`` metadata (a state folder: its progress
 ``run_id``) is that run's id. Without ``--overwrite`` a run replaces only its own files: any
 other file at a name it will write is refused, naming the file and the way out. Resuming a
-finished run changes nothing when there is nothing left to train; continuing it further keeps
-the earlier final under its step name (renamed atomically), or refuses with the command that
-would keep it.
+finished run changes nothing when there is nothing left to train; re-training its last steps
+from an earlier state with the same settings rewrites its own files (an exact resume gives the
+same weights); continuing it further (or with changed settings, --resume_force) keeps the
+earlier final under its step name (renamed atomically), or refuses with the command that would
+keep it.
 """
 
 from __future__ import annotations
@@ -85,6 +87,7 @@ def check_outputs(out: Path, cfg: TrainConfig, plan: RunPlan, run_id: str, start
     final = out / checkpoint_filename(name)
     final_state = out / state_dirname(name, None)
     check = OutputCheck()
+    final_step = final_state_step = None
     if start_step is not None:
         final_step = lora_step_of_run(final, run_id)
         final_state_step = state_step_of_run(final_state, run_id)
@@ -95,7 +98,11 @@ def check_outputs(out: Path, cfg: TrainConfig, plan: RunPlan, run_id: str, start
     if cfg.overwrite:
         return check
     files, states = names_to_write(cfg, plan, start_step)
-    if start_step is not None:
+    # Re-training the tail of a finished run from one of its earlier states, with its own settings, ends at
+    # the same step with the same weights (resume is exact): its files are rewritten, nothing is lost.
+    redo = start_step is not None and final_step is not None and final_step == plan.total_steps \
+        and not cfg.resume_force
+    if start_step is not None and not redo:
         _keep_earlier_final(check, out, name, run_id, files, states, final, final_step, final_state,
                             final_state_step)
     moved = {src for src, _ in check.renames}
