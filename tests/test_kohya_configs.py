@@ -20,7 +20,6 @@ PLACEHOLDERS = {"TRAIN_DATA_DIR": "/data/train", "REG_DATA_DIR": "/data/reg", "O
 PENDING_KEYS = {
     "training": {"adaptive_noise_scale", "caption_dropout_rate", "multires_noise_iterations",
                  "multires_noise_discount", "network_args", "network_dropout", "scale_weight_norms"},
-    "samples": {"sample_prompts", "sample_sampler"},
     "logging": {"wandb_run_name"},
     "saving": {"training_comment"},
     "network_module": {"network_module"},  # lycoris.kohya (a value of a field)
