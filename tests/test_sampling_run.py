@@ -12,7 +12,7 @@ from engine.config import build_config
 from engine.control import TrainingControl
 from engine.demo import prepare_demo
 from engine.errors import ConfigError
-from engine.events import CheckpointSaved, LogMessage, PhaseChanged, SamplesSaved, StepCompleted
+from engine.events import CheckpointSaved, LogMessage, PhaseChanged, RunStarted, SamplesSaved, StepCompleted
 from engine.tiny import generate_dataset
 
 NAME = "s"
@@ -173,16 +173,23 @@ def test_prompts_file_edited_mid_run_takes_effect(assets, tmp_path):
 
 
 def test_sample_request_makes_a_batch_at_the_next_boundary_and_at_once_while_paused(assets, tmp_path):
+    """From the cockpit (the control) mid-run, then from an attached viewer (the run folder) while paused."""
+    from engine.run.channel import send_command
+    from engine.run.folder import RunFolder
+
     path = prompts_file(tmp_path, "only --w 64 --h 64 --s 2\n")
     cfg = make_config(assets, tmp_path / "out", sample_prompts=str(path), max_train_steps=3, save_every_n_steps=None)
     control = TrainingControl()
+    run_dir = []
 
     def press(event):
-        if isinstance(event, StepCompleted) and event.step == 1:
+        if isinstance(event, RunStarted):
+            run_dir.append(RunFolder(Path(event.output_dir), event.run_id).path)
+        elif isinstance(event, StepCompleted) and event.step == 1:
             control.request_samples()
         elif isinstance(event, StepCompleted) and event.step == 2:
             control.pause()
-            control.request_samples()
+            send_command(run_dir[0], "sample", sender="viewer")
         elif isinstance(event, SamplesSaved) and event.step == 2:
             control.resume()
 
@@ -217,7 +224,8 @@ def test_exact_resume_holds_with_sampling_on(assets, sampled, tmp_path):
         if isinstance(event, StepCompleted) and event.step == 3:
             control.abort(save=True)
 
-    cfg = make_config(assets, tmp_path / "out", sample_prompts=str(prompts_file(tmp_path)), save_state=True)
+    one = prompts_file(tmp_path, THREE.splitlines()[0] + "\n")  # the prompts do not change the losses
+    cfg = make_config(assets, tmp_path / "out", sample_prompts=str(one), save_state=True)
     aborted, first = train(cfg, control=control, on_event=stop)
     assert aborted.status == "aborted"
     state = Path(cfg.output_dir) / f"{NAME}-step00000003-state"
