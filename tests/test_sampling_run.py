@@ -156,6 +156,17 @@ def test_same_seed_gives_byte_identical_sample_images_in_two_runs(assets, sample
     assert Path(again.paths[0]).read_bytes() == Path(first.paths[0]).read_bytes()
 
 
+def test_headless_output_has_one_line_per_sample_batch():
+    import io
+
+    from engine.headless import ProgressPrinter
+
+    out = io.StringIO()
+    ProgressPrinter(out)(SamplesSaved(step=2, epoch=1, paths=["o/sample/a.png", ""], prompts=["a", "b"],
+                                      seeds=[1, 2], errors=["", "x"], seconds=1.25))
+    assert out.getvalue() == "samples step 2: 1 image in o/sample (1.2s, 1 failed)\n"
+
+
 # ---------------------------------------------------------------- the prompts file, requests, failures
 def test_prompts_file_edited_mid_run_takes_effect(assets, tmp_path):
     path = prompts_file(tmp_path, "first --w 64 --h 64 --s 2\n")
