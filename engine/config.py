@@ -19,6 +19,7 @@ from typing import Any, Iterable, Mapping
 from engine.errors import ConfigError
 from engine.scalars import scalar_value
 from engine.optimizers import optimizer_type_problem, resolve_type
+from engine.sample.samplers import DEFAULT_SAMPLER, SAMPLER_NAMES
 from engine.schedules import SCHEDULERS
 
 # Groups, in the order the cockpit's form shows them.
@@ -30,6 +31,7 @@ GROUPS: dict[str, str] = {
     "saving": "Saving",
     "precision": "Precision & memory",
     "logging": "Logging",
+    "samples": "Sample images",
 }
 
 PRECISIONS = ("no", "fp16", "bf16")
@@ -217,6 +219,14 @@ class TrainConfig:
                                  kind="path")
     wandb_run_name: str = _f("", "logging", "The wandb run's name.")
     wandb_api_key: str = _f("", "logging", "wandb API key to log in with (kept out of the run folder).")
+    # --- sample images (kohya's sample_* flags)
+    sample_prompts: str = _f("", "samples", "Prompts file (.txt, .toml or .json, kohya's forms); re-read at each "
+                             "sampling. Also samples at every checkpoint.", kind="path")
+    sample_every_n_steps: int | None = _f(None, "samples", "Sample images every N steps.", minimum=1)
+    sample_every_n_epochs: int | None = _f(None, "samples", "Sample images every N epochs (overrides "
+                                           "sample_every_n_steps).", minimum=1)
+    sample_at_first: bool = _f(False, "samples", "Sample images before training starts.")
+    sample_sampler: str = _f(DEFAULT_SAMPLER, "samples", "Sampler for the sample images.", choices=SAMPLER_NAMES)
 
     # --- will it fit (memory pre-flight, keeping the Mac awake)
     ignore_memory_check: bool = _f(False, "precision", "Start even when the memory estimate exceeds the device's memory.",
@@ -276,6 +286,7 @@ class TrainConfig:
                 out.setdefault(name, "is parsed but the training setup does not apply it yet; remove it for now")
         if self.network_train_unet_only and self.network_train_text_encoder_only:
             out["network_train_text_encoder_only"] = "cannot be combined with network_train_unet_only"
+        out.update({k: v for k, v in _sample_problems(self).items() if k not in out})
         from engine.tracker_config import logging_problems
 
         out.update({k: v for k, v in logging_problems(self).items() if k not in out})
@@ -306,6 +317,24 @@ class TrainConfig:
 
 
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in fields(TrainConfig)}
+
+
+def _sample_problems(cfg: TrainConfig) -> dict[str, str]:
+    """The sample_* fields: a prompts file kohya can read, and one whenever sampling is asked for."""
+    from engine.sample.prompts import check_prompts_path
+
+    out: dict[str, str] = {}
+    if cfg.sample_prompts:
+        try:
+            check_prompts_path(cfg.sample_prompts)
+        except ConfigError as err:
+            out["sample_prompts"] = str(err).split(": ", 1)[-1]
+        return out
+    for name in ("sample_every_n_steps", "sample_every_n_epochs", "sample_at_first"):
+        if getattr(cfg, name):
+            out[name] = "needs --sample_prompts=<prompts.txt|.toml|.json> (the prompts to draw)"
+            break
+    return out
 
 
 def name_max(folder: str | Path) -> int:

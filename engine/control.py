@@ -87,11 +87,13 @@ class TrainingControl:
         return decision
 
     def between_steps(self, on_pause: Callable[[bool], None], on_save: Callable[[], None],
-                      poll: Callable[[], None] | None = None, poll_interval: float = 0.25) -> BoundaryDecision:
+                      poll: Callable[[], None] | None = None, poll_interval: float = 0.25,
+                      on_sample: Callable[[], None] | None = None) -> BoundaryDecision:
         """Apply pending commands. Blocks while paused (calling ``on_pause(True)`` once on entering
-        and ``on_pause(False)`` on leaving); a save request while paused is served at once via
-        ``on_save``. ``poll`` lets an external channel feed commands while waiting. Returns what
-        the loop must still do: save now (when not paused) and/or abort."""
+        and ``on_pause(False)`` on leaving); a save (or, given ``on_sample``, a sample) request while
+        paused is served at once via ``on_save`` / ``on_sample``. ``poll`` lets an external channel feed
+        commands while waiting. Returns what the loop must still do: save or sample now (when not
+        paused) and/or abort."""
         if poll is not None:
             poll()
         with self._cond:
@@ -104,11 +106,15 @@ class TrainingControl:
                     if self._abort is not None or not self._paused:
                         return self._take()
                     save = self._save_requested
+                    sample = on_sample is not None and self._sample_requested
                     self._save_requested = False
-                    if not save:
+                    self._sample_requested = self._sample_requested and not sample
+                    if not save and not sample:
                         self._cond.wait(poll_interval)
                 if save:
                     on_save()
+                if sample:
+                    on_sample()
                 if poll is not None:
                     poll()
         finally:

@@ -11,7 +11,7 @@ from engine.config import TrainConfig
 from engine.control import TrainingControl
 from engine.errors import SpykeError
 from engine.events import (CheckpointSaved, Event, LogMessage, NetworkBuilt, PhaseChanged, RunFinished,
-                           RunStarted, StepCompleted)
+                           RunStarted, SamplesSaved, StepCompleted)
 from engine.fit.awake import keep_awake
 from engine.units import format_bytes
 
@@ -64,6 +64,13 @@ class ProgressPrinter:
             state = f", state {event.state_dir}" if event.state_dir else ""
             self._print(f"checkpoint ({event.kind}) step {event.step}: {event.path} "
                         f"({format_bytes(event.bytes)}{', verified' if event.verified else ''}{state})")
+        elif isinstance(event, SamplesSaved):
+            made = [p for p in event.paths if p]
+            where = f" in {made[0].rsplit('/', 1)[0]}" if made else ""
+            failed = len(event.paths) - len(made)
+            images = f"{len(made)} image{'' if len(made) == 1 else 's'}"
+            self._print(f"samples step {event.step}: {images}{where} ({event.seconds:.1f}s"
+                        f"{f', {failed} failed' if failed else ''})")
         elif isinstance(event, PhaseChanged) and event.phase in ("loading", "caching", "paused"):
             if event.phase != "caching" or event.detail.endswith(("/0", "0/")) is False:
                 self._print(f"{event.phase}{': ' + event.detail if event.detail else ''}")

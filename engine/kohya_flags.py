@@ -26,7 +26,6 @@ ALIAS = "alias"          # kohya's other spelling of a field
 # Who implements a pending flag (shown in the refusal and grouped in the tests).
 OWNERS = {
     "logging": "TensorBoard/wandb logging",
-    "samples": "sample images during training",
     "training": "the network_args / loss / caption options",
     "saving": "the saving options",
     "max_token_length": "long prompts (max_token_length)",
@@ -181,10 +180,6 @@ _PENDING_ELSEWHERE: list[tuple[str, type, str, Any]] = [
     ("log_tracker_name", str, "logging", None), ("log_tracker_config", str, "logging", None),
     ("wandb_run_name", str, "logging", None), ("wandb_api_key", str, "logging", None),
     ("log_config", bool, "logging", False),
-    # samples
-    ("sample_every_n_steps", int, "samples", None), ("sample_every_n_epochs", int, "samples", None),
-    ("sample_at_first", bool, "samples", False), ("sample_prompts", str, "samples", None),
-    ("sample_sampler", str, "samples", "ddim"),
     # training semantics: network, loss, noise, captions, augmentation, validation
     ("network_args", list, "training", []), ("network_dropout", float, "training", None),
     ("scale_weight_norms", float, "training", None), ("weighted_captions", bool, "training", False),
@@ -210,7 +205,7 @@ _PENDING_ELSEWHERE: list[tuple[str, type, str, Any]] = [
     "title", "author", "description", "license", "tags", "usage_hint", "thumbnail", "merged_from", "trigger_phrase",
     "preprocessor", "is_negative_embedding")]
 
-_FORM_GROUP = {"logging": "logging", "samples": "other", "training": "other", "saving": "saving"}
+_FORM_GROUP = {"logging": "logging", "training": "other", "saving": "saving"}
 for _name, _kind, _owner, _default in _PENDING_ELSEWHERE:
     _ROWS.append(KohyaFlag(_name, _kind, _FORM_GROUP[_owner], PENDING, "", _default, _owner))
 

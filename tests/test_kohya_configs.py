@@ -19,7 +19,6 @@ PLACEHOLDERS = {"TRAIN_DATA_DIR": "/data/train", "REG_DATA_DIR": "/data/reg", "O
 # Keys of the GUI's configs that other parts of spyke-cockpit implement: refused until they land.
 PENDING_KEYS = {
     "training": {"caption_dropout_rate", "network_args", "network_dropout", "scale_weight_norms"},
-    "samples": {"sample_prompts", "sample_sampler"},
     "logging": {"wandb_run_name"},
     "saving": {"training_comment"},
     "network_module": {"network_module"},  # lycoris.kohya (a value of a field)

@@ -16,6 +16,7 @@ from engine.state import capture_rng, restore_rng
 from engine.train.loop import Loop
 from engine.train.nan_policy import NanPolicy
 from engine.train.saver import Saver
+from engine.train.sampling import Sampler
 from engine.train.setup import build_optimizer, param_groups, setup_models
 from engine.train.step import TrainStep
 
@@ -51,6 +52,8 @@ class Job:
         self.saver = Saver(cfg, plan, self.run_id, self.counters, self.emit, network=net, save_dtype=m.save_dtype,
                            metadata=self._metadata, resumable=self.resumable, on_state=self._on_state,
                            optimizer=self.optimizer)
+        self.sampler = Sampler(cfg, m, self.counters, self.emit, seed=seed, num_epochs=plan.num_epochs,
+                               optimizer=self.optimizer)
         self.nan = NanPolicy(cfg, self.counters, self.emit, network=net, params=self.params,
                              optimizer=self.optimizer, lr_scheduler=self.lr_scheduler,
                              forget_state=self.saver.forget_state)

@@ -40,6 +40,7 @@ class Loop:
     def run(self) -> tuple[Path | None, str]:
         job = self.job
         cfg, plan, c, saver, nan, step_fn = job.cfg, job.plan, job.counters, job.saver, job.nan, job.step
+        sampler = job.sampler
         optimizer, lr_scheduler = job.optimizer, job.lr_scheduler
         if cfg.cache_latents or cfg.cache_latents_to_disk:
             step_fn.cache_latents(self._phase)
@@ -53,9 +54,14 @@ class Loop:
                 self._sample(force=True)
 
         def on_save() -> None:
-            saver.save("manual", then="paused")     # a save inside a pause: still paused after it
+            saved = saver.save("manual", then="paused")     # a save inside a pause: still paused after it
+            sampler.for_checkpoint(saved, previous="paused")
+
+        def on_sample() -> None:
+            sampler.on_request(previous="paused")
 
         self._last_mem = 0.0
+        sampler.at_start()
         groups: list = []
         groups_epoch = None
         while c.global_step < plan.total_steps and c.epoch < plan.num_epochs:
@@ -63,9 +69,11 @@ class Loop:
                 batches = plan.dataset.epoch_batches(c.epoch, job.seed)
                 groups = [batches[i:i + accum] for i in range(0, len(batches), accum)]
                 groups_epoch = c.epoch
-            decision = job.control.between_steps(on_pause, on_save, poll)
+            decision = job.control.between_steps(on_pause, on_save, poll, on_sample=on_sample)
             if decision.save_now and not decision.abort:
-                saver.save("manual")
+                sampler.for_checkpoint(saver.save("manual"))
+            if decision.sample_now and not decision.abort:
+                sampler.on_request()
             if decision.abort:
                 return self._abort(decision.abort_save)
             step_started = time.perf_counter()
@@ -88,14 +96,17 @@ class Loop:
             lrs = {name: float(g["lr"]) for name, g in zip(job.group_names, optimizer.param_groups)}
             lr_scheduler.step()
             epoch_number = c.epoch + 1
-            c.finish_step(loss_value, len(groups))
+            epoch_ended = c.finish_step(loss_value, len(groups))
             job.emit(StepCompleted(step=step, epoch=epoch_number, loss=loss_value, lrs=lrs,
                                    step_seconds=time.perf_counter() - step_started, skipped=skipped))
             self._sample()
+            saved = None
             for planned in plan.checkpoint_at(step):   # step files, then epoch files (never at the last epoch)
                 if planned.kind != "final":
-                    saver.save(planned.kind)
+                    saved = saver.save(planned.kind) or saved
+            sampler.after_step(step, epoch_ended=epoch_number if epoch_ended else None, checkpoint=saved)
         final = saver.save("final")
+        sampler.for_checkpoint(final, previous="finished")
         return final, "completed"
 
     def _abort(self, save: bool) -> tuple[Path | None, str]:
