@@ -185,7 +185,6 @@ _PENDING_ELSEWHERE: list[tuple[str, type, str, Any]] = [
     ("sample_at_first", bool, "samples", False), ("sample_prompts", str, "samples", None),
     ("sample_sampler", str, "samples", "ddim"),
     # training semantics: network, loss, noise, captions, augmentation, validation
-    ("network_args", list, "training", []), ("network_dropout", float, "training", None),
     ("scale_weight_norms", float, "training", None), ("loss_type", str, "training", "l2"),
     ("huber_schedule", str, "training", "snr"), ("huber_c", float, "training", 0.1),
     ("huber_scale", float, "training", 1.0), ("min_timestep", int, "training", 0),

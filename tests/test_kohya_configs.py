@@ -19,11 +19,11 @@ PLACEHOLDERS = {"TRAIN_DATA_DIR": "/data/train", "REG_DATA_DIR": "/data/reg", "O
 # Keys of the GUI's configs that other parts of spyke-cockpit implement: refused until they land.
 PENDING_KEYS = {
     "training": {"adaptive_noise_scale", "caption_dropout_rate", "multires_noise_iterations",
-                 "multires_noise_discount", "network_args", "network_dropout", "scale_weight_norms"},
+                 "multires_noise_discount", "scale_weight_norms"},
     "samples": {"sample_prompts", "sample_sampler"},
     "logging": {"wandb_run_name"},
     "saving": {"training_comment"},
-    "network_module": {"network_module"},  # lycoris.kohya (a value of a field)
+    "network_module": {"network_module", "network_args"},  # lycoris.kohya (a value of a field) and its args
     "optimizer_type": {"optimizer_type"},  # Prodigy where prodigyopt is absent
 }
 # Values of fields the GUI emits and sd-scripts accepts that the bucket code still refuses.
