@@ -119,6 +119,12 @@ class TrainConfig:
     network_alpha: float = _f(1.0, "network", "LoRA alpha; the update is scaled by alpha/dim.", minimum=0)
     network_train_unet_only: bool = _f(False, "network", "Put LoRA only into the UNet.")
     network_train_text_encoder_only: bool = _f(False, "network", "Train only the text encoder's LoRA.")
+    # --- network: kohya's networks.lora options (engine.network_args)
+    network_args: list[str] = _f(
+        [], "network", "networks.lora options: key=value ... (conv_dim=8 conv_alpha=4 block_dims=… "
+        "down_lr_weight=… rank_dropout=0.1 module_dropout=0.1 loraplus_lr_ratio=16).")
+    network_dropout: float | None = _f(None, "network", "Dropout on each LoRA's down output while training "
+                                       "(kohya's neuron dropout, e.g. 0.1).", minimum=0)
     # --- optimizer & schedule
     learning_rate: float = _f(2e-6, "optimizer", "Learning rate for groups without their own.", minimum=0)
     unet_lr: float | None = _f(None, "optimizer", "UNet LoRA learning rate (overrides learning_rate; 0 freezes).",
@@ -284,6 +290,7 @@ class TrainConfig:
         for name in AWAITING_TRAINING_SETUP:
             if getattr(self, name) != field_default(name):
                 out.setdefault(name, "is parsed but the training setup does not apply it yet; remove it for now")
+        out.update({k: v for k, v in _network_problems(self).items() if k not in out})
         if self.network_train_unet_only and self.network_train_text_encoder_only:
             out["network_train_text_encoder_only"] = "cannot be combined with network_train_unet_only"
         out.update({k: v for k, v in _sample_problems(self).items() if k not in out})
@@ -334,6 +341,20 @@ def _sample_problems(cfg: TrainConfig) -> dict[str, str]:
         if getattr(cfg, name):
             out[name] = "needs --sample_prompts=<prompts.txt|.toml|.json> (the prompts to draw)"
             break
+    return out
+
+
+def _network_problems(cfg: TrainConfig) -> dict[str, str]:
+    from engine.network_args import parse_network_args
+
+    out: dict[str, str] = {}
+    if cfg.network_dropout is not None and not 0 <= cfg.network_dropout < 1:
+        out["network_dropout"] = f"must be a probability in [0, 1) (got {cfg.network_dropout!r})"
+    if cfg.network_module == "networks.lora":  # another module is refused by its own check
+        try:
+            parse_network_args(cfg.network_args, cfg.network_module)
+        except ConfigError as err:
+            out["network_args"] = str(err).split(": ", 1)[1]
     return out
 
 

@@ -10,7 +10,14 @@ Which modules get an adapter (kohya's default ``networks.lora`` set, no conv_dim
 
 The adapters are peft LoRA layers (adapter name ``"spyke"``), rank ``network_dim``,
 ``lora_alpha = network_alpha`` (scale alpha/dim, as kohya), lora_A (kohya's
-``lora_down``) kaiming-uniform, lora_B (``lora_up``) zeros, no dropout.
+``lora_down``) kaiming-uniform, lora_B (``lora_up``) zeros. ``--network_args`` (conv_dim: the
+ResNet 3x3 convs too; block_dims: a rank per block) choose the UNet targets in
+``engine.lora_plan``; peft's ``rank_pattern``/``alpha_pattern`` give each its rank and alpha.
+
+Dropout is kohya's, not peft's: peft's ``lora_dropout`` drops the *input* of lora_A, kohya drops
+its *output* (``--network_dropout``), zeroes whole ranks (``rank_dropout``, rescaled by 1/(1-p)) or
+skips a module's LoRA (``module_dropout``); all three only in training mode, drawn from torch's
+global RNG (as kohya; gradient checkpointing replays it), by a forward hook on each lora_A.
 
 Files use kohya's key names (``lora_unet_...``/``lora_te_text_model_...`` with
 ``.lora_down.weight``, ``.lora_up.weight``, ``.alpha``), so the result loads in
@@ -34,13 +41,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 ADAPTER_NAME = "spyke"
 
-# peft matches a string ``target_modules`` with re.fullmatch against each module's
-# qualified name.
-UNET_TARGET_REGEX = (
-    r"(?:down_blocks\.\d+|mid_block|up_blocks\.\d+)\.attentions\.\d+\."
-    r"(?:proj_in|proj_out|transformer_blocks\.\d+\."
-    r"(?:attn[12]\.(?:to_q|to_k|to_v|to_out\.0)|ff\.net\.0\.proj|ff\.net\.2))"
-)
 # transformers 5 flattens CLIPTextModel (``encoder.layers.N...``); older releases
 # nest it under ``text_model.``. Accept both.
 TEXT_ENCODER_TARGET_REGEX = (
@@ -50,11 +50,6 @@ TEXT_ENCODER_TARGET_REGEX = (
 
 UNET_PREFIX = "lora_unet_"
 TEXT_ENCODER_PREFIX = "lora_te_"
-
-
-def kohya_unet_name(module_name: str) -> str:
-    """``down_blocks.0.attentions.0.proj_in`` -> ``lora_unet_down_blocks_0_attentions_0_proj_in``."""
-    return UNET_PREFIX + module_name.replace(".", "_")
 
 
 def kohya_text_encoder_name(module_name: str) -> str:
@@ -80,6 +75,8 @@ class _LoraModule:
     module_name: str
     layer: nn.Module  # the peft LoraLayer (lora.Linear / lora.Conv2d)
     part: str  # "unet" or "text_encoder"
+    alpha: float = 1.0
+    block: int = -1  # kohya's UNet block index (engine.lora_plan.block_index)
 
     @property
     def down(self) -> nn.Parameter:
@@ -100,6 +97,9 @@ class LoraNetwork:
     text_encoder_params: list[nn.Parameter] = field(default_factory=list)
     text_encoder_frozen: bool = False
     modules: list[_LoraModule] = field(default_factory=list, repr=False)
+    block_lr_weight: tuple[float, ...] | None = None  # kohya's per-block LR factors (25), or None
+    loraplus_unet_ratio: float | None = None
+    loraplus_text_encoder_ratio: float | None = None
 
     # ------------------------------------------------------------------ info
     def module_count(self) -> int:
@@ -132,7 +132,7 @@ class LoraNetwork:
             target = dtype or down.dtype
             out[f"{m.kohya_name}.lora_down.weight"] = down.to("cpu", target).contiguous().clone()
             out[f"{m.kohya_name}.lora_up.weight"] = up.to("cpu", target).contiguous().clone()
-            out[f"{m.kohya_name}.alpha"] = torch.tensor(float(self.alpha), dtype=target)
+            out[f"{m.kohya_name}.alpha"] = torch.tensor(float(m.alpha), dtype=target)
         return out
 
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -161,7 +161,8 @@ class LoraNetwork:
                 parts.append(f"{len(unexpected)} unexpected key(s) (first: {unexpected[0]})")
             raise CheckpointError(
                 f"{source} does not match this network: {'; '.join(parts)}; "
-                "resume with the same base model, network_dim and text-encoder settings as the run that wrote it"
+                "resume with the same base model, network_dim, network_args and text-encoder settings as the run "
+                "that wrote it"
             )
         for key, shape in expected.items():
             got = tuple(sd[key].shape)
@@ -174,11 +175,13 @@ class LoraNetwork:
                 raise CheckpointError(f"{source}: {key} contains NaN or Inf values; resume from an earlier file")
         for m in self.modules:
             file_alpha = sd[f"{m.kohya_name}.alpha"]
-            mine = torch.tensor(float(self.alpha), dtype=file_alpha.dtype)
+            mine = torch.tensor(float(m.alpha), dtype=file_alpha.dtype)
             if not math.isclose(float(file_alpha), float(mine), rel_tol=1e-6, abs_tol=1e-8):
+                fix = (f"resume with network_alpha = {float(file_alpha):g}" if m.alpha == self.alpha else
+                       "resume with the --network_args alphas of the run that wrote it")
+                which = "network_alpha" if m.alpha == self.alpha else "this network's alpha for it"
                 raise CheckpointError(
-                    f"{source}: {m.kohya_name}.alpha is {float(file_alpha):g} but network_alpha is "
-                    f"{self.alpha:g}; resume with network_alpha = {float(file_alpha):g}"
+                    f"{source}: {m.kohya_name}.alpha is {float(file_alpha):g} but {which} is {m.alpha:g}; {fix}"
                 )
         with torch.no_grad():
             for m in self.modules:
@@ -202,15 +205,18 @@ def _validate(dim: object, alpha: object) -> tuple[int, float]:
     return dim, alpha_f
 
 
-def _inject(model: nn.Module, regex: str, dim: int, alpha: float) -> None:
+def _inject(model: nn.Module, regex: str, dim: int, alpha: float, *,
+            rank_pattern: dict[str, int] | None = None, alpha_pattern: dict[str, float] | None = None) -> None:
     from peft import LoraConfig, inject_adapter_in_model
 
     config = LoraConfig(
         r=dim,
         lora_alpha=alpha,
-        lora_dropout=0.0,
+        lora_dropout=0.0,  # kohya's dropout is applied by _DropoutHook instead
         bias="none",
         target_modules=regex,
+        rank_pattern=rank_pattern or {},
+        alpha_pattern=alpha_pattern or {},
         init_lora_weights=True,  # lora_A kaiming-uniform(a=sqrt(5)), lora_B zeros — as kohya
         use_rslora=False,
         use_dora=False,
@@ -224,7 +230,7 @@ def _inject(model: nn.Module, regex: str, dim: int, alpha: float) -> None:
         inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
 
 
-def _collect(model: nn.Module, regex: str, part: str) -> list[_LoraModule]:
+def _collect_text_encoder(model: nn.Module, regex: str, alpha: float) -> list[_LoraModule]:
     from peft.tuners.lora import LoraLayer
 
     pattern = re.compile(regex)
@@ -239,9 +245,58 @@ def _collect(model: nn.Module, regex: str, part: str) -> list[_LoraModule]:
                 f"LoRA target {name} is a {type(module.get_base_layer()).__name__}, not a Linear or 1x1 Conv2d; "
                 "the base model is not SD1.5-shaped"
             )
-        kohya = kohya_unet_name(name) if part == "unet" else kohya_text_encoder_name(name)
-        found.append(_LoraModule(kohya, name, module, part))
+        found.append(_LoraModule(kohya_text_encoder_name(name), name, module, "text_encoder", alpha))
     return found
+
+
+def _inject_unet(unet: nn.Module, dim: int, alpha: float, args) -> list[_LoraModule]:
+    from peft.tuners.lora import LoraLayer
+
+    from engine.lora_plan import relink_aliases, unet_targets
+
+    targets = unet_targets(unet, dim, alpha, args)
+    if not targets:
+        raise ConfigError("no UNet module matched kohya's LoRA targets; the base model is not an SD1.5 UNet "
+                          "(or block_dims / the block LR weights leave every block at 0)")
+    escaped = {t.module_name: re.escape(t.module_name) for t in targets}
+    regex = "(?:" + "|".join(escaped.values()) + ")"
+    ranks = {escaped[t.module_name]: t.dim for t in targets if t.dim != dim}
+    alphas = {escaped[t.module_name]: t.alpha for t in targets if t.alpha != alpha}
+    _inject(unet, regex, dim, alpha, rank_pattern=ranks, alpha_pattern=alphas)
+    relink_aliases(unet)
+    modules = dict(unet.named_modules())
+    out: list[_LoraModule] = []
+    for t in targets:
+        layer = modules.get(t.module_name)
+        if not isinstance(layer, LoraLayer) or ADAPTER_NAME not in layer.lora_A:  # pragma: no cover
+            raise ConfigError(f"LoRA target {t.module_name} was not wrapped; the base model is not SD1.5-shaped")
+        out.append(_LoraModule(t.kohya_name, t.module_name, layer, "unet", t.alpha, t.block))
+    return out
+
+
+class _DropoutHook:
+    """kohya's LoRAModule dropouts on the output of lora_down (training mode only)."""
+
+    def __init__(self, dropout: float | None, rank_dropout: float | None, module_dropout: float | None) -> None:
+        self.dropout, self.rank_dropout, self.module_dropout = dropout, rank_dropout, module_dropout
+
+    def __call__(self, module: nn.Module, _inputs, lx):
+        if not module.training:
+            return lx
+        if self.module_dropout is not None and torch.rand(1) < self.module_dropout:
+            return torch.zeros_like(lx)  # lora_up(0) = 0: the module's LoRA is skipped
+        if self.dropout is not None:
+            lx = torch.nn.functional.dropout(lx, p=self.dropout)
+        if self.rank_dropout is not None:
+            mask = torch.rand((lx.size(0), lx.size(1) if lx.dim() == 4 else lx.size(-1)), device=lx.device)
+            mask = mask > self.rank_dropout
+            if lx.dim() == 3:
+                mask = mask.unsqueeze(1)
+            elif lx.dim() == 4:
+                mask = mask.unsqueeze(-1).unsqueeze(-1)
+            # kohya rescales by 1/(1-p) "as if the rank changed"; lora_up is linear, so scaling here is the same
+            lx = lx * mask * (1.0 / (1.0 - self.rank_dropout))
+        return lx
 
 
 def apply_lora(
@@ -253,6 +308,8 @@ def apply_lora(
     train_unet: bool = True,
     train_text_encoder: bool = True,
     text_encoder_frozen: bool = False,
+    network_args=None,
+    dropout: float | None = None,
 ) -> LoraNetwork:
     """Inject kohya-layout LoRA adapters with peft and freeze every base weight.
 
@@ -262,7 +319,12 @@ def apply_lora(
       adapters exist and are saved, but keep ``requires_grad=False``.
     * ``train_unet=False`` (kohya ``--network_train_text_encoder_only``): the UNet
       adapters exist (kohya still creates and saves them) but are frozen.
+    * ``network_args``: an ``engine.network_args.NetworkArgs`` (conv_dim, block dims, dropouts, LoRA+);
+      ``dropout``: ``--network_dropout``.
     """
+    from engine.network_args import NetworkArgs
+
+    args = network_args or NetworkArgs()
     dim, alpha_f = _validate(dim, alpha)
     for p in unet.parameters():
         p.requires_grad_(False)
@@ -270,20 +332,25 @@ def apply_lora(
         for p in text_encoder.parameters():
             p.requires_grad_(False)
 
-    _inject(unet, UNET_TARGET_REGEX, dim, alpha_f)
-    modules = _collect(unet, UNET_TARGET_REGEX, "unet")
-    if not modules:
-        raise ConfigError("no UNet module matched kohya's LoRA targets; the base model is not an SD1.5 UNet")
+    modules = _inject_unet(unet, dim, alpha_f, args)
     if train_text_encoder and text_encoder is not None:
         _inject(text_encoder, TEXT_ENCODER_TARGET_REGEX, dim, alpha_f)
-        te_modules = _collect(text_encoder, TEXT_ENCODER_TARGET_REGEX, "text_encoder")
+        te_modules = _collect_text_encoder(text_encoder, TEXT_ENCODER_TARGET_REGEX, alpha_f)
         if not te_modules:
             raise ConfigError(
                 "no text-encoder module matched kohya's LoRA targets; the base model's text encoder is not CLIP"
             )
         modules += te_modules
+    for m in modules:  # new adapter layers start in training mode: give them their model's mode
+        m.layer.train((unet if m.part == "unet" else text_encoder).training)
 
-    net = LoraNetwork(dim=dim, alpha=alpha_f, text_encoder_frozen=bool(text_encoder_frozen), modules=modules)
+    net = LoraNetwork(dim=dim, alpha=alpha_f, text_encoder_frozen=bool(text_encoder_frozen), modules=modules,
+                      block_lr_weight=args.block_lr_weight, loraplus_unet_ratio=args.unet_ratio,
+                      loraplus_text_encoder_ratio=args.text_encoder_ratio)
+    if dropout is not None or args.rank_dropout is not None or args.module_dropout is not None:
+        hook = _DropoutHook(dropout, args.rank_dropout, args.module_dropout)
+        for m in modules:
+            m.layer.lora_A[ADAPTER_NAME].register_forward_hook(hook)
     # Base weights stay frozen; only the LoRA matrices may train.
     for p in unet.parameters():
         p.requires_grad_(False)

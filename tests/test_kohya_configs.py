@@ -18,10 +18,10 @@ PLACEHOLDERS = {"TRAIN_DATA_DIR": "/data/train", "REG_DATA_DIR": "/data/reg", "O
                 "DATASET_TOML": "/data/dataset.toml", "CONFIG_TOML": "/data/config.toml", "MODEL": "/data/model"}
 # Keys of the GUI's configs that other parts of spyke-cockpit implement: refused until they land.
 PENDING_KEYS = {
-    "training": {"caption_dropout_rate", "network_args", "network_dropout", "scale_weight_norms"},
+    "training": {"scale_weight_norms"},
     "logging": {"wandb_run_name"},
     "saving": {"training_comment"},
-    "network_module": {"network_module"},  # lycoris.kohya (a value of a field)
+    "network_module": {"network_module", "network_args"},  # lycoris.kohya (a value of a field) and its args
     "optimizer_type": {"optimizer_type"},  # Prodigy where prodigyopt is absent
 }
 # Values of fields the GUI emits and sd-scripts accepts that the bucket code still refuses.

@@ -119,6 +119,13 @@ def build_metadata(values: Mapping[str, object]) -> dict[str, str]:
     return meta
 
 
+def _network_args(items) -> dict[str, str]:
+    """kohya's ``ss_network_args``: the ``--network_args`` as the dict of strings it passed on."""
+    from engine.network_args import split_items
+
+    return split_items(items)
+
+
 def run_metadata(cfg, plan, base, *, run_id: str, started_at: float, seed: int, step: int,
                  epoch: int, optimizer: str = "torch.optim.adamw.AdamW") -> dict[str, str]:
     """The metadata of one checkpoint of a run: the config's and plan's facts kohya records, the
@@ -136,6 +143,8 @@ def run_metadata(cfg, plan, base, *, run_id: str, started_at: float, seed: int, 
         "new_sd_model_hash": base.sha256() or "",
         "network_dim": cfg.network_dim,
         "network_alpha": cfg.network_alpha,
+        "network_dropout": cfg.network_dropout,
+        **({"network_args": _network_args(cfg.network_args)} if cfg.network_args else {}),
         "learning_rate": cfg.learning_rate,
         "unet_lr": cfg.unet_lr,
         "text_encoder_lr": cfg.text_encoder_lr,

@@ -43,6 +43,7 @@ def setup_models(cfg: TrainConfig, base, device, seed: int) -> Models:
     from accelerate.utils import set_seed
 
     from engine.lora import apply_lora
+    from engine.network_args import parse_network_args
 
     device_type = device.type
     if cfg.mixed_precision == "fp16" and device_type == "cpu":
@@ -58,7 +59,9 @@ def setup_models(cfg: TrainConfig, base, device, seed: int) -> Models:
     train_te = not cfg.network_train_unet_only
     train_unet = not cfg.network_train_text_encoder_only and unet_lr > 0
     network = apply_lora(unet, te, dim=cfg.network_dim, alpha=cfg.network_alpha, train_unet=train_unet,
-                         train_text_encoder=train_te, text_encoder_frozen=te_lr == 0)
+                         train_text_encoder=train_te, text_encoder_frozen=te_lr == 0,
+                         network_args=parse_network_args(cfg.network_args, cfg.network_module),
+                         dropout=cfg.network_dropout)
     train_te = train_te and te_lr > 0
     # Frozen base weights in the training dtype; LoRA weights stay fp32 (kohya does the same).
     unet.to(device, dtype=weight_dtype)
@@ -84,14 +87,38 @@ def setup_models(cfg: TrainConfig, base, device, seed: int) -> Models:
                   unet_lr=unet_lr, te_lr=te_lr)
 
 
-def param_groups(models: Models) -> list[dict]:
-    """The optimizer's parameter groups, named ``unet`` and ``text_encoder`` (the order kohya uses)."""
-    net = models.network
+def _lora_groups(modules, lr: float, ratio: float | None, name: str) -> list[dict]:
+    """kohya's ``assemble_params``: one group, or with a LoRA+ ratio the lora_down group and a
+    ``"<name> plus"`` group of the lora_up weights at ``lr × ratio``; groups at LR 0 are left out."""
+    down = [p for m in modules for p in ((m.down,) if ratio is not None else (m.down, m.up)) if p.requires_grad]
+    up = [m.up for m in modules if m.up.requires_grad] if ratio is not None else []
     groups = []
-    if models.train_unet and net.unet_params:
-        groups.append({"params": net.unet_params, "lr": models.unet_lr, "name": "unet"})
-    if models.train_te and net.text_encoder_params:
-        groups.append({"params": net.text_encoder_params, "lr": models.te_lr, "name": "text_encoder"})
+    for params, group_lr, group_name in ((down, lr, name), (up, lr * (ratio or 0.0), f"{name} plus")):
+        if params and group_lr:
+            groups.append({"params": params, "lr": group_lr, "name": group_name})
+    return groups
+
+
+def param_groups(models: Models) -> list[dict]:
+    """The optimizer's parameter groups: ``unet`` (or ``unet_block<i>`` per kohya block with block LR
+    weights, each at unet_lr × weight), then ``text_encoder``; each with a ``… plus`` group of its
+    lora_up weights under LoRA+ (kohya's descriptions, ``textencoder`` spelled as the engine's group)."""
+    net = models.network
+    groups: list[dict] = []
+    unet_modules = [m for m in net.modules if m.part == "unet"]
+    if models.train_unet and unet_modules:
+        if net.block_lr_weight is not None:
+            blocks: dict[int, list] = {}
+            for m in unet_modules:
+                blocks.setdefault(m.block, []).append(m)
+            for idx, block in blocks.items():
+                groups += _lora_groups(block, models.unet_lr * net.block_lr_weight[idx], net.loraplus_unet_ratio,
+                                       f"unet_block{idx}")
+        else:
+            groups += _lora_groups(unet_modules, models.unet_lr, net.loraplus_unet_ratio, "unet")
+    te_modules = [m for m in net.modules if m.part == "text_encoder"]
+    if models.train_te and te_modules:
+        groups += _lora_groups(te_modules, models.te_lr, net.loraplus_text_encoder_ratio, "text_encoder")
     if not groups:
         raise ConfigError("nothing to train: unet_lr and text_encoder_lr are both 0 (or the network is frozen)")
     return groups
