@@ -7,16 +7,15 @@ reader never sees half a sheet, and an existing file is kept unless ``overwrite`
 
 from __future__ import annotations
 
+import io
 import math
-import os
-import tempfile
 import textwrap
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from cockpit.samples import CompareRow, format_loss
-from engine.api import ConfigError
+from engine.api import ConfigError, write_file
 
 THUMB = 256                 # each image fits a THUMB×THUMB box
 LABEL_WIDTH = 240
@@ -102,17 +101,7 @@ def write_sheet(rows: tuple[CompareRow, ...], prompts: tuple[str, ...], out: Pat
         raise ConfigError("no sample images in this run to put on a sheet (train with --sample_prompts to make "
                           "them at each checkpoint)")
     sheet = render_sheet(rows, prompts)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            sheet.save(fh, format="PNG", optimize=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)          # as a plain new file would be (mkstemp makes it 0600)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    buffer = io.BytesIO()
+    sheet.save(buffer, format="PNG", optimize=True)
+    write_file(out, buffer.getvalue())       # the project's one atomic writer (temp, fsync, rename)
     return out, sheet.size, out.stat().st_size

@@ -22,6 +22,7 @@ from engine.control import Command
 from engine.errors import ConfigError, ModelLoadError, SpykeError
 from engine.events import (EVENT_TYPES, PHASES, CheckpointSaved, Event, LogMessage, MemorySample, PhaseChanged,
                            RunFinished, RunStarted, SamplesSaved, StepCompleted, ValidationLoss)
+from engine.io.atomic import write_file
 from engine.run.channel import send_command
 from engine.run.journal import EventTail, line_at, parse_line, step_loss, step_losses, type_token, SKIPPED
 from engine.run.layout import CONSOLE_FILENAME, CONTROL_DIRNAME, EVENTS_FILENAME, RUNS_DIRNAME
@@ -39,7 +40,7 @@ __all__ = [
     "import_kohya", "line_at", "list_runs", "make_parser", "notify_run_end", "overrides_from_namespace", "parse_line",
     "parse_train_args", "pid_alive", "plan_run", "prepare_demo",
     "resolve_run", "run_headless", "send_command", "start_training", "step_loss", "step_losses", "to_toml",
-    "type_token", "user_config_path", "ValidationLoss",
+    "type_token", "user_config_path", "ValidationLoss", "write_file",
 ]
 
 
