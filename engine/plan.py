@@ -46,6 +46,7 @@ class RunPlan:
     output_dir: Path
     free_bytes: int | None
     warnings: list[str] = field(default_factory=list)
+    save_every_n_epochs: int | None = None  # after --save_n_epoch_ratio (kohya sets it from the ratio)
     _by_step: dict[int, list[PlannedCheckpoint]] | None = field(default=None, init=False, repr=False, compare=False)
 
     def checkpoint_at(self, step: int) -> list[PlannedCheckpoint]:
@@ -55,6 +56,12 @@ class RunPlan:
             for c in self.checkpoints:
                 self._by_step.setdefault(c.step, []).append(c)
         return self._by_step.get(step, [])
+
+    def surviving_checkpoints(self, config: TrainConfig) -> list[PlannedCheckpoint]:
+        """The planned files still there at the end, after the ``--save_last_n_*`` pruning."""
+        from engine.train.pruning import survivors
+
+        return survivors(config, self.checkpoints, self.save_every_n_epochs)
 
 
 def dataset_args(config: TrainConfig) -> DatasetArgs:
@@ -107,7 +114,7 @@ def check_latent_caching(config: TrainConfig, dataset: DatasetPlan, warnings: li
 
 
 def schedule_checkpoints(config: TrainConfig, total_steps: int, num_epochs: int,
-                         steps_per_epoch: int) -> list[PlannedCheckpoint]:
+                         steps_per_epoch: int, every_epochs: int | None = None) -> list[PlannedCheckpoint]:
     """kohya's rules: a step file whenever ``global_step % save_every_n_steps == 0``; an epoch file
     after every n-th epoch except the last; the final file at the end."""
     out: list[PlannedCheckpoint] = []
@@ -116,7 +123,7 @@ def schedule_checkpoints(config: TrainConfig, total_steps: int, num_epochs: int,
         for step in range(n, total_steps + 1, n):
             epoch = min(num_epochs, (step - 1) // steps_per_epoch + 1)
             out.append(PlannedCheckpoint(step, epoch, "step", checkpoint_filename(config.output_name, step=step)))
-    m = config.save_every_n_epochs
+    m = every_epochs if every_epochs is not None else config.save_every_n_epochs
     if m:
         for epoch in range(m, num_epochs, m):
             step = min(total_steps, epoch * steps_per_epoch)
@@ -147,6 +154,9 @@ def plan_run(config: TrainConfig) -> RunPlan:
         config.gradient_accumulation_steps)
     dataset.set_max_train_steps(total_steps)
     steps_per_epoch = -(-dataset.batches_per_epoch // config.gradient_accumulation_steps)
+    from engine.train.pruning import every_n_epochs
+
+    every_epochs = every_n_epochs(config, num_epochs)
     subsets: dict[tuple[str, int, bool], int] = {}
     for entry in dataset.entries:
         key = (str(entry.path.parent), entry.num_repeats, entry.is_reg)
@@ -158,10 +168,11 @@ def plan_run(config: TrainConfig) -> RunPlan:
         steps_per_epoch=steps_per_epoch,
         total_steps=total_steps,
         num_epochs=num_epochs,
-        checkpoints=schedule_checkpoints(config, total_steps, num_epochs, steps_per_epoch),
+        checkpoints=schedule_checkpoints(config, total_steps, num_epochs, steps_per_epoch, every_epochs),
         output_dir=Path(config.output_dir),
         free_bytes=free_space(Path(config.output_dir)),
         warnings=list(getattr(dataset, "warnings", [])) + ([missing] if (missing := missing_model(config)) else []),
+        save_every_n_epochs=every_epochs,
     )
 
 

@@ -22,7 +22,6 @@ PENDING_KEYS = {
                  "multires_noise_discount", "network_args", "network_dropout", "scale_weight_norms"},
     "samples": {"sample_prompts", "sample_sampler"},
     "logging": {"wandb_run_name"},
-    "saving": {"training_comment"},
     "network_module": {"network_module"},  # lycoris.kohya (a value of a field)
     "optimizer_type": {"optimizer_type"},  # Prodigy where prodigyopt is absent
 }
