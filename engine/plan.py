@@ -6,6 +6,7 @@ images per subset, steps per epoch, total steps, and every checkpoint's file nam
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ class PlannedCheckpoint:
     epoch: int
     kind: str            # step | epoch | final
     filename: str
+    kept: bool = True    # False: written, then removed by the --save_last_n_* pruning
 
 
 @dataclass
@@ -57,11 +59,9 @@ class RunPlan:
                 self._by_step.setdefault(c.step, []).append(c)
         return self._by_step.get(step, [])
 
-    def surviving_checkpoints(self, config: TrainConfig) -> list[PlannedCheckpoint]:
+    def surviving_checkpoints(self) -> list[PlannedCheckpoint]:
         """The planned files still there at the end, after the ``--save_last_n_*`` pruning."""
-        from engine.train.pruning import survivors
-
-        return survivors(config, self.checkpoints, self.save_every_n_epochs)
+        return [c for c in self.checkpoints if c.kept]
 
 
 def dataset_args(config: TrainConfig) -> DatasetArgs:
@@ -154,9 +154,12 @@ def plan_run(config: TrainConfig) -> RunPlan:
         config.gradient_accumulation_steps)
     dataset.set_max_train_steps(total_steps)
     steps_per_epoch = -(-dataset.batches_per_epoch // config.gradient_accumulation_steps)
-    from engine.train.pruning import every_n_epochs
+    from engine.train.pruning import every_n_epochs, survivors
 
     every_epochs = every_n_epochs(config, num_epochs)
+    checkpoints = schedule_checkpoints(config, total_steps, num_epochs, steps_per_epoch, every_epochs)
+    kept = {id(c) for c in survivors(config, checkpoints, every_epochs)}
+    checkpoints = [c if id(c) in kept else dataclasses.replace(c, kept=False) for c in checkpoints]
     subsets: dict[tuple[str, int, bool], int] = {}
     for entry in dataset.entries:
         key = (str(entry.path.parent), entry.num_repeats, entry.is_reg)
@@ -168,7 +171,7 @@ def plan_run(config: TrainConfig) -> RunPlan:
         steps_per_epoch=steps_per_epoch,
         total_steps=total_steps,
         num_epochs=num_epochs,
-        checkpoints=schedule_checkpoints(config, total_steps, num_epochs, steps_per_epoch, every_epochs),
+        checkpoints=checkpoints,
         output_dir=Path(config.output_dir),
         free_bytes=free_space(Path(config.output_dir)),
         warnings=list(getattr(dataset, "warnings", [])) + ([missing] if (missing := missing_model(config)) else []),

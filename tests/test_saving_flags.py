@@ -61,7 +61,7 @@ def test_save_last_n_steps_leaves_kohyas_files_and_states(assets, tmp_path):
     kept = {f"{NAME}-step{s:08d}.safetensors" for s in (3, 4, 5)} | {f"{NAME}-step{s:08d}-state" for s in (3, 4, 5)}
     assert names(tmp_path / "o") == kept | {f"{NAME}.safetensors", f"{NAME}-state"}
     assert f"removing old checkpoint: {tmp_path / 'o' / f'{NAME}-step00000001.safetensors'}" in logs(events)
-    assert [c.filename for c in plan_run(cfg).surviving_checkpoints(cfg)] == [
+    assert [c.filename for c in plan_run(cfg).surviving_checkpoints()] == [
         f"{NAME}-step{s:08d}.safetensors" for s in (3, 4, 5)] + [f"{NAME}.safetensors"]
 
 
@@ -112,8 +112,12 @@ def test_pruning_keeps_a_protected_checkpoint(tmp_path):
 def test_save_last_n_epochs_plan_keeps_the_last_epoch_files(assets, tmp_path):
     cfg = make_config(assets, tmp_path / "o", max_train_epochs=6, save_every_n_epochs=1, save_last_n_epochs=2)
     plan = plan_run(cfg)
-    assert [c.filename for c in plan.surviving_checkpoints(cfg)] == [
+    assert [c.filename for c in plan.surviving_checkpoints()] == [
         f"{NAME}-000004.safetensors", f"{NAME}-000005.safetensors", f"{NAME}.safetensors"]
+    from cockpit.panels import preview_text
+
+    shown = preview_text(plan).plain
+    assert "6 checkpoints (3 kept):" in shown and f"{NAME}-000001.safetensors  (removed later)" in shown
 
 
 def test_save_n_epoch_ratio_sets_the_epoch_interval_as_kohya(assets, tmp_path):
