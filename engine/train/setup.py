@@ -84,6 +84,8 @@ def setup_models(cfg: TrainConfig, base, device, seed: int) -> Models:
         notes.append(load_network_weights(network, cfg.network_weights))
     if full_dtype is not None:  # kohya's --full_fp16/--full_bf16: the LoRA weights train in that dtype too
         network.param_dtype = full_dtype
+        if cfg.full_fp16:
+            _allow_fp16_unscale(accelerator)
         for p in network.unet_params + network.text_encoder_params:
             p.data = p.data.to(full_dtype)
     if cfg.gradient_checkpointing:
@@ -99,6 +101,19 @@ def setup_models(cfg: TrainConfig, base, device, seed: int) -> Models:
                   network=network, weight_dtype=weight_dtype, vae_dtype=vae_dtype,
                   save_dtype=dtype_of(cfg.save_precision), train_unet=train_unet, train_te=train_te,
                   unet_lr=unet_lr, te_lr=te_lr, notes=notes)
+
+
+def _allow_fp16_unscale(accelerator) -> None:
+    """kohya's patch for --full_fp16: the grad scaler unscales fp16 gradients (torch refuses by default)."""
+    scaler = getattr(accelerator, "scaler", None)
+    if scaler is None or not hasattr(scaler, "_unscale_grads_"):
+        return
+    original = scaler._unscale_grads_
+
+    def unscale(optimizer, inv_scale, found_inf, allow_fp16):  # noqa: ARG001 - kohya forces allow_fp16
+        return original(optimizer, inv_scale, found_inf, True)
+
+    scaler._unscale_grads_ = unscale
 
 
 def param_groups(models: Models) -> list[dict]:
