@@ -268,6 +268,7 @@ def test_epoch_pruning_removes_kohyas_epoch_file_and_the_state_saved_with_it():
     cfg = SimpleNamespace(output_name=NAME, save_every_n_steps=None, save_last_n_steps=None,
                           save_last_n_steps_state=None, save_last_n_epochs=2, save_last_n_epochs_state=None)
     at = {1: 4, 2: 8, 3: 12}.get
-    assert removals(cfg, "epoch", 12, 3, every_epochs=1, epoch_step=at) == Removal((f"{NAME}-000001.safetensors",), (4,))
+    gone = removals(cfg, "epoch", 12, 3, every_epochs=1, epoch_step=at)
+    assert gone == Removal((f"{NAME}-000001.safetensors",), (4,))
     cfg.save_last_n_epochs_state = 1
     assert removals(cfg, "epoch", 12, 3, every_epochs=1, epoch_step=at).state_steps == (8,)
