@@ -255,6 +255,8 @@ class TrainConfig:
         for name in AWAITING_TRAINING_SETUP:
             if getattr(self, name) != field_default(name):
                 out.setdefault(name, "is parsed but the training setup does not apply it yet; remove it for now")
+        if self.dim_from_weights and not self.network_weights:
+            out["dim_from_weights"] = "needs --network_weights=<a LoRA file> to read network_dim/alpha from"
         if self.network_train_unet_only and self.network_train_text_encoder_only:
             out["network_train_text_encoder_only"] = "cannot be combined with network_train_unet_only"
         from engine.tracker_config import logging_problems

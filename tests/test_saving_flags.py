@@ -198,6 +198,11 @@ def test_dim_from_weights_takes_dim_and_alpha_from_the_file(tmp_path, trained_lo
     assert (cfg.network_dim, cfg.network_alpha) == (4, 2.0)
 
 
+def test_dim_from_weights_without_network_weights_is_refused_before_the_run():
+    assert TrainConfig(dim_from_weights=True).problems()["dim_from_weights"] == (
+        "needs --network_weights=<a LoRA file> to read network_dim/alpha from")
+
+
 def test_network_weights_with_another_alpha_is_one_line(assets, tmp_path, trained_lora):
     from engine.trainer import Trainer
 
