@@ -392,14 +392,16 @@ def preview_text(plan: Any) -> Text:
     text.append(f"{plan.total_steps} total steps\n", style="bold")
     checkpoints = list(getattr(plan, "checkpoints", []))
     if checkpoints:
-        text.append(f"{len(checkpoints)} checkpoints:\n")
+        kept = sum(1 for ck in checkpoints if getattr(ck, "kept", True))
+        text.append(f"{len(checkpoints)} checkpoints" + (f" ({kept} kept)" if kept < len(checkpoints) else "") + ":\n")
         shown = checkpoints if len(checkpoints) <= 6 else checkpoints[:3] + [None] + checkpoints[-2:]
         for ck in shown:
             if ck is None:
                 text.append("   …\n", style="dim")
                 continue
             text.append(f"{ck.step:>6} ", style="dim")
-            text.append(f"{ck.filename}\n")
+            text.append(f"{ck.filename}")
+            text.append("\n" if getattr(ck, "kept", True) else "  (removed later)\n", style="dim")
     free = getattr(plan, "free_bytes", None)
     text.append(f"output {plan.output_dir}\n")
     text.append(f"free space {format_bytes(free)}")

@@ -44,7 +44,7 @@ HUBER_SCHEDULES = ("constant", "exponential", "snr")
 FP32_MAX = 3.4028234663852886e38
 # Fields whose engine part exists (engine/models.py: load_external_vae, full_precision_dtype) but which the
 # training setup does not call yet: refused rather than silently ignored. Remove a name once the setup applies it.
-AWAITING_TRAINING_SETUP = ("vae", "full_fp16", "full_bf16")
+AWAITING_TRAINING_SETUP: tuple[str, ...] = ()
 
 
 def _f(default: Any, group: str, help: str, *, choices: Iterable[str] | None = None,
@@ -199,6 +199,21 @@ class TrainConfig:
     save_precision: str | None = _f(None, "saving", "Weights dtype in files (default: float).",
                                     choices=SAVE_PRECISIONS)
     save_state: bool = _f(False, "saving", "Save the training state beside each checkpoint (for --resume).")
+    # kohya's pruning, metadata and start-from-weights flags (engine/train/pruning.py, engine/train/setup.py)
+    save_last_n_steps: int | None = _f(None, "saving", "Keep only the step files of the last N steps (removes "
+                                       "older ones this run wrote).", minimum=1)
+    save_last_n_epochs: int | None = _f(None, "saving", "Keep only the last N epoch files.", minimum=1)
+    save_last_n_steps_state: int | None = _f(None, "saving", "Keep only the states of the last N steps (default: "
+                                             "save_last_n_steps).", minimum=1)
+    save_last_n_epochs_state: int | None = _f(None, "saving", "Keep only the last N epoch states (default: "
+                                              "save_last_n_epochs).", minimum=1)
+    save_n_epoch_ratio: int | None = _f(None, "saving", "Save about N epoch files over the run (sets "
+                                        "save_every_n_epochs = epochs // N, at least 1).", minimum=1)
+    training_comment: str = _f("", "saving", "A comment stored in each file's metadata (ss_training_comment).")
+    no_metadata: bool = _f(False, "saving", "Write only kohya's minimal metadata (network and base model "
+                           "version; no dataset or training facts).")
+    network_weights: str = _f("", "saving", "Start from an existing LoRA file (kohya's or ours).", kind="path")
+    dim_from_weights: bool = _f(False, "saving", "Take network_dim and network_alpha from --network_weights.")
     resume: str = _f("", "saving", "Resume from a saved state folder, or 'latest'.", kind="path")
     resume_force: bool = _f(False, "saving", "Resume even if run-defining settings differ from the saved state.",
                             ours=True)
@@ -291,6 +306,8 @@ class TrainConfig:
             if getattr(self, name) != field_default(name):
                 out.setdefault(name, "is parsed but the training setup does not apply it yet; remove it for now")
         out.update({k: v for k, v in _network_problems(self).items() if k not in out})
+        if self.dim_from_weights and not self.network_weights:
+            out["dim_from_weights"] = "needs --network_weights=<a LoRA file> to read network_dim/alpha from"
         if self.network_train_unet_only and self.network_train_text_encoder_only:
             out["network_train_text_encoder_only"] = "cannot be combined with network_train_unet_only"
         out.update({k: v for k, v in _sample_problems(self).items() if k not in out})

@@ -193,11 +193,7 @@ _PENDING_ELSEWHERE: list[tuple[str, type, str, Any]] = [
     ("validation_split", float, "training", 0.0), ("validate_every_n_steps", int, "training", None),
     ("validate_every_n_epochs", int, "training", None), ("max_validation_steps", int, "training", None),
     # saving
-    ("save_last_n_steps", int, "saving", None), ("save_last_n_epochs", int, "saving", None),
-    ("save_last_n_steps_state", int, "saving", None), ("save_last_n_epochs_state", int, "saving", None),
-    ("save_n_epoch_ratio", int, "saving", None), ("save_state_on_train_end", bool, "saving", False),
-    ("training_comment", str, "saving", None), ("no_metadata", bool, "saving", False),
-    ("network_weights", str, "saving", None), ("dim_from_weights", bool, "saving", False),
+    ("save_state_on_train_end", bool, "saving", False),
     ("skip_until_initial_step", bool, "saving", False), ("initial_epoch", int, "saving", None),
     ("initial_step", int, "saving", None),
 ] + [(f"metadata_{m}", str, "saving", None) for m in (

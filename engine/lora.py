@@ -96,6 +96,7 @@ class LoraNetwork:
     unet_params: list[nn.Parameter] = field(default_factory=list)
     text_encoder_params: list[nn.Parameter] = field(default_factory=list)
     text_encoder_frozen: bool = False
+    param_dtype: torch.dtype = torch.float32   # fp32, or --full_fp16/--full_bf16's dtype
     modules: list[_LoraModule] = field(default_factory=list, repr=False)
     block_lr_weight: tuple[float, ...] | None = None  # kohya's per-block LR factors (25), or None
     loraplus_unet_ratio: float | None = None

@@ -6,6 +6,7 @@ images per subset, steps per epoch, total steps, and every checkpoint's file nam
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ class PlannedCheckpoint:
     epoch: int
     kind: str            # step | epoch | final
     filename: str
+    kept: bool = True    # False: written, then removed by the --save_last_n_* pruning
 
 
 @dataclass
@@ -49,6 +51,7 @@ class RunPlan:
     output_dir: Path
     free_bytes: int | None
     warnings: list[str] = field(default_factory=list)
+    save_every_n_epochs: int | None = None  # after --save_n_epoch_ratio (kohya sets it from the ratio)
     _by_step: dict[int, list[PlannedCheckpoint]] | None = field(default=None, init=False, repr=False, compare=False)
     memory: Any = None   # engine.fit.preflight.MemoryVerdict: estimated peak vs the device; None if unknown
 
@@ -59,6 +62,10 @@ class RunPlan:
             for c in self.checkpoints:
                 self._by_step.setdefault(c.step, []).append(c)
         return self._by_step.get(step, [])
+
+    def surviving_checkpoints(self) -> list[PlannedCheckpoint]:
+        """The planned files still there at the end, after the ``--save_last_n_*`` pruning."""
+        return [c for c in self.checkpoints if c.kept]
 
 
 def dataset_args(config: TrainConfig) -> DatasetArgs:
@@ -111,7 +118,7 @@ def check_latent_caching(config: TrainConfig, dataset: DatasetPlan, warnings: li
 
 
 def schedule_checkpoints(config: TrainConfig, total_steps: int, num_epochs: int,
-                         steps_per_epoch: int) -> list[PlannedCheckpoint]:
+                         steps_per_epoch: int, every_epochs: int | None = None) -> list[PlannedCheckpoint]:
     """kohya's rules: a step file whenever ``global_step % save_every_n_steps == 0``; an epoch file
     after every n-th epoch except the last; the final file at the end."""
     out: list[PlannedCheckpoint] = []
@@ -120,7 +127,7 @@ def schedule_checkpoints(config: TrainConfig, total_steps: int, num_epochs: int,
         for step in range(n, total_steps + 1, n):
             epoch = min(num_epochs, (step - 1) // steps_per_epoch + 1)
             out.append(PlannedCheckpoint(step, epoch, "step", checkpoint_filename(config.output_name, step=step)))
-    m = config.save_every_n_epochs
+    m = every_epochs if every_epochs is not None else config.save_every_n_epochs
     if m:
         for epoch in range(m, num_epochs, m):
             step = min(total_steps, epoch * steps_per_epoch)
@@ -155,6 +162,12 @@ def plan_run(config: TrainConfig) -> RunPlan:
         config.gradient_accumulation_steps)
     dataset.set_max_train_steps(total_steps)
     steps_per_epoch = -(-dataset.batches_per_epoch // config.gradient_accumulation_steps)
+    from engine.train.pruning import every_n_epochs, survivors
+
+    every_epochs = every_n_epochs(config, num_epochs)
+    checkpoints = schedule_checkpoints(config, total_steps, num_epochs, steps_per_epoch, every_epochs)
+    kept = {id(c) for c in survivors(config, checkpoints, every_epochs)}
+    checkpoints = [c if id(c) in kept else dataclasses.replace(c, kept=False) for c in checkpoints]
     subsets: dict[tuple[str, int, bool], int] = {}
     for entry in dataset.entries:
         key = (str(entry.path.parent), entry.num_repeats, entry.is_reg)
@@ -169,11 +182,12 @@ def plan_run(config: TrainConfig) -> RunPlan:
         steps_per_epoch=steps_per_epoch,
         total_steps=total_steps,
         num_epochs=num_epochs,
-        checkpoints=schedule_checkpoints(config, total_steps, num_epochs, steps_per_epoch),
+        checkpoints=checkpoints,
         output_dir=Path(config.output_dir),
         free_bytes=free_space(Path(config.output_dir)),
         warnings=warnings + loss_warnings(config),
         memory=memory,
+        save_every_n_epochs=every_epochs,
     )
 
 

@@ -149,6 +149,9 @@ class Trainer:
     # ------------------------------------------------------------------ the job
     def _run(self) -> tuple[Path | None, str]:
         cfg = self.config.validate()
+        from engine.network_weights import resolve_dim_from_weights
+
+        cfg = resolve_dim_from_weights(cfg)  # kohya's --dim_from_weights: network_dim/alpha from the file
         enable_mps_fallback()
         plan = plan_run(cfg)
         if (missing := missing_model(cfg)) is not None:

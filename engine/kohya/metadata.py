@@ -16,6 +16,12 @@ FIXED_METADATA = {
     "ss_v2": "False",
     "ss_network_module": "networks.lora",
 }
+# kohya's SS_METADATA_MINIMUM_KEYS: all that --no_metadata keeps of the ss_ block (the modelspec block stays).
+MINIMUM_KEYS = ("ss_v2", "ss_base_model_version", "ss_network_module", "ss_network_dim", "ss_network_alpha",
+                "ss_network_args")
+# Kept under --no_metadata too: they only say which run wrote the file at which step (a random id and a
+# number), and the run needs them to recognise its own files (resume, --save_last_n_* pruning).
+OWNERSHIP_KEYS = ("ss_session_id", "ss_steps")
 # library/sai_model_spec.py for an SD1 LoRA: implementation is "diffusers" (only
 # SDXL LoRAs, full checkpoints and TIs get the Stability-AI generative-models URL).
 MODELSPEC_SPEC_VERSION = "1.0.0"
@@ -134,8 +140,9 @@ def run_metadata(cfg, plan, base, *, run_id: str, started_at: float, seed: int, 
     ``module.Class(args)`` spelling of the optimizer that trains."""
     from engine.kohya.dataset_metadata import dataset_metadata
 
-    return build_metadata({
+    meta = build_metadata({
         "session_id": run_id,
+        "training_comment": cfg.training_comment or None,
         "training_started_at": started_at,
         "training_finished_at": time.time(),
         "output_name": cfg.output_name,
@@ -174,6 +181,7 @@ def run_metadata(cfg, plan, base, *, run_id: str, started_at: float, seed: int, 
                            gradient_accumulation_steps=cfg.gradient_accumulation_steps),
         **({"sd_model_hash": legacy} if (legacy := base.legacy_hash()) else {}),
     })
+    return minimal_metadata(meta) if cfg.no_metadata else meta
 
 
 def loss_metadata(cfg) -> dict[str, object]:
@@ -201,3 +209,9 @@ def loss_metadata(cfg) -> dict[str, object]:
         high = 1000 if cfg.max_timestep is None else cfg.max_timestep
         out["modelspec.timestep_range"] = f"{low},{high}"
     return out
+
+
+def minimal_metadata(meta: Mapping[str, str]) -> dict[str, str]:
+    """kohya's ``--no_metadata``: the minimum ss_ keys and the modelspec block, plus the run-ownership keys."""
+    return {k: v for k, v in meta.items()
+            if k in MINIMUM_KEYS or k in OWNERSHIP_KEYS or k.startswith("modelspec.")}

@@ -37,6 +37,8 @@ class Job:
         m = self.models = setup_models(cfg, base, device, seed)
         net = self.network = m.network
         self.emit(NetworkBuilt.of(len(net.unet_module_names), len(net.text_encoder_module_names), net.dim, net.alpha))
+        for note in m.notes:
+            self.emit(LogMessage(level="info", message=note))
         self.accelerator, self.device = m.accelerator, m.device
         self.unet, self.vae, self.te = m.unet, m.vae, m.te
         groups = param_groups(m)
@@ -88,7 +90,7 @@ class Job:
     def _restore(self, state) -> None:
         self.network.load_state_dict_kohya(state.lora_tensors, source=str(state.path))
         for p in self.params:
-            p.data = p.data.float()
+            p.data = p.data.to(self.network.param_dtype)
         self.optimizer.load_state_dict(state.optimizer_state)
         ensure_train_mode(self.optimizer)
         self.lr_scheduler.load_state_dict(state.scheduler_state)

@@ -107,7 +107,7 @@ class NanPolicy:
         snap = self.snapshot
         self.network.load_state_dict_kohya(snap["lora"], source="the last saved state")
         for p in self.params:
-            p.data = p.data.float()
+            p.data = p.data.to(self.network.param_dtype)
         self.optimizer.load_state_dict(snap["optimizer"])
         ensure_train_mode(self.optimizer)
         self.lr_scheduler.load_state_dict(snap["scheduler"])

@@ -12,12 +12,13 @@ from typing import Callable
 from engine.checkpoint import save_lora_file
 from engine.config import TrainConfig
 from engine.errors import CheckpointError, SpykeError
-from engine.events import CheckpointSaved, Event, PhaseChanged
+from engine.events import CheckpointSaved, Event, LogMessage, PhaseChanged
 from engine.kohya.names import checkpoint_filename, state_dirname
 from engine.optimizers import eval_weights
 from engine.output_guard import refuse_foreign
 from engine.state import save_state
 from engine.train.progress import StepCounters
+from engine.train.pruning import Pruner
 
 
 class Saver:
@@ -35,6 +36,7 @@ class Saver:
         self.metadata, self.resumable, self.on_state = metadata, resumable, on_state
         self.optimizer = optimizer          # a schedule-free one saves its eval weights
         self.state_step: int | None = None  # global step of the last state written or resumed from
+        self.pruner = Pruner(cfg, plan, run_id, lambda level, text: emit(LogMessage(level=level, message=text)))
 
     def forget_state(self) -> None:
         """The weights or learning rate changed since the last state: a state saved now is a new one."""
@@ -75,6 +77,7 @@ class Saver:
                 state_dir = self.save_training_state(final=(kind == "final"))
         self.emit(CheckpointSaved(path=str(saved.path), step=step, epoch=epoch, bytes=saved.bytes, kind=kind,
                                   loss=loss, verified=saved.verified, state_dir=str(state_dir) if state_dir else None))
+        self.pruner.after_save(kind, step, epoch)   # kohya's --save_last_n_*: only after a save that succeeded
         self.emit(PhaseChanged(phase=then or ("training" if kind != "final" else "finished"), detail=""))
         return saved.path
 

@@ -4,7 +4,8 @@ optimizer with its learning-rate schedule (:func:`build_optimizer`, the one plac
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from engine.config import TrainConfig
@@ -33,6 +34,7 @@ class Models:
     train_te: bool                  # the text encoder's LoRA is trained (and its forward keeps grads)
     unet_lr: float
     te_lr: float
+    notes: list[str] = field(default_factory=list)   # info lines for the log (attention kernel, weights loaded)
 
 
 def setup_models(cfg: TrainConfig, base, device, seed: int) -> Models:
@@ -53,8 +55,15 @@ def setup_models(cfg: TrainConfig, base, device, seed: int) -> Models:
     device = accelerator.device if device_type != "cpu" else device
     set_seed(seed)
 
+    from engine.models import attention_kernel, full_precision_dtype, load_external_vae
+
     weight_dtype = dtype_of(cfg.mixed_precision)
+    full_dtype = full_precision_dtype(cfg.full_fp16, cfg.full_bf16, device_type)
     unet, vae, te = base.unet, base.vae, base.text_encoder
+    if cfg.vae:  # kohya's --vae: the external VAE replaces the base model's
+        vae = load_external_vae(cfg.vae, sd_config_dir=Path(cfg.sd_config_dir) if cfg.sd_config_dir else None)
+    kernel = attention_kernel(unet)
+    notes = [f"attention: {kernel}" + (" (PyTorch SDPA)" if kernel == "AttnProcessor2_0" else "")]
     unet_lr, te_lr = cfg.effective_unet_lr(), cfg.effective_text_encoder_lr()
     train_te = not cfg.network_train_unet_only
     train_unet = not cfg.network_train_text_encoder_only and unet_lr > 0
@@ -72,6 +81,16 @@ def setup_models(cfg: TrainConfig, base, device, seed: int) -> Models:
     vae.eval()
     for p in network.unet_params + network.text_encoder_params:
         p.data = p.data.float()
+    if cfg.network_weights:  # kohya's network.load_weights: start from an existing LoRA
+        from engine.network_weights import load_network_weights
+
+        notes.append(load_network_weights(network, cfg.network_weights))
+    if full_dtype is not None:  # kohya's --full_fp16/--full_bf16: the LoRA weights train in that dtype too
+        network.param_dtype = full_dtype
+        if cfg.full_fp16:
+            _allow_fp16_unscale(accelerator)
+        for p in network.unet_params + network.text_encoder_params:
+            p.data = p.data.to(full_dtype)
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         if train_te:
@@ -84,7 +103,20 @@ def setup_models(cfg: TrainConfig, base, device, seed: int) -> Models:
     return Models(accelerator=accelerator, device=device, unet=unet, vae=vae, te=te, tokenizer=base.tokenizer,
                   network=network, weight_dtype=weight_dtype, vae_dtype=vae_dtype,
                   save_dtype=dtype_of(cfg.save_precision), train_unet=train_unet, train_te=train_te,
-                  unet_lr=unet_lr, te_lr=te_lr)
+                  unet_lr=unet_lr, te_lr=te_lr, notes=notes)
+
+
+def _allow_fp16_unscale(accelerator) -> None:
+    """kohya's patch for --full_fp16: the grad scaler unscales fp16 gradients (torch refuses by default)."""
+    scaler = getattr(accelerator, "scaler", None)
+    if scaler is None or not hasattr(scaler, "_unscale_grads_"):
+        return
+    original = scaler._unscale_grads_
+
+    def unscale(optimizer, inv_scale, found_inf, allow_fp16):  # noqa: ARG001 - kohya forces allow_fp16
+        return original(optimizer, inv_scale, found_inf, True)
+
+    scaler._unscale_grads_ = unscale
 
 
 def _lora_groups(modules, lr: float, ratio: float | None, name: str) -> list[dict]:
