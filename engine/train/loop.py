@@ -10,6 +10,7 @@ from pathlib import Path
 from engine.devices import read_memory
 from engine.events import LogMessage, MemorySample, PhaseChanged, StepCompleted
 from engine.train.nan_policy import grads_finite
+from engine.train.validation import Validator
 
 MEMORY_SAMPLE_SECONDS = 2.0
 
@@ -46,6 +47,7 @@ class Loop:
         self._phase("training")
         accum = cfg.gradient_accumulation_steps
         poll = job.channel.poll if job.channel is not None else None
+        validator = Validator(job)
 
         def on_pause(entering: bool) -> None:
             self._phase("paused" if entering else "training")
@@ -53,7 +55,8 @@ class Loop:
                 self._sample(force=True)
 
         def on_save() -> None:
-            saver.save("manual", then="paused")     # a save inside a pause: still paused after it
+            path = saver.save("manual", then="paused")     # a save inside a pause: still paused after it
+            validator.at_checkpoint(c.global_step, c.current_epoch(plan.num_epochs), path, then="paused")
 
         self._last_mem = 0.0
         groups: list = []
@@ -65,7 +68,7 @@ class Loop:
                 groups_epoch = c.epoch
             decision = job.control.between_steps(on_pause, on_save, poll)
             if decision.save_now and not decision.abort:
-                saver.save("manual")
+                validator.at_checkpoint(c.global_step, c.current_epoch(plan.num_epochs), saver.save("manual"))
             if decision.abort:
                 return self._abort(decision.abort_save)
             step_started = time.perf_counter()
@@ -88,14 +91,15 @@ class Loop:
             lrs = {name: float(g["lr"]) for name, g in zip(job.group_names, optimizer.param_groups)}
             lr_scheduler.step()
             epoch_number = c.epoch + 1
-            c.finish_step(loss_value, len(groups))
+            epoch_ended = c.finish_step(loss_value, len(groups))
             job.emit(StepCompleted(step=step, epoch=epoch_number, loss=loss_value, lrs=lrs,
                                    step_seconds=time.perf_counter() - step_started, skipped=skipped))
             self._sample()
-            for planned in plan.checkpoint_at(step):   # step files, then epoch files (never at the last epoch)
-                if planned.kind != "final":
-                    saver.save(planned.kind)
+            saved = [saver.save(planned.kind)           # step files, then epoch files (never at the last epoch)
+                     for planned in plan.checkpoint_at(step) if planned.kind != "final"]
+            validator.after_step(step, epoch_number, epoch_ended, saved)
         final = saver.save("final")
+        validator.at_checkpoint(c.global_step, c.current_epoch(plan.num_epochs), final, then="finished")
         return final, "completed"
 
     def _abort(self, save: bool) -> tuple[Path | None, str]:

@@ -31,6 +31,7 @@ class TrainStep:
         self.data_rng = random.Random(seed)
         self.latent_cache: dict[tuple[int, bool], object] | None = None
         self.token_cache: dict[str, object] = {}
+        self.fixed_timestep: int | None = None     # set only during a validation pass
 
     # ---- inputs
     def encode_prompts(self, captions: list[str]):
@@ -112,6 +113,15 @@ class TrainStep:
         return self.vae_latents(batch.pixel_values, self.noise_gen).to(self.m.weight_dtype)
 
     # ---- the loss
+    def timesteps(self, b: int):
+        """The batch's timesteps: uniform draws from the noise RNG, or ``fixed_timestep`` (a validation pass)."""
+        import torch
+
+        if self.fixed_timestep is not None:
+            return torch.full((b,), self.fixed_timestep, dtype=torch.long, device=self.device)
+        return torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (b,),
+                             generator=self.noise_gen).to(self.device)
+
     def loss(self, batch):
         import torch
         import torch.nn.functional as F
@@ -124,8 +134,7 @@ class TrainStep:
         if cfg.noise_offset:
             offset = torch.randn((b, latents.shape[1], 1, 1), generator=self.noise_gen)
             noise = noise + cfg.noise_offset * offset.to(self.device, noise.dtype)
-        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (b,),
-                                  generator=self.noise_gen).to(self.device)
+        timesteps = self.timesteps(b)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         with self.m.accelerator.autocast():
             hidden = self.encode_prompts(batch.captions)
