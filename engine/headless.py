@@ -10,7 +10,7 @@ from typing import TextIO
 from engine.config import TrainConfig
 from engine.control import TrainingControl
 from engine.events import (CheckpointSaved, Event, LogMessage, NetworkBuilt, PhaseChanged, RunFinished,
-                           RunStarted, StepCompleted)
+                           RunStarted, StepCompleted, ValidationLoss)
 from engine.units import format_bytes
 
 SECOND_SIGINT_WINDOW = 3.0
@@ -33,6 +33,7 @@ class ProgressPrinter:
         self.started: float | None = None
         self.start_step = 0
         self.recent: list[float] = []
+        self.validated_step: int | None = None
 
     def _print(self, line: str) -> None:
         self.out.write(line + "\n")
@@ -62,6 +63,9 @@ class ProgressPrinter:
             state = f", state {event.state_dir}" if event.state_dir else ""
             self._print(f"checkpoint ({event.kind}) step {event.step}: {event.path} "
                         f"({format_bytes(event.bytes)}{', verified' if event.verified else ''}{state})")
+        elif isinstance(event, ValidationLoss) and event.step != self.validated_step:   # one line per pass
+            self.validated_step = event.step
+            self._print(f"validation loss {event.loss:.4f} at step {event.step} ({event.images} images)")
         elif isinstance(event, PhaseChanged) and event.phase in ("loading", "caching", "paused"):
             if event.phase != "caching" or event.detail.endswith(("/0", "0/")) is False:
                 self._print(f"{event.phase}{': ' + event.detail if event.detail else ''}")

@@ -247,3 +247,15 @@ def test_validation_values_are_reproducible_and_exact_across_a_resume(val_run):
 
     straight = values(of(events, ValidationLoss))
     assert values(aborted.of(ValidationLoss)) + values(resumed.of(ValidationLoss)) == straight
+
+
+def test_headless_prints_one_validation_line_per_pass():
+    import io
+
+    from engine.headless import ProgressPrinter
+
+    out = io.StringIO()
+    printer = ProgressPrinter(out)
+    for path in ("/o/a-step00000004.safetensors", "/o/a.safetensors"):
+        printer(ValidationLoss(step=4, epoch=2, loss=0.123456, images=2, checkpoint=path))
+    assert out.getvalue() == "validation loss 0.1235 at step 4 (2 images)\n"

@@ -132,10 +132,11 @@ class Validator:
         rng = random.Random(self.seed)
         modules = [m for m in (job.unet, job.te) if m is not None]     # the LoRA layers live inside them
         was_training = [m.training for m in modules]
-        kept = (st.noise_gen, st.latent_cache, st.fixed_timestep)
+        kept = (st.noise_gen, st.latent_cache, st.fixed_timestep, st.m.train_te)
         total, count = 0.0, 0
         try:
             st.noise_gen = gen
+            st.m.train_te = False                          # the text encoder too runs without a graph
             with eval_weights(job.optimizer), torch.no_grad():
                 for m in modules:
                     m.eval()
@@ -150,7 +151,7 @@ class Validator:
                         total += float(st.loss(batch))
                         count += 1
         finally:
-            st.noise_gen, st.latent_cache, st.fixed_timestep = kept
+            st.noise_gen, st.latent_cache, st.fixed_timestep, st.m.train_te = kept
             for m, flag in zip(modules, was_training):
                 m.train(flag)
             self.job.emit(PhaseChanged(phase=then, detail=""))
