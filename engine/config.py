@@ -112,6 +112,16 @@ class TrainConfig:
         8, "dataset", "Accepted for kohya compatibility; images load in-process and are kept decoded in memory.",
         minimum=0)
     persistent_data_loader_workers: bool = _f(False, "dataset", "Accepted for kohya compatibility (no effect).")
+    # --- dataset: validation loss (kohya v0.10 flags; dataset-TOML validation_split/validation_seed override them)
+    validation_split: float = _f(0.0, "dataset", "Fraction of each subset's images held out for the validation loss "
+                                 "(0 = none); they are not trained on.", minimum=0)
+    validation_seed: int | None = _f(None, "dataset", "Seed that picks the held-out images and the validation noise "
+                                     "(default: --seed).", minimum=0)
+    validate_every_n_steps: int | None = _f(None, "dataset", "Also compute the validation loss every N steps.",
+                                            minimum=1)
+    validate_every_n_epochs: int | None = _f(None, "dataset", "Compute the validation loss every N epochs "
+                                             "(default: every epoch).", minimum=1)
+    max_validation_steps: int | None = _f(None, "dataset", "Use at most N validation batches per pass.", minimum=1)
     # --- network
     network_module: str = _f("networks.lora", "network", "LoRA module (only kohya's networks.lora).",
                              choices=("networks.lora",))
@@ -308,6 +318,8 @@ class TrainConfig:
         out.update({k: v for k, v in _network_problems(self).items() if k not in out})
         if self.dim_from_weights and not self.network_weights:
             out["dim_from_weights"] = "needs --network_weights=<a LoRA file> to read network_dim/alpha from"
+        if self.validation_split >= 1:
+            out["validation_split"] = f"must be below 1: it is the fraction held out, e.g. 0.1 (got {self.validation_split!r})"
         if self.network_train_unet_only and self.network_train_text_encoder_only:
             out["network_train_text_encoder_only"] = "cannot be combined with network_train_unet_only"
         out.update({k: v for k, v in _sample_problems(self).items() if k not in out})

@@ -43,6 +43,7 @@ import numpy as np
 from engine.augment import color_aug, crop_offsets, face_check, face_crop, face_from_name
 from engine.buckets import BucketSelector, resize_and_crop, resize_only
 from engine.captions import caption_extension_warning, missing_captions_warning, process_caption, read_caption
+from engine.dataset_split import split_train_val
 from engine.dataset_config import DatasetArgs, DatasetSpec, SubsetSpec, resolve_dataset_specs
 from engine.errors import ConfigError, DatasetError
 from engine.finetune_metadata import read_finetune_metadata
@@ -149,6 +150,16 @@ class DatasetPlan:
         self.cache_images = True
         self.args: DatasetArgs | None = None
         self.max_train_steps = 0          # set by the run plan (kohya set_max_train_steps): token_warmup_step ratios
+        self.validation: DatasetPlan | None = None   # the held-out images (validation_split), never trained on
+
+    def validation_batches(self) -> list[list[int]]:
+        """The batches of a validation pass, always in the same order: per dataset, its buckets in
+        order, each bucket's sample ids in order, cut into the dataset's batch size."""
+        out: list[list[int]] = []
+        for ds, buckets in zip(self.datasets, self.dataset_buckets):
+            for _, ids in buckets:
+                out.extend(list(ids[i:i + ds.batch_size]) for i in range(0, len(ids), ds.batch_size))
+        return out
 
     def subset_of(self, entry_index: int) -> SubsetSpec:
         e = self.entries[entry_index]
@@ -297,6 +308,7 @@ def load_dataset_plan(args: DatasetArgs) -> DatasetPlan:
     warnings: list[str] = []
     specs = resolve_dataset_specs(args, warnings)
     entries: list[ImageEntry] = []
+    held_out: list[ImageEntry] = []
     subset_images: list[list[tuple[SubsetSpec, int, list[str]]]] = []
     for di, ds in enumerate(specs):
         selector = BucketSelector(
@@ -307,14 +319,18 @@ def load_dataset_plan(args: DatasetArgs) -> DatasetPlan:
         reg: list[ImageEntry] = []
         infos: list[tuple[SubsetSpec, int, list[str]]] = []
         for si, sub in enumerate(ds.subsets):
+            held: list = []
             captions = []
             uncaptioned: list[Path] = []
             if sub.metadata_file is not None:
                 listed = read_finetune_metadata(sub, IMAGE_EXTENSIONS)
             else:
                 listed = [(path, *read_caption(path, sub)) for path in _list_images(sub)]
-            for path, caption, from_file in listed:
-                if not from_file:
+            if ds.validation_split > 0 and not sub.is_reg:
+                listed, held = split_train_val(listed, ds.validation_split, ds.validation_seed)
+            for n, (path, caption, from_file) in enumerate(listed + held):
+                is_held = n >= len(listed)
+                if not from_file and not is_held:
                     uncaptioned.append(path)
                 w, h = image_size(path)
                 face = face_from_name(path) if sub.face_crop_aug_range is not None else None
@@ -326,9 +342,10 @@ def load_dataset_plan(args: DatasetArgs) -> DatasetPlan:
                         f"image {path} ({w}x{h}) is smaller than bucket_reso_steps {ds.bucket_reso_steps} "
                         f"so bucket_no_upscale cannot fit it in a bucket; use a larger image or lower bucket_reso_steps"
                     )
-                captions.append(caption)
-                (reg if sub.is_reg else train).append(ImageEntry(
-                    path=path, caption=caption, is_reg=sub.is_reg, num_repeats=sub.num_repeats,
+                if not is_held:
+                    captions.append(caption)
+                (held_out if is_held else reg if sub.is_reg else train).append(ImageEntry(
+                    path=path, caption=caption, is_reg=sub.is_reg, num_repeats=1 if is_held else sub.num_repeats,
                     bucket=choice.reso, resized_size=choice.resized_size, image_size=(w, h),
                     shuffle_caption=sub.shuffle_caption, keep_tokens=sub.keep_tokens, flip_aug=sub.flip_aug,
                     caption_from_file=from_file, dataset_index=di, subset_index=si, ar_error=choice.ar_error,
@@ -350,6 +367,11 @@ def load_dataset_plan(args: DatasetArgs) -> DatasetPlan:
     plan.args = args
     if plan.num_train_images == 0:
         raise DatasetError("the dataset has no training images (only regularisation images); add a subset without is_reg")
+    if held_out:
+        plan.validation = DatasetPlan(specs, held_out, [], [[] for _ in specs])
+    elif any(ds.validation_split > 0 for ds in specs):
+        warnings.append("validation_split holds out no image (each subset keeps ceil(n * (1 - split)) of its n "
+                        "images); raise validation_split or add images to get a validation loss")
     return plan
 
 

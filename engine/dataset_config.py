@@ -15,7 +15,8 @@ Value fallback (kohya ``config_util``): subset → dataset → ``[general]`` →
   every subset of that dataset must have one, as in kohya)
 * dataset-or-general only: ``resolution`` (int or ``[w, h]``), ``batch_size``,
   ``enable_bucket``, ``min_bucket_reso``, ``max_bucket_reso``, ``bucket_reso_steps``,
-  ``bucket_no_upscale``
+  ``bucket_no_upscale``, ``validation_split``, ``validation_seed`` (the held-out images of
+  each subset; see ``engine.dataset_split``)
 
 Other kohya options are accepted only when they hold kohya's default (so they change
 nothing); any other value, and any unknown key, is a ``DatasetError``.
@@ -73,6 +74,9 @@ class DatasetArgs:
     color_aug: bool = False
     random_crop: bool = False
     face_crop_aug_range: str | tuple[float, float] | None = None
+    validation_split: float = 0.0
+    validation_seed: int | None = None
+    seed: int | None = None          # the run's --seed: the split's seed when validation_seed is not set
 
 
 @dataclass(frozen=True)
@@ -114,6 +118,8 @@ class DatasetSpec:
     bucket_no_upscale: bool
     subsets: tuple[SubsetSpec, ...]
     where: str
+    validation_split: float = 0.0
+    validation_seed: int = 0          # resolved: validation_seed, else the run's seed, else 0
 
 
 SUBSET_ASCENDABLE = {
@@ -149,6 +155,8 @@ DATASET_ASCENDABLE = {
     "max_bucket_reso": "int",
     "bucket_reso_steps": "int",
     "bucket_no_upscale": "bool",
+    "validation_split": "float",
+    "validation_seed": "int",
 }
 # CLI flag for each option (kohya names); options without a flag have a fixed default.
 CLI_FLAG = {"batch_size": "train_batch_size"}
@@ -160,8 +168,7 @@ _ABSENT = object()   # kohya default is "not set": any value changes behaviour
 UNSUPPORTED = {
     "subset": {"cache_info": _ANY, "custom_attributes": {}},
     "subset_only": {"alpha_mask": False, "conditioning_data_dir": _ABSENT},
-    "dataset": {"network_multiplier": 1.0, "validation_seed": _ANY, "validation_split": 0.0,
-                "resize_interpolation": _ABSENT},
+    "dataset": {"network_multiplier": 1.0, "resize_interpolation": _ABSENT},
 }
 _ALL_KNOWN = (
     set(SUBSET_ASCENDABLE) | set(SUBSET_ONLY) | set(DATASET_ASCENDABLE)
@@ -294,6 +301,12 @@ def _make_dataset(ds_layers: list[tuple[dict, str]], args: DatasetArgs, subsets:
     for key in ("batch_size", "bucket_reso_steps", "min_bucket_reso", "max_bucket_reso"):
         if vals[key] < 1:
             raise DatasetError(f"{srcs[key]} = {vals[key]} must be at least 1")
+    if not 0 <= vals["validation_split"] < 1:
+        raise DatasetError(f"{srcs['validation_split']} = {vals['validation_split']} must be from 0 up to (not "
+                           f"including) 1: the fraction of each subset held out, e.g. 0.1")
+    if vals["validation_seed"] is not None and vals["validation_seed"] < 0:
+        raise DatasetError(f"{srcs['validation_seed']} = {vals['validation_seed']} must be 0 or more")
+    split_seed = vals["validation_seed"] if vals["validation_seed"] is not None else (args.seed or 0)
     steps = vals["bucket_reso_steps"]
     res = vals["resolution"]
     if vals["enable_bucket"] and steps % 64:
@@ -321,6 +334,7 @@ def _make_dataset(ds_layers: list[tuple[dict, str]], args: DatasetArgs, subsets:
         min_bucket_reso=vals["min_bucket_reso"], max_bucket_reso=vals["max_bucket_reso"],
         bucket_reso_steps=steps, bucket_no_upscale=vals["bucket_no_upscale"],
         subsets=tuple(subsets), where=where,
+        validation_split=float(vals["validation_split"]), validation_seed=int(split_seed),
     )
 
 

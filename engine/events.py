@@ -142,6 +142,8 @@ class ValidationLoss(Event):
     loss: float
     images: int
     checkpoint: str | None = None
+    kinds: list[str] = field(default_factory=list)   # why: "step" (every n steps), "epoch" (an epoch's end), "checkpoint"
+    batches: int = 0
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from engine.config import TrainConfig
 from engine.control import TrainingControl
 from engine.errors import SpykeError
 from engine.events import (CheckpointSaved, Event, LogMessage, NetworkBuilt, PhaseChanged, RunFinished,
-                           RunStarted, SamplesSaved, StepCompleted)
+                           RunStarted, SamplesSaved, StepCompleted, ValidationLoss)
 from engine.fit.awake import keep_awake
 from engine.units import format_bytes
 
@@ -35,6 +35,7 @@ class ProgressPrinter:
         self.started: float | None = None
         self.start_step = 0
         self.recent: list[float] = []
+        self.validated_step: int | None = None
 
     def _print(self, line: str) -> None:
         self.out.write(line + "\n")
@@ -71,6 +72,9 @@ class ProgressPrinter:
             images = f"{len(made)} image{'' if len(made) == 1 else 's'}"
             self._print(f"samples step {event.step}: {images}{where} ({event.seconds:.1f}s"
                         f"{f', {failed} failed' if failed else ''})")
+        elif isinstance(event, ValidationLoss) and event.step != self.validated_step:   # one line per pass
+            self.validated_step = event.step
+            self._print(f"validation loss {event.loss:.4f} at step {event.step} ({event.images} images)")
         elif isinstance(event, PhaseChanged) and event.phase in ("loading", "caching", "paused"):
             if event.phase != "caching" or event.detail.endswith(("/0", "0/")) is False:
                 self._print(f"{event.phase}{': ' + event.detail if event.detail else ''}")

@@ -189,9 +189,7 @@ _PENDING_ELSEWHERE: list[tuple[str, type, str, Any]] = [
     ("enable_wildcard", bool, "training", False), ("color_aug", bool, "training", False),
     ("random_crop", bool, "training", False), ("face_crop_aug_range", str, "training", None),
     ("token_warmup_min", int, "training", 1), ("token_warmup_step", float, "training", 0),
-    ("resize_interpolation", str, "training", None), ("validation_seed", int, "training", None),
-    ("validation_split", float, "training", 0.0), ("validate_every_n_steps", int, "training", None),
-    ("validate_every_n_epochs", int, "training", None), ("max_validation_steps", int, "training", None),
+    ("resize_interpolation", str, "training", None),
     # saving
     ("save_state_on_train_end", bool, "saving", False),
     ("skip_until_initial_step", bool, "saving", False), ("initial_epoch", int, "saving", None),

@@ -98,6 +98,9 @@ def dataset_args(config: TrainConfig) -> DatasetArgs:
         color_aug=config.color_aug,
         random_crop=config.random_crop,
         face_crop_aug_range=config.face_crop_aug_range or None,
+        validation_split=config.validation_split,
+        validation_seed=config.validation_seed,
+        seed=config.seed,
     )
 
 

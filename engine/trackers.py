@@ -8,7 +8,9 @@ validation logs), so dashboards built on kohya runs read these the same way:
   ``lr/<group>`` per parameter group (``lr/textencoder``, ``lr/unet``), plus the ``lr/group<i>`` copies
   kohya's loop also writes (its ``for … else`` runs after every loop);
 - at the end of each epoch, at TensorBoard step ``epoch``: ``loss/epoch_average``;
-- after a validation pass, at ``global_step``: ``loss/validation/step_average`` and ``…/step_divergence``.
+- after a validation pass, at ``global_step``: ``loss/validation/step_average`` and ``…/step_divergence``;
+  after an end-of-epoch pass, at TensorBoard step ``epoch``: ``loss/validation/epoch_average`` and
+  ``…/epoch_divergence`` (a pass that is only the epoch's writes only those, as kohya's epoch validation).
 
 wandb gets the same logs with ``global_step`` and ``epoch`` added (kohya's wandb form).
 """
@@ -52,6 +54,7 @@ class KohyaScalars:
         self.total_steps = 0
         self.unet_only = False
         self.recent: deque[float] = deque()
+        self.validated_step: int | None = None
 
     def start(self, event: RunStarted) -> None:
         accumulation = max(1, int(event.config.get("gradient_accumulation_steps") or 1))
@@ -75,9 +78,17 @@ class KohyaScalars:
                 out.append(({"loss/epoch_average": self.moving_average}, event.epoch, event.step, event.epoch))
             return out
         if isinstance(event, ValidationLoss):
-            logs = {"loss/validation/step_average": event.loss,
-                    "loss/validation/step_divergence": event.loss - self.moving_average}
-            return [(logs, event.step, event.step, event.epoch)]
+            out = []
+            if event.step != self.validated_step and event.kinds != ["epoch"]:
+                logs = {"loss/validation/step_average": event.loss,
+                        "loss/validation/step_divergence": event.loss - self.moving_average}
+                out.append((logs, event.step, event.step, event.epoch))
+            if "epoch" in event.kinds:     # kohya's end-of-epoch validation: at TensorBoard step epoch
+                logs = {"loss/validation/epoch_average": event.loss,
+                        "loss/validation/epoch_divergence": event.loss - self.moving_average}
+                out.append((logs, event.epoch, event.step, event.epoch))
+            self.validated_step = event.step     # the same pass named for another file of this step: once
+            return out
         return []
 
 

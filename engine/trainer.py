@@ -177,6 +177,8 @@ class Trainer:
                                        f"({'; '.join(mismatches)})")
             self.run_id = loaded_state.progress.run_id or self.run_id
         seed = cfg.seed if cfg.seed is not None else random.SystemRandom().randrange(2**31)
+        if seed != self.config.seed and any(ds.validation_split > 0 for ds in plan.dataset.datasets):
+            plan = plan_run(cfg.replace(seed=seed))  # without validation_seed the run's seed picks the held-out images
         cfg = cfg.replace(seed=seed)
         self.config = cfg
         out, outputs = self._prepare_output(plan, loaded_state.progress.global_step if loaded_state else None)

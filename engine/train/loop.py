@@ -10,6 +10,7 @@ from pathlib import Path
 from engine.devices import read_memory
 from engine.events import LogMessage, MemorySample, PhaseChanged, StepCompleted
 from engine.train.nan_policy import grads_finite
+from engine.train.validation import Validator
 
 MEMORY_SAMPLE_SECONDS = 2.0
 
@@ -47,6 +48,7 @@ class Loop:
         self._phase("training")
         accum = cfg.gradient_accumulation_steps
         poll = job.channel.poll if job.channel is not None else None
+        validator = Validator(job)
 
         def on_pause(entering: bool) -> None:
             self._phase("paused" if entering else "training")
@@ -55,6 +57,7 @@ class Loop:
 
         def on_save() -> None:
             saved = saver.save("manual", then="paused")     # a save inside a pause: still paused after it
+            validator.at_checkpoint(c.global_step, c.current_epoch(plan.num_epochs), saved, then="paused")
             sampler.for_checkpoint(saved, previous="paused")
 
         def on_sample() -> None:
@@ -71,7 +74,9 @@ class Loop:
                 groups_epoch = c.epoch
             decision = job.control.between_steps(on_pause, on_save, poll, on_sample=on_sample)
             if decision.save_now and not decision.abort:
-                sampler.for_checkpoint(saver.save("manual"))
+                saved = saver.save("manual")
+                validator.at_checkpoint(c.global_step, c.current_epoch(plan.num_epochs), saved)
+                sampler.for_checkpoint(saved)
             if decision.sample_now and not decision.abort:
                 sampler.on_request()
             if decision.abort:
@@ -100,12 +105,13 @@ class Loop:
             job.emit(StepCompleted(step=step, epoch=epoch_number, loss=loss_value, lrs=lrs,
                                    step_seconds=time.perf_counter() - step_started, skipped=skipped))
             self._sample()
-            saved = None
-            for planned in plan.checkpoint_at(step):   # step files, then epoch files (never at the last epoch)
-                if planned.kind != "final":
-                    saved = saver.save(planned.kind) or saved
-            sampler.after_step(step, epoch_ended=epoch_number if epoch_ended else None, checkpoint=saved)
+            saved = [saver.save(planned.kind)           # step files, then epoch files (never at the last epoch)
+                     for planned in plan.checkpoint_at(step) if planned.kind != "final"]
+            validator.after_step(step, epoch_number, epoch_ended, saved)
+            last_saved = next((p for p in reversed(saved) if p), None)
+            sampler.after_step(step, epoch_ended=epoch_number if epoch_ended else None, checkpoint=last_saved)
         final = saver.save("final")
+        validator.at_checkpoint(c.global_step, c.current_epoch(plan.num_epochs), final, then="finished")
         sampler.for_checkpoint(final, previous="finished")
         return final, "completed"
 

@@ -37,6 +37,7 @@ class TrainStep:
         self.data_rng = random.Random(seed)
         self.latent_cache: dict[tuple[int, bool], object] | None = None
         self.token_cache: dict[str, object] = {}
+        self.fixed_timestep: int | None = None     # set only during a validation pass
 
     # ---- inputs
     def encode_prompts(self, captions: list[str]):
@@ -120,7 +121,8 @@ class TrainStep:
     # ---- the loss
     def noise_and_timesteps(self, latents):
         """kohya's ``get_noise_noisy_latents_and_timesteps``: (noise, noisy latents, timesteps). The draws
-        come in kohya's order from the noise generator; options left off draw nothing."""
+        come in kohya's order from the noise generator; options left off draw nothing. During a validation
+        pass ``fixed_timestep`` replaces the timestep draw (the validator brings its own generator)."""
         import torch
 
         from engine.train import losses
@@ -138,7 +140,10 @@ class TrainStep:
         total = self.noise_scheduler.config.num_train_timesteps
         low = 0 if cfg.min_timestep is None else cfg.min_timestep
         high = total if cfg.max_timestep is None else cfg.max_timestep
-        timesteps = losses.sample_timesteps(low, high, b, gen).to(self.device)
+        if self.fixed_timestep is not None:           # a validation pass: kohya's fixed timesteps
+            timesteps = torch.full((b,), self.fixed_timestep, dtype=torch.long, device=self.device)
+        else:
+            timesteps = losses.sample_timesteps(low, high, b, gen).to(self.device)
         noised = noise
         if cfg.ip_noise_gamma:
             strength = cfg.ip_noise_gamma
