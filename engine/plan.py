@@ -11,6 +11,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from engine.disk_budget import DiskBudget, disk_budget, disk_warning
 from engine.kohya.names import checkpoint_filename
 from engine.config import TrainConfig
 from engine.dataset import DatasetArgs, DatasetPlan, compute_total_steps, load_dataset_plan
@@ -46,6 +47,7 @@ class RunPlan:
     output_dir: Path
     free_bytes: int | None
     warnings: list[str] = field(default_factory=list)
+    disk: DiskBudget | None = None   # the bytes the run will write (engine.disk_budget)
     _by_step: dict[int, list[PlannedCheckpoint]] | None = field(default=None, init=False, repr=False, compare=False)
 
     def checkpoint_at(self, step: int) -> list[PlannedCheckpoint]:
@@ -151,6 +153,11 @@ def plan_run(config: TrainConfig) -> RunPlan:
     for entry in dataset.entries:
         key = (str(entry.path.parent), entry.num_repeats, entry.is_reg)
         subsets[key] = subsets.get(key, 0) + 1
+    checkpoints = schedule_checkpoints(config, total_steps, num_epochs, steps_per_epoch)
+    free = free_space(Path(config.output_dir))
+    disk = disk_budget(config, len(checkpoints), total_steps, num_epochs)
+    if (too_full := disk_warning(config, disk, free)) is not None:
+        dataset.warnings.append(too_full)
     return RunPlan(
         dataset=dataset,
         subsets=[SubsetSummary(d, n, r, reg) for (d, r, reg), n in subsets.items()],
@@ -158,10 +165,11 @@ def plan_run(config: TrainConfig) -> RunPlan:
         steps_per_epoch=steps_per_epoch,
         total_steps=total_steps,
         num_epochs=num_epochs,
-        checkpoints=schedule_checkpoints(config, total_steps, num_epochs, steps_per_epoch),
+        checkpoints=checkpoints,
         output_dir=Path(config.output_dir),
-        free_bytes=free_space(Path(config.output_dir)),
+        free_bytes=free,
         warnings=list(getattr(dataset, "warnings", [])) + ([missing] if (missing := missing_model(config)) else []),
+        disk=disk,
     )
 
 
