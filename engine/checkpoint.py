@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from engine.errors import CheckpointError
+from engine.errors import CheckpointError, DiskFullError
 from engine.io.atomic import is_temp_name, write_file
 from engine.kohya.hashes import data_region_sha256, precalculate_safetensors_hashes
 
@@ -45,6 +45,8 @@ def _os_error(path: Path, exc: OSError) -> CheckpointError:
         errno_mod.ENOENT: "create the folder or fix output_dir",
         errno_mod.EROFS: "choose a writable output_dir",
     }.get(exc.errno or -1, "check output_dir")
+    if exc.errno == errno_mod.ENOSPC:
+        return DiskFullError(f"could not save {path}: {text}; {hint}")
     return CheckpointError(f"could not save {path}: {text}; {hint}")
 
 

@@ -27,3 +27,7 @@ class ModelLoadError(SpykeError):
 
 class CheckpointError(SpykeError):
     """A checkpoint or state could not be written or verified."""
+
+
+class DiskFullError(CheckpointError):
+    """A checkpoint or state did not fit in the output folder's free space (refused before writing, or ENOSPC)."""

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engine.disk_budget import DiskBudget, disk_budget, disk_warning
 from engine.kohya.names import checkpoint_filename
 from engine.config import TrainConfig
 from engine.dataset import DatasetArgs, DatasetPlan, compute_total_steps, load_dataset_plan
@@ -52,6 +53,7 @@ class RunPlan:
     free_bytes: int | None
     warnings: list[str] = field(default_factory=list)
     save_every_n_epochs: int | None = None  # after --save_n_epoch_ratio (kohya sets it from the ratio)
+    disk: DiskBudget | None = None   # the bytes the run will write (engine.disk_budget)
     _by_step: dict[int, list[PlannedCheckpoint]] | None = field(default=None, init=False, repr=False, compare=False)
     memory: Any = None   # engine.fit.preflight.MemoryVerdict: estimated peak vs the device; None if unknown
 
@@ -175,6 +177,10 @@ def plan_run(config: TrainConfig) -> RunPlan:
     for entry in dataset.entries:
         key = (str(entry.path.parent), entry.num_repeats, entry.is_reg)
         subsets[key] = subsets.get(key, 0) + 1
+    free = free_space(Path(config.output_dir))
+    disk = disk_budget(config, len(checkpoints), total_steps, num_epochs)
+    if (too_full := disk_warning(config, disk, free)) is not None:
+        dataset.warnings.append(too_full)
     warnings = list(getattr(dataset, "warnings", [])) + ([missing] if (missing := missing_model(config)) else [])
     if memory is not None and (memory_warning := memory.warning()):
         warnings.append(memory_warning)
@@ -187,10 +193,11 @@ def plan_run(config: TrainConfig) -> RunPlan:
         num_epochs=num_epochs,
         checkpoints=checkpoints,
         output_dir=Path(config.output_dir),
-        free_bytes=free_space(Path(config.output_dir)),
+        free_bytes=free,
         warnings=warnings + loss_warnings(config),
         memory=memory,
         save_every_n_epochs=every_epochs,
+        disk=disk,
     )
 
 

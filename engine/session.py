@@ -47,6 +47,7 @@ def start_training(config: TrainConfig, sinks: Iterable[Callable[[Event], None]]
             sink(LogMessage(level="info", message=line))
 
     trackers = make_trackers(config, say=say)
+    trainer_kwargs.setdefault("on_disk_full", "pause")  # someone is watching: pause, let them free space
     trainer = Trainer(without_secrets(config), control=control, sinks=viewers + trackers, **trainer_kwargs)
     handle = TrainingHandle(control=control, thread=None, trainer=trainer)  # type: ignore[arg-type]
 

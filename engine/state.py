@@ -8,6 +8,7 @@ written into a temp folder and renamed, so it is complete or absent.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.kohya.names import checkpoint_filename, state_dirname
-from engine.errors import CheckpointError, ConfigError
+from engine.errors import CheckpointError, ConfigError, DiskFullError
 from engine.io.atomic import TEMP_MARK, aside_original, replace_folder, temp_name
 
 PROGRESS = "progress.json"
@@ -112,7 +113,8 @@ def save_state(dest: Path, *, lora_tensors: dict, optimizer_state: dict, schedul
     try:
         replace_folder(dest, fill)
     except OSError as err:
-        raise CheckpointError(f"could not write training state {dest}: {err.strerror or err}") from None
+        error = DiskFullError if err.errno == errno.ENOSPC else CheckpointError
+        raise error(f"could not write training state {dest}: {err.strerror or err}") from None
     return dest
 
 

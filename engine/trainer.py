@@ -62,17 +62,20 @@ def quiet_libraries() -> None:
 
 
 class Trainer:
-    """Train one LoRA. ``loss_hook(step, loss) -> loss`` lets tests inject faults (e.g. NaN)."""
+    """Train one LoRA. ``loss_hook(step, loss) -> loss`` lets tests inject faults (e.g. NaN, or raise an
+    out-of-memory error). ``on_disk_full``: ``stop`` (headless: stop resumable) or ``pause`` (a UI is
+    watching: pause until the user frees space and resumes; see ``engine.train.disk_guard``)."""
 
     def __init__(self, config: TrainConfig, *, control: TrainingControl | None = None,
                  sinks: Iterable[Callable[[Event], None]] = (), run_id: str | None = None,
-                 loss_hook: Callable | None = None) -> None:
+                 loss_hook: Callable | None = None, on_disk_full: str = "stop") -> None:
         self.config = config
         self.control = control or TrainingControl()
         self.bus = EventBus(sinks)
         self.run_id = run_id or os.environ.get("SPYKE_RUN_ID") or new_run_id(config.output_name or "run")
         self.channel: ControlChannel | None = None
         self.loss_hook = loss_hook
+        self.on_disk_full = on_disk_full
         self.run_dir: Path | None = None
         self.folder: RunFolder | None = None
         self.counters = StepCounters()

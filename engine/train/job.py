@@ -14,7 +14,9 @@ from engine.kohya.metadata import run_metadata
 from engine.optimizers import ensure_train_mode
 from engine.state import capture_rng, restore_rng
 from engine.train.loop import Loop
+from engine.train.disk_guard import DiskGuard
 from engine.train.nan_policy import NanPolicy
+from engine.train.oom import OomGuard, is_oom, summary
 from engine.train.saver import Saver
 from engine.train.sampling import Sampler
 from engine.train.setup import build_optimizer, param_groups, setup_models
@@ -53,9 +55,12 @@ class Job:
         self.noise_gen, self.data_rng = self.step.noise_gen, self.step.data_rng
         self.saver = Saver(cfg, plan, self.run_id, self.counters, self.emit, network=net, save_dtype=m.save_dtype,
                            metadata=self._metadata, resumable=self.resumable, on_state=self._on_state,
-                           optimizer=self.optimizer)
+                           optimizer=self.optimizer, guard=DiskGuard(
+                               getattr(trainer, "on_disk_full", "stop"), Path(cfg.output_dir), self.emit,
+                               self.control, self.channel.poll if self.channel is not None else None))
         self.sampler = Sampler(cfg, m, self.counters, self.emit, seed=seed, num_epochs=plan.num_epochs,
                                optimizer=self.optimizer)
+        self.oom = OomGuard(self)
         self.nan = NanPolicy(cfg, self.counters, self.emit, network=net, params=self.params,
                              optimizer=self.optimizer, lr_scheduler=self.lr_scheduler,
                              forget_state=self.saver.forget_state)
@@ -123,4 +128,10 @@ class Job:
 
     # ---- the loop
     def train(self) -> tuple[Path | None, str]:
-        return Loop(self).run()
+        try:
+            return Loop(self).run()
+        except BaseException as err:
+            if not is_oom(err):
+                raise
+            what = summary(err)
+        raise self.oom.stop(what)  # outside the handler: the failed step's frames (and tensors) are released

@@ -83,6 +83,7 @@ class Loop:
                 return self._abort(decision.abort_save)
             step_started = time.perf_counter()
             step = c.global_step + 1
+            job.oom.step_starts()                    # where an out-of-memory stop rewinds to
             loss_value, nonfinite = step_fn.forward_backward(groups[c.batch_in_epoch], step, job.loss_hook,
                                                              epoch=c.epoch + 1)
             if nonfinite is None and not grads_finite(cfg, job.params, job.accelerator):

@@ -11,12 +11,13 @@ from typing import Callable
 
 from engine.checkpoint import save_lora_file
 from engine.config import TrainConfig
-from engine.errors import CheckpointError, SpykeError
+from engine.errors import CheckpointError, DiskFullError, SpykeError
 from engine.events import CheckpointSaved, Event, LogMessage, PhaseChanged
 from engine.kohya.names import checkpoint_filename, state_dirname
 from engine.optimizers import eval_weights
 from engine.output_guard import refuse_foreign
 from engine.state import save_state
+from engine.train.disk_guard import DiskGuard, checkpoint_need, state_need
 from engine.train.progress import StepCounters
 from engine.train.pruning import Pruner
 
@@ -28,7 +29,8 @@ class Saver:
 
     def __init__(self, cfg: TrainConfig, plan, run_id: str, counters: StepCounters, emit: Callable[[Event], None],
                  *, network, save_dtype, metadata: Callable[[int, int], dict[str, str]],
-                 resumable: Callable[[], dict], on_state: Callable[[dict], None], optimizer=None) -> None:
+                 resumable: Callable[[], dict], on_state: Callable[[dict], None], optimizer=None,
+                 guard: DiskGuard | None = None) -> None:
         self.cfg, self.plan, self.run_id = cfg, plan, run_id
         self.counters = counters
         self.emit = emit
@@ -37,6 +39,7 @@ class Saver:
         self.optimizer = optimizer          # a schedule-free one saves its eval weights
         self.state_step: int | None = None  # global step of the last state written or resumed from
         self.pruner = Pruner(cfg, plan, run_id, lambda level, text: emit(LogMessage(level=level, message=text)))
+        self.guard = guard                  # the free-space check before each write, and what disk full does
 
     def forget_state(self) -> None:
         """The weights or learning rate changed since the last state: a state saved now is a new one."""
@@ -60,12 +63,18 @@ class Saver:
         self.emit(PhaseChanged(phase="saving", detail=name))
         out = Path(self.cfg.output_dir)
         loss = c.losses[-1] if c.losses else None
+        want_state = with_state if with_state is not None else self.cfg.save_state
+        self._make_room(name, step, with_state=want_state and not (
+            kind != "final" and self.state_step == step and c.last_state_dir is not None))
         try:
             if not self.cfg.overwrite:
                 refuse_foreign(out / name, self.run_id)
             with eval_weights(self.optimizer):  # a schedule-free optimizer's checkpoint holds its eval weights
                 tensors = self.network.state_dict_kohya(self.save_dtype)
                 saved = save_lora_file(out / name, tensors, self.metadata(step, epoch))
+        except DiskFullError as err:        # ENOSPC during the write: the temp file is gone, the old file intact
+            self._on_disk_full(err, step)   # paused and resumed: try again
+            return self.save(kind, with_state=with_state, then=then)
         except CheckpointError as err:
             raise CheckpointError(f"{err}{self._state_after_failed_save()}") from None
         c.record_checkpoint(step, name, saved.path)
@@ -89,14 +98,60 @@ class Saver:
             return ""
         return f" (training state saved to {path})"
 
-    def save_training_state(self, final: bool = False) -> Path:
+    # ---- disk full (engine.train.disk_guard)
+    def _need(self, with_checkpoint: bool, with_state: bool) -> int:
+        shapes = self.network.expected_shapes()
+        need = checkpoint_need(shapes, self.save_dtype) if with_checkpoint else 0
+        if with_state:
+            need += state_need(shapes, self.optimizer.state_dict() if self.optimizer is not None else None)
+        return need
+
+    def _make_room(self, name: str, step: int, *, with_state: bool) -> None:
+        """Refuse (then pause or stop) while the checkpoint (+ state) would not fit."""
+        if self.guard is None:
+            return
+        what = f"{name}" + (" and its training state" if with_state else "")
+        while (err := self.guard.refusal(self._need(True, with_state), what)) is not None:
+            self._on_disk_full(err, step)
+
+    def _on_disk_full(self, err: DiskFullError, step: int) -> None:
+        """``pause``: returns once the user resumed (the caller retries). ``stop``: a state first if it fits,
+        then raise."""
+        if self.guard is not None and self.guard.mode == "pause":
+            self.guard.wait_or_raise(err)
+            return
+        note = ""
+        if self.state_step != step:
+            if self.guard is None or self.guard.fits(self._need(False, True)):
+                try:
+                    note = f"; training state saved to {self.save_training_state(guarded=False)}"
+                except SpykeError:
+                    note = "; no room for a training state either"
+            else:
+                note = "; no room for a training state either"
+        raise DiskFullError(f"{err}{note}") from None
+
+    def save_training_state(self, final: bool = False, *, guarded: bool = True) -> Path:
         c = self.counters
         dest = Path(self.cfg.output_dir) / state_dirname(self.cfg.output_name, None if final else c.global_step)
         if not self.cfg.overwrite:
             refuse_foreign(dest, self.run_id, state=True)
-        state = self.resumable()
-        path = save_state(dest, lora_tensors=state["lora"], optimizer_state=state["optimizer"],
-                          scheduler_state=state["scheduler"], rng_state=state["rng"], progress=state["progress"])
+        while True:
+            if guarded and self.guard is not None:
+                if (err := self.guard.refusal(self._need(False, True), f"training state {dest.name}")) is not None:
+                    self.guard.wait_or_raise(err)
+                    continue
+            state = self.resumable()
+            try:
+                path = save_state(dest, lora_tensors=state["lora"], optimizer_state=state["optimizer"],
+                                  scheduler_state=state["scheduler"], rng_state=state["rng"],
+                                  progress=state["progress"])
+            except DiskFullError as err:
+                if not guarded or self.guard is None:
+                    raise
+                self.guard.wait_or_raise(err)
+                continue
+            break
         c.record_state(path)
         self.state_step = c.global_step
         self.on_state(state)
