@@ -237,6 +237,7 @@ def test_out_of_memory_in_a_step_stops_with_the_last_completed_steps_state_and_a
     assert "peak RSS " in err and " on cpu)" in err
     assert f"; state of step 3 saved to {state}; to fit, try: " in err
     assert "--cache_latents" in err and "--train_batch_size" not in err  # batch 1 already
+    assert " est.)" in err                     # the memory estimator's settings, each with its saving
     assert state.is_dir() and str(state) in run.finished.resume_hint
     assert json.loads((state / "progress.json").read_text())["global_step"] == 3
     assert "\n" not in err

@@ -51,9 +51,24 @@ def summary(err: BaseException) -> str:
     return text if len(text) <= 100 else text[:99] + "…"
 
 
-def suggestions_for_oom(config) -> list[str]:
-    """The memory estimator's settings that would fit, each with its saving; [] until it is wired in."""
-    return []
+def _size(n: int) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
+
+
+def suggestions_for_oom(config, plan_dataset=None) -> list[str]:
+    """The memory estimator's settings that lower the peak, each with its estimated saving
+    (``engine.fit``); [] when the model's sizes cannot be read."""
+    from engine.fit.estimate import savings
+    from engine.fit.preflight import settings_for, shapes_for
+
+    try:
+        shapes = shapes_for(config)
+        if shapes is None:
+            return []
+        found = savings(shapes, settings_for(config, plan_dataset))
+    except Exception:  # noqa: BLE001 - advice must never hide the out-of-memory line itself
+        return []
+    return [f"{flag} (−{_size(saved)} est.)" for flag, saved in found]
 
 
 def static_advice(config, device_type: str) -> list[str]:
@@ -147,6 +162,8 @@ class OomGuard:
                 state = f"; no state written ({type(err).__name__})"
         elif c.last_state_dir is not None:
             state = f"; last state: {c.last_state_dir}"
-        fits = suggestions_for_oom(job.cfg) + static_advice(job.cfg, job.device_type)
+        estimated = suggestions_for_oom(job.cfg, job.plan.dataset)
+        known = {item.split(" ", 1)[0].split("=", 1)[0] for item in estimated}
+        fits = estimated + [a for a in static_advice(job.cfg, job.device_type) if a.split("=", 1)[0] not in known]
         advice = f"; to fit, try: {', '.join(fits)}" if fits else ""
         return OutOfMemory(f"out of memory at {where} ({what}; {peak}){state}{advice}")
