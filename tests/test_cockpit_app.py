@@ -690,17 +690,27 @@ async def test_real_engine_pause_reads_pausing_until_confirmed_and_a_finished_ru
     from engine.demo import prepare_demo
 
     class HeldSource(LiveSource):
-        """The real engine; a start after the first waits until the test lets it go."""
+        """The real engine; its first step waits (on the engine thread, inside the event sink) until the
+        test has pressed space, so the pause is asked for while a run is surely in flight; a start after
+        the first waits until the test lets it go."""
         def __init__(self):
             super().__init__()
             self.configs: list = []
             self.go = threading.Event()
+            self.pause_pressed = threading.Event()
 
         def start(self, config, deliver):
             self.configs.append(config)
             if len(self.configs) > 1:
                 self.go.wait(60)
-            super().start(config, deliver)
+                super().start(config, deliver)
+                return
+
+            def held(event):
+                deliver(event)
+                if isinstance(event, StepCompleted) and event.step == 1:
+                    self.pause_pressed.wait(60)
+            super().start(config, held)
 
     config = prepare_demo(tiny_cache, tmp_path, output_dir=str(tmp_path / "out"), resolution="64",
                           max_train_steps=6, max_train_epochs=None, save_every_n_steps=3, save_state=True,
@@ -716,7 +726,9 @@ async def test_real_engine_pause_reads_pausing_until_confirmed_and_a_finished_ru
         await pilot.press("ctrl+r")
         await wait_until(pilot, lambda: app.state.step >= 1, "the first step")
         await pilot.press("space")
-        assert "PAUSING…" in shown[-1] or app.state.paused
+        await pilot.pause()
+        assert "PAUSING…" in shown[-1] and not app.state.paused    # the engine is still in its step
+        source.pause_pressed.set()
         await wait_until(pilot, lambda: app.state.paused, "the engine's pause")
         await pilot.pause(0.3)
         paused_texts = [t for t in shown if "PAUSED" in t]
