@@ -340,6 +340,16 @@ async def test_remapped_keys_by_binding_id():
         assert app.source.commands[-1] == "pause"
 
 
+async def planned_preview(app, pilot) -> str:
+    """The form's preview once the real planner has filled it (it is debounced, then planned in a worker)."""
+    await settle(app, pilot)
+    for _ in range(200):
+        if "total steps" in (preview := text_of(app, "#preview-text")):
+            return preview
+        await settle(app, pilot, 0.05)
+    return preview
+
+
 @sync
 async def test_preview_shows_the_plan_warnings_such_as_a_caption_extension_mismatch(tmp_path):
     from PIL import Image
@@ -356,11 +366,7 @@ async def test_preview_shows_the_plan_warnings_such_as_a_caption_extension_misma
     app = CockpitApp(FakeSource(), config=config, clock=lambda: T0, planner=plan_run,
                      presets_dir=Path("/nonexistent-presets"))
     async with app.run_test(size=SIZE) as pilot:
-        await settle(app, pilot)
-        for _ in range(200):                          # the preview is debounced, then planned in a worker
-            if "total steps" in (preview := text_of(app, "#preview-text")):
-                break
-            await settle(app, pilot, 0.05)
+        preview = await planned_preview(app, pilot)
         assert "2 images × 2" in preview
         assert ("⚠ " f"{images}: 2 of 2 images have no .caption caption file but a .txt file beside them, so they "
                 "train on the class tokens 'spyke' alone; set --caption_extension=.txt") in preview
@@ -770,9 +776,5 @@ async def test_preview_shows_the_memory_estimate_and_verdict(tiny_cache, tmp_pat
     app = CockpitApp(FakeSource(), config=config, clock=lambda: T0, planner=plan_run,
                      presets_dir=Path("/nonexistent-presets"))
     async with app.run_test(size=SIZE) as pilot:
-        await settle(app, pilot)
-        for _ in range(200):                          # the preview is debounced, then planned in a worker
-            if "total steps" in (preview := text_of(app, "#preview-text")):
-                break
-            await settle(app, pilot, 0.05)
+        preview = await planned_preview(app, pilot)
         assert "est. peak 0.5 GB of 16.0 GB unified · fits" in preview
