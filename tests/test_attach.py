@@ -1,4 +1,4 @@
-"""``spyke-cockpit attach`` and ``ls`` (issue 5): the cockpit rebuilt from a run folder.
+"""``spyke-cockpit attach`` and ``ls``: the cockpit rebuilt from a run folder.
 
 Synthetic runs (events written exactly as the engine writes them) pin the snapshot/tail
 logic; one real tiny-model run proves that viewers attached to a live run see its steps,

@@ -13,12 +13,12 @@ from engine.config import FIELDS, TrainConfig, build_config, to_toml
 from engine.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
-SEED_PRESET = REPO / "configs" / "spyke_plasma_v1.toml"
-SEED_FILE = REPO.parent / "shared" / "seed" / "000_9d32995821235827.txt"
+REFERENCE_PRESET = REPO / "configs" / "spyke_plasma_v1.toml"
+REFERENCE_PLAN = REPO.parent / "shared" / "seed" / "000_9d32995821235827.txt"
 
-# The flags of the seed's `accelerate launch … train_network.py` command, verbatim
-# (checked against the seed file below when it is present).
-SEED_FLAGS = r'''
+# The flags of the reference job's `accelerate launch … train_network.py` command, verbatim
+# (checked against the reference plan below when it is present).
+REFERENCE_COMMAND = r'''
   --pretrained_model_name_or_path="$HOME/tools/ComfyUI/models/checkpoints/AnythingXL_inkBase.safetensors" \
   --dataset_config="/Users/dondemetrius/Code/plasma/.planning/phases/08-spyke-lora-training/spyke_lora_dataset.toml" \
   --output_dir="/Users/dondemetrius/Code/plasma/output/loras/spyke/" \
@@ -47,7 +47,7 @@ SEED_FLAGS = r'''
 '''
 
 # Every flag the issue says `train --headless` must accept in kohya's spelling.
-ISSUE_FLAGS = """pretrained_model_name_or_path dataset_config output_dir output_name save_model_as save_every_n_steps
+REFERENCE_FLAGS = """pretrained_model_name_or_path dataset_config output_dir output_name save_model_as save_every_n_steps
 save_every_n_epochs max_train_epochs max_train_steps learning_rate unet_lr text_encoder_lr lr_scheduler lr_warmup_steps
 network_module network_dim network_alpha mixed_precision save_precision optimizer_type no_half_vae clip_skip
 prior_loss_weight max_data_loader_n_workers persistent_data_loader_workers gradient_checkpointing cache_latents seed
@@ -62,8 +62,8 @@ def train_parser():
     ])
 
 
-def seed_argv(model: str, dataset: str, output: str) -> list[str]:
-    argv = shlex.split(SEED_FLAGS.replace("\\\n", " "))
+def reference_argv(model: str, dataset: str, output: str) -> list[str]:
+    argv = shlex.split(REFERENCE_COMMAND.replace("\\\n", " "))
     subs = {"--pretrained_model_name_or_path": model, "--dataset_config": dataset, "--output_dir": output}
     out = []
     for arg in argv:
@@ -72,24 +72,24 @@ def seed_argv(model: str, dataset: str, output: str) -> list[str]:
     return out
 
 
-def test_seed_flags_match_the_seed_file():
-    if not SEED_FILE.exists():
-        pytest.skip("seed file not present in this checkout")
-    text = SEED_FILE.read_text()
+def test_reference_flags_match_the_reference_plan():
+    if not REFERENCE_PLAN.exists():
+        pytest.skip("the reference plan is not beside this checkout")
+    text = REFERENCE_PLAN.read_text()
     block = text.split("train_network.py \\", 1)[1].split("```", 1)[0]
     norm = lambda s: re.sub(r"\s+", " ", s.replace("\\\n", " ")).strip()  # noqa: E731
-    assert norm(block) == norm(SEED_FLAGS)
+    assert norm(block) == norm(REFERENCE_COMMAND)
 
 
-def test_every_issue_flag_is_a_config_field():
-    missing = [f for f in ISSUE_FLAGS if f not in FIELDS]
+def test_every_reference_flag_is_a_config_field():
+    missing = [f for f in REFERENCE_FLAGS if f not in FIELDS]
     assert missing == []
     # …and each has help text (the cockpit form and --help are generated from it)
-    assert all(FIELDS[f].metadata["help"] for f in ISSUE_FLAGS)
+    assert all(FIELDS[f].metadata["help"] for f in REFERENCE_FLAGS)
 
 
-def test_seed_command_line_is_accepted(tmp_path):
-    argv = ["--headless", *seed_argv(str(tmp_path / "model"), str(tmp_path / "ds.toml"), str(tmp_path / "out"))]
+def test_reference_command_line_is_accepted(tmp_path):
+    argv = ["--headless", *reference_argv(str(tmp_path / "model"), str(tmp_path / "ds.toml"), str(tmp_path / "out"))]
     ns, cfg = parse_train_args(train_parser(), argv)
     assert ns.headless
     assert cfg.pretrained_model_name_or_path == str(tmp_path / "model")
@@ -112,22 +112,22 @@ def test_seed_command_line_is_accepted(tmp_path):
     assert cfg.max_data_loader_n_workers == 1 and cfg.persistent_data_loader_workers is True
     assert cfg.gradient_checkpointing is True
     assert cfg.seed == 42
-    assert cfg.cache_latents is False  # not in the seed's command
+    assert cfg.cache_latents is False  # not in the reference job's command
     cfg.validate()
 
 
-def test_seed_command_equals_the_preset(tmp_path):
-    """configs/spyke_plasma_v1.toml is the seed's run: same config once the paths are filled in."""
+def test_reference_command_equals_the_preset(tmp_path):
+    """configs/spyke_plasma_v1.toml is the reference job: same config once the paths are filled in."""
     paths = dict(pretrained_model_name_or_path="m", dataset_config="d.toml", output_dir="o")
-    _, from_flags = parse_train_args(train_parser(), seed_argv("m", "d.toml", "o"))
-    from_preset = build_config(SEED_PRESET, paths)
+    _, from_flags = parse_train_args(train_parser(), reference_argv("m", "d.toml", "o"))
+    from_preset = build_config(REFERENCE_PRESET, paths)
     diff = {k: (v, getattr(from_preset, k)) for k, v in from_flags.to_dict().items()
             if getattr(from_preset, k) != v and k != "save_state"}   # the preset also keeps state for --resume
     assert diff == {}
 
 
 def test_command_line_overrides_toml():
-    _, cfg = parse_train_args(train_parser(), [str(SEED_PRESET), "--network_dim=8", "--lr_scheduler", "linear",
+    _, cfg = parse_train_args(train_parser(), [str(REFERENCE_PRESET), "--network_dim=8", "--lr_scheduler", "linear",
                                                "--pretrained_model_name_or_path=x", "--cache_latents"])
     assert cfg.network_dim == 8                 # flag wins
     assert cfg.lr_scheduler == "linear"         # space-separated value form works too
@@ -223,7 +223,7 @@ def test_toml_types_and_resolution_list(tmp_path):
 
 
 def test_to_toml_round_trip(tmp_path):
-    cfg = build_config(SEED_PRESET, {"pretrained_model_name_or_path": "m", "dataset_config": "d.toml",
+    cfg = build_config(REFERENCE_PRESET, {"pretrained_model_name_or_path": "m", "dataset_config": "d.toml",
                                      "noise_offset": 0.05, "resolution": "768,512"})
     path = tmp_path / "resolved.toml"
     path.write_text(to_toml(cfg))

@@ -1,4 +1,4 @@
-"""Durable runs (issue 3): exact resume, the NaN guard, write faults, verified saves.
+"""Durable runs: exact resume, the NaN guard, write faults, verified saves.
 
 Every run here trains the tiny offline model on a 4-image 64 px dataset (4 batches per
 epoch), so a 6-step run crosses an epoch boundary. The subprocess tests (SIGKILL at

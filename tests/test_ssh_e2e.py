@@ -1,4 +1,4 @@
-"""End to end over real SSH on loopback (issue 5): a dropped connection does not stop training,
+"""End to end over real SSH on loopback: a dropped connection does not stop training,
 and a second SSH session attaches, sees progress and pauses the run with ``space``.
 
 The test installs nothing: it needs ``tmux``, ``ssh``, ``ssh-keygen`` and ``/usr/sbin/sshd``

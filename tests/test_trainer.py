@@ -30,7 +30,7 @@ from engine.run.journal import EventTail, read_events
 from engine.tiny import generate_dataset
 
 REPO = Path(__file__).resolve().parent.parent
-SEED_PRESET = REPO / "configs" / "spyke_plasma_v1.toml"
+REFERENCE_PRESET = REPO / "configs" / "spyke_plasma_v1.toml"
 NAME = "spyke_plasma_v1"
 
 ISSUE_METADATA = """ss_session_id ss_training_started_at ss_training_finished_at ss_output_name ss_sd_model_name
@@ -88,7 +88,7 @@ def seed_dataset(tmp_path_factory):
 def seed_config(ds, **overrides):
     paths = {"pretrained_model_name_or_path": "unused", "dataset_config": str(ds.dataset_toml),
              "output_dir": str(ds.root / "out")}
-    return build_config(SEED_PRESET, {**paths, **overrides})
+    return build_config(REFERENCE_PRESET, {**paths, **overrides})
 
 
 def test_seed_step_math_and_checkpoint_names(seed_dataset):
