@@ -23,15 +23,17 @@ def config_file_path(value: str) -> Path:
     return Path(value if value.endswith(".toml") else value + ".toml")
 
 
-def read_toml(path: Path) -> dict[str, Any]:
+def read_toml(path: Path, *, label: str | None = None, missing: str = "config file not found") -> dict[str, Any]:
+    """A TOML file as a dict, or a one-line ConfigError starting with ``label`` (default: the path)."""
+    label = label or str(path)
     try:
         return tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
+        raise ConfigError(f"{label}: {missing}") from None
     except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"{path}: not valid TOML ({err})") from None
+        raise ConfigError(f"{label}: not valid TOML ({err})") from None
     except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{path}: cannot read ({err})") from None
+        raise ConfigError(f"{label}: cannot read ({err})") from None
 
 
 def coerce_flag(name: str, raw: Any, where: str) -> Any:

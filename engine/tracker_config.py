@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 import time
-import tomllib
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -46,14 +45,9 @@ def wandb_installed() -> bool:
 def load_tracker_config(path: str) -> dict[str, dict[str, Any]]:
     """``--log_tracker_config``: ``{tracker: {option: value}}``, or a one-line ConfigError."""
     where = f"--log_tracker_config={path}"
-    try:
-        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{where}: file not found") from None
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"{where}: not valid TOML ({err})") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{where}: cannot read ({err})") from None
+    from engine.kohya_config import read_toml
+
+    data = read_toml(Path(path), label=where, missing="file not found")
     for key, value in data.items():
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: '{key}' must be a table of init options, e.g. [wandb] then tags = [\"a\"]")
