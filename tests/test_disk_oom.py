@@ -191,12 +191,15 @@ def test_cockpit_disk_full_pauses_and_retries_the_save_after_resume(assets, tmp_
     assert [e.step for e in events if isinstance(e, StepCompleted)] == list(range(1, N_STEPS + 1))
 
 
-def test_cockpit_start_training_pauses_on_disk_full():
-    import inspect
+def test_a_run_started_for_the_cockpit_pauses_on_disk_full_and_a_headless_one_stops(tmp_path):
+    from engine.config import TrainConfig
+    from engine.session import start_training
+    from engine.trainer import Trainer
 
-    from engine import session
-
-    assert 'setdefault("on_disk_full", "pause")' in inspect.getsource(session.start_training)
+    handle = start_training(TrainConfig(output_dir=str(tmp_path / "out")))   # invalid: it ends at once
+    assert handle.wait(60) and handle.result.status == "failed"
+    assert handle.trainer.on_disk_full == "pause"
+    assert Trainer(TrainConfig()).on_disk_full == "stop"
 
 
 # --------------------------------------------------------------------------- out of memory
