@@ -73,8 +73,19 @@ async def mid_run(pilot) -> None:
     await app.workers.wait_for_complete()
     app.source.emit(*mid_run_events())
     app.drain()
-    await pilot.pause(0.3)
-    await pilot.pause()
+    await settled_screen(pilot)
+
+
+async def settled_screen(pilot, tries: int = 60) -> None:
+    """Wait until two screenshots a moment apart are the same (the panels have caught up with the state),
+    instead of a fixed pause that a loaded machine can outrun."""
+    before = None
+    for _ in range(tries):
+        await pilot.pause(0.1)
+        now = pilot.app.export_screenshot()
+        if now == before:
+            return
+        before = now
 
 
 @pytest.mark.parametrize("size", [(80, 24), (120, 40), (200, 50)], ids=["80x24", "120x40", "200x50"])
