@@ -19,13 +19,13 @@ from pathlib import Path
 from typing import Iterable
 
 from cockpit.history import LossHistory, ema_update, smooth
+from cockpit.memory_state import MEMORY_HISTORY, fold_memory, memory_pressure  # noqa: F401 - re-exported
 from cockpit.samples import SampleBook, fold as fold_samples
 from engine.api import (RUNS_DIRNAME, CheckpointSaved, Event, LogMessage, MemorySample, PhaseChanged, RunFinished,
                         RunStarted, SamplesSaved, StepCompleted, ValidationLoss, format_bytes)
 
 RATE_WINDOW = 20          # steps used for it/s
 LOG_LIMIT = 200           # lines kept in the log panel
-MEMORY_HISTORY = 60       # memory samples kept for the sparkline
 DEFAULT_SMOOTHING = 0.9
 
 
@@ -162,6 +162,8 @@ class CockpitState:
     rate_window: tuple[tuple[float, int], ...] = ()
     memory: MemorySample | None = None
     memory_history: tuple[int, ...] = ()
+    swap_at_start: int | None = None      # swap in use at the run's first memory sample
+    swap_growth: int = 0                  # swap in use now minus that
     checkpoints: tuple[CheckpointRow, ...] = ()
     validation: tuple[ValidationPoint, ...] = ()
     samples: tuple[SampleBatch, ...] = ()
@@ -199,9 +201,7 @@ def reduce(state: CockpitState, event: Action) -> CockpitState:
     if isinstance(event, StepCompleted):
         return _reduce_step(state, event, v)
     if isinstance(event, MemorySample):
-        value = event.allocated if event.allocated is not None else event.rss
-        return replace(state, memory=event, memory_history=(state.memory_history + (value,))[-MEMORY_HISTORY:],
-                       version=v)
+        return fold_memory(state, event, v)
     if isinstance(event, RunStarted):
         resumed = f" (resumed at step {event.start_step})" if event.start_step else ""
         fresh = CockpitState(smoothing=state.smoothing, log=state.log)
@@ -459,20 +459,6 @@ def format_duration(seconds: float | None) -> str:
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
-
-
-def memory_pressure(sample: MemorySample | None) -> float:
-    """The fullest of the limits that matter, 0..1 (device budget, then system RAM)."""
-    if sample is None:
-        return 0.0
-    levels = []
-    if sample.device_total:
-        used = sample.reserved if sample.reserved is not None else sample.allocated
-        if used is not None:
-            levels.append(used / sample.device_total)
-    if sample.sys_total:
-        levels.append(1.0 - sample.sys_available / sample.sys_total)
-    return max(levels, default=0.0)
 
 
 def last_state_dir(state: CockpitState) -> str | None:

@@ -73,6 +73,7 @@ class MemorySample(Event):
     reserved: int | None = None       # CUDA reserved / MPS driver_allocated_memory
     peak: int | None = None           # CUDA max_memory_allocated
     device_total: int | None = None   # CUDA total / MPS recommended_max_memory
+    swap_used: int | None = None      # system swap in use (psutil), every platform
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ def memory_sample(device_type: str) -> MemorySample:
     m = read_memory(device_type)
     return MemorySample(device=m.device, rss=m.rss, sys_used=m.sys_used, sys_available=m.sys_available,
                         sys_total=m.sys_total, allocated=m.allocated, reserved=m.reserved, peak=m.peak,
-                        device_total=m.device_total)
+                        device_total=m.device_total, swap_used=m.swap_used)
 
 
 class Loop:
