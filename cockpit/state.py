@@ -180,6 +180,7 @@ class CockpitState:
     error: str | None = None
     final_path: str | None = None
     resume_hint: str | None = None
+    fits: tuple[str, ...] = ()            # out of memory: the settings that would fit (engine's words)
     history: LossHistory = field(default_factory=LossHistory, compare=False, repr=False)
     sample_book: SampleBook = field(default_factory=SampleBook)   # sample sets and validation losses by step
     lr_history: tuple[tuple[str, LossHistory], ...] = field(default=(), compare=False, repr=False)
@@ -266,8 +267,8 @@ def reduce(state: CockpitState, event: Action) -> CockpitState:
         return replace(state, status=event.status, phase="finished", paused=False, pause_requested=False,
                        pending="", paused_since=None, paused_total=_pauses_until(state, event.t),
                        step=max(state.step, event.step), error=event.error, final_path=event.final_path,
-                       resume_hint=event.resume_hint, finished_at=event.t, last_event_at=event.t, log=log,
-                       version=v)
+                       resume_hint=event.resume_hint, fits=tuple(event.fits), finished_at=event.t,
+                       last_event_at=event.t, log=log, version=v)
     if isinstance(event, StartRequested):
         # What the last run showed stays on screen until the new one starts (RunStarted) or fails to.
         return replace(state, status="starting", phase="loading", phase_detail="", pending="", error=None,

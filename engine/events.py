@@ -155,6 +155,7 @@ class RunFinished(Event):
     error: str | None = None
     final_path: str | None = None
     resume_hint: str | None = None
+    fits: list[str] = field(default_factory=list)   # out of memory: the kohya flags that would fit, best first
 
 
 EVENT_TYPES: dict[str, type[Event]] = {
