@@ -48,6 +48,8 @@ class DatasetArgs:
     dataset_config: Path | None = None
     train_data_dir: Path | None = None
     reg_data_dir: Path | None = None
+    in_json: Path | None = None      # kohya's fine-tuning metadata for --train_data_dir (a metadata_file subset)
+    dataset_repeats: int = 1         # kohya: num_repeats of a subset that sets none
     resolution: tuple[int, int] = (512, 512)   # (width, height)
     train_batch_size: int = 1
     caption_extension: str = ".caption"
@@ -159,8 +161,8 @@ DATASET_ASCENDABLE = {
     "validation_seed": "int",
 }
 # CLI flag for each option (kohya names); options without a flag have a fixed default.
-CLI_FLAG = {"batch_size": "train_batch_size"}
-NO_CLI_DEFAULT = {"num_repeats": 1, "class_tokens": None, "is_reg": False, "metadata_file": None}
+CLI_FLAG = {"batch_size": "train_batch_size", "num_repeats": "dataset_repeats"}
+NO_CLI_DEFAULT = {"class_tokens": None, "is_reg": False, "metadata_file": None}
 
 _ANY = object()      # any value is harmless (ignored)
 _ABSENT = object()   # kohya default is "not set": any value changes behaviour
@@ -502,12 +504,24 @@ def resolve_dataset_specs(args: DatasetArgs, warnings: list[str]) -> list[Datase
     train_dir = _as_path(args.train_data_dir)
     reg_dir = _as_path(args.reg_data_dir)
     if config is not None:
-        ignored = [f for f, v in (("train_data_dir", train_dir), ("reg_data_dir", reg_dir)) if v is not None]
+        ignored = [f for f, v in (("train_data_dir", train_dir), ("reg_data_dir", reg_dir), ("in_json", args.in_json))
+                   if v is not None]
         if ignored:
             warnings.append(f"--{' and --'.join(ignored)} ignored because --dataset_config is given (kohya behaviour)")
         return parse_dataset_toml(config, args, warnings)
     if train_dir is None:
         raise DatasetError("no dataset given; pass --dataset_config file.toml or --train_data_dir folder (with N_name subfolders)")
+    in_json = _as_path(args.in_json)
+    if in_json is not None:   # kohya: one fine-tuning subset {image_dir: train_data_dir, metadata_file: in_json}
+        if reg_dir is not None:
+            warnings.append("--reg_data_dir ignored because --in_json is given (a fine-tuning dataset, as in kohya)")
+        where = f"--in_json {in_json}"
+        if not in_json.is_file():
+            raise DatasetError(f"{where} not found; point it at kohya's metadata .json/.jsonl")
+        if not train_dir.is_dir():
+            raise DatasetError(f"--train_data_dir {train_dir} is not a folder; with --in_json it holds the images")
+        sub = _make_subset([], args, train_dir.absolute(), False, where, in_json.absolute())
+        return [_make_dataset([], args, [sub], where, warnings)]
     subsets = _folder_subsets(train_dir, "train_data_dir", False, args, warnings)
     if reg_dir is not None:
         subsets += _folder_subsets(reg_dir, "reg_data_dir", True, args, warnings)

@@ -75,6 +75,8 @@ def dataset_args(config: TrainConfig) -> DatasetArgs:
         dataset_config=Path(config.dataset_config) if config.dataset_config else None,
         train_data_dir=Path(config.train_data_dir) if config.train_data_dir else None,
         reg_data_dir=Path(config.reg_data_dir) if config.reg_data_dir else None,
+        in_json=Path(config.in_json) if config.in_json else None,
+        dataset_repeats=config.dataset_repeats,
         resolution=config.resolution_wh(),
         train_batch_size=config.train_batch_size,
         caption_extension=config.caption_extension,

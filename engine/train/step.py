@@ -41,28 +41,21 @@ class TrainStep:
 
     # ---- inputs
     def encode_prompts(self, captions: list[str]):
+        """The captions' text conditioning, kohya's way (``--max_token_length`` chunks, ``clip_skip``)."""
         import torch
 
-        tokenizer, te = self.m.tokenizer, self.m.te
+        from engine.text_encoding import caption_token_ids, encode_captions
+
         ids = []
         for caption in captions:
             cached = self.token_cache.get(caption)
             if cached is None:
-                cached = tokenizer(caption, padding="max_length", truncation=True,
-                                   max_length=tokenizer.model_max_length, return_tensors="pt").input_ids[0]
+                cached = caption_token_ids(self.m.tokenizer, caption, self.cfg.max_token_length)
                 self.token_cache[caption] = cached
             ids.append(cached)
         input_ids = torch.stack(ids).to(self.device)
-        clip_skip = self.cfg.clip_skip or 1
         with torch.set_grad_enabled(self.m.train_te):
-            if clip_skip > 1:
-                out = te(input_ids, output_hidden_states=True)
-                hidden = out.hidden_states[-clip_skip]
-                text_model = getattr(te, "text_model", te)
-                hidden = text_model.final_layer_norm(hidden)
-            else:
-                hidden = te(input_ids).last_hidden_state
-        return hidden
+            return encode_captions(self.m.te, input_ids, self.cfg.clip_skip)
 
     def vae_latents(self, pixels, generator):
         import torch
