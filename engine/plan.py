@@ -77,6 +77,8 @@ def dataset_args(config: TrainConfig) -> DatasetArgs:
         reg_data_dir=Path(config.reg_data_dir) if config.reg_data_dir else None,
         in_json=Path(config.in_json) if config.in_json else None,
         dataset_repeats=config.dataset_repeats,
+        alpha_mask=config.alpha_mask,
+        masked_loss=config.masked_loss,
         resolution=config.resolution_wh(),
         train_batch_size=config.train_batch_size,
         caption_extension=config.caption_extension,

@@ -36,6 +36,7 @@ class TrainStep:
         self.noise_gen = torch.Generator(device="cpu").manual_seed(seed)
         self.data_rng = random.Random(seed)
         self.latent_cache: dict[tuple[int, bool], object] | None = None
+        self.cached_latents: dict[tuple[int, bool], object] | None = None   # the training images' cache
         self.token_cache: dict[str, object] = {}
         self.fixed_timestep: int | None = None     # set only during a validation pass
 
@@ -102,7 +103,7 @@ class TrainStep:
                 done += 1
                 if done % 8 == 0 or done == total:
                     phase("caching", f"{done}/{total}")
-        self.latent_cache = cache
+        self.latent_cache = self.cached_latents = cache
 
     def batch_latents(self, batch):
         import torch
@@ -110,6 +111,14 @@ class TrainStep:
         if self.latent_cache is not None:
             return torch.stack([self.latent_cache[(i, f)] for i, f in zip(batch.entry_indices, batch.flipped)])
         return self.vae_latents(batch.pixel_values, self.noise_gen).to(self.m.weight_dtype)
+
+    def batch_masks(self, batch):
+        """The batch's loss masks (kohya masks whenever a sample has one, --masked_loss or not); with
+        cached latents, the masks of the cached centre crop."""
+        masks = getattr(batch, "masks", None)
+        if masks is None or self.latent_cache is None or self.latent_cache is not self.cached_latents:
+            return masks       # latents of these very pixels (no cache, or a validation pass's own)
+        return self.plan.dataset.masks.batch(batch.entry_indices, batch.flipped, None)
 
     # ---- the loss
     def noise_and_timesteps(self, latents):
@@ -164,7 +173,8 @@ class TrainStep:
         if cfg.loss_type in ("huber", "smooth_l1"):
             huber_c = losses.huber_threshold(cfg.huber_schedule, cfg.huber_c, cfg.huber_scale, timesteps,
                                              self.alphas_cumprod, self.noise_scheduler.config.num_train_timesteps)
-        loss = losses.elementwise_loss(pred.float(), target.float(), cfg.loss_type, huber_c).mean(dim=[1, 2, 3])
+        loss = losses.elementwise_loss(pred.float(), target.float(), cfg.loss_type, huber_c)
+        loss = losses.apply_masked_loss(loss, self.batch_masks(batch)).mean(dim=[1, 2, 3])
         weights = torch.where(batch.is_reg.to(self.device), cfg.prior_loss_weight, 1.0)
         loss = loss * weights
         snr = self.all_snr[timesteps]
