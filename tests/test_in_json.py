@@ -56,3 +56,7 @@ def test_a_run_with_in_json_trains_on_the_json_captions(images, tiny_cache, tmp_
     result = Trainer(cfg, sinks=[]).run()
     assert result.status == "completed"
     assert sorted(seen) == ["json caption one,red", "json caption zero,red"]
+    from safetensors import safe_open
+
+    with safe_open(str(result.final_path), "pt") as f:      # kohya names the dataset by its metadata file
+        assert json.loads(f.metadata()["ss_dataset_dirs"]) == {"meta.json": {"n_repeats": 1, "img_count": 2}}

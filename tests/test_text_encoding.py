@@ -106,3 +106,7 @@ def test_a_run_with_max_token_length_150_trains_a_step(tiny_cache, tmp_path):
                        save_state=False, network_dim=4, network_alpha=2.0, seed=1, max_token_length=150)
     result = Trainer(cfg, sinks=[]).run()
     assert result.status == "completed" and len(result.losses) == 1
+    from safetensors import safe_open
+
+    with safe_open(str(result.final_path), "pt") as f:
+        assert f.metadata()["ss_max_token_length"] == "150"
