@@ -113,15 +113,17 @@ class LossMasks:
 
     def _source_image(self, entry_index: int):
         """The mask source as an 'L' image of the upright image's size (None: all ones)."""
-        if entry_index not in self._source:
-            e = self.plan.entries[entry_index]
-            cond = self.conditioning.get(e.path)
-            img = _red(cond) if cond is not None else read_alpha(e.path)
-            if img is not None and img.size != e.image_size:
-                raise DatasetError(f"mask of {e.path} is {img.size[0]}x{img.size[1]}, the image "
-                                   f"{e.image_size[0]}x{e.image_size[1]}; restart the run")
+        if entry_index in self._source:
+            return self._source[entry_index]
+        e = self.plan.entries[entry_index]
+        cond = self.conditioning.get(e.path)
+        img = _red(cond) if cond is not None else read_alpha(e.path)
+        if img is not None and img.size != e.image_size:
+            raise DatasetError(f"mask of {e.path} is {img.size[0]}x{img.size[1]}, the image "
+                               f"{e.image_size[0]}x{e.image_size[1]}; restart the run")
+        if self.plan.cache_images:
             self._source[entry_index] = img
-        return self._source[entry_index]
+        return img
 
     def _values(self, arr: np.ndarray | None, entry_index: int) -> np.ndarray:
         e = self.plan.entries[entry_index]
@@ -142,7 +144,8 @@ class LossMasks:
             src = self._source_image(entry_index)
             arr = None if src is None else resize_and_crop(src, e.bucket, e.resized_size)
             got = self._values(arr, entry_index)
-            self._plain[entry_index] = got
+            if self.plan.cache_images:
+                self._plain[entry_index] = got
         return got
 
     def augmented(self, entry_index: int, rng_state) -> np.ndarray:
