@@ -110,3 +110,20 @@ def test_a_run_with_max_token_length_150_trains_a_step(tiny_cache, tmp_path):
 
     with safe_open(str(result.final_path), "pt") as f:
         assert f.metadata()["ss_max_token_length"] == "150"
+
+
+def test_the_memory_estimate_counts_the_text_encoder_activations_once_per_chunk():
+    from dataclasses import replace
+
+    from engine.fit.estimate import TE_ACT_PER_LAYER, TE_TOKENS, estimate
+    from engine.fit.preflight import settings_for
+    from engine.fit.shapes import ComponentSizes, ModelShapes
+
+    one = settings_for(TrainConfig(resolution="64", gradient_checkpointing=False))
+    three = settings_for(TrainConfig(resolution="64", gradient_checkpointing=False, max_token_length=225))
+    assert (one.text_chunks, three.text_chunks) == (1, 3) and replace(one, text_chunks=3) == three
+    te = {"hidden_size": 32, "num_hidden_layers": 2}
+    shapes = ModelShapes(ComponentSizes(1000, 10), ComponentSizes(1000, 10), ComponentSizes(1000),
+                         {"block_out_channels": [32, 64]}, {"block_out_channels": [32]}, te)
+    extra = estimate(shapes, three).parts["activations"] - estimate(shapes, one).parts["activations"]
+    assert extra == 2 * TE_TOKENS * 32 * 2 * TE_ACT_PER_LAYER * 4
