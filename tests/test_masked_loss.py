@@ -75,6 +75,14 @@ def test_alpha_mask_leaves_the_rgb_pixels_as_they_were_and_an_opaque_image_gets_
     assert torch.equal(masked.load_batch([1], random.Random(0)).masks, torch.ones(1, 64, 64))
 
 
+def test_masked_loss_without_any_mask_source_warns_that_the_loss_is_not_masked(tmp_path):
+    (tmp_path / "i").mkdir()
+    _rgba(tmp_path / "i" / "0.png", 64, 64)
+    plan = load_dataset_plan(DatasetArgs(dataset_config=_toml(tmp_path, ""), masked_loss=True))
+    assert plan.masks is None and plan.load_batch([0], random.Random(0)).masks is None
+    assert any(w.startswith("--masked_loss: no subset has alpha_mask or conditioning_data_dir") for w in plan.warnings)
+
+
 def test_a_conditioning_image_masks_with_its_red_channel_under_the_centre_crop(tmp_path):
     (tmp_path / "i").mkdir()
     (tmp_path / "m").mkdir()
