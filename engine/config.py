@@ -75,6 +75,12 @@ class TrainConfig:
                              kind="path")
     train_data_dir: str = _f("", "dataset", "Image folder with kohya 'N_name' subfolders (N = repeats).", kind="path")
     reg_data_dir: str = _f("", "dataset", "Regularisation image folder ('N_name' subfolders).", kind="path")
+    in_json: str = _f("", "dataset", "kohya's fine-tuning metadata JSON/JSONL: captions/tags of the images in "
+                      "--train_data_dir (a metadata_file subset).", kind="path")
+    dataset_repeats: int = _f(1, "dataset", "Repeats of a subset that sets no num_repeats (the --in_json dataset, "
+                              "dataset-TOML subsets).", minimum=1)
+    max_token_length: int | None = _f(None, "dataset", "Caption tokens: 75, 150 or 225 (longer captions are "
+                                      "encoded in 75-token chunks).", minimum=1)
     resolution: str = _f("512", "dataset", "Training resolution: 'N' or 'W,H'.")
     train_batch_size: int = _f(1, "dataset", "Images per step.", minimum=1)
     caption_extension: str = _f(".caption", "dataset", "Caption file extension.")
@@ -87,6 +93,8 @@ class TrainConfig:
     keep_tokens: int = _f(0, "dataset", "Leading caption tags kept in place when shuffling.", minimum=0)
     flip_aug: bool = _f(False, "dataset", "Random horizontal flips.")
     cache_latents: bool = _f(False, "dataset", "Encode every image with the VAE once, before training.")
+    alpha_mask: bool = _f(False, "dataset", "Each image's transparency is its loss mask (dataset-TOML subsets: "
+                          "alpha_mask).")
     # --- dataset: captions and augmentation (kohya flags; dataset-TOML keys of the same names override them)
     caption_prefix: str = _f("", "dataset", "Text put before every caption (joined with a space).")
     caption_suffix: str = _f("", "dataset", "Text put after every caption (joined with a space).")
@@ -174,6 +182,8 @@ class TrainConfig:
     noise_offset: float | None = _f(None, "optimizer", "Noise offset (e.g. 0.05).", minimum=0)
     min_snr_gamma: float | None = _f(None, "optimizer", "Min-SNR loss weighting gamma (e.g. 5).", minimum=0)
     prior_loss_weight: float = _f(1.0, "optimizer", "Loss weight of regularisation images.", minimum=0)
+    masked_loss: bool = _f(False, "optimizer", "Weight the loss by each image's mask (alpha_mask, or a dataset-TOML "
+                           "subset's conditioning_data_dir image).")
     # --- optimizer & schedule: kohya's loss and noise options (engine/train/losses.py; checks in engine/loss_config.py)
     loss_type: str = _f("l2", "optimizer", "Loss: l2, l1, huber or smooth_l1.", choices=LOSS_TYPES)
     huber_schedule: str = _f("snr", "optimizer", "Huber c over the timesteps (huber/smooth_l1): constant, "
@@ -318,6 +328,8 @@ class TrainConfig:
         out.update({k: v for k, v in _network_problems(self).items() if k not in out})
         if self.dim_from_weights and not self.network_weights:
             out["dim_from_weights"] = "needs --network_weights=<a LoRA file> to read network_dim/alpha from"
+        if self.max_token_length not in (None, 75, 150, 225):
+            out["max_token_length"] = f"must be 75, 150 or 225, kohya's choices (got {self.max_token_length!r})"
         if self.validation_split >= 1:
             out["validation_split"] = f"must be below 1: it is the fraction held out, e.g. 0.1 (got {self.validation_split!r})"
         if self.network_train_unet_only and self.network_train_text_encoder_only:
