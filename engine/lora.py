@@ -86,6 +86,20 @@ class _LoraModule:
     def up(self) -> nn.Parameter:
         return self.layer.lora_B[ADAPTER_NAME].weight
 
+    @property
+    def down_params(self) -> list[nn.Parameter]:
+        return [self.down]
+
+    @property
+    def up_params(self) -> list[nn.Parameter]:
+        return [self.up]
+
+    def assign(self, down: Tensor, up: Tensor) -> None:
+        """Copy kohya-layout ``down``/``up`` weights into the adapter."""
+        with torch.no_grad():
+            for param, src in ((self.down, down), (self.up, up)):
+                param.copy_(src.to(device=param.device, dtype=param.dtype))
+
 
 @dataclass
 class LoraNetwork:
@@ -118,6 +132,44 @@ class LoraNetwork:
     def trainable_params(self) -> list[nn.Parameter]:
         """The parameters an optimizer should get (frozen text-encoder adapters excluded)."""
         return [p for p in self.unet_params + self.text_encoder_params if p.requires_grad]
+
+    # ------------------------------------------------------------------ max-norm
+    def apply_max_norm(self, max_norm: float, device) -> tuple[int, float, float]:
+        """kohya's ``apply_max_norm_regularization`` (``--scale_weight_norms``), in place.
+
+        Per module, on ``device``: the update ``up @ down`` (a 3x3 conv's as the composed conv) times
+        alpha/dim; its norm, clamped below at ``max_norm / 2``, gives ``ratio = min(norm, max_norm) / norm``,
+        and where the ratio is not 1 both ``up`` and ``down`` are multiplied by ``sqrt(ratio)``. Returns
+        (modules scaled, mean and max of the modules' norms after scaling), in kohya's module order
+        (text encoder first).
+        """
+        keys_scaled = 0
+        norms: list[float] = []
+        ordered = ([m for m in self.modules if m.part == "text_encoder"] +
+                   [m for m in self.modules if m.part != "text_encoder"])
+        with torch.no_grad():
+            for m in ordered:
+                down, up = m.down.to(device), m.up.to(device)
+                scale = torch.tensor(float(m.alpha), dtype=down.dtype, device=down.device) / down.shape[0]
+                if up.shape[2:] == (1, 1) and down.shape[2:] == (1, 1):
+                    updown = (up.squeeze(2).squeeze(2) @ down.squeeze(2).squeeze(2)).unsqueeze(2).unsqueeze(3)
+                elif up.shape[2:] == (3, 3) or down.shape[2:] == (3, 3):
+                    updown = torch.nn.functional.conv2d(down.permute(1, 0, 2, 3), up).permute(1, 0, 2, 3)
+                else:
+                    updown = up @ down
+                updown *= scale
+                norm = updown.norm().clamp(min=max_norm / 2)
+                desired = torch.clamp(norm, max=max_norm)
+                ratio = desired.cpu() / norm.cpu()
+                if ratio != 1:
+                    keys_scaled += 1
+                    sqrt_ratio = ratio ** 0.5
+                    m.up.mul_(sqrt_ratio.to(m.up.device))
+                    m.down.mul_(sqrt_ratio.to(m.down.device))
+                norms.append((updown.norm().cpu() * ratio).item())
+        if not norms:
+            return 0, 0.0, 0.0
+        return keys_scaled, sum(norms) / len(norms), max(norms)
 
     # ------------------------------------------------------------------ save
     def state_dict_kohya(self, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
@@ -184,11 +236,8 @@ class LoraNetwork:
                 raise CheckpointError(
                     f"{source}: {m.kohya_name}.alpha is {float(file_alpha):g} but {which} is {m.alpha:g}; {fix}"
                 )
-        with torch.no_grad():
-            for m in self.modules:
-                for param, key in ((m.down, "lora_down"), (m.up, "lora_up")):
-                    src = sd[f"{m.kohya_name}.{key}.weight"]
-                    param.copy_(src.to(device=param.device, dtype=param.dtype))
+        for m in self.modules:
+            m.assign(sd[f"{m.kohya_name}.lora_down.weight"], sd[f"{m.kohya_name}.lora_up.weight"])
 
 
 def _validate(dim: object, alpha: object) -> tuple[int, float]:

@@ -215,7 +215,7 @@ RUN_DEFINING = (
     "prior_loss_weight", "mixed_precision", "output_name", "caption_extension", "shuffle_caption", "keep_tokens",
     "flip_aug", "optimizer_args", "use_8bit_adam", "use_lion_optimizer", "lr_scheduler_type", "lr_scheduler_args",
     "lr_decay_steps", "lr_scheduler_min_lr_ratio", "lr_scheduler_timescale",
-    "network_args", "network_dropout",
+    "network_args", "network_dropout", "network_module", "scale_weight_norms",
 )
 
 
