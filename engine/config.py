@@ -124,7 +124,8 @@ class TrainConfig:
     max_validation_steps: int | None = _f(None, "dataset", "Use at most N validation batches per pass.", minimum=1)
     # --- network
     network_module: str = _f("networks.lora", "network", "LoRA module: kohya's networks.lora, or networks.dylora "
-                             "(DyLoRA: one random block of unit ranks trains per step; --network_args unit=N).",
+                             "(DyLoRA: each module trains a random block of unit ranks per step, so the file's "
+                             "first ranks work alone; --network_args unit=N).",
                              choices=("networks.lora", "networks.dylora"))
     network_dim: int = _f(4, "network", "LoRA rank.", minimum=1)
     network_alpha: float = _f(1.0, "network", "LoRA alpha; the update is scaled by alpha/dim.", minimum=0)
@@ -133,7 +134,8 @@ class TrainConfig:
     # --- network: kohya's networks.lora options (engine.network_args)
     network_args: list[str] = _f(
         [], "network", "networks.lora options: key=value ... (conv_dim=8 conv_alpha=4 block_dims=… "
-        "down_lr_weight=… rank_dropout=0.1 module_dropout=0.1 loraplus_lr_ratio=16).")
+        "down_lr_weight=… rank_dropout=0.1 module_dropout=0.1 loraplus_lr_ratio=16); networks.dylora: unit=N "
+        "conv_dim=<network_dim> loraplus_lr_ratio=….")
     network_dropout: float | None = _f(None, "network", "Dropout on each LoRA's down output while training "
                                        "(kohya's neuron dropout, e.g. 0.1).", minimum=0)
     scale_weight_norms: float | None = _f(None, "network", "After each step, scale down every LoRA module whose "

@@ -135,41 +135,13 @@ class LoraNetwork:
 
     # ------------------------------------------------------------------ max-norm
     def apply_max_norm(self, max_norm: float, device) -> tuple[int, float, float]:
-        """kohya's ``apply_max_norm_regularization`` (``--scale_weight_norms``), in place.
+        """kohya's ``apply_max_norm_regularization`` (``--scale_weight_norms``) on these modules, in place:
+        (modules scaled, mean and max module norm after scaling); see :mod:`engine.max_norm`."""
+        from engine.max_norm import apply_max_norm
 
-        Per module, on ``device``: the update ``up @ down`` (a 3x3 conv's as the composed conv) times
-        alpha/dim; its norm, clamped below at ``max_norm / 2``, gives ``ratio = min(norm, max_norm) / norm``,
-        and where the ratio is not 1 both ``up`` and ``down`` are multiplied by ``sqrt(ratio)``. Returns
-        (modules scaled, mean and max of the modules' norms after scaling), in kohya's module order
-        (text encoder first).
-        """
-        keys_scaled = 0
-        norms: list[float] = []
-        ordered = ([m for m in self.modules if m.part == "text_encoder"] +
+        ordered = ([m for m in self.modules if m.part == "text_encoder"] +   # kohya's order: text encoder first
                    [m for m in self.modules if m.part != "text_encoder"])
-        with torch.no_grad():
-            for m in ordered:
-                down, up = m.down.to(device), m.up.to(device)
-                scale = torch.tensor(float(m.alpha), dtype=down.dtype, device=down.device) / down.shape[0]
-                if up.shape[2:] == (1, 1) and down.shape[2:] == (1, 1):
-                    updown = (up.squeeze(2).squeeze(2) @ down.squeeze(2).squeeze(2)).unsqueeze(2).unsqueeze(3)
-                elif up.shape[2:] == (3, 3) or down.shape[2:] == (3, 3):
-                    updown = torch.nn.functional.conv2d(down.permute(1, 0, 2, 3), up).permute(1, 0, 2, 3)
-                else:
-                    updown = up @ down
-                updown *= scale
-                norm = updown.norm().clamp(min=max_norm / 2)
-                desired = torch.clamp(norm, max=max_norm)
-                ratio = desired.cpu() / norm.cpu()
-                if ratio != 1:
-                    keys_scaled += 1
-                    sqrt_ratio = ratio ** 0.5
-                    m.up.mul_(sqrt_ratio.to(m.up.device))
-                    m.down.mul_(sqrt_ratio.to(m.down.device))
-                norms.append((updown.norm().cpu() * ratio).item())
-        if not norms:
-            return 0, 0.0, 0.0
-        return keys_scaled, sum(norms) / len(norms), max(norms)
+        return apply_max_norm([(m.down, m.up, m.alpha) for m in ordered], max_norm, device)
 
     # ------------------------------------------------------------------ save
     def state_dict_kohya(self, dtype: torch.dtype | None = None) -> dict[str, Tensor]:

@@ -72,7 +72,7 @@ def test_step_events_carry_the_norms_only_when_asked_and_become_kohyas_tensorboa
 CAPPED = dict(scale_weight_norms=0.02, learning_rate=1e-2, unet_lr=1e-2, text_encoder_lr=1e-2)
 
 
-def test_a_run_with_scale_weight_norms_caps_every_module_and_resumes_exactly(assets, tmp_path, tiny_cache):  # noqa: F811
+def test_a_run_with_scale_weight_norms_caps_every_module_and_resumes_exactly(assets, tmp_path):  # noqa: F811
     straight = train(make_config(assets, tmp_path / "straight" / "out", **CAPPED))
     assert straight.result.status == "completed", straight.result.error
     assert all(e.keys_scaled > 0 and e.avg_key_norm <= e.max_key_norm <= 0.02 * (1 + 1e-5) for e in straight.steps)
