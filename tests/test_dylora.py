@@ -21,7 +21,8 @@ from engine.events import LogMessage
 from engine.lora import apply_lora
 from engine.network_args import parse_network_args
 from tests.test_durable import ABORT_AT, N_STEPS, assets, make_config, max_abs_diff, read_tensors, train  # noqa: F401
-from tests.test_network_args import load, unet_out
+from engine.train.setup import param_groups
+from tests.test_network_args import load, models_of, unet_out
 
 DIM, ALPHA, UNIT = 4, 2.0, 2
 DYLORA = dict(network_module="networks.dylora", network_dim=DIM, network_alpha=ALPHA, network_args=[f"unit={UNIT}"],
@@ -92,6 +93,20 @@ def test_a_gradient_checkpointing_recompute_keeps_the_forwards_draw(tiny_cache):
     assert all(torch.allclose(grads[0][k], grads[1][k], atol=1e-6) for k in grads[0])
 
 
+def test_each_rank_is_its_own_parameter_and_loraplus_puts_the_up_ranks_in_the_plus_group(tiny_cache):
+    unet, te = load(tiny_cache)
+    net = apply_dylora(unet, te, dim=DIM, alpha=ALPHA, network_args=dylora_args("loraplus_unet_lr_ratio=4"))
+    groups = {g["name"]: g for g in param_groups(models_of(net))}
+    assert list(groups) == ["unet", "unet plus", "text_encoder"]      # kohya: the TE has no ratio here
+    unet_mods = [m for m in net.modules if m.part == "unet"]
+    assert [id(p) for p in groups["unet"]["params"]] == [id(p) for m in unet_mods for p in m.lora_A]
+    assert [id(p) for p in groups["unet plus"]["params"]] == [id(p) for m in unet_mods for p in m.lora_B]
+    assert groups["unet plus"]["lr"] == pytest.approx(4e-3)
+    assert len(groups["unet"]["params"]) == DIM * len(unet_mods)
+    assert [id(p) for p in groups["text_encoder"]["params"]] == [
+        id(p) for m in net.modules if m.part == "text_encoder" for p in list(m.lora_A) + list(m.lora_B)]
+
+
 # --------------------------------------------------------------------------- the file layout
 def test_dylora_file_is_kohyas_plain_lora_layout_and_behaves_as_that_lora_in_eval(tiny_cache):
     unet, te = load(tiny_cache)
@@ -128,6 +143,8 @@ def test_a_dylora_run_saves_plain_lora_keys_and_its_first_ranks_work_alone(strai
     assert any(isinstance(e, LogMessage) and e.level == "warning" and "--scale_weight_norms" in e.message
                for e in straight.events)
     assert all(e.keys_scaled is None for e in straight.steps)
+    assert any(isinstance(e, LogMessage) and e.message.startswith("DyLoRA: each module trains a random block of "
+                                                                   f"{UNIT} of its {DIM} ranks") for e in straight.events)
     tensors, meta = read_lora_file(Path(straight.result.final_path))
     assert meta["ss_network_module"] == "networks.dylora" and meta["ss_network_dim"] == str(DIM)
     assert json.loads(meta["ss_network_args"]) == {"unit": str(UNIT)}

@@ -74,6 +74,8 @@ def setup_models(cfg: TrainConfig, base, device, seed: int) -> Models:
 
         network = apply_dylora(unet, te, dim=cfg.network_dim, alpha=cfg.network_alpha, network_args=network_args,
                                train_unet=train_unet, train_text_encoder=train_te, text_encoder_frozen=te_lr == 0)
+        notes.append(f"DyLoRA: each module trains a random block of {network.unit} of its {network.dim} ranks "
+                     "per step (kohya's networks.dylora)")
     else:
         network = apply_lora(unet, te, dim=cfg.network_dim, alpha=cfg.network_alpha, train_unet=train_unet,
                              train_text_encoder=train_te, text_encoder_frozen=te_lr == 0,
