@@ -131,8 +131,10 @@ class TrainConfig:
                                              "(default: every epoch).", minimum=1)
     max_validation_steps: int | None = _f(None, "dataset", "Use at most N validation batches per pass.", minimum=1)
     # --- network
-    network_module: str = _f("networks.lora", "network", "LoRA module (only kohya's networks.lora).",
-                             choices=("networks.lora",))
+    network_module: str = _f("networks.lora", "network", "LoRA module: kohya's networks.lora, or networks.dylora "
+                             "(DyLoRA: each module trains a random block of unit ranks per step, so the file's "
+                             "first ranks work alone; --network_args unit=N).",
+                             choices=("networks.lora", "networks.dylora"))
     network_dim: int = _f(4, "network", "LoRA rank.", minimum=1)
     network_alpha: float = _f(1.0, "network", "LoRA alpha; the update is scaled by alpha/dim.", minimum=0)
     network_train_unet_only: bool = _f(False, "network", "Put LoRA only into the UNet.")
@@ -140,9 +142,13 @@ class TrainConfig:
     # --- network: kohya's networks.lora options (engine.network_args)
     network_args: list[str] = _f(
         [], "network", "networks.lora options: key=value ... (conv_dim=8 conv_alpha=4 block_dims=… "
-        "down_lr_weight=… rank_dropout=0.1 module_dropout=0.1 loraplus_lr_ratio=16).")
+        "down_lr_weight=… rank_dropout=0.1 module_dropout=0.1 loraplus_lr_ratio=16); networks.dylora: unit=N "
+        "conv_dim=<network_dim> loraplus_lr_ratio=….")
     network_dropout: float | None = _f(None, "network", "Dropout on each LoRA's down output while training "
                                        "(kohya's neuron dropout, e.g. 0.1).", minimum=0)
+    scale_weight_norms: float | None = _f(None, "network", "After each step, scale down every LoRA module whose "
+                                          "update norm (up·down·alpha/dim) exceeds this (kohya's max-norm "
+                                          "regularisation; 1 is a good start).", minimum=0)
     # --- optimizer & schedule
     learning_rate: float = _f(2e-6, "optimizer", "Learning rate for groups without their own.", minimum=0)
     unet_lr: float | None = _f(None, "optimizer", "UNet LoRA learning rate (overrides learning_rate; 0 freezes).",
@@ -391,9 +397,11 @@ def _network_problems(cfg: TrainConfig) -> dict[str, str]:
     out: dict[str, str] = {}
     if cfg.network_dropout is not None and not 0 <= cfg.network_dropout < 1:
         out["network_dropout"] = f"must be a probability in [0, 1) (got {cfg.network_dropout!r})"
-    if cfg.network_module == "networks.lora":  # another module is refused by its own check
+    elif cfg.network_dropout and cfg.network_module == "networks.dylora":
+        out["network_dropout"] = "is not read by kohya's networks.dylora (DyLoRA has no dropout); remove it"
+    if cfg.network_module in ("networks.lora", "networks.dylora"):  # another module is refused by its own check
         try:
-            parse_network_args(cfg.network_args, cfg.network_module)
+            parse_network_args(cfg.network_args, cfg.network_module, dim=cfg.network_dim, alpha=cfg.network_alpha)
         except ConfigError as err:
             out["network_args"] = str(err).split(": ", 1)[1]
     return out

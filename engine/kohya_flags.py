@@ -158,7 +158,7 @@ _PENDING_ELSEWHERE: list[tuple[str, type, str, Any]] = [
     ("wandb_run_name", str, "logging", None), ("wandb_api_key", str, "logging", None),
     ("log_config", bool, "logging", False),
     # training semantics: network, loss, noise, captions, augmentation, validation
-    ("scale_weight_norms", float, "training", None), ("weighted_captions", bool, "training", False),
+    ("weighted_captions", bool, "training", False),
     ("caption_dropout_rate", float, "training", 0.0), ("caption_dropout_every_n_epochs", int, "training", 0),
     ("caption_tag_dropout_rate", float, "training", 0.0), ("caption_prefix", str, "training", None),
     ("caption_suffix", str, "training", None), ("caption_separator", str, "training", ","),

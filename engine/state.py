@@ -207,6 +207,7 @@ def cleanup_temp_dirs(folder: Path) -> list[Path]:
 
 # Fields whose change makes a resumed run a different run.
 RUN_DEFINING = (
+    "network_module", "scale_weight_norms",
     "pretrained_model_name_or_path", "dataset_config", "train_data_dir", "reg_data_dir", "resolution",
     "train_batch_size", "enable_bucket", "network_dim", "network_alpha", "network_train_unet_only",
     "network_train_text_encoder_only", "learning_rate", "unet_lr", "text_encoder_lr", "optimizer_type",

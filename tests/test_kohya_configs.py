@@ -18,7 +18,6 @@ PLACEHOLDERS = {"TRAIN_DATA_DIR": "/data/train", "REG_DATA_DIR": "/data/reg", "O
                 "DATASET_TOML": "/data/dataset.toml", "CONFIG_TOML": "/data/config.toml", "MODEL": "/data/model"}
 # Keys of the GUI's configs that other parts of spyke-cockpit implement: refused until they land.
 PENDING_KEYS = {
-    "training": {"scale_weight_norms"},
     "network_module": {"network_module", "network_args"},  # lycoris.kohya (a value of a field) and its args
     "optimizer_type": {"optimizer_type"},  # Prodigy where prodigyopt is absent
 }
