@@ -75,6 +75,12 @@ class TrainConfig:
                              kind="path")
     train_data_dir: str = _f("", "dataset", "Image folder with kohya 'N_name' subfolders (N = repeats).", kind="path")
     reg_data_dir: str = _f("", "dataset", "Regularisation image folder ('N_name' subfolders).", kind="path")
+    in_json: str = _f("", "dataset", "kohya's fine-tuning metadata JSON/JSONL: captions/tags of the images in "
+                      "--train_data_dir (a metadata_file subset).", kind="path")
+    dataset_repeats: int = _f(1, "dataset", "Repeats of a subset that sets no num_repeats (the --in_json dataset, "
+                              "dataset-TOML subsets).", minimum=1)
+    max_token_length: int | None = _f(None, "dataset", "Caption tokens: 75, 150 or 225 (longer captions are "
+                                      "encoded in 75-token chunks).", minimum=1)
     resolution: str = _f("512", "dataset", "Training resolution: 'N' or 'W,H'.")
     train_batch_size: int = _f(1, "dataset", "Images per step.", minimum=1)
     caption_extension: str = _f(".caption", "dataset", "Caption file extension.")
@@ -87,6 +93,8 @@ class TrainConfig:
     keep_tokens: int = _f(0, "dataset", "Leading caption tags kept in place when shuffling.", minimum=0)
     flip_aug: bool = _f(False, "dataset", "Random horizontal flips.")
     cache_latents: bool = _f(False, "dataset", "Encode every image with the VAE once, before training.")
+    alpha_mask: bool = _f(False, "dataset", "Each image's transparency is its loss mask (dataset-TOML subsets: "
+                          "alpha_mask).")
     # --- dataset: captions and augmentation (kohya flags; dataset-TOML keys of the same names override them)
     caption_prefix: str = _f("", "dataset", "Text put before every caption (joined with a space).")
     caption_suffix: str = _f("", "dataset", "Text put after every caption (joined with a space).")
@@ -123,8 +131,10 @@ class TrainConfig:
                                              "(default: every epoch).", minimum=1)
     max_validation_steps: int | None = _f(None, "dataset", "Use at most N validation batches per pass.", minimum=1)
     # --- network
-    network_module: str = _f("networks.lora", "network", "LoRA module (only kohya's networks.lora).",
-                             choices=("networks.lora",))
+    network_module: str = _f("networks.lora", "network", "LoRA module: kohya's networks.lora, or networks.dylora "
+                             "(DyLoRA: each module trains a random block of unit ranks per step, so the file's "
+                             "first ranks work alone; --network_args unit=N).",
+                             choices=("networks.lora", "networks.dylora"))
     network_dim: int = _f(4, "network", "LoRA rank.", minimum=1)
     network_alpha: float = _f(1.0, "network", "LoRA alpha; the update is scaled by alpha/dim.", minimum=0)
     network_train_unet_only: bool = _f(False, "network", "Put LoRA only into the UNet.")
@@ -132,9 +142,13 @@ class TrainConfig:
     # --- network: kohya's networks.lora options (engine.network_args)
     network_args: list[str] = _f(
         [], "network", "networks.lora options: key=value ... (conv_dim=8 conv_alpha=4 block_dims=… "
-        "down_lr_weight=… rank_dropout=0.1 module_dropout=0.1 loraplus_lr_ratio=16).")
+        "down_lr_weight=… rank_dropout=0.1 module_dropout=0.1 loraplus_lr_ratio=16); networks.dylora: unit=N "
+        "conv_dim=<network_dim> loraplus_lr_ratio=….")
     network_dropout: float | None = _f(None, "network", "Dropout on each LoRA's down output while training "
                                        "(kohya's neuron dropout, e.g. 0.1).", minimum=0)
+    scale_weight_norms: float | None = _f(None, "network", "After each step, scale down every LoRA module whose "
+                                          "update norm (up·down·alpha/dim) exceeds this (kohya's max-norm "
+                                          "regularisation; 1 is a good start).", minimum=0)
     # --- optimizer & schedule
     learning_rate: float = _f(2e-6, "optimizer", "Learning rate for groups without their own.", minimum=0)
     unet_lr: float | None = _f(None, "optimizer", "UNet LoRA learning rate (overrides learning_rate; 0 freezes).",
@@ -174,6 +188,8 @@ class TrainConfig:
     noise_offset: float | None = _f(None, "optimizer", "Noise offset (e.g. 0.05).", minimum=0)
     min_snr_gamma: float | None = _f(None, "optimizer", "Min-SNR loss weighting gamma (e.g. 5).", minimum=0)
     prior_loss_weight: float = _f(1.0, "optimizer", "Loss weight of regularisation images.", minimum=0)
+    masked_loss: bool = _f(False, "optimizer", "Weight the loss by each image's mask (alpha_mask, or a dataset-TOML "
+                           "subset's conditioning_data_dir image).")
     # --- optimizer & schedule: kohya's loss and noise options (engine/train/losses.py; checks in engine/loss_config.py)
     loss_type: str = _f("l2", "optimizer", "Loss: l2, l1, huber or smooth_l1.", choices=LOSS_TYPES)
     huber_schedule: str = _f("snr", "optimizer", "Huber c over the timesteps (huber/smooth_l1): constant, "
@@ -318,6 +334,8 @@ class TrainConfig:
         out.update({k: v for k, v in _network_problems(self).items() if k not in out})
         if self.dim_from_weights and not self.network_weights:
             out["dim_from_weights"] = "needs --network_weights=<a LoRA file> to read network_dim/alpha from"
+        if self.max_token_length not in (None, 75, 150, 225):
+            out["max_token_length"] = f"must be 75, 150 or 225, kohya's choices (got {self.max_token_length!r})"
         if self.validation_split >= 1:
             out["validation_split"] = f"must be below 1: it is the fraction held out, e.g. 0.1 (got {self.validation_split!r})"
         if self.network_train_unet_only and self.network_train_text_encoder_only:
@@ -379,9 +397,11 @@ def _network_problems(cfg: TrainConfig) -> dict[str, str]:
     out: dict[str, str] = {}
     if cfg.network_dropout is not None and not 0 <= cfg.network_dropout < 1:
         out["network_dropout"] = f"must be a probability in [0, 1) (got {cfg.network_dropout!r})"
-    if cfg.network_module == "networks.lora":  # another module is refused by its own check
+    elif cfg.network_dropout and cfg.network_module == "networks.dylora":
+        out["network_dropout"] = "is not read by kohya's networks.dylora (DyLoRA has no dropout); remove it"
+    if cfg.network_module in ("networks.lora", "networks.dylora"):  # another module is refused by its own check
         try:
-            parse_network_args(cfg.network_args, cfg.network_module)
+            parse_network_args(cfg.network_args, cfg.network_module, dim=cfg.network_dim, alpha=cfg.network_alpha)
         except ConfigError as err:
             out["network_args"] = str(err).split(": ", 1)[1]
     return out

@@ -44,10 +44,12 @@ from engine.augment import color_aug, crop_offsets, face_check, face_crop, face_
 from engine.buckets import BucketSelector, resize_and_crop, resize_only
 from engine.captions import caption_extension_warning, missing_captions_warning, process_caption, read_caption
 from engine.dataset_split import split_train_val
-from engine.dataset_config import DatasetArgs, DatasetSpec, SubsetSpec, resolve_dataset_specs
+from engine.dataset_config import DatasetArgs, DatasetSpec, SubsetSpec
+from engine.dataset_sources import resolve_dataset_specs
 from engine.errors import ConfigError, DatasetError
 from engine.finetune_metadata import read_finetune_metadata
 from engine.images import image_size, load_rgb8
+from engine.masks import attach_masks
 
 if TYPE_CHECKING:
     import torch
@@ -91,6 +93,7 @@ class Batch:
     entry_indices: list[int]
     sample_ids: list[int]
     bucket: tuple[int, int]            # (width, height)
+    masks: "torch.Tensor | None" = None   # float32 [B, H, W] loss masks in [0, 1] (engine.masks), or None
 
 
 def _list_images(subset: SubsetSpec) -> list[Path]:
@@ -151,6 +154,7 @@ class DatasetPlan:
         self.args: DatasetArgs | None = None
         self.max_train_steps = 0          # set by the run plan (kohya set_max_train_steps): token_warmup_step ratios
         self.validation: DatasetPlan | None = None   # the held-out images (validation_split), never trained on
+        self.masks = None                 # engine.masks.LossMasks when a subset has alpha_mask / conditioning_data_dir
 
     def validation_batches(self) -> list[list[int]]:
         """The batches of a validation pass, always in the same order: per dataset, its buckets in
@@ -281,12 +285,13 @@ class DatasetPlan:
             raise ValueError("load_batch: empty batch")
         entry_indices = [self.sample_to_entry(s) for s in batch]
         bucket = self.entries[entry_indices[0]].bucket
-        images, captions, flipped = [], [], []
+        images, captions, flipped, states = [], [], [], []
         for ei in entry_indices:
             e = self.entries[ei]
             if e.bucket != bucket:
                 raise ValueError(f"load_batch: samples from buckets {bucket} and {e.bucket} cannot share a batch")
             flip = bool(e.flip_aug and rng.random() < 0.5)
+            states.append(rng.getstate() if self.masks is not None else None)   # the mask replays the crop
             arr = self._augmented(ei, rng) if self.augments(ei) else self._array(ei)
             images.append(self._tensor(arr, flip))
             captions.append(process_caption(e.caption, self.subset_of(ei), rng, epoch=epoch, step=step,
@@ -300,6 +305,7 @@ class DatasetPlan:
             entry_indices=entry_indices,
             sample_ids=list(batch),
             bucket=bucket,
+            masks=self.masks.batch(entry_indices, flipped, states) if self.masks is not None else None,
         )
 
 
@@ -372,6 +378,7 @@ def load_dataset_plan(args: DatasetArgs) -> DatasetPlan:
     elif any(ds.validation_split > 0 for ds in specs):
         warnings.append("validation_split holds out no image (each subset keeps ceil(n * (1 - split)) of its n "
                         "images); raise validation_split or add images to get a validation loss")
+    attach_masks(plan, args.masked_loss, IMAGE_EXTENSIONS)
     return plan
 
 

@@ -12,7 +12,9 @@ Value fallback (kohya ``config_util``): subset → dataset → ``[general]`` →
   ``face_crop_aug_range``)
 * subset only: ``image_dir`` (required unless ``metadata_file``), ``is_reg``,
   ``metadata_file`` (a fine-tuning subset: captions from kohya's JSON/JSONL metadata;
-  every subset of that dataset must have one, as in kohya)
+  every subset of that dataset must have one, as in kohya), ``alpha_mask`` (default
+  ``--alpha_mask``), ``conditioning_data_dir`` (kohya's ControlNet-style subsets, with
+  ``--masked_loss``; rules in ``engine.mask_config``)
 * dataset-or-general only: ``resolution`` (int or ``[w, h]``), ``batch_size``,
   ``enable_bucket``, ``min_bucket_reso``, ``max_bucket_reso``, ``bucket_reso_steps``,
   ``bucket_no_upscale``, ``validation_split``, ``validation_seed`` (the held-out images of
@@ -36,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.errors import DatasetError
+from engine.mask_config import check_conditioning_dataset, check_conditioning_subset, subset_mask_options
 
 # kohya's --train_data_dir subfolder convention: "<repeats>_<class tokens>"
 FOLDER_RE = re.compile(r"^(\d+)(?:_(.*))?$", re.DOTALL)
@@ -48,6 +51,10 @@ class DatasetArgs:
     dataset_config: Path | None = None
     train_data_dir: Path | None = None
     reg_data_dir: Path | None = None
+    in_json: Path | None = None      # kohya's fine-tuning metadata for --train_data_dir (a metadata_file subset)
+    dataset_repeats: int = 1         # kohya: num_repeats of a subset that sets none
+    alpha_mask: bool = False         # kohya: a subset's default alpha_mask
+    masked_loss: bool = False        # kohya: conditioning_data_dir subsets are accepted only with it
     resolution: tuple[int, int] = (512, 512)   # (width, height)
     train_batch_size: int = 1
     caption_extension: str = ".caption"
@@ -105,6 +112,8 @@ class SubsetSpec:
     random_crop: bool = False
     face_crop_aug_range: tuple[float, float] | None = None
     metadata_file: Path | None = None   # a fine-tuning subset (kohya FineTuningSubset)
+    alpha_mask: bool = False            # the image's transparency is its loss mask
+    conditioning_data_dir: Path | None = None   # mask images (red channel), kohya's ControlNet-style subset
 
 
 @dataclass(frozen=True)
@@ -146,7 +155,8 @@ SUBSET_ASCENDABLE = {
 }
 # kohya's DreamBooth-only subset keys: not allowed beside metadata_file
 DREAMBOOTH_ONLY = ("caption_extension", "class_tokens", "is_reg")
-SUBSET_ONLY = {"image_dir": "str", "is_reg": "bool", "metadata_file": "str"}
+SUBSET_ONLY = {"image_dir": "str", "is_reg": "bool", "metadata_file": "str", "alpha_mask": "bool",
+               "conditioning_data_dir": "str"}
 DATASET_ASCENDABLE = {
     "resolution": "resolution",
     "batch_size": "int",
@@ -159,15 +169,15 @@ DATASET_ASCENDABLE = {
     "validation_seed": "int",
 }
 # CLI flag for each option (kohya names); options without a flag have a fixed default.
-CLI_FLAG = {"batch_size": "train_batch_size"}
-NO_CLI_DEFAULT = {"num_repeats": 1, "class_tokens": None, "is_reg": False, "metadata_file": None}
+CLI_FLAG = {"batch_size": "train_batch_size", "num_repeats": "dataset_repeats"}
+NO_CLI_DEFAULT = {"class_tokens": None, "is_reg": False, "metadata_file": None}
 
 _ANY = object()      # any value is harmless (ignored)
 _ABSENT = object()   # kohya default is "not set": any value changes behaviour
 # kohya options this engine does not implement: scope -> {key: harmless value}
 UNSUPPORTED = {
     "subset": {"cache_info": _ANY, "custom_attributes": {}},
-    "subset_only": {"alpha_mask": False, "conditioning_data_dir": _ABSENT},
+    "subset_only": {},
     "dataset": {"network_multiplier": 1.0, "resize_interpolation": _ABSENT},
 }
 _ALL_KNOWN = (
@@ -338,8 +348,8 @@ def _make_dataset(ds_layers: list[tuple[dict, str]], args: DatasetArgs, subsets:
     )
 
 
-def _make_subset(sub_layers: list[tuple[dict, str]], args: DatasetArgs, image_dir: Path,
-                 is_reg: bool, where: str, metadata_file: Path | None = None) -> SubsetSpec:
+def _make_subset(sub_layers: list[tuple[dict, str]], args: DatasetArgs, image_dir: Path, is_reg: bool, where: str,
+                 metadata_file: Path | None = None, masks: tuple[bool, Path | None] | None = None) -> SubsetSpec:
     vals: dict[str, Any] = {}
     srcs: dict[str, str] = {}
     for key, kind in SUBSET_ASCENDABLE.items():
@@ -358,6 +368,10 @@ def _make_subset(sub_layers: list[tuple[dict, str]], args: DatasetArgs, image_di
     class_tokens = vals["class_tokens"]
     if class_tokens is not None and not class_tokens.strip():
         class_tokens = None
+    alpha_mask, conditioning_dir = masks if masks is not None else (args.alpha_mask, None)
+    if conditioning_dir is not None:
+        check_conditioning_subset(vals["random_crop"], where)
+        class_tokens = None      # kohya's ControlNet-style subsets have no class tokens
     for key in ("caption_prefix", "caption_suffix", "secondary_separator"):
         if vals[key] == "":
             vals[key] = None
@@ -374,6 +388,7 @@ def _make_subset(sub_layers: list[tuple[dict, str]], args: DatasetArgs, image_di
         token_warmup_min=vals["token_warmup_min"], token_warmup_step=vals["token_warmup_step"],
         color_aug=vals["color_aug"], random_crop=vals["random_crop"],
         face_crop_aug_range=vals["face_crop_aug_range"], metadata_file=metadata_file,
+        alpha_mask=bool(alpha_mask), conditioning_data_dir=conditioning_dir,
     )
 
 
@@ -388,7 +403,7 @@ def _resolve_existing(raw: str, toml_path: Path, where: str, key: str) -> Path:
     raise DatasetError(f"{where}: {key} {raw!r} not found (looked in {looked}); fix the path")
 
 
-def _resolve_image_dir(raw: str, toml_path: Path, where: str) -> Path:
+def _resolve_image_dir(raw: str, toml_path: Path, where: str, key: str = "image_dir") -> Path:
     p = Path(raw).expanduser()
     if p.is_absolute():
         return p
@@ -398,7 +413,7 @@ def _resolve_image_dir(raw: str, toml_path: Path, where: str) -> Path:
     in_cwd = Path.cwd() / p
     if in_cwd.exists():
         return in_cwd
-    raise DatasetError(f"{where}: image_dir {raw!r} not found (looked in {beside} and {in_cwd}); fix the path")
+    raise DatasetError(f"{where}: {key} {raw!r} not found (looked in {beside} and {in_cwd}); fix the path")
 
 
 def parse_dataset_toml(path: Path, args: DatasetArgs, warnings: list[str]) -> list[DatasetSpec]:
@@ -442,9 +457,12 @@ def parse_dataset_toml(path: Path, args: DatasetArgs, warnings: list[str]) -> li
         if any(fine_tuning) and not all(fine_tuning):
             raise DatasetError(f"{ds_where}: subsets with metadata_file (fine tuning) and without it (image folders) "
                                f"cannot share a dataset (kohya); put them in separate [[datasets]]")
+        conditioning = check_conditioning_dataset(raw_subsets, ds_where, args.masked_loss)
         for si, sub in enumerate(raw_subsets):
             s_where = f"{ds_where}.subsets[{si}]"
             _check_keys(sub, set(SUBSET_ASCENDABLE) | set(SUBSET_ONLY), "subset", s_where)
+            masks = subset_mask_options(sub, s_where, args.alpha_mask, conditioning, lambda raw, w=s_where: (
+                _resolve_image_dir(raw, path, w, "conditioning_data_dir")), _check_type)
             metadata_file = None
             if "metadata_file" in sub:
                 for key in DREAMBOOTH_ONLY:
@@ -462,53 +480,6 @@ def parse_dataset_toml(path: Path, args: DatasetArgs, warnings: list[str]) -> li
                 image_dir = _resolve_image_dir(raw_dir, path, s_where)
             is_reg = _check_type("bool", sub.get("is_reg", False), s_where, "is_reg")
             layers = [(sub, s_where), (ds_fields, ds_where), gen_layer]
-            subsets.append(_make_subset(layers, args, image_dir, is_reg, s_where, metadata_file))
+            subsets.append(_make_subset(layers, args, image_dir, is_reg, s_where, metadata_file, masks))
         specs.append(_make_dataset([(ds_fields, ds_where), gen_layer], args, subsets, ds_where, warnings))
     return specs
-
-
-def _folder_subsets(base: Path, flag: str, is_reg: bool, args: DatasetArgs, warnings: list[str]) -> list[SubsetSpec]:
-    base = base.absolute()
-    if not base.is_dir():
-        raise DatasetError(f"--{flag} {base} is not a folder; point it at the folder holding N_name subfolders")
-    out = []
-    loose_images = False
-    for child in sorted(base.iterdir()):
-        if not child.is_dir():
-            if child.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".bmp"):
-                loose_images = True
-            continue
-        if child.name.startswith("."):
-            continue
-        m = FOLDER_RE.match(child.name)
-        if not m or int(m.group(1)) < 1:
-            warnings.append(f"--{flag}: skipped folder {child.name!r}: its name must be <repeats>_<class tokens>, e.g. 10_spyke")
-            continue
-        repeats, tokens = int(m.group(1)), (m.group(2) or None)
-        sub = _make_subset([], args, child, is_reg, f"--{flag} {child}")
-        out.append(SubsetSpec(**{**sub.__dict__, "num_repeats": repeats, "class_tokens": tokens}))
-    if loose_images:
-        warnings.append(f"--{flag}: images directly inside {base} are ignored; kohya reads only N_name subfolders such as 10_spyke")
-    if not out and not is_reg:
-        raise DatasetError(f"--{flag} {base} has no <repeats>_<name> subfolders; put the images in a folder such as {base / '10_spyke'}")
-    if not out:
-        warnings.append(f"--{flag} {base} has no <repeats>_<name> subfolders; no regularisation images used")
-    return out
-
-
-def resolve_dataset_specs(args: DatasetArgs, warnings: list[str]) -> list[DatasetSpec]:
-    """DatasetArgs (+ TOML) → list of DatasetSpec. Raises DatasetError."""
-    config = _as_path(args.dataset_config)
-    train_dir = _as_path(args.train_data_dir)
-    reg_dir = _as_path(args.reg_data_dir)
-    if config is not None:
-        ignored = [f for f, v in (("train_data_dir", train_dir), ("reg_data_dir", reg_dir)) if v is not None]
-        if ignored:
-            warnings.append(f"--{' and --'.join(ignored)} ignored because --dataset_config is given (kohya behaviour)")
-        return parse_dataset_toml(config, args, warnings)
-    if train_dir is None:
-        raise DatasetError("no dataset given; pass --dataset_config file.toml or --train_data_dir folder (with N_name subfolders)")
-    subsets = _folder_subsets(train_dir, "train_data_dir", False, args, warnings)
-    if reg_dir is not None:
-        subsets += _folder_subsets(reg_dir, "reg_data_dir", True, args, warnings)
-    return [_make_dataset([], args, subsets, f"--train_data_dir {train_dir}", warnings)]

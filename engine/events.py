@@ -59,6 +59,20 @@ class StepCompleted(Event):
     lrs: dict[str, float]
     step_seconds: float
     skipped: bool = False
+    # --scale_weight_norms (kohya's max_norm/keys_scaled, norm/avg_key_norm, max_norm/max_key_norm); None without it
+    keys_scaled: int | None = None
+    avg_key_norm: float | None = None
+    max_key_norm: float | None = None
+
+    _OPTIONAL: ClassVar[tuple[str, ...]] = ("keys_scaled", "avg_key_norm", "max_key_norm")
+
+    def to_json(self) -> str:
+        """As every event, without the max-norm keys when they are None (most runs: shorter step lines)."""
+        data = {"v": SCHEMA_VERSION, "type": self.type, **asdict(self)}
+        for name in self._OPTIONAL:
+            if data[name] is None:
+                del data[name]
+        return json.dumps(data, separators=(",", ":"), default=str)
 
 
 @dataclass(frozen=True)

@@ -59,8 +59,10 @@ class ProgressPrinter:
             eta = (self.total - event.step) * avg
             lrs = "/".join(f"{v:.2e}" for v in event.lrs.values())
             loss = "nan (skipped)" if event.skipped else f"{event.loss:.4f}"
+            norms = "" if event.keys_scaled is None else (
+                f" | keys scaled {event.keys_scaled}, avg key norm {event.avg_key_norm:.4g}")
             self._print(f"step {event.step}/{self.total} | epoch {event.epoch}/{self.num_epochs} | loss {loss} | "
-                        f"lr {lrs} | {its:.2f} it/s | ETA {format_duration(eta)}")
+                        f"lr {lrs}{norms} | {its:.2f} it/s | ETA {format_duration(eta)}")
         elif isinstance(event, CheckpointSaved):
             state = f", state {event.state_dir}" if event.state_dir else ""
             self._print(f"checkpoint ({event.kind}) step {event.step}: {event.path} "

@@ -28,7 +28,6 @@ OWNERS = {
     "logging": "TensorBoard/wandb logging",
     "training": "the network_args / loss / caption options",
     "saving": "the saving options",
-    "max_token_length": "long prompts (max_token_length)",
 }
 # Help-only sections for flags outside the form's groups.
 EXTRA_GROUPS = {"logging": "Logging & console", "other": "Other kohya flags"}
@@ -61,15 +60,6 @@ def _dynamo(value: Any, given: Mapping[str, Any]) -> str | None:
             "so nothing is compiled")
 
 
-def _max_token_length(value: Any, _: Mapping[str, Any]) -> str | None:
-    if value in (None, 75):
-        return None  # kohya: 75 + BOS/EOS = the tokenizer's 77, the same as not giving it
-    if value in (150, 225):
-        raise ConfigError(f"--max_token_length={value}: prompts longer than 75 tokens are not supported yet; "
-                          "remove it (75 tokens)")
-    raise ConfigError(f"--max_token_length must be 75, 150 or 225 (got {value!r})")
-
-
 def _fp8(value: Any, _: Mapping[str, Any]) -> str | None:
     if value:
         raise ConfigError("--fp8_base: a float8 base model is not supported: CPU and MPS have no float8 matmul "
@@ -83,14 +73,6 @@ def _torch_compile(value: Any, _: Mapping[str, Any]) -> str | None:
     return None
 
 
-def _in_json(value: Any, _: Mapping[str, Any]) -> str | None:
-    if value:
-        raise ConfigError(f"--in_json={value}: kohya's fine-tuning metadata file is not supported; give the images "
-                          "as --train_data_dir=<folder> or --dataset_config=<dataset.toml> with caption files")
-    return None
-
-
-_MASKED = "the masked loss, masks from alpha_mask transparency or conditioning_data_dir images"
 _SDPA = "PyTorch's fused attention (SDPA) runs instead, same results"
 
 _ROWS: list[KohyaFlag] = [
@@ -127,10 +109,6 @@ _ROWS: list[KohyaFlag] = [
     KohyaFlag("fused_backward_pass", bool, "optimizer", REFUSED,
               "the fused backward pass (Adafactor, SDXL) is not supported for SD1.x LoRA", False),
     # --- dataset
-    KohyaFlag("in_json", str, "dataset", REFUSED, decide=_in_json),
-    KohyaFlag("dataset_repeats", int, "dataset", INFO,
-              "kohya applies it only to an --in_json fine-tuning dataset; repeats come from the 'N_name' folders "
-              "or num_repeats", 1),
     KohyaFlag("caption_extention", str, "dataset", ALIAS, target="caption_extension"),
     KohyaFlag("cache_info", bool, "dataset", INFO, "image sizes are read again each run; only start-up time differs",
               False),
@@ -138,10 +116,9 @@ _ROWS: list[KohyaFlag] = [
     KohyaFlag("debug_dataset", bool, "dataset", REFUSED,
               "kohya's dataset viewer is not available; the cockpit's run plan lists the images", False),
     KohyaFlag("dataset_class", str, "dataset", REFUSED, "a custom dataset class is not supported"),
-    KohyaFlag("conditioning_data_dir", str, "dataset", PENDING, _MASKED, owner="training"),
-    KohyaFlag("masked_loss", bool, "optimizer", PENDING, _MASKED, False, "training"),
-    KohyaFlag("alpha_mask", bool, "dataset", PENDING, _MASKED, False, "training"),
-    KohyaFlag("max_token_length", int, "dataset", PENDING, owner="max_token_length", decide=_max_token_length),
+    KohyaFlag("conditioning_data_dir", str, "dataset", INFO,
+              "kohya's train_network.py reads conditioning_data_dir only from dataset-TOML subsets (with "
+              "--masked_loss); the flag itself changes nothing"),
     # --- network
     KohyaFlag("base_weights", list, "network", PENDING, "merging LoRA weights into the base model", [], "training"),
     KohyaFlag("base_weights_multiplier", list, "network", PENDING, "merging LoRA weights into the base model", [],
@@ -181,7 +158,7 @@ _PENDING_ELSEWHERE: list[tuple[str, type, str, Any]] = [
     ("wandb_run_name", str, "logging", None), ("wandb_api_key", str, "logging", None),
     ("log_config", bool, "logging", False),
     # training semantics: network, loss, noise, captions, augmentation, validation
-    ("scale_weight_norms", float, "training", None), ("weighted_captions", bool, "training", False),
+    ("weighted_captions", bool, "training", False),
     ("caption_dropout_rate", float, "training", 0.0), ("caption_dropout_every_n_epochs", int, "training", 0),
     ("caption_tag_dropout_rate", float, "training", 0.0), ("caption_prefix", str, "training", None),
     ("caption_suffix", str, "training", None), ("caption_separator", str, "training", ","),

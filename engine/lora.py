@@ -86,6 +86,20 @@ class _LoraModule:
     def up(self) -> nn.Parameter:
         return self.layer.lora_B[ADAPTER_NAME].weight
 
+    @property
+    def down_params(self) -> list[nn.Parameter]:
+        return [self.down]
+
+    @property
+    def up_params(self) -> list[nn.Parameter]:
+        return [self.up]
+
+    def assign(self, down: Tensor, up: Tensor) -> None:
+        """Copy kohya-layout ``down``/``up`` weights into the adapter."""
+        with torch.no_grad():
+            for param, src in ((self.down, down), (self.up, up)):
+                param.copy_(src.to(device=param.device, dtype=param.dtype))
+
 
 @dataclass
 class LoraNetwork:
@@ -118,6 +132,16 @@ class LoraNetwork:
     def trainable_params(self) -> list[nn.Parameter]:
         """The parameters an optimizer should get (frozen text-encoder adapters excluded)."""
         return [p for p in self.unet_params + self.text_encoder_params if p.requires_grad]
+
+    # ------------------------------------------------------------------ max-norm
+    def apply_max_norm(self, max_norm: float, device) -> tuple[int, float, float]:
+        """kohya's ``apply_max_norm_regularization`` (``--scale_weight_norms``) on these modules, in place:
+        (modules scaled, mean and max module norm after scaling); see :mod:`engine.max_norm`."""
+        from engine.max_norm import apply_max_norm
+
+        ordered = ([m for m in self.modules if m.part == "text_encoder"] +   # kohya's order: text encoder first
+                   [m for m in self.modules if m.part != "text_encoder"])
+        return apply_max_norm([(m.down, m.up, m.alpha) for m in ordered], max_norm, device)
 
     # ------------------------------------------------------------------ save
     def state_dict_kohya(self, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
@@ -184,11 +208,8 @@ class LoraNetwork:
                 raise CheckpointError(
                     f"{source}: {m.kohya_name}.alpha is {float(file_alpha):g} but {which} is {m.alpha:g}; {fix}"
                 )
-        with torch.no_grad():
-            for m in self.modules:
-                for param, key in ((m.down, "lora_down"), (m.up, "lora_up")):
-                    src = sd[f"{m.kohya_name}.{key}.weight"]
-                    param.copy_(src.to(device=param.device, dtype=param.dtype))
+        for m in self.modules:
+            m.assign(sd[f"{m.kohya_name}.lora_down.weight"], sd[f"{m.kohya_name}.lora_up.weight"])
 
 
 def _validate(dim: object, alpha: object) -> tuple[int, float]:

@@ -1,4 +1,5 @@
-"""``--network_args`` for kohya's ``networks.lora``, read as sd-scripts' ``create_network`` reads them.
+"""``--network_args`` for kohya's ``networks.lora`` and ``networks.dylora``, read as sd-scripts'
+``create_network`` of each reads them.
 
 kohya splits each item at ``=`` into a string key and a string value; lists (``block_dims`` …) are
 comma-separated. The SD1.x UNet has 25 blocks for block-wise dims and LR weights: 0 (IN00, the
@@ -24,6 +25,10 @@ LYCORIS = ("algo", "preset", "dora_wd", "factor", "use_tucker", "use_cp", "use_s
            "rank_dropout_scale", "train_norm", "bypass_mode", "train_on_input", "block_size", "constraint",
            "rescaled", "weight_decompose", "full_matrix", "wd_on_output")
 DYLORA = ("unit",)
+# What kohya's networks.dylora reads (it ignores every other key: here they are refused, never dropped).
+DYLORA_KNOWN = ("unit", "conv_dim", "conv_alpha", "loraplus_lr_ratio", "loraplus_unet_lr_ratio",
+                "loraplus_text_encoder_lr_ratio")
+DYLORA_MODULE = "networks.dylora"
 LR_PRESETS = ("cosine", "sine", "linear", "reverse_linear", "zeros")
 
 
@@ -41,6 +46,7 @@ class NetworkArgs:
     loraplus_lr_ratio: float | None = None
     loraplus_unet_lr_ratio: float | None = None
     loraplus_text_encoder_lr_ratio: float | None = None
+    unit: int | None = None                            # networks.dylora: ranks trained together (else None)
 
     @property
     def conv_enabled(self) -> bool:
@@ -111,16 +117,19 @@ def _lr_weights(key: str, value: str | None, count: int) -> list[float] | None:
     return (weights + [1.0] * count)[:count]
 
 
-def parse_network_args(items: list[str] | tuple[str, ...] | None, network_module: str = "networks.lora") -> NetworkArgs:
-    """The typed ``--network_args`` of a ``networks.lora`` run, or one ConfigError naming the key."""
+def parse_network_args(items: list[str] | tuple[str, ...] | None, network_module: str = "networks.lora", *,
+                       dim: int | None = None, alpha: float | None = None) -> NetworkArgs:
+    """The typed ``--network_args`` of a ``networks.lora`` (or ``networks.dylora``) run, or one ConfigError
+    naming the key. ``dim``/``alpha`` (``--network_dim``/``--network_alpha``) are checked against DyLoRA's."""
     kw = split_items(items)
+    if network_module == DYLORA_MODULE:
+        return _parse_dylora(kw, dim, alpha)
     for key in kw:
         if key in LYCORIS:
             raise ConfigError(f"{FLAG}: {key}= is a LyCORIS option; it needs --network_module=lycoris.kohya, "
                               f"which spyke-cockpit does not support yet (only {network_module})")
         if key in DYLORA:
-            raise ConfigError(f"{FLAG}: {key}= is a DyLoRA option; it needs --network_module=networks.dylora, "
-                              "which spyke-cockpit does not support yet")
+            raise ConfigError(f"{FLAG}: {key}= is a DyLoRA option; it needs --network_module={DYLORA_MODULE}")
         if key not in KNOWN:
             raise ConfigError(f"{FLAG}: unknown key {key!r} for {network_module}; known: {', '.join(KNOWN)}")
     conv_dim = _number("conv_dim", kw["conv_dim"], int) if "conv_dim" in kw else None
@@ -181,3 +190,42 @@ def parse_network_args(items: list[str] | tuple[str, ...] | None, network_module
         block_lr_weight=weights, rank_dropout=prob("rank_dropout"), module_dropout=prob("module_dropout"),
         loraplus_lr_ratio=ratio("loraplus_lr_ratio"), loraplus_unet_lr_ratio=ratio("loraplus_unet_lr_ratio"),
         loraplus_text_encoder_lr_ratio=ratio("loraplus_text_encoder_lr_ratio"))
+
+
+def _parse_dylora(kw: dict[str, str], dim: int | None, alpha: float | None) -> NetworkArgs:
+    """kohya's ``networks.dylora.create_network``: ``unit`` (default 1) must divide the rank; ``conv_dim``
+    (which must equal ``network_dim``) adds the ResNet and sampler convs, all at ``network_alpha``."""
+    for key in kw:
+        if key in LYCORIS:
+            raise ConfigError(f"{FLAG}: {key}= is a LyCORIS option; it needs --network_module=lycoris.kohya, "
+                              f"not {DYLORA_MODULE}")
+        if key not in DYLORA_KNOWN:
+            raise ConfigError(f"{FLAG}: {key}= is not read by kohya's {DYLORA_MODULE} (it would be ignored); "
+                              f"remove it (known: {', '.join(DYLORA_KNOWN)})")
+    unit = _number("unit", kw["unit"], int, lo=1) if "unit" in kw else 1
+    if dim is not None and dim % unit:
+        raise ConfigError(f"{FLAG}: unit={unit} must divide network_dim={dim} (DyLoRA trains the rank in blocks "
+                          f"of unit), e.g. network_dim={unit * max(1, dim // unit)}")
+    conv_dim = conv_alpha = None
+    if "conv_dim" in kw:
+        conv_dim = _number("conv_dim", kw["conv_dim"], int)
+        if dim is not None and conv_dim != dim:
+            raise ConfigError(f"{FLAG}: conv_dim={conv_dim} must equal network_dim={dim} for {DYLORA_MODULE}, "
+                              "as in kohya; set conv_dim to network_dim")
+        conv_alpha = alpha
+        if "conv_alpha" in kw:
+            given = _number("conv_alpha", kw["conv_alpha"], float)
+            if alpha is not None and not math.isclose(given, float(alpha)):
+                raise ConfigError(f"{FLAG}: conv_alpha={kw['conv_alpha']} differs from network_alpha={alpha:g}: "
+                                  f"kohya's {DYLORA_MODULE} gives the conv modules network_alpha and ignores "
+                                  f"conv_alpha; remove conv_alpha or set it to {alpha:g}")
+    elif "conv_alpha" in kw:
+        raise ConfigError(f"{FLAG}: conv_alpha needs conv_dim (= network_dim for {DYLORA_MODULE})")
+
+    def ratio(key):
+        return _number(key, kw[key], float) if key in kw else None
+
+    return NetworkArgs(conv_dim=conv_dim, conv_alpha=conv_alpha, unit=unit,
+                       loraplus_lr_ratio=ratio("loraplus_lr_ratio"),
+                       loraplus_unet_lr_ratio=ratio("loraplus_unet_lr_ratio"),
+                       loraplus_text_encoder_lr_ratio=ratio("loraplus_text_encoder_lr_ratio"))

@@ -72,7 +72,7 @@ def load_network_weights(network, path: str) -> str:
                 missing += 1
                 continue
             for param, src, key in ((m.down, down, DOWN), (m.up, up, UP)):
-                if tuple(src.shape) != tuple(param.shape):
+                if tuple(src.shape) != tuple(param.shape):  # param: the module's weight in the file's layout
                     raise ConfigError(
                         f"--network_weights: {path}: {m.kohya_name}{key} has shape {list(src.shape)} but this "
                         f"network expects {list(param.shape)}; set --network_dim={int(down.shape[0])} or add "
@@ -85,8 +85,7 @@ def load_network_weights(network, path: str) -> str:
                 raise ConfigError(
                     f"--network_weights: {path} has network_alpha {file_alpha:g} but --network_alpha is "
                     f"{network.alpha:g}; set --network_alpha={file_alpha:g} or add --dim_from_weights")
-            m.down.copy_(down.to(device=m.down.device, dtype=m.down.dtype))
-            m.up.copy_(up.to(device=m.up.device, dtype=m.up.dtype))
+            m.assign(down, up)
             loaded += 1
     known = {m.kohya_name + s for m in network.modules for s in (DOWN, UP, ALPHA)}
     extra = sum(1 for k in tensors if k not in known)

@@ -207,6 +207,7 @@ def cleanup_temp_dirs(folder: Path) -> list[Path]:
 
 # Fields whose change makes a resumed run a different run.
 RUN_DEFINING = (
+    "network_module", "scale_weight_norms",
     "pretrained_model_name_or_path", "dataset_config", "train_data_dir", "reg_data_dir", "resolution",
     "train_batch_size", "enable_bucket", "network_dim", "network_alpha", "network_train_unet_only",
     "network_train_text_encoder_only", "learning_rate", "unet_lr", "text_encoder_lr", "optimizer_type",
@@ -215,7 +216,7 @@ RUN_DEFINING = (
     "prior_loss_weight", "mixed_precision", "output_name", "caption_extension", "shuffle_caption", "keep_tokens",
     "flip_aug", "optimizer_args", "use_8bit_adam", "use_lion_optimizer", "lr_scheduler_type", "lr_scheduler_args",
     "lr_decay_steps", "lr_scheduler_min_lr_ratio", "lr_scheduler_timescale",
-    "network_args", "network_dropout",
+    "network_args", "network_dropout", "in_json", "dataset_repeats", "max_token_length", "masked_loss", "alpha_mask",
 )
 
 

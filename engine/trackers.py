@@ -6,7 +6,8 @@ validation logs), so dashboards built on kohya runs read these the same way:
 - every step, at TensorBoard step ``global_step``: ``loss/current``, ``loss/average`` (kohya's
   ``LossRecorder.moving_average``: the mean of the last epoch's worth of step losses), and one
   ``lr/<group>`` per parameter group (``lr/textencoder``, ``lr/unet``), plus the ``lr/group<i>`` copies
-  kohya's loop also writes (its ``for … else`` runs after every loop);
+  kohya's loop also writes (its ``for … else`` runs after every loop); with ``--scale_weight_norms``,
+  ``max_norm/keys_scaled``, ``max_norm/max_key_norm`` and ``norm/avg_key_norm`` (kohya v0.10's names);
 - at the end of each epoch, at TensorBoard step ``epoch``: ``loss/epoch_average``;
 - after a validation pass, at ``global_step``: ``loss/validation/step_average`` and ``…/step_divergence``;
   after an end-of-epoch pass, at TensorBoard step ``epoch``: ``loss/validation/epoch_average`` and
@@ -46,6 +47,17 @@ def kohya_lr_logs(lrs: dict[str, float], unet_only: bool) -> dict[str, float]:
     return logs
 
 
+def max_norm_logs(event: StepCompleted) -> dict[str, float]:
+    """kohya's ``--scale_weight_norms`` scalars of a step (none without it)."""
+    logs: dict[str, float] = {}
+    if event.keys_scaled is not None:
+        logs["max_norm/keys_scaled"] = event.keys_scaled
+        logs["max_norm/max_key_norm"] = event.max_key_norm
+    if event.avg_key_norm is not None:
+        logs["norm/avg_key_norm"] = event.avg_key_norm
+    return logs
+
+
 class KohyaScalars:
     """Turns one run's events into kohya's log records (tags, TensorBoard step, global step, epoch)."""
 
@@ -71,7 +83,7 @@ class KohyaScalars:
         if isinstance(event, StepCompleted):
             if not event.skipped:
                 self.recent.append(event.loss)
-            logs = {"loss/current": event.loss, "loss/average": self.moving_average,
+            logs = {"loss/current": event.loss, "loss/average": self.moving_average, **max_norm_logs(event),
                     **kohya_lr_logs(event.lrs, self.unet_only)}
             out = [(logs, event.step, event.step, event.epoch)]
             if event.step % self.steps_per_epoch == 0 or event.step == self.total_steps:

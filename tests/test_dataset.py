@@ -455,8 +455,11 @@ def test_toml_key_errors(tmp_path):
     assert "image_dir" in msg and "subset option" in msg
     msg = _error(tmp_path, "[genral]\n" + sub)
     assert "genral" in msg and "[general]" in msg
-    msg = _error(tmp_path, sub + "alpha_mask = true\n")
-    assert "alpha_mask" in msg and "not supported" in msg
+    msg = _error(tmp_path, "[general]\nalpha_mask = true\n" + sub)
+    assert "alpha_mask" in msg and "subset option" in msg
+    msg = _error(tmp_path, "[[datasets]]\nresolution = 64\nnetwork_multiplier = 2.0\n[[datasets.subsets]]\n"
+                           "image_dir = \"i\"\n")
+    assert "network_multiplier" in msg and "not supported" in msg
     assert len(_plan_toml(tmp_path, sub + "alpha_mask = false\ncaption_dropout_rate = 0.0\n").entries) == 1
     msg = _error(tmp_path, "[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nnum_repeats = 2\n")
     assert "image_dir is missing" in msg

@@ -18,7 +18,6 @@ PLACEHOLDERS = {"TRAIN_DATA_DIR": "/data/train", "REG_DATA_DIR": "/data/reg", "O
                 "DATASET_TOML": "/data/dataset.toml", "CONFIG_TOML": "/data/config.toml", "MODEL": "/data/model"}
 # Keys of the GUI's configs that other parts of spyke-cockpit implement: refused until they land.
 PENDING_KEYS = {
-    "training": {"scale_weight_norms"},
     "network_module": {"network_module", "network_args"},  # lycoris.kohya (a value of a field) and its args
     "optimizer_type": {"optimizer_type"},  # Prodigy where prodigyopt is absent
 }
@@ -118,9 +117,6 @@ def test_unknown_key_in_config_file_is_refused_naming_it(tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["--v2"], "--v2: SD2.x base models are not supported"),
     (["--fp8_base"], "--fp8_base: a float8 base model is not supported"),
-    (["--in_json", "meta.json"], "--in_json=meta.json: kohya's fine-tuning metadata file is not supported"),
-    (["--max_token_length", "150"], "--max_token_length=150: prompts longer than 75 tokens are not supported yet"),
-    (["--masked_loss"], "--masked_loss: not supported yet (the masked loss, masks from alpha_mask transparency"),
     (["--torch_compile"], "--torch_compile: torch.compile is not used"),
 ])
 def test_flags_that_change_training_and_are_not_honoured_are_one_line_naming_the_flag(argv, message):
@@ -130,7 +126,7 @@ def test_flags_that_change_training_and_are_not_honoured_are_one_line_naming_the
 
 
 @pytest.mark.parametrize("flag", ["--sdpa", "--mem_eff_attn", "--lowram", "--highvram", "--tokenizer_cache_dir=/x",
-                                  "--vae_batch_size=4", "--dataset_repeats=3", "--ddp_static_graph",
+                                  "--vae_batch_size=4", "--ddp_static_graph", "--conditioning_data_dir=/c",
                                   "--console_log_level=INFO", "--persistent_data_loader_workers"])
 def test_flags_that_cannot_change_the_weights_are_accepted(flag):
     notes = []
@@ -244,3 +240,30 @@ def test_gui_config_whose_keys_all_parse_trains_one_step_as_the_gui_passes_it(pa
     result = Trainer(cfg).run()
     assert result.status == "completed", result.error
     assert (out / f"{cfg.output_name}.safetensors").is_file()
+
+
+DATA_FLAGS = {"max_token_length": ("150", 150), "masked_loss": (None, True), "alpha_mask": (None, True),
+              "in_json": ("meta.json", "meta.json"), "dataset_repeats": ("3", 3)}
+
+
+@pytest.mark.parametrize("name", sorted(DATA_FLAGS))
+def test_long_caption_mask_and_fine_tuning_flags_parse_from_the_cli_a_preset_and_a_config_file(name, tmp_path):
+    raw, want = DATA_FLAGS[name]
+    assert getattr(parse([f"--{name}"] + ([raw] if raw is not None else [])), name) == want
+    literal = repr(want).lower() if isinstance(want, bool) else repr(want).replace("'", '"')
+    preset = tmp_path / "preset.toml"
+    preset.write_text(f"[dataset]\n{name} = {literal}\n")
+    assert getattr(parse([str(preset)]), name) == want
+    kohya = tmp_path / "kohya.toml"
+    kohya.write_text(f"[additional]\n{name} = {literal}\n")
+    assert getattr(parse([f"--config_file={kohya}"]), name) == want
+    helps = [line for line in parser().format_help().splitlines() if line.startswith(f"  --{name} ")]
+    assert len(helps) == 1
+
+
+@pytest.mark.parametrize("value", ["76", "300", "0"])
+def test_max_token_length_other_than_kohyas_choices_is_one_line(value):
+    config = parse(["--max_token_length", value, "--pretrained_model_name_or_path=/m", "--train_data_dir=/d"])
+    with pytest.raises(ConfigError, match=r"^--max_token_length must be (≥ 1|75, 150 or 225, kohya's choices)"):
+        config.validate()
+    assert len(config.problems()["max_token_length"].splitlines()) == 1

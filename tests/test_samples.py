@@ -354,17 +354,21 @@ def test_the_lora_being_trained_is_in_the_samples(tiny_lora, tmp_path):
 def test_clip_skip_takes_the_nth_last_hidden_state_through_the_final_norm(tiny_lora):
     import torch
 
-    from engine.sample.generate import encode_text
+    from engine.text_encoding import encode_sample_prompts
 
     base, _ = tiny_lora
     te = base.text_encoder
+
+    def encode(text, clip_skip):
+        return encode_sample_prompts(te, base.tokenizer, [text], "cpu", clip_skip)[0]
+
     with torch.no_grad():
         ids = base.tokenizer("spyke red", padding="max_length", max_length=base.tokenizer.model_max_length,
                              truncation=True, return_tensors="pt").input_ids
         out = te(ids, output_hidden_states=True)
         norm = getattr(te, "text_model", te).final_layer_norm
-        assert torch.equal(encode_text(te, base.tokenizer, "spyke red", "cpu", 2), norm(out.hidden_states[-2]))
-        assert torch.equal(encode_text(te, base.tokenizer, "spyke red", "cpu", 1), out.last_hidden_state)
+        assert torch.equal(encode("spyke red", 2), norm(out.hidden_states[-2]))
+        assert torch.equal(encode("spyke red", 1), out.last_hidden_state)
 
 
 def test_sampling_leaves_rng_states_and_train_modes_as_they_were(tiny_lora, tmp_path):

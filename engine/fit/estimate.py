@@ -72,6 +72,7 @@ class Settings:
     cache_latents: bool = False
     sample_size: tuple[int, int] | None = None      # (w, h) of the largest sample image, None = no sampling
     cached_images: int = 0                          # latents kept with --cache_latents (images × flips)
+    text_chunks: int = 1                            # 77-token chunks per caption (--max_token_length / 75)
     device: str = "cpu"
 
 
@@ -140,7 +141,7 @@ def estimate(shapes: ModelShapes, s: Settings, coefficients: dict | None = None)
     if s.train_text_encoder:
         te = shapes.text_encoder_config
         per_layer = TE_ACT_PER_LAYER_GC if s.gradient_checkpointing else TE_ACT_PER_LAYER
-        acts += (s.batch * TE_TOKENS * te.get("hidden_size", 768) * te.get("num_hidden_layers", 12)
+        acts += (s.batch * s.text_chunks * TE_TOKENS * te.get("hidden_size", 768) * te.get("num_hidden_layers", 12)
                  * per_layer * _act_bytes(s))
     attention = _attention_matrix_bytes(shapes, s, lw, lh)
     c0 = list(shapes.vae_config.get("block_out_channels", [128]))[0]

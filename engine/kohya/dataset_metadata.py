@@ -29,12 +29,16 @@ from engine.dataset import DatasetPlan
 from engine.dataset_config import DatasetSpec, SubsetSpec
 
 
+def _dir_name(sub: SubsetSpec) -> str:
+    return sub.metadata_file.name if sub.metadata_file is not None else sub.image_dir.name
+
+
 def _dirs_metadata(plan: DatasetPlan, reg: bool) -> dict:
     out: dict[str, dict[str, int]] = {}
     for subs in plan.subset_images:
         for s, count, _ in subs:
-            if s.is_reg == reg:
-                out[s.image_dir.name] = {"n_repeats": s.num_repeats, "img_count": count}
+            if s.is_reg == reg:   # kohya names a fine-tuning subset by its metadata file
+                out[_dir_name(s)] = {"n_repeats": s.num_repeats, "img_count": count}
     return out
 
 
@@ -177,9 +181,9 @@ def _merged_dirs(plan: DatasetPlan) -> dict[str, dict[str, int]]:
         for sub, count in subset_image_counts(plan, index):
             if sub.is_reg:
                 continue
-            name, n = sub.image_dir.name, 2
+            name, n = _dir_name(sub), 2
             while name in out:
-                name, n = f"{sub.image_dir.name} ({n})", n + 1
+                name, n = f"{_dir_name(sub)} ({n})", n + 1
             out[name] = {"n_repeats": sub.num_repeats, "img_count": count}
     return out
 

@@ -90,6 +90,8 @@ def build_metadata(values: Mapping[str, object]) -> dict[str, str]:
             continue
         meta[full] = _meta_str(value)
     meta.update(FIXED_METADATA)
+    if values.get("network_module"):
+        meta["ss_network_module"] = str(values["network_module"])      # networks.dylora
     if values.get("base_model_version"):
         meta["ss_base_model_version"] = str(values["base_model_version"])   # sd_v1_v for v-prediction
 
@@ -151,6 +153,10 @@ def run_metadata(cfg, plan, base, *, run_id: str, started_at: float, seed: int, 
         "network_dim": cfg.network_dim,
         "network_alpha": cfg.network_alpha,
         "network_dropout": cfg.network_dropout,
+        "network_module": cfg.network_module,
+        # kohya turns the flag off (False) for a network without max-norm support (networks.dylora)
+        "scale_weight_norms": (False if cfg.scale_weight_norms and cfg.network_module == "networks.dylora"
+                               else cfg.scale_weight_norms),
         **({"network_args": _network_args(cfg.network_args)} if cfg.network_args else {}),
         "learning_rate": cfg.learning_rate,
         "unet_lr": cfg.unet_lr,
@@ -177,6 +183,7 @@ def run_metadata(cfg, plan, base, *, run_id: str, started_at: float, seed: int, 
         "mixed_precision": cfg.mixed_precision,
         "save_precision": cfg.save_precision,
         "clip_skip": cfg.clip_skip,
+        "max_token_length": cfg.max_token_length,
         "seed": seed,
         "cache_latents": cfg.cache_latents,
         "prior_loss_weight": cfg.prior_loss_weight,

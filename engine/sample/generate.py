@@ -5,7 +5,8 @@ UNet and text encoder, LoRA applied as it is; no safety checker), with the model
 mode under ``torch.no_grad``. Per prompt, as kohya: a fresh scheduler for its sampler, the
 prompt's size, steps and CFG scale, an empty negative prompt when none is given, and the
 text encoded with ``clip_skip`` as in training (the n-th last hidden state, then the final
-layer norm). Noise comes from a CPU ``torch.Generator`` seeded with the prompt's seed, so
+layer norm), a prompt longer than 75 tokens in up to three chunks as kohya's long-prompt
+pipeline does (``engine.text_encoding``). Noise comes from a CPU ``torch.Generator`` seeded with the prompt's seed, so
 the same seed gives the same PNG bytes and the global RNGs are never drawn from.
 
 A prompt without ``--d`` uses ``default_seed + index`` (so every checkpoint's image set is
@@ -36,6 +37,7 @@ from engine.sample.naming import sample_dir, sample_filename
 from engine.sample.png import encode_png, sample_parameters, write_atomic
 from engine.sample.prompts import SamplePrompt
 from engine.sample.samplers import DEFAULT_SAMPLER, build_scheduler, check_sampler, check_steps
+from engine.text_encoding import encode_sample_prompts
 
 _SEED_MODULUS = 2**64
 
@@ -170,9 +172,9 @@ def _draw(pipe, prompt: SamplePrompt, folder: Path, *, output_name, step, epoch,
         # A fresh scheduler per prompt, set after the pipeline is built (as kohya does).
         pipe.scheduler = build_scheduler(name, v_parameterization=v_parameterization)
         cfg = prompt.scale > 1.0
-        cond = encode_text(pipe.text_encoder, pipe.tokenizer, prompt.prompt, device, clip_skip)
-        uncond = encode_text(pipe.text_encoder, pipe.tokenizer, prompt.negative_prompt or "", device,
-                             clip_skip) if cfg else None
+        texts = [prompt.prompt] + ([prompt.negative_prompt or ""] if cfg else [])
+        cond, uncond = (encode_sample_prompts(pipe.text_encoder, pipe.tokenizer, texts, device, clip_skip)
+                        + [None])[:2]
         generator = torch.Generator(device="cpu").manual_seed(seed)
         with _autocast(device, dtype):
             image = pipe(
@@ -192,18 +194,6 @@ def _draw(pipe, prompt: SamplePrompt, folder: Path, *, output_name, step, epoch,
         return SampleResult(prompt, seed, name, error=f"{where}: {_one_line(exc)}",
                             seconds=time.perf_counter() - started)
     return SampleResult(prompt, seed, name, path=path, seconds=time.perf_counter() - started)
-
-
-def encode_text(text_encoder, tokenizer, text: str, device, clip_skip: int | None):
-    """CLIP hidden states for ``text``, padded/truncated to the tokenizer's length; as in training,
-    ``clip_skip`` > 1 takes the ``clip_skip``-th last hidden state through the final layer norm."""
-    ids = tokenizer(text, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
-                    return_tensors="pt").input_ids.to(device)
-    if clip_skip is not None and clip_skip > 1:
-        out = text_encoder(ids, output_hidden_states=True)
-        text_model = getattr(text_encoder, "text_model", text_encoder)
-        return text_model.final_layer_norm(out.hidden_states[-clip_skip])
-    return text_encoder(ids).last_hidden_state
 
 
 def _autocast(device, dtype) -> Any:

@@ -41,6 +41,10 @@ class Job:
         self.emit(NetworkBuilt.of(len(net.unet_module_names), len(net.text_encoder_module_names), net.dim, net.alpha))
         for note in m.notes:
             self.emit(LogMessage(level="info", message=note))
+        self.max_norm_supported = callable(getattr(net, "apply_max_norm", None))
+        if cfg.scale_weight_norms and not self.max_norm_supported:   # kohya's words and behaviour
+            self.emit(LogMessage(level="warning", message=f"--scale_weight_norms is specified but {cfg.network_module} "
+                                 "does not support it; training without it, as kohya does"))
         self.accelerator, self.device = m.accelerator, m.device
         self.unet, self.vae, self.te = m.unet, m.vae, m.te
         groups = param_groups(m)

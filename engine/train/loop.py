@@ -101,12 +101,16 @@ class Loop:
                 nan.finite_step()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+            norms = (None, None, None)
+            if cfg.scale_weight_norms and job.max_norm_supported:   # kohya: after the optimizer step, each step
+                norms = job.network.apply_max_norm(cfg.scale_weight_norms, job.device)
             lrs = {name: float(g["lr"]) for name, g in zip(job.group_names, optimizer.param_groups)}
             lr_scheduler.step()
             epoch_number = c.epoch + 1
             epoch_ended = c.finish_step(loss_value, len(groups))
             job.emit(StepCompleted(step=step, epoch=epoch_number, loss=loss_value, lrs=lrs,
-                                   step_seconds=time.perf_counter() - step_started, skipped=skipped))
+                                   step_seconds=time.perf_counter() - step_started, skipped=skipped,
+                                   keys_scaled=norms[0], avg_key_norm=norms[1], max_key_norm=norms[2]))
             self._sample()
             saved = [saver.save(planned.kind)           # step files, then epoch files (never at the last epoch)
                      for planned in plan.checkpoint_at(step) if planned.kind != "final"]

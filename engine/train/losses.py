@@ -108,6 +108,16 @@ def elementwise_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: str,
     raise ValueError(f"unknown loss_type {loss_type!r}")
 
 
+def apply_masked_loss(loss: torch.Tensor, masks: torch.Tensor | None) -> torch.Tensor:
+    """kohya's ``apply_masked_loss``: the element-wise loss (B, C, h, w) times the (B, H, W) pixel masks
+    shrunk to the latent size by area averaging; the caller's mean then divides by all elements, not by
+    the mask's sum (kohya). No masks: the loss unchanged."""
+    if masks is None:
+        return loss
+    mask = masks.to(device=loss.device, dtype=loss.dtype).unsqueeze(1)
+    return loss * F.interpolate(mask, size=loss.shape[2:], mode="area")
+
+
 # ---------------------------------------------------------------- per-sample weights (``snr`` = all_snr[t])
 def min_snr_weight(loss: torch.Tensor, snr: torch.Tensor, gamma: float, v_prediction: bool) -> torch.Tensor:
     """``--min_snr_gamma``: min(snr, gamma)/snr, or min(snr, gamma)/(snr+1) for v-prediction."""

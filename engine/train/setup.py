@@ -26,7 +26,7 @@ class Models:
     vae: Any
     te: Any
     tokenizer: Any
-    network: Any                    # engine.lora.LoraNetwork
+    network: Any                    # engine.lora.LoraNetwork (engine.dylora.DyLoraNetwork for networks.dylora)
     weight_dtype: Any               # the frozen base weights' dtype
     vae_dtype: Any
     save_dtype: Any
@@ -67,10 +67,19 @@ def setup_models(cfg: TrainConfig, base, device, seed: int) -> Models:
     unet_lr, te_lr = cfg.effective_unet_lr(), cfg.effective_text_encoder_lr()
     train_te = not cfg.network_train_unet_only
     train_unet = not cfg.network_train_text_encoder_only and unet_lr > 0
-    network = apply_lora(unet, te, dim=cfg.network_dim, alpha=cfg.network_alpha, train_unet=train_unet,
-                         train_text_encoder=train_te, text_encoder_frozen=te_lr == 0,
-                         network_args=parse_network_args(cfg.network_args, cfg.network_module),
-                         dropout=cfg.network_dropout)
+    network_args = parse_network_args(cfg.network_args, cfg.network_module, dim=cfg.network_dim,
+                                      alpha=cfg.network_alpha)
+    if cfg.network_module == "networks.dylora":
+        from engine.dylora import apply_dylora
+
+        network = apply_dylora(unet, te, dim=cfg.network_dim, alpha=cfg.network_alpha, network_args=network_args,
+                               train_unet=train_unet, train_text_encoder=train_te, text_encoder_frozen=te_lr == 0)
+        notes.append(f"DyLoRA: each module trains a random block of {network.unit} of its {network.dim} ranks "
+                     "per step (kohya's networks.dylora)")
+    else:
+        network = apply_lora(unet, te, dim=cfg.network_dim, alpha=cfg.network_alpha, train_unet=train_unet,
+                             train_text_encoder=train_te, text_encoder_frozen=te_lr == 0,
+                             network_args=network_args, dropout=cfg.network_dropout)
     train_te = train_te and te_lr > 0
     # Frozen base weights in the training dtype; LoRA weights stay fp32 (kohya does the same).
     unet.to(device, dtype=weight_dtype)
@@ -122,8 +131,9 @@ def _allow_fp16_unscale(accelerator) -> None:
 def _lora_groups(modules, lr: float, ratio: float | None, name: str) -> list[dict]:
     """kohya's ``assemble_params``: one group, or with a LoRA+ ratio the lora_down group and a
     ``"<name> plus"`` group of the lora_up weights at ``lr × ratio``; groups at LR 0 are left out."""
-    down = [p for m in modules for p in ((m.down,) if ratio is not None else (m.down, m.up)) if p.requires_grad]
-    up = [m.up for m in modules if m.up.requires_grad] if ratio is not None else []
+    down = [p for m in modules for p in (m.down_params if ratio is not None else m.down_params + m.up_params)
+            if p.requires_grad]
+    up = [p for m in modules for p in m.up_params if p.requires_grad] if ratio is not None else []
     groups = []
     for params, group_lr, group_name in ((down, lr, name), (up, lr * (ratio or 0.0), f"{name} plus")):
         if params and group_lr:

@@ -38,33 +38,27 @@ class TrainStep:
         self.noise_gen = torch.Generator(device="cpu").manual_seed(seed)
         self.data_rng = random.Random(seed)
         self.latent_cache: dict[tuple[int, bool], object] | None = None
+        self.cached_latents: dict[tuple[int, bool], object] | None = None   # the training images' cache
         self.token_cache: dict[str, object] = {}
         self.fixed_timestep: int | None = None     # set only during a validation pass
 
     # ---- inputs
     def encode_prompts(self, captions: list[str]):
+        """The captions' text conditioning, kohya's way (``--max_token_length`` chunks, ``clip_skip``)."""
         import torch
 
-        tokenizer, te = self.m.tokenizer, self.m.te
+        from engine.text_encoding import caption_token_ids, encode_captions
+
         ids = []
         for caption in captions:
             cached = self.token_cache.get(caption)
             if cached is None:
-                cached = tokenizer(caption, padding="max_length", truncation=True,
-                                   max_length=tokenizer.model_max_length, return_tensors="pt").input_ids[0]
+                cached = caption_token_ids(self.m.tokenizer, caption, self.cfg.max_token_length)
                 self.token_cache[caption] = cached
             ids.append(cached)
         input_ids = torch.stack(ids).to(self.device)
-        clip_skip = self.cfg.clip_skip or 1
         with torch.set_grad_enabled(self.m.train_te):
-            if clip_skip > 1:
-                out = te(input_ids, output_hidden_states=True)
-                hidden = out.hidden_states[-clip_skip]
-                text_model = getattr(te, "text_model", te)
-                hidden = text_model.final_layer_norm(hidden)
-            else:
-                hidden = te(input_ids).last_hidden_state
-        return hidden
+            return encode_captions(self.m.te, input_ids, self.cfg.clip_skip)
 
     def vae_latents(self, pixels, generator):
         import torch
@@ -111,7 +105,7 @@ class TrainStep:
                 done += 1
                 if done % 8 == 0 or done == total:
                     phase("caching", f"{done}/{total}")
-        self.latent_cache = cache
+        self.latent_cache = self.cached_latents = cache
 
     def batch_latents(self, batch):
         import torch
@@ -119,6 +113,14 @@ class TrainStep:
         if self.latent_cache is not None:
             return torch.stack([self.latent_cache[(i, f)] for i, f in zip(batch.entry_indices, batch.flipped)])
         return self.vae_latents(batch.pixel_values, self.noise_gen).to(self.m.weight_dtype)
+
+    def batch_masks(self, batch):
+        """The batch's loss masks (kohya masks whenever a sample has one, --masked_loss or not); with
+        cached latents, the masks of the cached centre crop."""
+        masks = getattr(batch, "masks", None)
+        if masks is None or self.latent_cache is None or self.latent_cache is not self.cached_latents:
+            return masks       # latents of these very pixels (no cache, or a validation pass's own)
+        return self.plan.dataset.masks.batch(batch.entry_indices, batch.flipped, None)
 
     # ---- the loss
     def noise_and_timesteps(self, latents):
@@ -173,7 +175,8 @@ class TrainStep:
         if cfg.loss_type in ("huber", "smooth_l1"):
             huber_c = losses.huber_threshold(cfg.huber_schedule, cfg.huber_c, cfg.huber_scale, timesteps,
                                              self.alphas_cumprod, self.noise_scheduler.config.num_train_timesteps)
-        loss = losses.elementwise_loss(pred.float(), target.float(), cfg.loss_type, huber_c).mean(dim=[1, 2, 3])
+        loss = losses.elementwise_loss(pred.float(), target.float(), cfg.loss_type, huber_c)
+        loss = losses.apply_masked_loss(loss, self.batch_masks(batch)).mean(dim=[1, 2, 3])
         weights = torch.where(batch.is_reg.to(self.device), cfg.prior_loss_weight, 1.0)
         loss = loss * weights
         snr = self.all_snr[timesteps]

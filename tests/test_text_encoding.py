@@ -1,0 +1,129 @@
+"""--max_token_length: long captions in 75-token chunks, encoded one by one and joined as kohya does;
+sample prompts as kohya's long-prompt pipeline encodes them."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from engine.config import TrainConfig
+from engine.text_encoding import caption_token_ids, encode_sample_prompts
+from engine.tiny import _WORDS
+
+LONG = ", ".join(_WORDS * 2)     # over 75 tokens and under 150 in the tiny tokenizer
+
+
+@pytest.fixture(scope="module")
+def base(tiny_cache):
+    from engine.models import load_base_model
+
+    return load_base_model(tiny_cache / "tiny-sd15")
+
+
+def encode(base, captions, **cfg):
+    """What a training step feeds the UNet for ``captions``."""
+    from engine.train.step import TrainStep
+
+    models = SimpleNamespace(tokenizer=base.tokenizer, te=base.text_encoder, device=torch.device("cpu"),
+                             train_te=False)
+    with torch.no_grad():
+        return TrainStep(TrainConfig(**cfg), models, plan=None, seed=0).encode_prompts(captions)
+
+
+def hidden(base, ids, clip_skip):
+    te = base.text_encoder
+    with torch.no_grad():
+        out = te(ids[None], output_hidden_states=True)
+        if clip_skip and clip_skip > 1:
+            return getattr(te, "text_model", te).final_layer_norm(out.hidden_states[-clip_skip])
+        return out.last_hidden_state
+
+
+def test_a_long_caption_is_two_chunks_encoded_one_by_one_and_joined_without_the_inner_bos_eos(base):
+    tok = base.tokenizer
+    full = tok(LONG, padding="max_length", max_length=152, truncation=True, return_tensors="pt").input_ids[0]
+    assert 77 < len(tok(LONG).input_ids) < 152
+    bos, eos = full[:1], full[-1:]
+    first = torch.cat([bos, full[1:76], eos])
+    second = torch.cat([bos, full[76:151], eos])
+    assert torch.equal(caption_token_ids(tok, LONG, 150), torch.stack([first, second]))
+    for clip_skip in (None, 2):
+        h1, h2 = hidden(base, first, clip_skip), hidden(base, second, clip_skip)
+        want = torch.cat([h1[:, :1], h1[:, 1:76], h2[:, 1:76], h2[:, 76:]], dim=1)
+        got = encode(base, [LONG], max_token_length=150, clip_skip=clip_skip)
+        assert got.shape == (1, 152, h1.shape[-1])
+        assert torch.allclose(got, want, atol=1e-6, rtol=1e-5)
+
+
+def test_225_pads_a_short_caption_with_chunks_of_bos_and_eos_only(base):
+    tok = base.tokenizer
+    ids = caption_token_ids(tok, "spyke red", 225)
+    words = tok("spyke red").input_ids[1:-1]
+    assert ids.shape == (3, 77)
+    assert ids[0].tolist() == [tok.bos_token_id] + words + [tok.eos_token_id] * (76 - len(words))
+    assert ids[1].tolist() == ids[2].tolist() == [tok.bos_token_id] + [tok.eos_token_id] * 76
+    assert encode(base, ["spyke red", LONG], max_token_length=225).shape[:2] == (2, 227)
+
+
+@pytest.mark.parametrize("clip_skip", [None, 2])
+def test_75_and_no_max_token_length_keep_the_single_encoder_call_bit_for_bit(base, clip_skip):
+    tok = base.tokenizer
+    ids = tok([LONG, "spyke"], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = base.text_encoder(ids, output_hidden_states=True)
+    norm = getattr(base.text_encoder, "text_model", base.text_encoder).final_layer_norm
+    want = norm(out.hidden_states[-2]) if clip_skip else out.last_hidden_state
+    for length in (None, 75):
+        assert torch.equal(encode(base, [LONG, "spyke"], max_token_length=length, clip_skip=clip_skip), want)
+
+
+def test_a_long_sample_prompt_and_its_short_negative_are_whole_chunks_of_the_same_length(base):
+    tok = base.tokenizer
+    words = tok(LONG).input_ids[1:-1]
+    padded = [tok.bos_token_id] + words + [tok.eos_token_id] * (151 - len(words))
+    chunks = [torch.tensor([tok.bos_token_id] + padded[1 + 75 * i:76 + 75 * i] + [tok.eos_token_id])
+              for i in range(2)]
+    with torch.no_grad():
+        cond, uncond = encode_sample_prompts(base.text_encoder, tok, [LONG, "blurry"], "cpu", 2)
+    want = torch.cat([hidden(base, c, 2) for c in chunks], dim=1)
+    assert cond.shape == uncond.shape == (1, 154, want.shape[-1])
+    assert torch.allclose(cond, want, atol=1e-6, rtol=1e-5)
+    negative = tok("blurry", padding="max_length", max_length=77, return_tensors="pt").input_ids[0]
+    assert torch.allclose(uncond[:, :77], hidden(base, negative, 2), atol=1e-6, rtol=1e-5)
+
+
+def test_a_run_with_max_token_length_150_trains_a_step(tiny_cache, tmp_path):
+    from engine.demo import prepare_demo
+    from engine.tiny import generate_dataset
+    from engine.trainer import Trainer
+
+    data = generate_dataset(tmp_path / "data", num_images=1, num_repeats=1, resolution=64, seed=2)
+    (data.image_dir / "img_000.caption").write_text(LONG)
+    cfg = prepare_demo(root=tiny_cache, output_root=tmp_path / "out", dataset_config=str(data.dataset_toml),
+                       resolution="64", max_train_epochs=None, max_train_steps=1, save_every_n_steps=None,
+                       save_state=False, network_dim=4, network_alpha=2.0, seed=1, max_token_length=150)
+    result = Trainer(cfg, sinks=[]).run()
+    assert result.status == "completed" and len(result.losses) == 1
+    from safetensors import safe_open
+
+    with safe_open(str(result.final_path), "pt") as f:
+        assert f.metadata()["ss_max_token_length"] == "150"
+
+
+def test_the_memory_estimate_counts_the_text_encoder_activations_once_per_chunk():
+    from dataclasses import replace
+
+    from engine.fit.estimate import TE_ACT_PER_LAYER, TE_TOKENS, estimate
+    from engine.fit.preflight import settings_for
+    from engine.fit.shapes import ComponentSizes, ModelShapes
+
+    one = settings_for(TrainConfig(resolution="64", gradient_checkpointing=False))
+    three = settings_for(TrainConfig(resolution="64", gradient_checkpointing=False, max_token_length=225))
+    assert (one.text_chunks, three.text_chunks) == (1, 3) and replace(one, text_chunks=3) == three
+    te = {"hidden_size": 32, "num_hidden_layers": 2}
+    shapes = ModelShapes(ComponentSizes(1000, 10), ComponentSizes(1000, 10), ComponentSizes(1000),
+                         {"block_out_channels": [32, 64]}, {"block_out_channels": [32]}, te)
+    extra = estimate(shapes, three).parts["activations"] - estimate(shapes, one).parts["activations"]
+    assert extra == 2 * TE_TOKENS * 32 * 2 * TE_ACT_PER_LAYER * 4
