@@ -50,20 +50,20 @@ def test_out_of_memory_then_restart_with_a_suggested_change_resumes_and_trains(t
 
     real, starts, events = trainer_mod.Trainer, [], []
 
-    def trainer(*args, **kwargs):              # the first run runs out of memory in step 3, the next trains
+    def trainer(*args, **kwargs):              # the first run runs out of memory in step 2, the next trains
         starts.append(args[0])
         kwargs["sinks"] = [*kwargs.get("sinks", ()), events.append]
         if len(starts) == 1:
-            def oom_at_3(step, loss):
-                if step == 3:
+            def oom_at_2(step, loss):
+                if step == 2:
                     raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
                 return loss
-            kwargs["loss_hook"] = oom_at_3
+            kwargs["loss_hook"] = oom_at_2
         return real(*args, **kwargs)
     monkeypatch.setattr(trainer_mod, "Trainer", trainer)
 
     config = prepare_demo(tiny_cache, tmp_path, output_dir=str(tmp_path / "out"), resolution="64",
-                          max_train_steps=4, max_train_epochs=None, save_every_n_steps=None, save_state=True,
+                          max_train_steps=3, max_train_epochs=None, save_every_n_steps=None, save_state=True,
                           gradient_checkpointing=False, seed=1).validate()
 
     async def body():
@@ -74,14 +74,14 @@ def test_out_of_memory_then_restart_with_a_suggested_change_resumes_and_trains(t
             await wait_until(pilot, lambda: app.state.status == "failed", "the out-of-memory stop")
             await pilot.pause()
             state = app.state
-            assert state.step == 2 and state.error.startswith("out of memory at step 3/4 (CUDA out of memory")
+            assert state.step == 1 and state.error.startswith("out of memory at step 2/3 (CUDA out of memory")
             assert "--gradient_checkpointing" in state.error and state.fits
             assert "to fit, try: --gradient_checkpointing" in str(app.query_one("#progress-text", Static).render())
             app.set_focus(None)
             await pilot.press("m")
             await pilot.pause()
             screen = app.screen
-            assert isinstance(screen, FitRestartScreen) and screen.resume and screen.step == 2
+            assert isinstance(screen, FitRestartScreen) and screen.resume and screen.step == 1
             flags = [c.flag for c in screen.changes]
             assert "--gradient_checkpointing" in flags
             await pilot.press(str(flags.index("--gradient_checkpointing") + 1))
@@ -95,5 +95,5 @@ def test_out_of_memory_then_restart_with_a_suggested_change_resumes_and_trains(t
     restarted = starts[1]
     assert restarted.gradient_checkpointing and restarted.resume == "latest" and restarted.resume_force
     (second,) = [e for e in events if isinstance(e, RunStarted)][1:]
-    assert second.start_step == 2                                             # the saved state, not step 0
-    assert state.step == 4 and state.final_path and Path(state.final_path).is_file()
+    assert second.start_step == 1                                             # the saved state, not step 0
+    assert state.step == 3 and state.final_path and Path(state.final_path).is_file()
