@@ -81,7 +81,8 @@ class FitRestartScreen(ModalScreen[FitChange | None]):
     #fit-dialog { width: 90; max-width: 100%; height: auto; border: thick $warning; background: $surface;
                   padding: 1 2; }
     #fit-dialog .dialog-title { text-style: bold; margin-bottom: 1; }
-    #fit-dialog Button { width: 100%; margin-bottom: 1; }
+    #fit-dialog Button { width: 100%; content-align: left middle; }
+    #fit-cancel { margin-top: 1; }
     .fit-why { color: $text-muted; margin-bottom: 1; }
     """
 
@@ -100,8 +101,8 @@ class FitRestartScreen(ModalScreen[FitChange | None]):
                         markup=False)
             yield Static(f"the change goes into the form, {how}", classes="fit-why", markup=False)
             for i, change in enumerate(self.changes):
-                yield Button(escape(f"[{i + 1}] {change.text}"), id=f"fit-{i}", classes="fit-choice")
-            yield Button(escape("Cancel [esc]"), id="fit-cancel")
+                yield Button(escape(f"[{i + 1}] {change.text}"), id=f"fit-{i}", classes="fit-choice", compact=True)
+            yield Button(escape("Cancel [esc]"), id="fit-cancel", compact=True)
 
     def on_mount(self) -> None:
         self.query_one("#fit-0" if self.changes else "#fit-cancel", Button).focus()
