@@ -238,6 +238,7 @@ def summarise(res: int, got: dict, warmup: int) -> dict:
         "resolution": res, "status": got["status"], "error": got["error"],
         "s_per_step": statistics.mean(s["step_seconds"] for s in timed) if timed else None,
         "s_per_step_wall": statistics.mean(walls) if walls else None,
+        "step_seconds": [round(s["step_seconds"], 2) for s in got["steps"]],   # warm-up included
         "first_step_s": first, "load_to_first_step_s": first - got["marks"]["loading"] if first else None,
         "phases_s": {k: round(v, 1) for k, v in got["marks"].items()},   # seconds from run() to each phase
         "peak_rss": got["peak_rss"], "estimate": got["estimate"], "estimate_vs": measured_name,
