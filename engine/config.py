@@ -123,16 +123,18 @@ class TrainConfig:
                                              "(default: every epoch).", minimum=1)
     max_validation_steps: int | None = _f(None, "dataset", "Use at most N validation batches per pass.", minimum=1)
     # --- network
-    network_module: str = _f("networks.lora", "network", "LoRA module (only kohya's networks.lora).",
-                             choices=("networks.lora",))
+    network_module: str = _f("networks.lora", "network", "Network module: networks.lora or lycoris.kohya "
+                             "(LyCORIS: algo=locon/loha/lokr/ia3/... in network_args).",
+                             choices=("networks.lora", "lycoris.kohya"))
     network_dim: int = _f(4, "network", "LoRA rank.", minimum=1)
     network_alpha: float = _f(1.0, "network", "LoRA alpha; the update is scaled by alpha/dim.", minimum=0)
     network_train_unet_only: bool = _f(False, "network", "Put LoRA only into the UNet.")
     network_train_text_encoder_only: bool = _f(False, "network", "Train only the text encoder's LoRA.")
     # --- network: kohya's networks.lora options (engine.network_args)
     network_args: list[str] = _f(
-        [], "network", "networks.lora options: key=value ... (conv_dim=8 conv_alpha=4 block_dims=… "
-        "down_lr_weight=… rank_dropout=0.1 module_dropout=0.1 loraplus_lr_ratio=16).")
+        [], "network", "Network options: key=value ... (networks.lora: conv_dim=8 conv_alpha=4 block_dims=… "
+        "down_lr_weight=… rank_dropout=0.1 module_dropout=0.1 loraplus_lr_ratio=16; lycoris.kohya: algo=lokr "
+        "preset=full factor=8 dora_wd=True …).")
     network_dropout: float | None = _f(None, "network", "Dropout on each LoRA's down output while training "
                                        "(kohya's neuron dropout, e.g. 0.1).", minimum=0)
     # --- optimizer & schedule
@@ -379,11 +381,19 @@ def _network_problems(cfg: TrainConfig) -> dict[str, str]:
     out: dict[str, str] = {}
     if cfg.network_dropout is not None and not 0 <= cfg.network_dropout < 1:
         out["network_dropout"] = f"must be a probability in [0, 1) (got {cfg.network_dropout!r})"
-    if cfg.network_module == "networks.lora":  # another module is refused by its own check
+    if cfg.network_module in ("networks.lora", "lycoris.kohya"):  # another module is refused by its own check
         try:
-            parse_network_args(cfg.network_args, cfg.network_module)
+            if cfg.network_module == "lycoris.kohya":
+                from engine.lycoris_args import check_lycoris_args
+
+                check_lycoris_args(cfg.network_args)
+            else:
+                parse_network_args(cfg.network_args, cfg.network_module)
         except ConfigError as err:
             out["network_args"] = str(err).split(": ", 1)[1]
+        if cfg.network_module == "lycoris.kohya" and cfg.dim_from_weights:
+            out["dim_from_weights"] = ("is not supported with lycoris.kohya; give --network_dim/--network_alpha "
+                                       "(and --network_args) of the file's run")
     return out
 
 

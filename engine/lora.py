@@ -119,6 +119,9 @@ class LoraNetwork:
         """The parameters an optimizer should get (frozen text-encoder adapters excluded)."""
         return [p for p in self.unet_params + self.text_encoder_params if p.requires_grad]
 
+    def place(self, device) -> None:
+        """Nothing to move: the peft adapters live inside the models and move with them."""
+
     # ------------------------------------------------------------------ save
     def state_dict_kohya(self, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
         """The adapters as kohya writes them: CPU, contiguous, ``dtype`` if given.

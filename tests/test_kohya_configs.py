@@ -19,7 +19,6 @@ PLACEHOLDERS = {"TRAIN_DATA_DIR": "/data/train", "REG_DATA_DIR": "/data/reg", "O
 # Keys of the GUI's configs that other parts of spyke-cockpit implement: refused until they land.
 PENDING_KEYS = {
     "training": {"scale_weight_norms"},
-    "network_module": {"network_module", "network_args"},  # lycoris.kohya (a value of a field) and its args
     "optimizer_type": {"optimizer_type"},  # Prodigy where prodigyopt is absent
 }
 # Values of fields the GUI emits and sd-scripts accepts that are still refused (none: bucket_reso_steps = 1
