@@ -134,7 +134,7 @@ class LycorisNet:
             raise CheckpointError(f"{source} does not match this network: {'; '.join(parts)}; resume with the same "
                                   "base model, network_dim, network_args and text-encoder settings as the run that "
                                   "wrote it")
-        params = {k for k, _ in self.net.named_parameters()}
+        fixed = {k for k, _ in self.net.named_buffers()}
         for key, value in mine.items():
             got = sd[key]
             if tuple(got.shape) != tuple(value.shape):
@@ -143,13 +143,36 @@ class LycorisNet:
                                       "run that wrote it")
             if got.is_floating_point() and not bool(torch.isfinite(got).all()):
                 raise CheckpointError(f"{source}: {key} contains NaN or Inf values; resume from an earlier file")
-            if key not in params and not torch.allclose(got.to("cpu", torch.float64), value.to("cpu", torch.float64),
+            if key in fixed and not torch.allclose(got.to("cpu", torch.float64), value.to("cpu", torch.float64),
                                                         rtol=1e-6, atol=1e-8):
                 raise CheckpointError(f"{source}: {key} is {got.flatten()[:1].tolist()} but this network has "
                                       f"{value.flatten()[:1].tolist()}; resume with the network_alpha and "
                                       "network_args of the run that wrote it")
         with torch.no_grad():
-            self.net.load_state_dict({k: v.to(mine[k].device) for k, v in sd.items()}, strict=True)
+            self.net.load_state_dict(self._as_parameters(sd), strict=True)
+
+    def _as_parameters(self, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The saved tensors under the network's parameter names: LyCORIS's DyLoRA saves one
+        ``lora_up``/``lora_down`` but trains (and loads) per-block ``up_list.N``/``down_list.N``."""
+        from lycoris.modules.dylora import DyLoraModule
+
+        device = next(iter(self.net.state_dict().values())).device
+        out = {k: v.to(device) for k, v in sd.items()}
+        for m in self.net.unet_loras + self.net.text_encoder_loras:
+            up, down = out.pop(f"{m.lora_name}.lora_up.weight", None), out.pop(f"{m.lora_name}.lora_down.weight", None)
+            if not isinstance(m, DyLoraModule):
+                if up is not None:
+                    out[f"{m.lora_name}.lora_up.weight"] = up
+                if down is not None:
+                    out[f"{m.lora_name}.lora_down.weight"] = down
+                continue
+            b = m.block_size
+            for i in range(m.block_count):
+                if up is not None:
+                    out[f"{m.lora_name}.up_list.{i}"] = up.reshape(up.shape[0], -1)[:, i * b:(i + 1) * b]
+                if down is not None:
+                    out[f"{m.lora_name}.down_list.{i}"] = down.reshape(m.lora_dim, -1)[i * b:(i + 1) * b]
+        return out
 
     def load_weights_file(self, path: str) -> str:
         """kohya's ``--network_weights`` for LyCORIS (``network.load_weights``: non-strict); the info line."""
@@ -173,7 +196,7 @@ class LycorisNet:
             raise ConfigError(f"--network_weights: {path} has no weights for this network's modules "
                               f"(not an SD1.x {MODULE} file with this algo?)")
         with torch.no_grad():
-            info = self.net.load_state_dict({k: v.to(mine[k].device) for k, v in tensors.items() if k in mine},
+            info = self.net.load_state_dict(self._as_parameters({k: v for k, v in tensors.items() if k in mine}),
                                             strict=False)
         line = f"load network weights from {path}: {len(set(tensors) & set(mine))} of {len(mine)} tensors"
         if info.missing_keys:
