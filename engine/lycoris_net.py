@@ -25,6 +25,7 @@ train/eval mode, so dropouts stop when sampling and validation put the model in 
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,7 +34,7 @@ import torch
 from torch import nn
 
 from engine.errors import CheckpointError, ConfigError
-from engine.lycoris_args import FLAG, MODULE, lycoris_kwargs
+from engine.lycoris_args import FLAG, MODULE, lycoris_kwargs, lycoris_notes
 
 UNET_PREFIX = "lora_unet_"
 TEXT_ENCODER_PREFIX = "lora_te_"
@@ -65,21 +66,30 @@ def _dedupe(preset: dict | None) -> dict | None:
 
 
 @contextlib.contextmanager
+def _quiet():
+    """LyCORIS logs its info lines to stdout (under the cockpit too): keep it to errors meanwhile."""
+    log = logging.getLogger("LyCORIS")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+@contextlib.contextmanager
 def _sd1_presets():
     """LyCORIS's presets without the doubled time-embedding targets; its logger kept to warnings."""
     import lycoris.kohya as kohya
 
     presets, read = kohya.PRESET, kohya.read_preset
-    log = logging.getLogger("LyCORIS")
-    level = log.level
     kohya.PRESET = {name: _dedupe(p) for name, p in presets.items()}
     kohya.read_preset = lambda path: _dedupe(read(path))
-    log.setLevel(logging.ERROR)
     try:
-        yield kohya
+        with _quiet():
+            yield kohya
     finally:
         kohya.PRESET, kohya.read_preset = presets, read
-        log.setLevel(level)
 
 
 @dataclass
@@ -95,6 +105,7 @@ class LycorisNet:
     unet_params: list[nn.Parameter] = field(default_factory=list)
     text_encoder_params: list[nn.Parameter] = field(default_factory=list)
     hooks: list = field(default_factory=list, repr=False)
+    notes: list[str] = field(default_factory=list)      # lines for the run's log (keys LyCORIS does not act on)
 
     # ------------------------------------------------------------------ info
     @property
@@ -209,7 +220,8 @@ class LycorisNet:
     def param_groups(self, unet_lr: float, text_encoder_lr: float) -> list[dict]:
         """LyCORIS's ``prepare_optimizer_params`` (groups at LR 0 left out, LoRA+ ``… plus`` groups), named
         as the engine names its groups; parameters in no group stop taking gradients."""
-        groups, names = self.net.prepare_optimizer_params(text_encoder_lr, unet_lr, None)
+        with _quiet():
+            groups, names = self.net.prepare_optimizer_params(text_encoder_lr, unet_lr, None)
         out = []
         for group, name in zip(groups, names):
             out.append(dict(group, params=list(group["params"]), name=_GROUP_NAMES.get(name, name)))
@@ -259,7 +271,8 @@ def apply_lycoris(unet: nn.Module, text_encoder: nn.Module | None, *, dim: int, 
         if model is not None:
             model.requires_grad_(False)
     te = _kohya_text_encoder(text_encoder)
-    with _sd1_presets() as kohya:
+    printed = io.StringIO()   # LyCORIS prints some warnings (LoHa/LoKr: no plain dropout): they go to the log
+    with _sd1_presets() as kohya, contextlib.redirect_stdout(printed):
         try:
             net = kohya.create_network(1.0, dim, alpha, None, te, unet, neuron_dropout=dropout, **kwargs)
         except (ValueError, TypeError, AssertionError, KeyError) as err:
@@ -271,7 +284,8 @@ def apply_lycoris(unet: nn.Module, text_encoder: nn.Module | None, *, dim: int, 
         raise ConfigError(f"{FLAG}: LyCORIS made no module for this model (preset={kwargs.get('preset', 'full')}); "
                           "the base model is not SD1.x-shaped or the preset targets none of its layers")
     wrapper = LycorisNet(dim=dim, alpha=float(alpha), net=net, kwargs=kwargs,
-                         text_encoder_frozen=bool(text_encoder_frozen))
+                         text_encoder_frozen=bool(text_encoder_frozen), notes=lycoris_notes(network_args))
+    wrapper.notes += [f"LyCORIS: {line.strip()}" for line in dict.fromkeys(printed.getvalue().splitlines()) if line.strip()]
     for lora in net.unet_loras:
         lora.train(unet.training)
         wrapper.unet_params += [p for p in lora.parameters()]

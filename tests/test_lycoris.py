@@ -353,3 +353,15 @@ def test_abort_then_resume_equals_the_straight_run_and_files_are_lycoris(algo, t
         assert any(not torch.all(a.get_tensor(k) == 0) for k in a.keys() if "lora_up" in k or "w1" in k)
     assert meta["ss_network_module"] == "lycoris.kohya"
     assert json.loads(meta["ss_network_args"]) == {**dict(s.split("=") for s in ALGOS[algo]), "dropout": None}
+
+
+def test_keys_lycoris_takes_but_does_not_act_on_are_named_in_the_log(tiny_models):
+    from engine.lycoris_net import apply_lycoris
+
+    unet, te = _fresh(tiny_models)
+    net = apply_lycoris(unet, te, dim=4, alpha=1, network_args=["algo=lokr", "rank_dropout_scale=True",
+                                                                 "decompose_both=False"])
+    assert len(net.notes) == 2
+    assert net.notes[0].startswith("--network_args: rank_dropout_scale= is not read by LyCORIS 4.1.3's create_network")
+    assert net.notes[1].startswith("--network_args: decompose_both=False reaches LyCORIS as the text 'False', "
+                                   "which it reads as true")

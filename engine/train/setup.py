@@ -73,6 +73,7 @@ def setup_models(cfg: TrainConfig, base, device, seed: int) -> Models:
         network = apply_lycoris(unet, te, dim=cfg.network_dim, alpha=cfg.network_alpha, network_args=cfg.network_args,
                                 dropout=cfg.network_dropout, train_unet=not cfg.network_train_text_encoder_only,
                                 unet_frozen=not train_unet, train_text_encoder=train_te, text_encoder_frozen=te_lr == 0)
+        notes += network.notes
     else:
         network = apply_lora(unet, te, dim=cfg.network_dim, alpha=cfg.network_alpha, train_unet=train_unet,
                              train_text_encoder=train_te, text_encoder_frozen=te_lr == 0,
