@@ -131,19 +131,20 @@ class TrainConfig:
                                              "(default: every epoch).", minimum=1)
     max_validation_steps: int | None = _f(None, "dataset", "Use at most N validation batches per pass.", minimum=1)
     # --- network
-    network_module: str = _f("networks.lora", "network", "LoRA module: kohya's networks.lora, or networks.dylora "
+    network_module: str = _f("networks.lora", "network", "Network module: kohya's networks.lora, networks.dylora "
                              "(DyLoRA: each module trains a random block of unit ranks per step, so the file's "
-                             "first ranks work alone; --network_args unit=N).",
-                             choices=("networks.lora", "networks.dylora"))
+                             "first ranks work alone; --network_args unit=N) or lycoris.kohya "
+                             "(LyCORIS: algo=locon/loha/lokr/ia3/... in network_args).",
+                             choices=("networks.lora", "networks.dylora", "lycoris.kohya"))
     network_dim: int = _f(4, "network", "LoRA rank.", minimum=1)
     network_alpha: float = _f(1.0, "network", "LoRA alpha; the update is scaled by alpha/dim.", minimum=0)
     network_train_unet_only: bool = _f(False, "network", "Put LoRA only into the UNet.")
     network_train_text_encoder_only: bool = _f(False, "network", "Train only the text encoder's LoRA.")
     # --- network: kohya's networks.lora options (engine.network_args)
     network_args: list[str] = _f(
-        [], "network", "networks.lora options: key=value ... (conv_dim=8 conv_alpha=4 block_dims=… "
-        "down_lr_weight=… rank_dropout=0.1 module_dropout=0.1 loraplus_lr_ratio=16); networks.dylora: unit=N "
-        "conv_dim=<network_dim> loraplus_lr_ratio=….")
+        [], "network", "Network options: key=value ... (networks.lora: conv_dim=8 conv_alpha=4 block_dims=… "
+        "down_lr_weight=… rank_dropout=0.1 module_dropout=0.1 loraplus_lr_ratio=16; networks.dylora: unit=N "
+        "conv_dim=<network_dim> loraplus_lr_ratio=…; lycoris.kohya: algo=lokr preset=full factor=8 dora_wd=True …).")
     network_dropout: float | None = _f(None, "network", "Dropout on each LoRA's down output while training "
                                        "(kohya's neuron dropout, e.g. 0.1).", minimum=0)
     scale_weight_norms: float | None = _f(None, "network", "After each step, scale down every LoRA module whose "
@@ -399,11 +400,20 @@ def _network_problems(cfg: TrainConfig) -> dict[str, str]:
         out["network_dropout"] = f"must be a probability in [0, 1) (got {cfg.network_dropout!r})"
     elif cfg.network_dropout and cfg.network_module == "networks.dylora":
         out["network_dropout"] = "is not read by kohya's networks.dylora (DyLoRA has no dropout); remove it"
-    if cfg.network_module in ("networks.lora", "networks.dylora"):  # another module is refused by its own check
+    if cfg.network_module in ("networks.lora", "networks.dylora", "lycoris.kohya"):  # else: refused by its own check
         try:
-            parse_network_args(cfg.network_args, cfg.network_module, dim=cfg.network_dim, alpha=cfg.network_alpha)
+            if cfg.network_module == "lycoris.kohya":
+                from engine.lycoris_args import check_lycoris_args
+
+                check_lycoris_args(cfg.network_args)
+            else:
+                parse_network_args(cfg.network_args, cfg.network_module, dim=cfg.network_dim,
+                                   alpha=cfg.network_alpha)
         except ConfigError as err:
             out["network_args"] = str(err).split(": ", 1)[1]
+        if cfg.network_module == "lycoris.kohya" and cfg.dim_from_weights:
+            out["dim_from_weights"] = ("is not supported with lycoris.kohya; give --network_dim/--network_alpha "
+                                       "(and --network_args) of the file's run")
     return out
 
 

@@ -91,6 +91,8 @@ def lora_size(config) -> LoraSize | None:
     folder = config_folder(config)
     dim = int(config.network_dim)
     total = LoraSize(0, 0)
+    if getattr(config, "network_module", "networks.lora") == "lycoris.kohya":
+        return _lycoris_size(config, folder)
     try:
         if not config.network_train_text_encoder_only:
             if (unet := _read(folder, "unet")) is None:
@@ -105,6 +107,23 @@ def lora_size(config) -> LoraSize | None:
     except (KeyError, TypeError, ValueError, IndexError):
         return None
     return total
+
+
+def _lycoris_size(config, folder: Path) -> LoraSize | None:
+    """A ``lycoris.kohya`` network's size (engine.fit.lycoris_size); about 3 tensors a module."""
+    from engine.errors import ConfigError
+    from engine.fit.lycoris_size import lycoris_param_count
+
+    unet, te = _read(folder, "unet"), _read(folder, "text_encoder")
+    if unet is None or te is None:
+        return None
+    try:
+        modules, params = lycoris_param_count(config.network_args, int(config.network_dim), config.network_alpha,
+                                              unet, te, train_unet=not config.network_train_text_encoder_only,
+                                              train_text_encoder=not config.network_train_unet_only)
+    except (ConfigError, KeyError, TypeError, ValueError, IndexError, StopIteration):
+        return None
+    return LoraSize(modules, params)
 
 
 def checkpoint_bytes(size: LoraSize, save_precision: str | None) -> int:

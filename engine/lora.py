@@ -143,6 +143,9 @@ class LoraNetwork:
                    [m for m in self.modules if m.part != "text_encoder"])
         return apply_max_norm([(m.down, m.up, m.alpha) for m in ordered], max_norm, device)
 
+    def place(self, device) -> None:
+        """Nothing to move: the peft adapters live inside the models and move with them."""
+
     # ------------------------------------------------------------------ save
     def state_dict_kohya(self, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
         """The adapters as kohya writes them: CPU, contiguous, ``dtype`` if given.

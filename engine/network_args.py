@@ -126,8 +126,8 @@ def parse_network_args(items: list[str] | tuple[str, ...] | None, network_module
         return _parse_dylora(kw, dim, alpha)
     for key in kw:
         if key in LYCORIS:
-            raise ConfigError(f"{FLAG}: {key}= is a LyCORIS option; it needs --network_module=lycoris.kohya, "
-                              f"which spyke-cockpit does not support yet (only {network_module})")
+            raise ConfigError(f"{FLAG}: {key}= is a LyCORIS option; it needs --network_module=lycoris.kohya "
+                              f"(not {network_module})")
         if key in DYLORA:
             raise ConfigError(f"{FLAG}: {key}= is a DyLoRA option; it needs --network_module={DYLORA_MODULE}")
         if key not in KNOWN:

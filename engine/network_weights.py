@@ -59,8 +59,12 @@ def resolve_dim_from_weights(cfg):
 
 
 def load_network_weights(network, path: str) -> str:
-    """Copy the file's weights into ``network`` (an ``engine.lora.LoraNetwork``); the info line to log."""
+    """Copy the file's weights into ``network`` (an ``engine.lora.LoraNetwork``); the info line to log.
+    A ``lycoris.kohya`` network loads its own keys (``engine.lycoris_net.LycorisNet.load_weights_file``)."""
     import torch
+
+    if callable(getattr(network, "load_weights_file", None)):
+        return network.load_weights_file(path)
 
     tensors = _read(path)
     loaded = 0

@@ -251,7 +251,7 @@ def test_network_and_rank_dropout_act_on_the_down_output_as_kohya(tiny_cache):
 # --------------------------------------------------------------------------- config
 @pytest.mark.parametrize("items, message", [
     (["algo=locon", "conv_dim=4"], "--network_args algo= is a LyCORIS option; it needs "
-                                   "--network_module=lycoris.kohya, which spyke-cockpit does not support yet"),
+                                   "--network_module=lycoris.kohya (not networks.lora)"),
     (["conv_dims=4"], "--network_args unknown key 'conv_dims' for networks.lora; known: conv_dim, conv_alpha"),
     (["block_dims=1,2,3"], "--network_args block_dims must have 25 comma-separated values for SD1.x "
                            "(IN00-IN11, MID, OUT00-OUT11), got 3"),

@@ -6,8 +6,9 @@ peak = runtime + frozen weights + LoRA (weights, grads, optimizer state)
 * frozen weights: UNet + text encoder in the training dtype (fp32, or 2 bytes under fp16/bf16), the
   VAE in fp32 with ``--no_half_vae`` or without mixed precision; counts from the weight files'
   headers (engine.fit.shapes).
-* LoRA: ``network_dim`` × Σ(in + out) over the targeted modules; fp32 weights + fp32 grads +
-  the optimizer's state (bytes per parameter in :data:`OPTIMIZER_STATE_BYTES`).
+* LoRA: ``network_dim`` × Σ(in + out) over the targeted modules (a ``lycoris.kohya`` network: its
+  parameter count, engine.fit.lycoris_size); fp32 weights + fp32 grads + the optimizer's state (bytes
+  per parameter in :data:`OPTIMIZER_STATE_BYTES`).
 * activations: the UNet's saved activations for backward grow with batch × latent pixels × the
   channel width at each level (:func:`unet_activation_units`), times a coefficient fitted by
   measurement, one with and one without gradient checkpointing; the text encoder's, when it is
@@ -66,6 +67,8 @@ class Settings:
     mixed_precision: str = "no"
     no_half_vae: bool = False
     network_dim: int = 4
+    network_module: str = "networks.lora"
+    network_args: tuple[str, ...] = ()
     train_unet: bool = True
     train_text_encoder: bool = True
     optimizer: str = "adamw"
@@ -134,6 +137,13 @@ def estimate(shapes: ModelShapes, s: Settings, coefficients: dict | None = None)
                (shapes.text_encoder.lora_per_rank if s.train_text_encoder else 0)
     state = OPTIMIZER_STATE_BYTES.get(s.optimizer.lower(), DEFAULT_OPTIMIZER_STATE_BYTES)
     lora = s.network_dim * per_rank * (4 + 4 + state)
+    if s.network_module == "lycoris.kohya":   # LyCORIS's own factors (engine.fit.lycoris_size)
+        from engine.fit.lycoris_size import lycoris_param_count
+
+        _, count = lycoris_param_count(list(s.network_args), s.network_dim, 1.0, shapes.unet_config,
+                                       shapes.text_encoder_config, train_unet=s.train_unet,
+                                       train_text_encoder=s.train_text_encoder)
+        lora = count * (4 + 4 + state)
     lw, lh = max(1, s.width // 8), max(1, s.height // 8)
     coef = k["unet_act_gc"] if s.gradient_checkpointing else k["unet_act_nogc"]
     acts = s.batch * unet_activation_units(shapes.unet_config, lw, lh) * _act_bytes(s) * coef

@@ -104,7 +104,8 @@ def settings_for(config, plan_dataset=None, device: str = "cpu") -> Settings:
         optimizer = config.optimizer_type
     return Settings(width=w, height=h, batch=batch, gradient_checkpointing=config.gradient_checkpointing,
                     mixed_precision=config.mixed_precision, no_half_vae=config.no_half_vae,
-                    network_dim=config.network_dim, train_unet=not config.network_train_text_encoder_only,
+                    network_dim=config.network_dim, network_module=config.network_module,
+                    network_args=tuple(config.network_args), train_unet=not config.network_train_text_encoder_only,
                     train_text_encoder=not config.network_train_unet_only, optimizer=optimizer.rsplit(".", 1)[-1],
                     cache_latents=config.cache_latents, sample_size=_sample_size(config), device=device,
                     cached_images=len(entries) * flips, text_chunks=(config.max_token_length or 75) // 75)

@@ -90,8 +90,8 @@ def build_metadata(values: Mapping[str, object]) -> dict[str, str]:
             continue
         meta[full] = _meta_str(value)
     meta.update(FIXED_METADATA)
-    if values.get("network_module"):
-        meta["ss_network_module"] = str(values["network_module"])      # networks.dylora
+    if values.get("network_module"):   # kohya: ss_network_module is --network_module
+        meta["ss_network_module"] = str(values["network_module"])
     if values.get("base_model_version"):
         meta["ss_base_model_version"] = str(values["base_model_version"])   # sd_v1_v for v-prediction
 
@@ -127,11 +127,16 @@ def build_metadata(values: Mapping[str, object]) -> dict[str, str]:
     return meta
 
 
-def _network_args(items) -> dict[str, str]:
-    """kohya's ``ss_network_args``: the ``--network_args`` as the dict of strings it passed on."""
+def _network_args(cfg) -> dict:
+    """kohya's ``ss_network_args``: the ``--network_args`` as the dict it passed on (for lycoris.kohya with
+    kohya's ``dropout`` = --network_dropout added unless given)."""
+    if cfg.network_module == "lycoris.kohya":
+        from engine.lycoris_args import lycoris_kwargs
+
+        return lycoris_kwargs(cfg.network_args, cfg.network_dropout)
     from engine.network_args import split_items
 
-    return split_items(items)
+    return split_items(cfg.network_args)
 
 
 def run_metadata(cfg, plan, base, *, run_id: str, started_at: float, seed: int, step: int,
@@ -157,7 +162,7 @@ def run_metadata(cfg, plan, base, *, run_id: str, started_at: float, seed: int, 
         # kohya turns the flag off (False) for a network without max-norm support (networks.dylora)
         "scale_weight_norms": (False if cfg.scale_weight_norms and cfg.network_module == "networks.dylora"
                                else cfg.scale_weight_norms),
-        **({"network_args": _network_args(cfg.network_args)} if cfg.network_args else {}),
+        **({"network_args": _network_args(cfg)} if cfg.network_args else {}),
         "learning_rate": cfg.learning_rate,
         "unet_lr": cfg.unet_lr,
         "text_encoder_lr": cfg.text_encoder_lr,

@@ -26,7 +26,7 @@ class Models:
     vae: Any
     te: Any
     tokenizer: Any
-    network: Any                    # engine.lora.LoraNetwork (engine.dylora.DyLoraNetwork for networks.dylora)
+    network: Any                    # engine.lora.LoraNetwork, engine.dylora.DyLoraNetwork or engine.lycoris_net.LycorisNet
     weight_dtype: Any               # the frozen base weights' dtype
     vae_dtype: Any
     save_dtype: Any
@@ -67,11 +67,18 @@ def setup_models(cfg: TrainConfig, base, device, seed: int) -> Models:
     unet_lr, te_lr = cfg.effective_unet_lr(), cfg.effective_text_encoder_lr()
     train_te = not cfg.network_train_unet_only
     train_unet = not cfg.network_train_text_encoder_only and unet_lr > 0
-    network_args = parse_network_args(cfg.network_args, cfg.network_module, dim=cfg.network_dim,
-                                      alpha=cfg.network_alpha)
-    if cfg.network_module == "networks.dylora":
+    if cfg.network_module == "lycoris.kohya":  # the LyCORIS library's own network (engine.lycoris_net)
+        from engine.lycoris_net import apply_lycoris
+
+        network = apply_lycoris(unet, te, dim=cfg.network_dim, alpha=cfg.network_alpha, network_args=cfg.network_args,
+                                dropout=cfg.network_dropout, train_unet=not cfg.network_train_text_encoder_only,
+                                unet_frozen=not train_unet, train_text_encoder=train_te, text_encoder_frozen=te_lr == 0)
+        notes += network.notes
+    elif cfg.network_module == "networks.dylora":
         from engine.dylora import apply_dylora
 
+        network_args = parse_network_args(cfg.network_args, cfg.network_module, dim=cfg.network_dim,
+                                          alpha=cfg.network_alpha)
         network = apply_dylora(unet, te, dim=cfg.network_dim, alpha=cfg.network_alpha, network_args=network_args,
                                train_unet=train_unet, train_text_encoder=train_te, text_encoder_frozen=te_lr == 0)
         notes.append(f"DyLoRA: each module trains a random block of {network.unit} of its {network.dim} ranks "
@@ -79,13 +86,16 @@ def setup_models(cfg: TrainConfig, base, device, seed: int) -> Models:
     else:
         network = apply_lora(unet, te, dim=cfg.network_dim, alpha=cfg.network_alpha, train_unet=train_unet,
                              train_text_encoder=train_te, text_encoder_frozen=te_lr == 0,
-                             network_args=network_args, dropout=cfg.network_dropout)
+                             network_args=parse_network_args(cfg.network_args, cfg.network_module,
+                                                             dim=cfg.network_dim, alpha=cfg.network_alpha),
+                             dropout=cfg.network_dropout)
     train_te = train_te and te_lr > 0
     # Frozen base weights in the training dtype; LoRA weights stay fp32 (kohya does the same).
     unet.to(device, dtype=weight_dtype)
     te.to(device, dtype=weight_dtype)
     vae_dtype = torch.float32 if (cfg.no_half_vae or cfg.mixed_precision == "no") else weight_dtype
     vae.to(device, dtype=vae_dtype)
+    network.place(device)
     vae.requires_grad_(False)
     vae.eval()
     for p in network.unet_params + network.text_encoder_params:
@@ -146,6 +156,11 @@ def param_groups(models: Models) -> list[dict]:
     weights, each at unet_lr × weight), then ``text_encoder``; each with a ``… plus`` group of its
     lora_up weights under LoRA+ (kohya's descriptions, ``textencoder`` spelled as the engine's group)."""
     net = models.network
+    if callable(getattr(net, "param_groups", None)):   # lycoris.kohya: LyCORIS's prepare_optimizer_params
+        groups = net.param_groups(models.unet_lr if models.train_unet else 0.0, models.te_lr if models.train_te else 0.0)
+        if not groups:
+            raise ConfigError("nothing to train: unet_lr and text_encoder_lr are both 0 (or the network is frozen)")
+        return groups
     groups: list[dict] = []
     unet_modules = [m for m in net.modules if m.part == "unet"]
     if models.train_unet and unet_modules:
