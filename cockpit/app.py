@@ -26,6 +26,7 @@ from cockpit.modals import SaveTomlScreen
 from cockpit.monitor import MonitorApp, one_line
 from cockpit.panels import PreviewPanel
 from cockpit.sources import EventSource, LiveSource
+from cockpit.fit_restart import can_fit_restart, offer_fit_restart
 from cockpit.restart import RestartChoice, RestartOffer, RestartScreen, free_name, replaced_files, restart_config
 from cockpit.state import ENDED, PlanPreviewed, StartRequested
 from engine.api import LogMessage, SpykeError, TrainConfig, build_config, to_toml
@@ -66,6 +67,8 @@ START = Binding("ctrl+r", "start", "Start", id="start", priority=True, tooltip="
 SAVE_TOML = Binding("ctrl+s", "save_toml", "Save TOML", id="save_toml", priority=True, tooltip="save the form as TOML")
 TOGGLE_FORM = Binding("f", "toggle_form", "Form", id="toggle_form",
                       tooltip="show / hide the form (hidden on Start below 140 columns)")
+FIT = Binding("m", "fit_restart", "Restart to fit", id="fit_restart",
+              tooltip="out of memory: restart with one of the settings that would fit")
 COLLAPSE_BELOW = 140        # a terminal narrower than this hides the form on Start: the run's panels get the room
 
 
@@ -73,7 +76,7 @@ class CockpitApp(MonitorApp, inherit_bindings=False):
     """The editor and the monitor of a run in this process."""
 
     # the monitor's keys with the editor's, in the footer's order (Start first, Save TOML after Abort)
-    BINDINGS = [START, *MonitorApp.BINDINGS[:3], SAVE_TOML, TOGGLE_FORM, *MonitorApp.BINDINGS[3:]]
+    BINDINGS = [START, FIT, *MonitorApp.BINDINGS[:3], SAVE_TOML, TOGGLE_FORM, *MonitorApp.BINDINGS[3:]]
 
     def __init__(self, source: EventSource | None = None, *, config: TrainConfig | None = None,
                  config_path: Path | None = None, demo: bool = False, autostart: bool = False,
@@ -256,7 +259,12 @@ class CockpitApp(MonitorApp, inherit_bindings=False):
             return True if self._can_start() else None
         if action == "save_toml":
             return True if self._form_valid else None
+        if action == "fit_restart":
+            return can_fit_restart(self.state, getattr(getattr(self, "form", None), "config", None))
         return super().check_action(action, parameters)
+
+    def action_fit_restart(self) -> None:
+        offer_fit_restart(self)
 
     @on(Button.Pressed, "#start")
     def _start_pressed(self, event: Button.Pressed) -> None:

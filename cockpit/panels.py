@@ -13,40 +13,20 @@ from typing import Any
 
 from rich.text import Text
 from textual.app import ComposeResult
-from textual.containers import Container, Vertical
+from textual.containers import Container
 from textual.widgets import DataTable, RichLog, Sparkline, Static
 from textual_plotext import PlotextPlot
 
 from cockpit.chart import draw_loss, draw_lr, legend_markup
+from cockpit.memory_panel import MemoryPanel, memory_bars, memory_lines  # noqa: F401 - the live panels' set
+from cockpit.panel_base import Panel
 from cockpit.state import (CockpitState, best_validation, elapsed, eta_next_checkpoint, eta_seconds, format_duration,
-                           memory_pressure, next_checkpoint, resume_command, status_word, steps_per_second)
+                           next_checkpoint, resume_command, status_word, steps_per_second)
 from engine.api import format_bytes
 
 STATUS_TONES = {"pending": ("bold reverse yellow", "yellow"), "paused": ("bold reverse yellow", "yellow"),
                 "failed": ("bold reverse red", "red"), "aborted": ("bold reverse yellow", "dim"),
                 "done": ("bold reverse green", "dim"), "phase": ("bold reverse", "dim")}
-WARN_LEVEL = 0.85
-CRITICAL_LEVEL = 0.95
-
-
-class Panel(Vertical):
-    """A bordered panel with a title; subclasses implement :meth:`show`."""
-
-    def __init__(self, title: str, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.border_title = title
-        self._version = -1
-
-    def changed(self, state: CockpitState) -> bool:
-        if state.version == self._version:
-            return False
-        self._version = state.version
-        return True
-
-    def show(self, state: CockpitState, now: float) -> None:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-
 # ---------------------------------------------------------------- progress
 def _fmt_lr(value: float) -> str:
     return f"{value:.2e}" if value else "0"
@@ -201,65 +181,6 @@ class LossPanel(Panel):
             title += f"  [dim]· {self._lag}[/]"
         if self.border_title != title:
             self.border_title = title
-
-
-# ---------------------------------------------------------------- memory
-BARS = " ▁▂▃▄▅▆▇█"
-
-
-def memory_bars(values: tuple[int, ...] | list[int], total: int | None, width: int) -> str:
-    """One bar per sample, the newest right, scaled to ``total`` (the machine's memory), not to the peak."""
-    values = list(values)[-max(1, width):]
-    if not values:
-        return ""
-    top = total if total and total > 0 else max(values) or 1
-    return "".join(BARS[min(8, max(0, round(8 * v / top)))] if v > 0 else BARS[0] for v in values)
-
-
-def memory_lines(m: Any) -> list[str]:
-    """The memory figures, the most needed first."""
-    level = memory_pressure(m)
-    lines = [f"pressure {level * 100:.0f}%" + ("  ⚠ near the limit" if level >= WARN_LEVEL else "")]
-    dev = (m.device or "").lower()
-    if dev.startswith("mps"):
-        lines.append(f"MPS current {format_bytes(m.allocated)} · driver {format_bytes(m.reserved)}")
-        lines.append(f"recommended max {format_bytes(m.device_total)}")
-    elif dev.startswith("cuda"):
-        lines.append(f"CUDA {format_bytes(m.allocated)} alloc · {format_bytes(m.reserved)} reserved")
-        lines.append(f"peak {format_bytes(m.peak)} · total {format_bytes(m.device_total)}")
-    else:
-        lines.append(f"device {m.device or 'cpu'}")
-    lines.append(f"RSS {format_bytes(m.rss)} · RAM {format_bytes(m.sys_used)} / {format_bytes(m.sys_total)}")
-    lines.append(f"{format_bytes(m.sys_available)} RAM available")
-    return lines
-
-
-class MemoryPanel(Panel):
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__("Memory", **kwargs)
-
-    def compose(self) -> ComposeResult:
-        yield Static("no samples yet", id="memory-text")
-        yield Static("", id="memory-spark")
-
-    def show(self, state: CockpitState, now: float) -> None:
-        if not self.changed(state):
-            return
-        m = state.memory
-        if m is None:
-            return
-        level = memory_pressure(m)
-        self.query_one("#memory-text", Static).update("\n".join(memory_lines(m)), layout=False)
-        self.set_class(WARN_LEVEL <= level < CRITICAL_LEVEL, "-warn")
-        self.set_class(level >= CRITICAL_LEVEL, "-critical")
-        # the history holds device memory where the device reports it, else the process's RSS
-        total = m.device_total if m.allocated is not None else m.sys_total
-        spark = self.query_one("#memory-spark", Static)
-        spark.update(Text(memory_bars(state.memory_history, total, spark.size.width or 40), style="blue"),
-                     layout=False)
-        subtitle = f"bars scaled to {format_bytes(total)}" if total else ""
-        if self.border_subtitle != subtitle:
-            self.border_subtitle = subtitle
 
 
 # ---------------------------------------------------------------- checkpoints

@@ -19,13 +19,13 @@ from pathlib import Path
 from typing import Iterable
 
 from cockpit.history import LossHistory, ema_update, smooth
+from cockpit.memory_state import MEMORY_HISTORY, fold_memory, memory_pressure  # noqa: F401 - re-exported
 from cockpit.samples import SampleBook, fold as fold_samples
 from engine.api import (RUNS_DIRNAME, CheckpointSaved, Event, LogMessage, MemorySample, PhaseChanged, RunFinished,
                         RunStarted, SamplesSaved, StepCompleted, ValidationLoss, format_bytes)
 
 RATE_WINDOW = 20          # steps used for it/s
 LOG_LIMIT = 200           # lines kept in the log panel
-MEMORY_HISTORY = 60       # memory samples kept for the sparkline
 DEFAULT_SMOOTHING = 0.9
 
 
@@ -162,6 +162,8 @@ class CockpitState:
     rate_window: tuple[tuple[float, int], ...] = ()
     memory: MemorySample | None = None
     memory_history: tuple[int, ...] = ()
+    swap_at_start: int | None = None      # swap in use at the run's first memory sample
+    swap_growth: int = 0                  # swap in use now minus that
     checkpoints: tuple[CheckpointRow, ...] = ()
     validation: tuple[ValidationPoint, ...] = ()
     samples: tuple[SampleBatch, ...] = ()
@@ -178,6 +180,7 @@ class CockpitState:
     error: str | None = None
     final_path: str | None = None
     resume_hint: str | None = None
+    fits: tuple[str, ...] = ()            # out of memory: the settings that would fit (engine's words)
     history: LossHistory = field(default_factory=LossHistory, compare=False, repr=False)
     sample_book: SampleBook = field(default_factory=SampleBook)   # sample sets and validation losses by step
     lr_history: tuple[tuple[str, LossHistory], ...] = field(default=(), compare=False, repr=False)
@@ -199,9 +202,7 @@ def reduce(state: CockpitState, event: Action) -> CockpitState:
     if isinstance(event, StepCompleted):
         return _reduce_step(state, event, v)
     if isinstance(event, MemorySample):
-        value = event.allocated if event.allocated is not None else event.rss
-        return replace(state, memory=event, memory_history=(state.memory_history + (value,))[-MEMORY_HISTORY:],
-                       version=v)
+        return fold_memory(state, event, v)
     if isinstance(event, RunStarted):
         resumed = f" (resumed at step {event.start_step})" if event.start_step else ""
         fresh = CockpitState(smoothing=state.smoothing, log=state.log)
@@ -266,8 +267,8 @@ def reduce(state: CockpitState, event: Action) -> CockpitState:
         return replace(state, status=event.status, phase="finished", paused=False, pause_requested=False,
                        pending="", paused_since=None, paused_total=_pauses_until(state, event.t),
                        step=max(state.step, event.step), error=event.error, final_path=event.final_path,
-                       resume_hint=event.resume_hint, finished_at=event.t, last_event_at=event.t, log=log,
-                       version=v)
+                       resume_hint=event.resume_hint, fits=tuple(event.fits), finished_at=event.t,
+                       last_event_at=event.t, log=log, version=v)
     if isinstance(event, StartRequested):
         # What the last run showed stays on screen until the new one starts (RunStarted) or fails to.
         return replace(state, status="starting", phase="loading", phase_detail="", pending="", error=None,
@@ -459,20 +460,6 @@ def format_duration(seconds: float | None) -> str:
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
-
-
-def memory_pressure(sample: MemorySample | None) -> float:
-    """The fullest of the limits that matter, 0..1 (device budget, then system RAM)."""
-    if sample is None:
-        return 0.0
-    levels = []
-    if sample.device_total:
-        used = sample.reserved if sample.reserved is not None else sample.allocated
-        if used is not None:
-            levels.append(used / sample.device_total)
-    if sample.sys_total:
-        levels.append(1.0 - sample.sys_available / sample.sys_total)
-    return max(levels, default=0.0)
 
 
 def last_state_dir(state: CockpitState) -> str | None:

@@ -66,6 +66,7 @@ class MemoryReading:
     reserved: int | None = None
     peak: int | None = None
     device_total: int | None = None
+    swap_used: int | None = None        # the system's swap in use (on a Mac: unified memory spilling to disk)
 
 
 def _safe(fn, *args):
@@ -75,9 +76,27 @@ def _safe(fn, *args):
         return None
 
 
+def _mps_call(torch, name: str) -> int | None:
+    """``torch.mps.<name>()`` where this torch has it (older builds lack driver_allocated_memory and
+    recommended_max_memory), else None."""
+    fn = getattr(getattr(torch, "mps", None), name, None)
+    return _safe(fn) if callable(fn) else None
+
+
+def swap_used() -> int | None:
+    """Swap in use, every platform (psutil); None where it cannot be read."""
+    try:
+        import psutil
+
+        return int(psutil.swap_memory().used)
+    except Exception:  # noqa: BLE001 - containers without /proc/swaps, odd platforms
+        return None
+
+
 def read_memory(device_type: str) -> MemoryReading:
-    """Process RSS and system RAM always (unified memory on a Mac is the real limit);
-    CUDA allocated/reserved/peak/total or MPS current/driver/recommended-max when present."""
+    """Process RSS, system RAM and swap always (unified memory on a Mac is the real limit, and swap
+    growing is its pressure); CUDA allocated/reserved/peak/total or MPS current/driver/recommended-max
+    when present."""
     import psutil
 
     vm = psutil.virtual_memory()
@@ -98,11 +117,11 @@ def read_memory(device_type: str) -> MemoryReading:
         import torch
 
         if mps_available():
-            allocated = _safe(torch.mps.current_allocated_memory)
-            reserved = _safe(torch.mps.driver_allocated_memory)
-            total = _safe(torch.mps.recommended_max_memory)
+            allocated = _mps_call(torch, "current_allocated_memory")
+            reserved = _mps_call(torch, "driver_allocated_memory")
+            total = _mps_call(torch, "recommended_max_memory")
     return MemoryReading(device_type, rss, int(vm.total - vm.available), int(vm.available), int(vm.total),
-                         allocated, reserved, peak, total)
+                         allocated, reserved, peak, total, swap_used())
 
 
 def empty_cache(device_type: str) -> None:

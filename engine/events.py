@@ -87,6 +87,7 @@ class MemorySample(Event):
     reserved: int | None = None       # CUDA reserved / MPS driver_allocated_memory
     peak: int | None = None           # CUDA max_memory_allocated
     device_total: int | None = None   # CUDA total / MPS recommended_max_memory
+    swap_used: int | None = None      # system swap in use (psutil), every platform
 
 
 @dataclass(frozen=True)
@@ -168,6 +169,7 @@ class RunFinished(Event):
     error: str | None = None
     final_path: str | None = None
     resume_hint: str | None = None
+    fits: list[str] = field(default_factory=list)   # out of memory: the kohya flags that would fit, best first
 
 
 EVENT_TYPES: dict[str, type[Event]] = {

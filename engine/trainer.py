@@ -83,7 +83,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ public
     def run(self) -> RunResult:
-        status, error, final_path, hint = "failed", None, None, None
+        status, error, final_path, hint, fits = "failed", None, None, None, []
         try:
             final_path, status = self._run()
             if status == "aborted":
@@ -91,6 +91,7 @@ class Trainer:
         except SpykeError as err:
             error = str(err)
             hint = self._resume_hint()
+            fits = list(getattr(err, "fits", ()))
             self._emit(LogMessage(level="error", message=error))
         except Exception as err:  # noqa: BLE001 - reported as one line; the trace goes to the run folder
             error = f"{type(err).__name__}: {err}".splitlines()[0]
@@ -100,7 +101,7 @@ class Trainer:
         self._emit(PhaseChanged(phase="finished", detail=status))
         c = self.counters
         self._emit(RunFinished(status=status, step=c.global_step, error=error,
-                               final_path=str(final_path) if final_path else None, resume_hint=hint))
+                               final_path=str(final_path) if final_path else None, resume_hint=hint, fits=fits))
         if self._log is not None:
             self._log.close()
         return RunResult(status, c.global_step, final_path, error, self.run_dir, c.losses, c.saved)

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from engine.devices import read_memory
 from engine.events import LogMessage, MemorySample, PhaseChanged, StepCompleted
-from engine.train.nan_policy import grads_finite
+from engine.train.nan_policy import grad_norm
+from engine.train.readout import finish_read
 from engine.train.validation import Validator
 
 MEMORY_SAMPLE_SECONDS = 2.0
@@ -19,7 +20,7 @@ def memory_sample(device_type: str) -> MemorySample:
     m = read_memory(device_type)
     return MemorySample(device=m.device, rss=m.rss, sys_used=m.sys_used, sys_available=m.sys_available,
                         sys_total=m.sys_total, allocated=m.allocated, reserved=m.reserved, peak=m.peak,
-                        device_total=m.device_total)
+                        device_total=m.device_total, swap_used=m.swap_used)
 
 
 class Loop:
@@ -84,10 +85,11 @@ class Loop:
             step_started = time.perf_counter()
             step = c.global_step + 1
             job.oom.step_starts()                    # where an out-of-memory stop rewinds to
-            loss_value, nonfinite = step_fn.forward_backward(groups[c.batch_in_epoch], step, job.loss_hook,
-                                                             epoch=c.epoch + 1)
-            if nonfinite is None and not grads_finite(cfg, job.params, job.accelerator):
-                nonfinite = "gradient"
+            got = step_fn.forward_backward(groups[c.batch_in_epoch], step, job.loss_hook, epoch=c.epoch + 1,
+                                           read_last=cfg.mixed_precision == "fp16")
+            loss_value, nonfinite = got.value, got.nonfinite
+            if nonfinite is None:               # one host read: the last loss and the gradient norm together
+                loss_value, nonfinite = finish_read(got, grad_norm(cfg, job.params, job.accelerator))
             skipped = False
             if nonfinite is not None:
                 optimizer.zero_grad(set_to_none=True)

@@ -19,23 +19,32 @@ class NonFiniteLoss(SpykeError):
     pass
 
 
-def grads_finite(cfg: TrainConfig, params: list, accelerator) -> bool:
-    """Clip the gradients (``--max_grad_norm``) and say whether their norm is finite."""
+def grad_norm(cfg: TrainConfig, params: list, accelerator):
+    """Clip the gradients (``--max_grad_norm``) and return their norm as a tensor, unread (no host sync);
+    None under fp16, whose grad scaler skips inf/NaN updates itself."""
     import torch
 
     norm = None
     if cfg.max_grad_norm and cfg.max_grad_norm > 0:
         if cfg.mixed_precision == "fp16":   # unscales through the grad scaler first
-            norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-        else:
-            norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm, foreach=True)
+            accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+            return None
+        norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm, foreach=True)
     if cfg.mixed_precision == "fp16":
-        return True  # the grad scaler skips inf/NaN updates itself
+        return None
     if norm is None:
         grads = [p.grad for p in params if p.grad is not None]
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) if grads \
             else torch.tensor(0.0)
-    return bool(torch.isfinite(norm))
+    return norm
+
+
+def grads_finite(cfg: TrainConfig, params: list, accelerator) -> bool:
+    """Clip the gradients (``--max_grad_norm``) and say whether their norm is finite."""
+    import torch
+
+    norm = grad_norm(cfg, params, accelerator)
+    return True if norm is None else bool(torch.isfinite(norm))
 
 
 def copy_snapshot(resumable: dict) -> dict:

@@ -25,7 +25,12 @@ OOM_MARKERS = ("out of memory", "can't allocate memory", "cannot allocate memory
 
 
 class OutOfMemory(SpykeError):
-    """The run stopped because the device (or the machine) ran out of memory."""
+    """The run stopped because the device (or the machine) ran out of memory; ``fits`` holds the settings
+    that would lower the peak, as the line names them (``--cache_latents (−1.2 GB est.)``), best first."""
+
+    def __init__(self, message: str, fits: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.fits = list(fits or [])
 
 
 def is_oom(err: BaseException) -> bool:
@@ -166,4 +171,4 @@ class OomGuard:
         known = {item.split(" ", 1)[0].split("=", 1)[0] for item in estimated}
         fits = estimated + [a for a in static_advice(job.cfg, job.device_type) if a.split("=", 1)[0] not in known]
         advice = f"; to fit, try: {', '.join(fits)}" if fits else ""
-        return OutOfMemory(f"out of memory at {where} ({what}; {peak}){state}{advice}")
+        return OutOfMemory(f"out of memory at {where} ({what}; {peak}){state}{advice}", fits)

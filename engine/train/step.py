@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import math
 import random
 from typing import Callable
 
 from engine.config import TrainConfig
+from engine.train.readout import StepLoss
 from engine.train.setup import Models
 
 VAE_SCALE = 0.18215     # SD1's latent scaling factor
@@ -190,21 +192,27 @@ class TrainStep:
 
     # ---- forward + backward
     def forward_backward(self, group: list, step: int, loss_hook: Callable | None, *,
-                         epoch: int | None = None) -> tuple[float, str | None]:
-        """Accumulate the gradients of one optimizer step's batches. Returns (mean loss, None), or
-        (partial loss, "loss") at the first non-finite loss, which is not backpropagated. ``epoch`` is
-        1-based and ``step`` the step being made (caption dropout per epoch, token warm-up)."""
-        import torch
-
+                         epoch: int | None = None, read_last: bool = True) -> StepLoss:
+        """Accumulate the gradients of one optimizer step's batches. Each loss is read once, before its
+        backward pass, and the first non-finite one stops there unbackpropagated (``nonfinite="loss"``).
+        With ``read_last=False`` the last batch's loss is backpropagated unread and left ``pending`` for
+        :func:`engine.train.readout.finish_read`. ``epoch`` is 1-based and ``step`` the step being made
+        (caption dropout per epoch, token warm-up)."""
         accum = self.cfg.gradient_accumulation_steps
-        loss_value = 0.0
-        for batch_ids in group:
+        result = StepLoss(0.0, batches=len(group))
+        for i, batch_ids in enumerate(group):
             batch = self.plan.dataset.load_batch(batch_ids, self.data_rng, epoch=epoch, step=step - 1)
             loss = self.loss(batch)
             if loss_hook is not None:
                 loss = loss_hook(step, loss)
-            if not torch.isfinite(loss):
-                return loss_value, "loss"
+            if not read_last and i == len(group) - 1:
+                self.m.accelerator.backward(loss / accum)
+                result.pending = loss.detach()
+                return result
+            value = float(loss.detach())        # this batch's one host read: the NaN guard and the step's loss
+            if not math.isfinite(value):
+                result.nonfinite = "loss"
+                return result
             self.m.accelerator.backward(loss / accum)
-            loss_value += float(loss.detach()) / len(group)
-        return loss_value, None
+            result.value += value / len(group)
+        return result
