@@ -778,3 +778,36 @@ async def test_preview_shows_the_memory_estimate_and_verdict(tiny_cache, tmp_pat
     async with app.run_test(size=SIZE) as pilot:
         preview = await planned_preview(app, pilot)
         assert "est. peak 0.5 GB of 16.0 GB unified · fits" in preview
+
+
+def test_the_loss_chart_pace_draws_at_most_once_a_second_unless_forced():
+    from cockpit.monitor import CHART_INTERVAL, RENDER_INTERVAL, Pace
+
+    pace = Pace(CHART_INTERVAL)
+    assert pace.due(100.0) is True                                  # the first redraw draws it
+    assert pace.due(100.0 + RENDER_INTERVAL) is False               # half a second later: text panels only
+    assert pace.due(100.0 + RENDER_INTERVAL, force=True) is True    # paused, ended, keys changed: at once
+    assert pace.due(100.0 + RENDER_INTERVAL + CHART_INTERVAL - 0.01) is False
+    assert pace.due(100.0 + RENDER_INTERVAL + CHART_INTERVAL) is True
+
+
+@sync
+async def test_a_chart_lagging_behind_the_run_says_how_old_it_is_and_an_ended_run_draws_it_at_once():
+    from cockpit.monitor import CHART_INTERVAL
+    from cockpit.panels import LossPanel
+
+    app = make_app(config=valid_config())
+    async with app.run_test(size=SIZE) as pilot:
+        await start_run(app, pilot)
+        assert app.chart_lag_allowed() > CHART_INTERVAL          # its own pace is not reported as a lag
+        panel = app.screen_stack[0].query_one(LossPanel)
+        app.source.emit(StepCompleted(step=2, epoch=1, loss=0.9, lrs={}, step_seconds=0.5, t=T0 + 3))
+        await settle(app, pilot, 0.3)
+        panel._plotted_at -= 5                                     # the chart was last drawn 5 s ago
+        panel._plotted_version = -1
+        panel.show_lag(app.state, app.chart_lag_allowed())
+        assert "chart updated 5s ago" in str(panel.border_title)
+        app.source.emit(RunFinished(status="completed", step=2, t=T0 + 4))
+        await settle(app, pilot, 0.3)
+        assert app.chart_due(T0, False) is True                   # ended: every redraw draws it
+        assert "chart updated" not in str(panel.border_title)

@@ -73,7 +73,20 @@ async def mid_run(pilot) -> None:
     await app.workers.wait_for_complete()
     app.source.emit(*mid_run_events())
     app.drain()
+    await chart_caught_up(pilot)
     await settled_screen(pilot)
+
+
+async def chart_caught_up(pilot, tries: int = 60) -> None:
+    """While a run trains, the loss chart redraws at its own pace (at most once a second): wait for the
+    redraw that shows the events fed, as a person looking a moment later sees it."""
+    from cockpit.panels import LossPanel
+
+    panel = pilot.app.screen_stack[0].query_one(LossPanel)
+    for _ in range(tries):
+        if panel._plotted_version == pilot.app.state.version:
+            return
+        await pilot.pause(0.1)
 
 
 async def settled_screen(pilot, tries: int = 60) -> None:
