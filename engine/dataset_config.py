@@ -33,7 +33,7 @@ from __future__ import annotations
 import difflib
 import re
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +44,34 @@ from engine.mask_config import check_conditioning_dataset, check_conditioning_su
 FOLDER_RE = re.compile(r"^(\d+)(?:_(.*))?$", re.DOTALL)
 
 
-@dataclass
-class DatasetArgs:
+@dataclass(frozen=True, kw_only=True)
+class CaptionOptions:
+    """kohya's caption and augmentation options (subset-or-above keys, kohya's names and defaults): a
+    subset's values, and the command line's fallbacks for them."""
+
+    caption_prefix: str | None = None
+    caption_suffix: str | None = None
+    caption_dropout_rate: float = 0.0
+    caption_dropout_every_n_epochs: int = 0
+    caption_tag_dropout_rate: float = 0.0
+    caption_separator: str = ","
+    keep_tokens_separator: str = ""
+    secondary_separator: str | None = None
+    enable_wildcard: bool = False
+    token_warmup_min: int = 1
+    token_warmup_step: float = 0
+    color_aug: bool = False
+    random_crop: bool = False
+    face_crop_aug_range: str | tuple[float, float] | None = None   # "lo,hi" on the command line
+
+
+CAPTION_KEYS = tuple(f.name for f in fields(CaptionOptions))
+_CONVERTED = ("caption_dropout_rate", "caption_tag_dropout_rate", "keep_tokens_separator")  # typed below
+CAPTION_KEYS_AS_IS = tuple(k for k in CAPTION_KEYS if k not in _CONVERTED)
+
+
+@dataclass(frozen=True)
+class DatasetArgs(CaptionOptions):
     """CLI-level fallbacks, with kohya flag names."""
 
     dataset_config: Path | None = None
@@ -66,28 +92,13 @@ class DatasetArgs:
     shuffle_caption: bool = False
     keep_tokens: int = 0
     flip_aug: bool = False
-    # captions and augmentation (kohya flag names and defaults)
-    caption_prefix: str | None = None
-    caption_suffix: str | None = None
-    caption_dropout_rate: float = 0.0
-    caption_dropout_every_n_epochs: int = 0
-    caption_tag_dropout_rate: float = 0.0
-    caption_separator: str = ","
-    keep_tokens_separator: str = ""
-    secondary_separator: str | None = None
-    enable_wildcard: bool = False
-    token_warmup_min: int = 1
-    token_warmup_step: float = 0
-    color_aug: bool = False
-    random_crop: bool = False
-    face_crop_aug_range: str | tuple[float, float] | None = None
     validation_split: float = 0.0
     validation_seed: int | None = None
     seed: int | None = None          # the run's --seed: the split's seed when validation_seed is not set
 
 
 @dataclass(frozen=True)
-class SubsetSpec:
+class SubsetSpec(CaptionOptions):
     image_dir: Path
     num_repeats: int
     caption_extension: str
@@ -97,20 +108,6 @@ class SubsetSpec:
     is_reg: bool
     flip_aug: bool
     where: str  # where it was declared, for messages ("ds.toml: datasets[0].subsets[1]")
-    caption_prefix: str | None = None
-    caption_suffix: str | None = None
-    caption_dropout_rate: float = 0.0
-    caption_dropout_every_n_epochs: int = 0
-    caption_tag_dropout_rate: float = 0.0
-    caption_separator: str = ","
-    keep_tokens_separator: str = ""
-    secondary_separator: str | None = None
-    enable_wildcard: bool = False
-    token_warmup_min: int = 1
-    token_warmup_step: float = 0
-    color_aug: bool = False
-    random_crop: bool = False
-    face_crop_aug_range: tuple[float, float] | None = None
     metadata_file: Path | None = None   # a fine-tuning subset (kohya FineTuningSubset)
     alpha_mask: bool = False            # the image's transparency is its loss mask
     conditioning_data_dir: Path | None = None   # mask images (red channel), kohya's ControlNet-style subset
@@ -379,16 +376,11 @@ def _make_subset(sub_layers: list[tuple[dict, str]], args: DatasetArgs, image_di
         image_dir=image_dir, num_repeats=vals["num_repeats"], caption_extension=vals["caption_extension"],
         class_tokens=class_tokens, shuffle_caption=vals["shuffle_caption"], keep_tokens=vals["keep_tokens"],
         is_reg=is_reg, flip_aug=vals["flip_aug"], where=where,
-        caption_prefix=vals["caption_prefix"], caption_suffix=vals["caption_suffix"],
+        **{key: vals[key] for key in CAPTION_KEYS_AS_IS},
         caption_dropout_rate=float(vals["caption_dropout_rate"]),
-        caption_dropout_every_n_epochs=vals["caption_dropout_every_n_epochs"],
         caption_tag_dropout_rate=float(vals["caption_tag_dropout_rate"]),
-        caption_separator=vals["caption_separator"], keep_tokens_separator=vals["keep_tokens_separator"] or "",
-        secondary_separator=vals["secondary_separator"], enable_wildcard=vals["enable_wildcard"],
-        token_warmup_min=vals["token_warmup_min"], token_warmup_step=vals["token_warmup_step"],
-        color_aug=vals["color_aug"], random_crop=vals["random_crop"],
-        face_crop_aug_range=vals["face_crop_aug_range"], metadata_file=metadata_file,
-        alpha_mask=bool(alpha_mask), conditioning_data_dir=conditioning_dir,
+        keep_tokens_separator=vals["keep_tokens_separator"] or "",
+        metadata_file=metadata_file, alpha_mask=bool(alpha_mask), conditioning_data_dir=conditioning_dir,
     )
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -70,43 +70,19 @@ class RunPlan:
         return [c for c in self.checkpoints if c.kept]
 
 
+UNSET_WHEN_EMPTY = ("caption_prefix", "caption_suffix", "secondary_separator", "face_crop_aug_range")
+PATHS = ("dataset_config", "train_data_dir", "reg_data_dir", "in_json")      # "" is no path
+
+
 def dataset_args(config: TrainConfig) -> DatasetArgs:
+    """The dataset's command-line fallbacks: each DatasetArgs field from the config field of its name
+    (kohya's flag names), paths and unset strings as None."""
+    names = [f.name for f in fields(DatasetArgs) if f.name not in ("resolution", *PATHS, *UNSET_WHEN_EMPTY)]
     return DatasetArgs(
-        dataset_config=Path(config.dataset_config) if config.dataset_config else None,
-        train_data_dir=Path(config.train_data_dir) if config.train_data_dir else None,
-        reg_data_dir=Path(config.reg_data_dir) if config.reg_data_dir else None,
-        in_json=Path(config.in_json) if config.in_json else None,
-        dataset_repeats=config.dataset_repeats,
-        alpha_mask=config.alpha_mask,
-        masked_loss=config.masked_loss,
         resolution=config.resolution_wh(),
-        train_batch_size=config.train_batch_size,
-        caption_extension=config.caption_extension,
-        enable_bucket=config.enable_bucket,
-        min_bucket_reso=config.min_bucket_reso,
-        max_bucket_reso=config.max_bucket_reso,
-        bucket_reso_steps=config.bucket_reso_steps,
-        bucket_no_upscale=config.bucket_no_upscale,
-        shuffle_caption=config.shuffle_caption,
-        keep_tokens=config.keep_tokens,
-        flip_aug=config.flip_aug,
-        caption_prefix=config.caption_prefix or None,
-        caption_suffix=config.caption_suffix or None,
-        caption_dropout_rate=config.caption_dropout_rate,
-        caption_dropout_every_n_epochs=config.caption_dropout_every_n_epochs,
-        caption_tag_dropout_rate=config.caption_tag_dropout_rate,
-        caption_separator=config.caption_separator,
-        keep_tokens_separator=config.keep_tokens_separator,
-        secondary_separator=config.secondary_separator or None,
-        enable_wildcard=config.enable_wildcard,
-        token_warmup_min=config.token_warmup_min,
-        token_warmup_step=config.token_warmup_step,
-        color_aug=config.color_aug,
-        random_crop=config.random_crop,
-        face_crop_aug_range=config.face_crop_aug_range or None,
-        validation_split=config.validation_split,
-        validation_seed=config.validation_seed,
-        seed=config.seed,
+        **{key: Path(getattr(config, key)) if getattr(config, key) else None for key in PATHS},
+        **{key: getattr(config, key) or None for key in UNSET_WHEN_EMPTY},
+        **{key: getattr(config, key) for key in names},
     )
 
 
