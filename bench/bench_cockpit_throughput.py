@@ -1,6 +1,10 @@
-"""Steps/s with the cockpit live vs headless, same job (issue 4: ratio >= 0.98). Run by hand.
+"""Steps/s with the cockpit live vs headless, same job (goal: ratio >= 0.98). Run by hand.
 
     .venv/bin/python bench/bench_cockpit_throughput.py [--steps 80] [--repeats 2]
+    .venv/bin/python bench/bench_cockpit_throughput.py --samples [--steps 80] [--repeats 2]
+
+``--samples``: the cockpit with the samples panel showing three sample images (made at the start,
+``--sample_at_first``) vs the same run with the panel hidden (``i``), instead of cockpit vs headless.
 
 Each repeat runs the demo job headless, then the same job in the cockpit (`demo --autostart`
 inside a private tmux server at 120x40), and reads the per-step seconds from each run's
@@ -23,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 EXE = ROOT / ".venv" / "bin" / "spyke-cockpit"
 sys.path.insert(0, str(ROOT))
 
-from engine.events import RunFinished, StepCompleted  # noqa: E402
+from engine.events import RunFinished, SamplesSaved, StepCompleted  # noqa: E402
 from engine.run.journal import read_events  # noqa: E402
 from engine.run.registry import find_run_dirs  # noqa: E402
 
@@ -44,18 +48,35 @@ def run_headless(steps: int, out: Path, env: dict) -> None:
                    stdout=subprocess.DEVNULL)
 
 
-def run_cockpit(steps: int, out: Path, env: dict) -> None:
+def samples_flags(work: Path) -> list[str]:
+    prompts = work / "prompts.txt"
+    prompts.write_text("spyke, a cat --w 64 --h 64 --s 2 --d 1\nspyke, a dog --w 64 --h 64 --s 2 --d 2\n"
+                       "spyke, a bird --w 64 --h 64 --s 2 --d 3\n")
+    return [f"--sample_prompts={prompts}", "--sample_at_first"]
+
+
+def samples_made(out: Path) -> bool:
+    runs = find_run_dirs(out) if out.exists() else []
+    return bool(runs) and any(isinstance(e, SamplesSaved) for e in read_events(runs[0] / "events.jsonl"))
+
+
+def run_cockpit(steps: int, out: Path, env: dict, extra: list[str] = (), hide_samples: bool = False) -> None:
     sock = f"spyke-bench-{os.getpid()}"
-    cmd = " ".join([str(EXE), "demo", "--autostart", *flags(steps, out)])
+    cmd = " ".join([str(EXE), "demo", "--autostart", *flags(steps, out), *extra])
     subprocess.run(["tmux", "-L", sock, "new-session", "-d", "-x", "120", "-y", "40",
                     f"env -u COLUMNS -u LINES SPYKE_CACHE={env['SPYKE_CACHE']} {cmd}"], check=True)
     try:
         deadline = time.monotonic() + 30 * 60
+        hidden = not hide_samples
         while time.monotonic() < deadline:
+            if not hidden and samples_made(out):
+                time.sleep(0.5)                  # the panel shows itself on the first sample set
+                subprocess.run(["tmux", "-L", sock, "send-keys", "i"], check=False)
+                hidden = True
             runs = find_run_dirs(out) if out.exists() else []
             if runs and any(isinstance(e, RunFinished) for e in read_events(runs[0] / "events.jsonl")):
                 break
-            time.sleep(1.0)
+            time.sleep(0.2 if not hidden else 1.0)
         subprocess.run(["tmux", "-L", sock, "send-keys", "q"], check=False)
         time.sleep(2.0)
     finally:
@@ -67,6 +88,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=80)
     ap.add_argument("--warmup", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--samples", action="store_true", help="samples panel visible vs hidden instead")
     args = ap.parse_args()
     if not shutil.which("tmux"):
         sys.exit("needs tmux")
@@ -76,6 +98,20 @@ def main() -> None:
     env.pop("LINES", None)
     subprocess.run([str(EXE), "demo", "--headless", *flags(2, work / "warm")], check=True, env=env,
                    stdout=subprocess.DEVNULL)
+    if args.samples:
+        extra = samples_flags(work)
+        visible, hidden = [], []
+        for i in range(args.repeats):
+            run_cockpit(args.steps, work / f"v{i}", env, extra)
+            visible += step_times(work / f"v{i}", args.warmup)
+            run_cockpit(args.steps, work / f"x{i}", env, extra, hide_samples=True)
+            hidden += step_times(work / f"x{i}", args.warmup)
+        v, x = statistics.median(visible), statistics.median(hidden)
+        print(f"samples panel hidden:  median {x * 1000:.1f} ms/step over {len(hidden)} steps")
+        print(f"samples panel visible: median {v * 1000:.1f} ms/step over {len(visible)} steps")
+        print(f"visible/hidden steps/s ratio: {x / v:.3f}  (goal >= 0.98)")
+        shutil.rmtree(work, ignore_errors=True)
+        return
     headless, cockpit = [], []
     for i in range(args.repeats):
         run_headless(args.steps, work / f"h{i}", env)

@@ -75,8 +75,6 @@ def control_keys(bindings: list[Binding]) -> tuple[str, ...]:
     return tuple(k.strip() for b in bindings if b.action in CONTROL_ACTIONS for k in b.key.split(","))
 
 
-@dataclass
-
 class Pace:
     """Yes at most once per ``seconds`` of a monotonic clock, or at once when forced."""
 
@@ -91,6 +89,7 @@ class Pace:
         return False
 
 
+@dataclass
 class EngineSignal(Message):
     """A discrete engine event arrived (the event is already in the buffer, in order)."""
     event: Event
