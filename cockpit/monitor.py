@@ -9,6 +9,9 @@ Everything the screen shows comes from :func:`cockpit.state.reduce`.
 editor) and of the attach viewer (:class:`cockpit.attach_app.AttachApp`, which paces itself for a
 viewer). Subclasses extend it through the hooks below; the key help and the control keys are
 read from the live bindings, so they cannot drift from what the keys do.
+
+Its length is the bindings table (each key with its help line) and the hooks of its two subclasses;
+the layout is ``cockpit.tcss``, the panels are ``cockpit.panels`` and ``cockpit.memory_panel``.
 """
 
 from __future__ import annotations

@@ -8,6 +8,9 @@ The loss history is the one piece that grows with the run: a bounded, persistent
 :class:`~cockpit.history.LossHistory`. A step gives the new state a history one step longer and
 leaves the old state's as it was (they share storage), so ``reduce`` never changes the state it
 is given, at O(1) amortised per step.
+
+Its length is the one reducer: every event folds here, so the screen has one owner of its state
+(the memory and sample sub-states are in ``cockpit.memory_state`` and ``cockpit.samples``).
 """
 
 from __future__ import annotations

@@ -4,6 +4,10 @@ Every field is a kohya ``train_network.py`` flag spelled exactly as kohya spells
 (plus a few of our own, marked in their help). The CLI parser, the TOML loader and
 the cockpit's form are all generated from :data:`FIELDS`, so a flag cannot exist in
 one place and not the others. This module is light: it imports no torch.
+
+Its length is its one job: a declaration per flag (~150 kohya flags: type, default, group, help
+line) and the rules between them; the flag table, ``--config_file`` and kohya commands live in
+``engine.kohya_flags``, ``engine.kohya_config`` and ``engine.kohya_command``.
 """
 
 from __future__ import annotations

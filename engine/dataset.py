@@ -27,6 +27,9 @@ Kohya parity notes (train_util.py / config_util.py):
 * ``num_reg_images`` is kohya's count before balancing (reg images x their repeats).
 * Pixels come from ``engine.images`` (every Pillow mode to 8-bit RGB, EXIF-upright; the
   bucket is chosen for the upright size). See ``to_rgb8`` for where that departs from kohya.
+
+Its length is the plan and its kohya parity notes beside the code they describe; captions,
+augmentation, images and the latent cache are their own modules.
 """
 
 from __future__ import annotations

@@ -26,6 +26,9 @@ nothing); any other value, and any unknown key, is a ``DatasetError``.
 A relative ``image_dir`` is resolved against the TOML file's folder first; if no such
 folder exists there it is resolved against the current working directory (kohya's
 rule); if neither exists the error names both paths.
+
+Its length is kohya's dataset-TOML schema: each key's scope, type, fallback and check in one place
+(the folder and ``--in_json`` sources are ``engine.dataset_sources``, masks ``engine.mask_config``).
 """
 
 from __future__ import annotations
