@@ -171,11 +171,16 @@ def _txt_entries(text: str, name: str) -> list:
     return entries
 
 
-def _toml_entries(text: str, name: str) -> list:
+def _parsed(text: str, loads, error: type[Exception], message):
+    """``loads(text)``, or its ``error`` as one PromptProblem line."""
     try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise PromptProblem(f"not valid TOML ({exc}); fix the file") from None
+        return loads(text)
+    except error as exc:
+        raise PromptProblem(message(exc)) from None
+
+
+def _toml_entries(text: str, name: str) -> list:
+    data = _parsed(text, tomllib.loads, tomllib.TOMLDecodeError, lambda exc: f"not valid TOML ({exc}); fix the file")
     table = data.get("prompt")
     if not isinstance(table, dict):
         raise PromptProblem("has no [prompt] table; kohya's form is a [prompt] table of defaults "
@@ -196,10 +201,8 @@ def _toml_entries(text: str, name: str) -> list:
 
 
 def _json_entries(text: str, name: str) -> list:
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise PromptProblem(f"not valid JSON at line {exc.lineno} ({exc.msg}); fix the file") from None
+    data = _parsed(text, json.loads, json.JSONDecodeError,
+                   lambda exc: f"not valid JSON at line {exc.lineno} ({exc.msg}); fix the file")
     if not isinstance(data, list):
         raise PromptProblem("must hold a JSON list of prompts (strings or objects)")
     return [(f"{name}: entry {n}", item) for n, item in enumerate(data, start=1)]
