@@ -4,7 +4,7 @@
     .venv/bin/python bench/bench_cockpit_throughput.py --samples [--steps 80] [--repeats 2]
 
 ``--samples``: the cockpit with the samples panel showing three sample images (made at the start,
-``--sample_at_first``) vs the same run with the panel hidden (``i``), instead of cockpit vs headless.
+``--sample_at_first``; at 120x50 the panel shows itself) vs the same run with the panel hidden (``i``), instead of cockpit vs headless.
 
 Each repeat runs the demo job headless, then the same job in the cockpit (`demo --autostart`
 inside a private tmux server at 120x40), and reads the per-step seconds from each run's
@@ -63,14 +63,14 @@ def samples_made(out: Path) -> bool:
 def run_cockpit(steps: int, out: Path, env: dict, extra: list[str] = (), hide_samples: bool = False) -> None:
     sock = f"spyke-bench-{os.getpid()}"
     cmd = " ".join([str(EXE), "demo", "--autostart", *flags(steps, out), *extra])
-    subprocess.run(["tmux", "-L", sock, "new-session", "-d", "-x", "120", "-y", "40",
+    subprocess.run(["tmux", "-L", sock, "new-session", "-d", "-x", "120", "-y", "50" if extra else "40",
                     f"env -u COLUMNS -u LINES SPYKE_CACHE={env['SPYKE_CACHE']} {cmd}"], check=True)
     try:
         deadline = time.monotonic() + 30 * 60
         hidden = not hide_samples
         while time.monotonic() < deadline:
             if not hidden and samples_made(out):
-                time.sleep(0.5)                  # the panel shows itself on the first sample set
+                time.sleep(0.5)                  # the panel shows itself on the first sample set (50 rows)
                 subprocess.run(["tmux", "-L", sock, "send-keys", "i"], check=False)
                 hidden = True
             runs = find_run_dirs(out) if out.exists() else []
