@@ -100,30 +100,21 @@ def main() -> None:
                    stdout=subprocess.DEVNULL)
     if args.samples:
         extra = samples_flags(work)
-        visible, hidden = [], []
-        for i in range(args.repeats):
-            run_cockpit(args.steps, work / f"v{i}", env, extra)
-            visible += step_times(work / f"v{i}", args.warmup)
-            run_cockpit(args.steps, work / f"x{i}", env, extra, hide_samples=True)
-            hidden += step_times(work / f"x{i}", args.warmup)
-        v, x = statistics.median(visible), statistics.median(hidden)
-        print(f"samples panel hidden:  median {x * 1000:.1f} ms/step over {len(hidden)} steps")
-        print(f"samples panel visible: median {v * 1000:.1f} ms/step over {len(visible)} steps")
-        print(f"visible/hidden steps/s ratio: {x / v:.3f}  (goal >= 0.98)")
-        shutil.rmtree(work, ignore_errors=True)
-        return
-    headless, cockpit = [], []
+        base = ("samples panel hidden", lambda out: run_cockpit(args.steps, out, env, extra, hide_samples=True))
+        other = ("samples panel visible", lambda out: run_cockpit(args.steps, out, env, extra))
+    else:
+        base = ("headless", lambda out: run_headless(args.steps, out, env))
+        other = ("cockpit", lambda out: run_cockpit(args.steps, out, env))
+    times: dict[str, list[float]] = {base[0]: [], other[0]: []}
     for i in range(args.repeats):
-        run_headless(args.steps, work / f"h{i}", env)
-        headless += step_times(work / f"h{i}", args.warmup)
-        run_cockpit(args.steps, work / f"c{i}", env)
-        cockpit += step_times(work / f"c{i}", args.warmup)
-    h, c = statistics.median(headless), statistics.median(cockpit)
-    print(f"headless: median {h * 1000:.1f} ms/step ({1 / h:.2f} steps/s) over {len(headless)} steps")
-    print(f"cockpit:  median {c * 1000:.1f} ms/step ({1 / c:.2f} steps/s) over {len(cockpit)} steps")
-    print(f"cockpit/headless steps/s ratio: {h / c:.3f}  (goal >= 0.98)")
+        for k, (name, run) in enumerate((base, other)):
+            run(work / f"r{i}-{k}")
+            times[name] += step_times(work / f"r{i}-{k}", args.warmup)
+    b, o = statistics.median(times[base[0]]), statistics.median(times[other[0]])
+    for name, t in ((base[0], b), (other[0], o)):
+        print(f"{name}: median {t * 1000:.1f} ms/step ({1 / t:.2f} steps/s) over {len(times[name])} steps")
+    print(f"{other[0]}/{base[0]} steps/s ratio: {b / o:.3f}  (goal >= 0.98)")
     shutil.rmtree(work, ignore_errors=True)
-
 
 if __name__ == "__main__":
     main()
