@@ -42,7 +42,6 @@ from engine.api import Event, LogMessage, MemorySample, RunFinished, SpykeError,
 
 DRAIN_INTERVAL = 0.25       # seconds between drains of per-step events (4 Hz)
 RENDER_INTERVAL = 0.5       # seconds between panel redraws while only steps arrive
-_monotonic = time.monotonic    # the pacing clock (what is shown uses the app's injected clock)
 CHART_INTERVAL = 1.0        # seconds between loss-chart redraws while training runs (the costly panel)
 CONTROL_ACTIONS = ("toggle_pause", "save_now", "abort", "sample_now")   # what steers the run (not the screen)
 SHORT_ROWS = 32             # fewer rows than this: the compact layout (one-line borders, panels side by side)
@@ -183,7 +182,9 @@ class MonitorApp(SamplesKeys, App[int]):
         """Whether this redraw draws the loss chart too (the costly panel): at most every CHART_INTERVAL
         while training runs, at once otherwise (paused, ended, keys changed). On a 2-core box the UI
         thread's CPU comes out of the training's (bench/bench_cockpit_throughput.py)."""
-        return self._chart_pace.due(_monotonic(), force=keys_changed or not self.state.running or self.state.paused)
+        # pacing runs on the monotonic clock; what is shown uses the app's injected clock
+        forced = keys_changed or not self.state.running or self.state.paused
+        return self._chart_pace.due(time.monotonic(), force=forced)
 
     def chart_lag_allowed(self) -> float:
         """Seconds the chart may lag behind the progress line before the panel says how old it is (one
