@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, Protocol, runtime_checkable
 
-from engine.api import Event, TrainConfig
+from engine.api import Command, Commands, Event, TrainConfig
 
 Deliver = Callable[[Event], None]
 
@@ -50,7 +50,7 @@ class EventSource(Protocol):
         """How the run ended (completed | aborted | failed), or None while unknown."""
 
 
-class LiveSource:
+class LiveSource(Commands):
     """Runs the engine in this process on its own daemon thread (engine.session.start_training)."""
 
     def __init__(self) -> None:
@@ -72,25 +72,9 @@ class LiveSource:
     def control(self):
         return None if self._handle is None else self._handle.control
 
-    def pause(self) -> None:
+    def submit(self, command: Command) -> None:
         if self._handle is not None:
-            self._handle.control.pause()
-
-    def resume(self) -> None:
-        if self._handle is not None:
-            self._handle.control.resume()
-
-    def save(self) -> None:
-        if self._handle is not None:
-            self._handle.control.request_save()
-
-    def abort(self, save: bool) -> None:
-        if self._handle is not None:
-            self._handle.control.abort(save=save)
-
-    def sample(self) -> None:
-        if self._handle is not None:
-            self._handle.control.request_samples()
+            self._handle.control.submit(command)
 
     def wait(self, timeout: float | None = None) -> bool:
         if self._handle is None:

@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable
 from engine.cli_args import make_parser, overrides_from_namespace, parse_train_args
 from engine.config import (FIELDS, GROUPS, TrainConfig, build_config, coerce_value, field_is_optional, field_type,
                            fields_in_group, to_toml)
-from engine.control import Command
+from engine.control import Command, Commands
 from engine.errors import ConfigError, ModelLoadError, SpykeError
 from engine.events import (EVENT_TYPES, PHASES, CheckpointSaved, Event, LogMessage, MemorySample, PhaseChanged,
                            RunFinished, RunStarted, SamplesSaved, StepCompleted, ValidationLoss)
@@ -33,7 +33,7 @@ from engine.units import format_bytes
 __all__ = [
     "EVENT_TYPES", "FIELDS", "GROUPS", "PHASES", "CONSOLE_FILENAME", "CONTROL_DIRNAME", "EVENTS_FILENAME",
     "RUNS_DIRNAME",
-    "RUNS_ROOT_ENV", "SKIPPED", "CheckpointSaved", "Command", "ConfigError", "Event", "EventTail", "LogMessage",
+    "RUNS_ROOT_ENV", "SKIPPED", "CheckpointSaved", "Command", "Commands", "ConfigError", "Event", "EventTail", "LogMessage",
     "MemorySample", "ModelLoadError", "PhaseChanged", "RunFinished", "RunInfo", "RunStarted", "SamplesSaved", "SpykeError",
     "StepCompleted", "TrainConfig", "build_config", "coerce_value", "default_runs_root", "detach_run",
     "export_kohya", "export_tensorboard", "field_is_optional", "field_type", "fields_in_group", "format_bytes",

@@ -1,6 +1,6 @@
 """UI -> engine commands, applied by the engine at step boundaries.
 
-Any thread may call ``pause``/``resume``/``request_save``/``abort``; the training thread
+Any thread may call ``pause``/``resume``/``save``/``abort``/``sample``; the training thread
 calls ``between_steps`` once per step and, while paused, waits there with the model
 kept loaded. Commands are idempotent flags, so a repeated key press is harmless.
 """
@@ -22,6 +22,32 @@ class Command(str, Enum):
     SAMPLE = "sample"           # make sample images now (at the next step boundary, or at once while paused)
 
 
+class Commands:
+    """The five control verbs, spelled once: a subclass says how one command is delivered (``submit``) —
+    to the training thread in this process, to a run's command folder from a viewer, or to a live source."""
+
+    def submit(self, command: Command) -> None:
+        raise NotImplementedError
+
+    def pause(self) -> None:
+        self.submit(Command.PAUSE)
+
+    def resume(self) -> None:
+        self.submit(Command.RESUME)
+
+    def save(self) -> None:
+        """Save a checkpoint at the next step boundary (at once while paused)."""
+        self.submit(Command.SAVE)
+
+    def sample(self) -> None:
+        """Make sample images at the next step boundary (at once while paused)."""
+        self.submit(Command.SAMPLE)
+
+    def abort(self, save: bool) -> None:
+        """Stop the run, saving a checkpoint first when ``save``."""
+        self.submit(Command.ABORT if save else Command.ABORT_NO_SAVE)
+
+
 @dataclass(frozen=True)
 class BoundaryDecision:
     save_now: bool
@@ -30,7 +56,7 @@ class BoundaryDecision:
     sample_now: bool = False
 
 
-class TrainingControl:
+class TrainingControl(Commands):
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._paused = False
@@ -55,21 +81,6 @@ class TrainingControl:
             elif command is Command.SAMPLE:
                 self._sample_requested = True
             self._cond.notify_all()
-
-    def pause(self) -> None:
-        self.submit(Command.PAUSE)
-
-    def resume(self) -> None:
-        self.submit(Command.RESUME)
-
-    def request_save(self) -> None:
-        self.submit(Command.SAVE)
-
-    def request_samples(self) -> None:
-        self.submit(Command.SAMPLE)
-
-    def abort(self, save: bool = True) -> None:
-        self.submit(Command.ABORT if save else Command.ABORT_NO_SAVE)
 
     @property
     def paused(self) -> bool:

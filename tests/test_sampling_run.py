@@ -197,7 +197,7 @@ def test_sample_request_makes_a_batch_at_the_next_boundary_and_at_once_while_pau
         if isinstance(event, RunStarted):
             run_dir.append(RunFolder(Path(event.output_dir), event.run_id).path)
         elif isinstance(event, StepCompleted) and event.step == 1:
-            control.request_samples()
+            control.sample()
         elif isinstance(event, StepCompleted) and event.step == 2:
             control.pause()
             send_command(run_dir[0], "sample", sender="viewer")

@@ -635,7 +635,7 @@ def test_pause_save_resume_abort_with_save(assets, tmp_path):
     with lock:
         assert [e.step for e in of(events, StepCompleted)] == [1, 2]
         n_before = len(events)
-    handle.control.request_save()             # served while paused
+    handle.control.save()             # served while paused
     assert wait_for(lambda: any(isinstance(e, CheckpointSaved) for e in events))
     time.sleep(0.2)
     with lock:
@@ -673,7 +673,7 @@ def test_save_now_then_abort_without_saving(assets, tmp_path):
     def sink(e):
         events.append(e)
         if isinstance(e, StepCompleted) and e.step == 1:
-            holder["h"].control.request_save()
+            holder["h"].control.save()
         if isinstance(e, StepCompleted) and e.step == 2:
             holder["h"].control.abort(save=False)
 

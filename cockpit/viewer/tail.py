@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 from cockpit.viewer.prefetch import SnapshotPrefetch
 from cockpit.viewer.snapshot import EXACT_BYTES, HistoryBuilder, load_snapshot
-from engine.api import (CONTROL_DIRNAME, EVENTS_FILENAME as EVENTS, SKIPPED, Command, EventTail, LogMessage,
+from engine.api import (CONTROL_DIRNAME, EVENTS_FILENAME as EVENTS, SKIPPED, Command, Commands, EventTail, LogMessage,
                         RunFinished, RunStarted, SpykeError, StepCompleted, send_command, step_losses)
 from engine.api import pid_alive as default_pid_alive
 
@@ -44,7 +44,7 @@ def _sender() -> str:
     return f"attach {user} ({tty}, pid {os.getpid()})"
 
 
-class TailSource:
+class TailSource(Commands):
     """An EventSource over a run folder: snapshot, then tail; commands through the control channel."""
 
     def __init__(self, run_dir: Path, *, read_only: bool = False, poll_interval: float = POLL_INTERVAL,
@@ -108,20 +108,6 @@ class TailSource:
         """True when a prefetched snapshot is waiting, so :meth:`start` returns at once."""
         return self._prefetch is not None and self._prefetch.ready()
 
-    def pause(self) -> None:
-        self._send(Command.PAUSE)
-
-    def resume(self) -> None:
-        self._send(Command.RESUME)
-
-    def save(self) -> None:
-        self._send(Command.SAVE)
-
-    def abort(self, save: bool) -> None:
-        self._send(Command.ABORT if save else Command.ABORT_NO_SAVE)
-
-    def sample(self) -> None:
-        self._send(Command.SAMPLE)
 
     def wait(self, timeout: float | None = None) -> bool:
         return self._done.wait(timeout)
@@ -162,7 +148,7 @@ class TailSource:
             return f"run {self.run_label} is not running (its process is gone)"
         return None
 
-    def _send(self, command: Command) -> None:
+    def submit(self, command: Command) -> None:
         refusal = self.control_refusal()
         if refusal:
             raise SpykeError(refusal)
