@@ -46,13 +46,6 @@ class KohyaFlag:
     decide: Callable[[Any, Mapping[str, Any]], str | None] | None = None  # custom: info line or raise
 
 
-def _v2(value: Any, _: Mapping[str, Any]) -> str | None:
-    if value:
-        raise ConfigError("--v2: SD2.x base models are not supported; spyke-cockpit trains SD1.x "
-                          "(remove --v2 / set v2 = false)")
-    return None
-
-
 def _dynamo(value: Any, given: Mapping[str, Any]) -> str | None:
     if str(value).lower() == "no":
         return "--dynamo_backend=no: accepted; the model runs without torch.compile, as in kohya"
@@ -60,38 +53,27 @@ def _dynamo(value: Any, given: Mapping[str, Any]) -> str | None:
             "so nothing is compiled")
 
 
-def _fp8(value: Any, _: Mapping[str, Any]) -> str | None:
-    if value:
-        raise ConfigError("--fp8_base: a float8 base model is not supported: CPU and MPS have no float8 matmul "
-                          "and spyke-cockpit keeps the base model in mixed_precision on CUDA; remove --fp8_base")
-    return None
-
-
-def _torch_compile(value: Any, _: Mapping[str, Any]) -> str | None:
-    if value:
-        raise ConfigError("--torch_compile: torch.compile is not used by spyke-cockpit; remove --torch_compile")
-    return None
-
-
+_FP8 = ("a float8 base model is not supported: CPU and MPS have no float8 matmul and spyke-cockpit keeps the "
+        "base model in mixed_precision on CUDA")
 _SDPA = "PyTorch's fused attention (SDPA) runs instead, same results"
 
 _ROWS: list[KohyaFlag] = [
     # --- model
-    KohyaFlag("v2", bool, "model", REFUSED, decide=_v2),
+    KohyaFlag("v2", bool, "model", REFUSED, "SD2.x base models are not supported; spyke-cockpit trains SD1.x"),
     KohyaFlag("tokenizer_cache_dir", str, "model", INFO,
               "the tokenizer ships with the base model (or spyke-cockpit's SD1.5 config); no download, no cache"),
     KohyaFlag("xformers", bool, "precision", INFO, f"xformers is not used; {_SDPA}", False),
     KohyaFlag("sdpa", bool, "precision", INFO, "PyTorch's fused attention (SDPA) runs, as asked", False),
     KohyaFlag("mem_eff_attn", bool, "precision", INFO, f"kohya's memory-efficient attention is not used; {_SDPA}",
               False),
-    KohyaFlag("fp8_base", bool, "precision", REFUSED, decide=_fp8),
-    KohyaFlag("fp8_base_unet", bool, "precision", REFUSED, decide=_fp8),
+    KohyaFlag("fp8_base", bool, "precision", REFUSED, _FP8),
+    KohyaFlag("fp8_base_unet", bool, "precision", REFUSED, _FP8),
     KohyaFlag("lowram", bool, "precision", INFO, "the base model is loaded the same way either way", False),
     KohyaFlag("highvram", bool, "precision", INFO, "memory is managed the same way either way", False),
     KohyaFlag("vae_batch_size", int, "precision", INFO,
               "latents are cached one image at a time; the batch size of caching does not change the weights", 1),
     KohyaFlag("dynamo_backend", str, "precision", INFO, default=None, decide=_dynamo),
-    KohyaFlag("torch_compile", bool, "precision", REFUSED, decide=_torch_compile),
+    KohyaFlag("torch_compile", bool, "precision", REFUSED, "torch.compile is not used by spyke-cockpit"),
     KohyaFlag("cpu_offload_checkpointing", bool, "precision", INFO,
               "activations are not offloaded to the CPU; only memory use differs", False),
     KohyaFlag("ddp_timeout", int, "other", INFO, "single-device training; no distributed process group"),
