@@ -73,7 +73,7 @@ def draw_loss(plt: Any, state: CockpitState, width: int) -> None:
         plt.plot(xs, ys, color=LOSS_COLOR, marker="braille")
         if len(xs) > 1:
             plt.plot(xs, smooth(ys, ns, state.smoothing), color=EMA_COLOR, marker="braille")
-    points = [p for p in state.validation if math.isfinite(p.loss)]
+    points = [p for p in state.sample_book.validations if math.isfinite(p.loss)]
     if points:
         vx, vy, _ = downsample([p.step for p in points], [p.loss for p in points], [1] * len(points), width)
         plt.plot(vx, vy, color=VAL_COLOR, marker="braille")
@@ -104,7 +104,7 @@ def legend_markup(state: CockpitState, mode: str) -> str:
         items = [key(color, name) for (name, _), color in zip(state.lr_history, LR_COLORS)]
     else:
         items = [key(LOSS_COLOR, "loss"), key(EMA_COLOR, f"ema {state.smoothing:.2f}")]
-        if state.validation:
+        if state.sample_book.validations:
             items.append(f"[{_hex(VAL_COLOR)}]◆━[/] val loss")
     if epoch_boundaries(state, 0, max(state.step, state.total_steps) + 1):
         items.append(f"[{_hex(EPOCH_COLOR)}]│[/] epoch")

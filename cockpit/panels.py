@@ -87,8 +87,10 @@ def progress_markup(state: CockpitState, now: float) -> Text:
 
 
 class ProgressPanel(Panel):
+    PANEL_TITLE = "Progress"
+
     def __init__(self, **kwargs: Any) -> None:
-        super().__init__("Progress", **kwargs)
+        super().__init__(**kwargs)
         self._last_second = -1
 
     def compose(self) -> ComposeResult:
@@ -131,8 +133,10 @@ class LossPanel(Panel):
     """The chart redraws with the progress line (so it shows the same latest step); its legend sits in
     the title, outside the plot. ``l`` switches it to the learning rates."""
 
+    PANEL_TITLE = "Loss"
+
     def __init__(self, **kwargs: Any) -> None:
-        super().__init__("Loss", **kwargs)
+        super().__init__(**kwargs)
         self._plotted_at = float("-inf")     # time.monotonic() of the last chart redraw
         self._plotted_version = -1
         self._lag = ""
@@ -191,9 +195,9 @@ BEST = "★"
 def checkpoint_columns(state: CockpitState) -> tuple[tuple[str, str], ...]:
     """The table's columns: ``val loss`` and ``samples`` only once some checkpoint has them."""
     columns = BASE_COLUMNS
-    if any(r.val_loss is not None for r in state.checkpoints) or state.validation:
+    if any(r.val_loss is not None for r in state.checkpoints) or state.sample_book.validations:
         columns += (("val_loss", "val loss"),)
-    if any(r.samples for r in state.checkpoints) or state.samples:
+    if any(r.samples for r in state.checkpoints) or state.sample_book.sets:
         columns += (("samples", "samples"),)
     return columns
 
@@ -222,8 +226,10 @@ def checkpoint_cells(state: CockpitState, columns: tuple[tuple[str, str], ...]) 
 class CheckpointsPanel(Panel):
     """The saved checkpoints, the newest kept in view."""
 
+    PANEL_TITLE = "Checkpoints"
+
     def __init__(self, **kwargs: Any) -> None:
-        super().__init__("Checkpoints", **kwargs)
+        super().__init__(**kwargs)
         self._rows: dict[str, tuple] = {}
         self._columns: tuple[tuple[str, str], ...] = ()
 
@@ -274,8 +280,10 @@ class CheckpointsPanel(Panel):
 
 # ---------------------------------------------------------------- log
 class LogPanel(Panel):
+    PANEL_TITLE = "Log"
+
     def __init__(self, **kwargs: Any) -> None:
-        super().__init__("Log", **kwargs)
+        super().__init__(**kwargs)
         self._shown = 0
         self._last: Any = None
 
@@ -336,8 +344,7 @@ def preview_text(plan: Any) -> Text:
 
 
 class PreviewPanel(Panel):
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__("Preview", **kwargs)
+    PANEL_TITLE = "Preview"
 
     def compose(self) -> ComposeResult:
         yield Static("fill in the form to see the plan", id="preview-text")

@@ -51,7 +51,22 @@ class SampleBook:
     """Every sample set (by step, a later set at the same step replaces the earlier) and validation loss."""
     sets: tuple[SampleSet, ...] = ()
     validations: tuple[Validation, ...] = ()
+    made: tuple[tuple[int, str | None, int], ...] = ()   # every batch as (step, checkpoint, images), replaced or not
     version: int = 0
+
+    def images_for(self, step: int, path: str) -> int:
+        """How many sample images were made for the checkpoint at ``step``/``path`` (every batch, one that
+        names the checkpoint or, naming none, is at its step): the files on disk, even where a later set
+        replaced an earlier one in the grid."""
+        return sum(n for at, checkpoint, n in self.made if (checkpoint == path if checkpoint else at == step))
+
+    def validation_for(self, step: int, path: str) -> float | None:
+        """The latest validation loss that names the checkpoint or, naming none, is at its step."""
+        value = None
+        for v in self.validations:
+            if (v.checkpoint == path if v.checkpoint else v.step == step):
+                value = v.loss
+        return value
 
     @property
     def latest(self) -> SampleSet | None:
@@ -89,7 +104,8 @@ def fold(book: SampleBook, event: SamplesSaved | ValidationLoss) -> SampleBook:
                        for i in range(len(event.paths)))
         new = SampleSet(event.step, event.epoch, images, event.checkpoint, event.seconds)
         sets = tuple(s for s in book.sets if s.step != event.step) + (new,)
-        return replace(book, sets=tuple(sorted(sets, key=lambda s: s.step)), version=book.version + 1)
+        return replace(book, sets=tuple(sorted(sets, key=lambda s: s.step)), version=book.version + 1,
+                       made=book.made + ((event.step, event.checkpoint, sum(1 for p in event.paths if p)),))
     value = Validation(event.step, float(event.loss), event.images, event.checkpoint)
     rest = tuple(v for v in book.validations if v.step != event.step)
     return replace(book, validations=tuple(sorted(rest + (value,), key=lambda v: v.step)),

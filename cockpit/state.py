@@ -111,26 +111,6 @@ class CheckpointRow:
 
 
 @dataclass(frozen=True)
-class ValidationPoint:
-    step: int
-    epoch: int
-    loss: float
-    images: int
-    checkpoint: str | None = None
-
-
-@dataclass(frozen=True)
-class SampleBatch:
-    step: int
-    epoch: int
-    paths: tuple[str, ...]
-    prompts: tuple[str, ...]
-    errors: tuple[str, ...] = ()
-    checkpoint: str | None = None
-    seconds: float = 0.0
-
-
-@dataclass(frozen=True)
 class LogLine:
     t: float
     level: str
@@ -168,8 +148,6 @@ class CockpitState:
     swap_at_start: int | None = None      # swap in use at the run's first memory sample
     swap_growth: int = 0                  # swap in use now minus that
     checkpoints: tuple[CheckpointRow, ...] = ()
-    validation: tuple[ValidationPoint, ...] = ()
-    samples: tuple[SampleBatch, ...] = ()
     log: tuple[LogLine, ...] = ()
     paused: bool = False                  # the engine says it is paused
     pause_requested: bool = False         # the user's latest wish
@@ -224,7 +202,8 @@ def reduce(state: CockpitState, event: Action) -> CockpitState:
     if isinstance(event, CheckpointSaved):
         row = CheckpointRow(step=event.step, name=Path(event.path).name, path=event.path, bytes=event.bytes,
                             loss=event.loss, verified=event.verified, kind=event.kind, state_dir=event.state_dir)
-        row = replace(row, val_loss=_val_loss_of(row, state.validation), samples=_samples_of(row, state.samples))
+        book = state.sample_book
+        row = replace(row, val_loss=book.validation_for(row.step, row.path), samples=book.images_for(row.step, row.path))
         rows = tuple(r for r in state.checkpoints if r.path != row.path) + (row,)
         ok = "verified" if event.verified else "NOT verified"
         message = f"saved {row.name} at step {event.step} ({format_bytes(event.bytes)}, {ok})"
@@ -232,30 +211,24 @@ def reduce(state: CockpitState, event: Action) -> CockpitState:
                        log=_log(state, event.t, "info" if event.verified else "warning", message), version=v,
                        last_state_dir=event.state_dir or state.last_state_dir)
     if isinstance(event, ValidationLoss):
-        point = ValidationPoint(step=event.step, epoch=event.epoch, loss=event.loss, images=event.images,
-                                checkpoint=event.checkpoint)
-        points = state.validation + (point,)
-        rows = tuple(replace(r, val_loss=_val_loss_of(r, (point,)))
-                     if _matches(r, point.step, point.checkpoint) else r for r in state.checkpoints)
+        book = fold_samples(state.sample_book, event)
+        rows = tuple(replace(r, val_loss=event.loss) if _matches(r, event.step, event.checkpoint) else r
+                     for r in state.checkpoints)
         value = f"{event.loss:.4f}" if math.isfinite(event.loss) else str(event.loss)
         message = f"validation loss {value} at step {event.step} ({event.images} images)"
-        return replace(state, validation=points, checkpoints=rows, last_event_at=event.t,
-                       log=_log(state, event.t, "info", message), sample_book=fold_samples(state.sample_book, event),
-                       version=v)
+        return replace(state, checkpoints=rows, last_event_at=event.t, log=_log(state, event.t, "info", message),
+                       sample_book=book, version=v)
     if isinstance(event, SamplesSaved):
-        batch = SampleBatch(step=event.step, epoch=event.epoch, paths=tuple(event.paths),
-                            prompts=tuple(event.prompts), errors=tuple(event.errors), checkpoint=event.checkpoint,
-                            seconds=event.seconds)
-        batches = state.samples + (batch,)
-        rows = tuple(replace(r, samples=r.samples + len(batch.paths))
-                     if _matches(r, batch.step, batch.checkpoint) else r for r in state.checkpoints)
-        n = len(batch.paths)
+        book = fold_samples(state.sample_book, event)
+        rows = tuple(replace(r, samples=book.images_for(r.step, r.path))
+                     if _matches(r, event.step, event.checkpoint) else r for r in state.checkpoints)
+        n = len(event.paths)
         log = _log(state, event.t, "info", f"samples: {n} image{'s' if n != 1 else ''} at step {event.step} "
                                            f"({event.seconds:.1f} s)")
-        for error in batch.errors:
-            log = _log(replace(state, log=log), event.t, "warning", f"sample failed: {error}")
-        return replace(state, samples=batches, checkpoints=rows, last_event_at=event.t, log=log,
-                       sample_book=fold_samples(state.sample_book, event), version=v)
+        for error in event.errors:
+            if error:
+                log = _log(replace(state, log=log), event.t, "warning", f"sample failed: {error}")
+        return replace(state, checkpoints=rows, last_event_at=event.t, log=log, sample_book=book, version=v)
     if isinstance(event, LogMessage):
         return replace(state, log=_log(state, event.t, event.level, event.message), version=v)
     if isinstance(event, RunFinished):
@@ -320,18 +293,6 @@ def reduce(state: CockpitState, event: Action) -> CockpitState:
 def _matches(row: CheckpointRow, step: int, checkpoint: str | None) -> bool:
     """A validation or sample batch belongs to a checkpoint: named by its path, or (unnamed) at its step."""
     return checkpoint == row.path if checkpoint else step == row.step
-
-
-def _val_loss_of(row: CheckpointRow, points: tuple[ValidationPoint, ...]) -> float | None:
-    value = row.val_loss
-    for point in points:
-        if _matches(row, point.step, point.checkpoint):
-            value = point.loss
-    return value
-
-
-def _samples_of(row: CheckpointRow, batches: tuple[SampleBatch, ...]) -> int:
-    return sum(len(b.paths) for b in batches if _matches(row, b.step, b.checkpoint))
 
 
 _QUIET_PHASES = ("saving", "finished")     # the checkpoint and the finish have their own log lines

@@ -287,7 +287,7 @@ def test_validation_loss_reaches_its_checkpoint_by_path_or_by_step_in_either_ord
         validation(50, 0.20, checkpoint="/out/x-step00000050.safetensors"),   # after, matched by path
         validation(60, 0.10)])                                      # no checkpoint at 60: a chart point only
     assert [r.val_loss for r in s.checkpoints] == [0.30, 0.20]
-    assert [(p.step, p.loss) for p in s.validation] == [(25, 0.30), (50, 0.20), (60, 0.10)]
+    assert [(p.step, p.loss) for p in s.sample_book.validations] == [(25, 0.30), (50, 0.20), (60, 0.10)]
     assert best_validation(s).step == 50
 
 
@@ -302,7 +302,8 @@ def test_samples_are_counted_per_checkpoint_and_failures_are_logged():
         samples(25), saved(25), samples(25, 2, errors=["prompt 3: out of memory"]), saved(50),
         samples(50, checkpoint="/out/x-step00000050.safetensors"), samples(70)])
     assert [r.samples for r in s.checkpoints] == [5, 3]
-    assert len(s.samples) == 4 and s.samples[-1].paths[0] == "/out/sample/x_000070_00.png"
+    assert [(step, n) for step, _, n in s.sample_book.made] == [(25, 3), (25, 2), (50, 3), (70, 3)]
+    assert s.sample_book.latest.images[0].path == "/out/sample/x_000070_00.png"
     warnings = [line.message for line in s.log if line.level == "warning"]
     assert warnings == ["sample failed: prompt 3: out of memory"]
     assert "samples: 3 images at step 70 (2.0 s)" == s.log[-1].message
@@ -346,3 +347,11 @@ def test_learning_rates_keep_a_history_per_group():
     assert set(lr) == {"unet", "text_encoder"}
     assert lr["unet"].series(100)[1] == pytest.approx([1e-4 * i for i in range(1, 11)])
     assert lr["text_encoder"].total == 10
+
+
+def test_a_sample_batch_logs_only_its_failed_prompts_and_counts_only_images_made():
+    event = SamplesSaved(step=30, epoch=1, paths=["/out/sample/x_000030_00.png", ""], prompts=["a", "b"],
+                         seeds=[1, 2], errors=["", "prompt 1: out of memory"], seconds=1.0)
+    s = reduce_all(reduce(CockpitState(), started()), [saved(30), event])
+    assert [line.message for line in s.log if line.level == "warning"] == ["sample failed: prompt 1: out of memory"]
+    assert [r.samples for r in s.checkpoints] == [1]
