@@ -61,8 +61,7 @@ def memory_lines(m: Any, swap_growth: int = 0) -> list[str]:
 
 
 class MemoryPanel(Panel):
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__("Memory", **kwargs)
+    PANEL_TITLE = "Memory"
 
     def compose(self) -> ComposeResult:
         yield Static("no samples yet", id="memory-text")

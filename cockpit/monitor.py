@@ -123,12 +123,10 @@ class MonitorApp(SamplesKeys, App[int]):
         Binding("q", "quit_cockpit", "Quit", id="quit", tooltip="quit (asks first while training)"),
         Binding("ctrl+c,ctrl+q", "quit_cockpit", "Quit", id="quit_priority", priority=True, show=False,
                 tooltip="quit (asks first while training)"),
-        Binding("left_square_bracket", "smoothing(-0.05)", "Less smoothing", id="smoothing_down", show=False,
-                tooltip="less / more loss smoothing"),
-        Binding("right_square_bracket", "smoothing(0.05)", "More smoothing", id="smoothing_up", show=False,
-                tooltip="less / more loss smoothing"),
-        Binding("l", "toggle_lr", "Loss/LR", id="toggle_lr", show=False,
-                tooltip="chart: loss ⇄ learning rate"),
+        *(Binding(key, f"smoothing({delta})", label, id=name, show=False, tooltip="less / more loss smoothing")
+          for key, delta, label, name in (("left_square_bracket", -0.05, "Less smoothing", "smoothing_down"),
+                                          ("right_square_bracket", 0.05, "More smoothing", "smoothing_up"))),
+        Binding("l", "toggle_lr", "Loss/LR", id="toggle_lr", show=False, tooltip="chart: loss ⇄ learning rate"),
         Binding("y", "copy_resume", "Copy resume", id="copy_resume",
                 tooltip="copy the resume command to the clipboard (OSC 52)"),
     ]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from textual.containers import Vertical
 
@@ -10,11 +10,13 @@ from cockpit.state import CockpitState
 
 
 class Panel(Vertical):
-    """A bordered panel with a title; subclasses implement :meth:`show`."""
+    """A bordered panel with a title (``PANEL_TITLE``); subclasses implement :meth:`show`."""
 
-    def __init__(self, title: str, **kwargs: Any) -> None:
+    PANEL_TITLE: ClassVar[str] = ""
+
+    def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.border_title = title
+        self.border_title = self.PANEL_TITLE
         self._version = -1
 
     def changed(self, state: CockpitState) -> bool:

@@ -35,9 +35,9 @@ class RestartChoice:
     name: str | None = None       # new_name: the new output_name
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RestartOffer:
-    """What the dialog says about the run that ended."""
+    """What the dialog says about the run that ended (ten fields: built by keyword only)."""
     name: str
     output_dir: str
     status: str                   # completed | aborted | failed

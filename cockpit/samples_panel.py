@@ -27,8 +27,10 @@ AUTO_SHOW_ROWS = 48       # a shorter terminal keeps the chart's rows; ``i`` sti
 class SamplesPanel(Panel):
     """The latest sample set (thumbnails + prompt text)."""
 
+    PANEL_TITLE = "Samples"
+
     def __init__(self, **kwargs) -> None:
-        super().__init__("Samples", **kwargs)
+        super().__init__(**kwargs)
         self._shown_set: tuple | None = None
         self._book_version = -1
 
