@@ -9,26 +9,38 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Callable, ClassVar, Iterable
+from typing import Any, Callable, ClassVar, Iterable, dataclass_transform
 
 SCHEMA_VERSION = 1
 
 PHASES = ("loading", "caching", "training", "saving", "sampling", "validating", "paused", "finished")
 
 
+EVENT_TYPES: dict[str, type[Event]] = {}      # the JSONL "type" tag -> the event class, filled as classes are made
+
+
+@dataclass_transform(frozen_default=True, field_specifiers=(field,))
 @dataclass(frozen=True)
 class Event:
+    """An engine event: every subclass is a frozen dataclass, tagged ``class X(Event, type="x")``; the tag is
+    the ``type`` key of its JSONL line, and :data:`EVENT_TYPES` finds the class again from it."""
+
     type: ClassVar[str] = "event"
     t: float = field(default_factory=time.time, kw_only=True)
+
+    def __init_subclass__(cls, type: str = "", **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if type:
+            cls.type = type
+        dataclass(frozen=True)(cls)
+        EVENT_TYPES[cls.type] = cls
 
     def to_json(self) -> str:
         return json.dumps({"v": SCHEMA_VERSION, "type": self.type, **asdict(self)}, separators=(",", ":"),
                           default=str)
 
 
-@dataclass(frozen=True)
-class RunStarted(Event):
-    type: ClassVar[str] = "run_started"
+class RunStarted(Event, type="run_started"):
     run_id: str
     output_dir: str
     output_name: str
@@ -43,16 +55,12 @@ class RunStarted(Event):
     seed: int | None = None
 
 
-@dataclass(frozen=True)
-class PhaseChanged(Event):
-    type: ClassVar[str] = "phase"
+class PhaseChanged(Event, type="phase"):
     phase: str
     detail: str = ""
 
 
-@dataclass(frozen=True)
-class StepCompleted(Event):
-    type: ClassVar[str] = "step"
+class StepCompleted(Event, type="step"):
     step: int
     epoch: int
     loss: float
@@ -75,9 +83,7 @@ class StepCompleted(Event):
         return json.dumps(data, separators=(",", ":"), default=str)
 
 
-@dataclass(frozen=True)
-class MemorySample(Event):
-    type: ClassVar[str] = "memory"
+class MemorySample(Event, type="memory"):
     device: str
     rss: int
     sys_used: int
@@ -90,9 +96,7 @@ class MemorySample(Event):
     swap_used: int | None = None      # system swap in use (psutil), every platform
 
 
-@dataclass(frozen=True)
-class CheckpointSaved(Event):
-    type: ClassVar[str] = "checkpoint"
+class CheckpointSaved(Event, type="checkpoint"):
     path: str
     step: int
     epoch: int
@@ -103,18 +107,14 @@ class CheckpointSaved(Event):
     state_dir: str | None = None
 
 
-@dataclass(frozen=True)
-class LogMessage(Event):
-    type: ClassVar[str] = "log"
+class LogMessage(Event, type="log"):
     level: str                        # info | warning | error
     message: str
 
 
-@dataclass(frozen=True)
-class NetworkBuilt(LogMessage):
+class NetworkBuilt(LogMessage, type="network"):
     """The LoRA as built, an info line headless output prints (kohya users read it at start-up)."""
 
-    type: ClassVar[str] = "network"
     unet_modules: int = 0
     text_encoder_modules: int = 0
     dim: int = 0
@@ -128,15 +128,13 @@ class NetworkBuilt(LogMessage):
                    text_encoder_modules=text_encoder_modules, dim=dim, alpha=alpha)
 
 
-@dataclass(frozen=True)
-class SamplesSaved(Event):
+class SamplesSaved(Event, type="samples"):
     """One batch of sample images made from the model being trained (one entry per prompt).
 
     ``paths[i]`` is the PNG for ``prompts[i]`` drawn with ``seeds[i]``; a prompt that failed has an
     empty path and its one-line reason in ``errors[i]``. ``checkpoint`` is the file saved at the same
     step, when the samples were made for a checkpoint."""
 
-    type: ClassVar[str] = "samples"
     step: int
     epoch: int
     paths: list[str]
@@ -147,11 +145,9 @@ class SamplesSaved(Event):
     seconds: float = 0.0
 
 
-@dataclass(frozen=True)
-class ValidationLoss(Event):
+class ValidationLoss(Event, type="validation"):
     """The loss on the held-out images (fixed timesteps and noise per image, so values compare)."""
 
-    type: ClassVar[str] = "validation"
     step: int
     epoch: int
     loss: float
@@ -161,9 +157,7 @@ class ValidationLoss(Event):
     batches: int = 0
 
 
-@dataclass(frozen=True)
-class RunFinished(Event):
-    type: ClassVar[str] = "finished"
+class RunFinished(Event, type="finished"):
     status: str                       # completed | aborted | failed
     step: int
     error: str | None = None
@@ -172,10 +166,6 @@ class RunFinished(Event):
     fits: list[str] = field(default_factory=list)   # out of memory: the kohya flags that would fit, best first
 
 
-EVENT_TYPES: dict[str, type[Event]] = {
-    cls.type: cls for cls in (RunStarted, PhaseChanged, StepCompleted, MemorySample, CheckpointSaved, LogMessage,
-                              NetworkBuilt, SamplesSaved, ValidationLoss, RunFinished)
-}
 
 
 def event_from_dict(data: dict[str, Any]) -> Event | None:
