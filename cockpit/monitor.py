@@ -42,7 +42,9 @@ from engine.api import Event, LogMessage, MemorySample, RunFinished, SpykeError,
 
 DRAIN_INTERVAL = 0.25       # seconds between drains of per-step events (4 Hz)
 RENDER_INTERVAL = 0.5       # seconds between panel redraws while only steps arrive
-CHART_INTERVAL = 1.0        # seconds between loss-chart redraws while training runs (the costly panel)
+CHART_INTERVAL = 1.0        # the shortest time between loss-chart redraws while training runs (the costly panel)
+CHART_CPU_SHARE = 0.01      # ... and longer where one redraw costs more than this share of it: on a 2-core
+                            # box the plotext build (~30 ms at 120x40) comes out of the training's CPU
 CONTROL_ACTIONS = ("toggle_pause", "save_now", "abort", "sample_now")   # what steers the run (not the screen)
 SHORT_ROWS = 32             # fewer rows than this: the compact layout (one-line borders, panels side by side)
 SAVE_AT_BOUNDARY = "a checkpoint will be saved at the next step boundary"
@@ -78,14 +80,26 @@ def control_keys(bindings: list[Binding]) -> tuple[str, ...]:
 
 
 class Pace:
-    """Yes at most once per ``seconds`` of a monotonic clock, or at once when forced."""
+    """Yes at most once per ``interval`` of a monotonic clock, or at once when forced.
 
-    def __init__(self, seconds: float) -> None:
+    The interval is ``seconds``, or longer where the work it paces costs more than ``share`` of it
+    (:meth:`spent` tells the latest cost): the work then takes at most that share of one core."""
+
+    def __init__(self, seconds: float, share: float | None = None) -> None:
         self.seconds = seconds
+        self.share = share
+        self.cost = 0.0
         self.at = float("-inf")
 
+    @property
+    def interval(self) -> float:
+        return max(self.seconds, self.cost / self.share) if self.share else self.seconds
+
+    def spent(self, seconds: float) -> None:
+        self.cost = seconds
+
     def due(self, now: float, force: bool = False) -> bool:
-        if force or now - self.at >= self.seconds:
+        if force or now - self.at >= self.interval:
             self.at = now
             return True
         return False
@@ -146,7 +160,7 @@ class MonitorApp(SamplesKeys, App[int]):
         self._buffer: collections.deque[Event] = collections.deque()
         self._bindings_key: Any = None
         self._rendered_at = float("-inf")
-        self._chart_pace = Pace(CHART_INTERVAL)
+        self._chart_pace = Pace(CHART_INTERVAL, CHART_CPU_SHARE)
         self._quitting = False
         self._start_in_flight = False
         self._error_toasted: str | None = None
@@ -182,12 +196,13 @@ class MonitorApp(SamplesKeys, App[int]):
         thread's CPU comes out of the training's (bench/bench_cockpit_throughput.py)."""
         # pacing runs on the monotonic clock; what is shown uses the app's injected clock
         forced = keys_changed or not self.state.running or self.state.paused
+        self._chart_pace.spent(self.loss_panel.render_seconds)
         return self._chart_pace.due(time.monotonic(), force=forced)
 
     def chart_lag_allowed(self) -> float:
         """Seconds the chart may lag behind the progress line before the panel says how old it is (one
         skipped redraw is its normal pace, not a lag)."""
-        return CHART_INTERVAL + RENDER_INTERVAL
+        return self._chart_pace.interval + RENDER_INTERVAL
 
     # ------------------------------------------------------------------ layout
     def compose(self) -> ComposeResult:

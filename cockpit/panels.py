@@ -14,6 +14,7 @@ from typing import Any
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Container
+from textual.css.query import NoMatches
 from textual.widgets import DataTable, RichLog, Sparkline, Static
 from textual_plotext import PlotextPlot
 
@@ -117,8 +118,16 @@ class LossPlot(PlotextPlot):
         super().__init__(**kwargs)
         self.state: CockpitState | None = None
         self.mode = "loss"                 # loss | lr
+        self.render_seconds = 0.0          # what the latest draw cost (the chart's pace stretches to keep it small)
 
     def render(self):  # type: ignore[override]
+        started = time.perf_counter()
+        try:
+            return self._render_chart()
+        finally:
+            self.render_seconds = time.perf_counter() - started
+
+    def _render_chart(self):
         plt = self.plt
         plt.clear_data()
         state = self.state
@@ -145,6 +154,14 @@ class LossPanel(Panel):
     def compose(self) -> ComposeResult:
         yield LossPlot(id="loss-plot")
         yield Sparkline([], id="loss-spark", summary_function=max)
+
+    @property
+    def render_seconds(self) -> float:
+        """What drawing the chart cost the last time (0 before it was drawn)."""
+        try:
+            return self.query_one(LossPlot).render_seconds
+        except NoMatches:
+            return 0.0
 
     def toggle_mode(self, state: CockpitState) -> str:
         self.mode = "lr" if self.mode == "loss" else "loss"

@@ -791,6 +791,18 @@ def test_the_loss_chart_pace_draws_at_most_once_a_second_unless_forced():
     assert pace.due(100.0 + RENDER_INTERVAL + CHART_INTERVAL) is True
 
 
+def test_a_costly_chart_is_drawn_less_often_so_it_takes_at_most_its_share_of_a_core():
+    from cockpit.monitor import CHART_CPU_SHARE, CHART_INTERVAL, Pace
+
+    pace = Pace(CHART_INTERVAL, CHART_CPU_SHARE)
+    pace.spent(CHART_INTERVAL * CHART_CPU_SHARE / 2)                # a cheap draw: the interval stays the floor
+    assert pace.interval == CHART_INTERVAL
+    pace.spent(0.03)                                                # 30 ms a draw: every 3 s at a 1 % share
+    assert pace.interval == 0.03 / CHART_CPU_SHARE > CHART_INTERVAL
+    assert pace.due(10.0) is True and pace.due(10.0 + pace.interval - 0.01) is False
+    assert pace.due(10.0 + pace.interval - 0.01, force=True) is True  # paused, ended, keys changed: at once
+
+
 @sync
 async def test_a_chart_lagging_behind_the_run_says_how_old_it_is_and_an_ended_run_draws_it_at_once():
     import time

@@ -77,15 +77,16 @@ async def mid_run(pilot) -> None:
     await settled_screen(pilot)
 
 
-async def chart_caught_up(pilot, tries: int = 60) -> None:
-    """While a run trains, the loss chart redraws at its own pace (at most once a second): wait for the
-    redraw that shows the events fed, as a person looking a moment later sees it."""
+async def chart_caught_up(pilot) -> None:
+    """While a run trains, the loss chart redraws at its own pace (once a second, or less often where a
+    draw is costly): wait for the redraw that shows the events fed, as a person looking a moment later sees it."""
+    import time
+
     from cockpit.panels import LossPanel
 
     panel = pilot.app.screen_stack[0].query_one(LossPanel)
-    for _ in range(tries):
-        if panel._plotted_version == pilot.app.state.version:
-            return
+    deadline = time.monotonic() + 2 * pilot.app._chart_pace.interval + 5
+    while panel._plotted_version != pilot.app.state.version and time.monotonic() < deadline:
         await pilot.pause(0.1)
 
 
