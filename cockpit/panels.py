@@ -227,8 +227,10 @@ def checkpoint_cells(state: CockpitState, columns: tuple[tuple[str, str], ...]) 
     best = best_validation(state)
     out = []
     for row in state.checkpoints:
-        cell = {"step": str(row.step), "name": row.name, "size": format_bytes(row.bytes), "loss": _loss_cell(row.loss),
-                "verified": Text("✔", style="green") if row.verified else Text("✖ no", style="yellow"),
+        verified = Text("✔", style="green") if row.verified else Text("✖ no", style="yellow")
+        cell = {"step": str(row.step), "name": Text(row.name, style="dim strike") if row.removed else row.name,
+                "size": format_bytes(row.bytes), "loss": _loss_cell(row.loss),
+                "verified": Text("removed", style="dim") if row.removed else verified,
                 "samples": str(row.samples) if row.samples else "–"}
         if row.val_loss is None:
             cell["val_loss"] = "–"

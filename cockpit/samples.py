@@ -131,6 +131,8 @@ def compare_rows(book: SampleBook, checkpoints: Iterable[CheckpointSaved | objec
     sample set or validation value belongs to the checkpoint it names, else to the one at its step.
     Relative image paths are taken relative to ``base`` (the run's output folder)."""
     by_path: dict[str, tuple[int, str]] = {}
+    checkpoints = list(checkpoints)
+    removed = {str(getattr(c, "path")) for c in checkpoints if getattr(c, "removed", False)}
     for c in checkpoints:
         by_path[str(getattr(c, "path"))] = (int(getattr(c, "step")), str(getattr(c, "path")))
     rows: dict[tuple[int, str], dict] = {}
@@ -160,7 +162,8 @@ def compare_rows(book: SampleBook, checkpoints: Iterable[CheckpointSaved | objec
     for (step, path), parts in sorted(rows.items()):
         s, v = parts["set"], parts["val"]
         images = tuple(_based(s.image(i), base) if s else None for i in range(count))
-        out.append(CompareRow(step=step, name=Path(path).name if path else "", path=path,
+        name = Path(path).name + (" (removed)" if path in removed else "") if path else ""
+        out.append(CompareRow(step=step, name=name, path=path,
                               validation=v.loss if v else None,
                               best=best is not None and v is not None and v == best, images=images))
     return tuple(out)

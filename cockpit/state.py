@@ -24,7 +24,7 @@ from typing import Iterable
 from cockpit.history import LossHistory, ema_update, smooth
 from cockpit.memory_state import MEMORY_HISTORY, fold_memory, memory_pressure  # noqa: F401 - re-exported
 from cockpit.samples import SampleBook, fold as fold_samples
-from engine.api import (RUNS_DIRNAME, CheckpointSaved, Event, LogMessage, MemorySample, PhaseChanged, RunFinished,
+from engine.api import (RUNS_DIRNAME, CheckpointRemoved, CheckpointSaved, Event, LogMessage, MemorySample, PhaseChanged, RunFinished,
                         RunStarted, SamplesSaved, StepCompleted, ValidationLoss, format_bytes)
 
 RATE_WINDOW = 20          # steps used for it/s
@@ -108,6 +108,7 @@ class CheckpointRow:
     state_dir: str | None = None
     val_loss: float | None = None         # the validation loss of this checkpoint (matched by path or step)
     samples: int = 0                      # sample images made for this checkpoint
+    removed: bool = False                 # the --save_last_n_* pruning removed the file later
 
 
 @dataclass(frozen=True)
@@ -229,6 +230,9 @@ def reduce(state: CockpitState, event: Action) -> CockpitState:
             if error:
                 log = _log(replace(state, log=log), event.t, "warning", f"sample failed: {error}")
         return replace(state, checkpoints=rows, last_event_at=event.t, log=log, sample_book=book, version=v)
+    if isinstance(event, CheckpointRemoved):
+        rows = tuple(replace(r, removed=True) if r.path == event.path else r for r in state.checkpoints)
+        return replace(state, checkpoints=rows, log=_log(state, event.t, event.level, event.message), version=v)
     if isinstance(event, LogMessage):
         return replace(state, log=_log(state, event.t, event.level, event.message), version=v)
     if isinstance(event, RunFinished):

@@ -20,7 +20,7 @@ from engine.config import (FIELDS, GROUPS, TrainConfig, build_config, coerce_val
                            fields_in_group, to_toml)
 from engine.control import Command, Commands
 from engine.errors import ConfigError, ModelLoadError, SpykeError
-from engine.events import (EVENT_TYPES, PHASES, CheckpointSaved, Event, LogMessage, MemorySample, PhaseChanged,
+from engine.events import (EVENT_TYPES, PHASES, CheckpointRemoved, CheckpointSaved, Event, LogMessage, MemorySample, PhaseChanged,
                            RunFinished, RunStarted, SamplesSaved, StepCompleted, ValidationLoss)
 from engine.io.atomic import write_file
 from engine.run.channel import send_command
@@ -33,7 +33,7 @@ from engine.units import format_bytes
 __all__ = [
     "EVENT_TYPES", "FIELDS", "GROUPS", "PHASES", "CONSOLE_FILENAME", "CONTROL_DIRNAME", "EVENTS_FILENAME",
     "RUNS_DIRNAME",
-    "RUNS_ROOT_ENV", "SKIPPED", "CheckpointSaved", "Command", "Commands", "ConfigError", "Event", "EventTail", "LogMessage",
+    "RUNS_ROOT_ENV", "SKIPPED", "CheckpointRemoved", "CheckpointSaved", "Command", "Commands", "ConfigError", "Event", "EventTail", "LogMessage",
     "MemorySample", "ModelLoadError", "PhaseChanged", "RunFinished", "RunInfo", "RunStarted", "SamplesSaved", "SpykeError",
     "StepCompleted", "TrainConfig", "build_config", "coerce_value", "default_runs_root", "detach_run",
     "export_kohya", "export_tensorboard", "field_is_optional", "field_type", "fields_in_group", "format_bytes",

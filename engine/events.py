@@ -128,6 +128,14 @@ class NetworkBuilt(LogMessage, type="network"):
                    text_encoder_modules=text_encoder_modules, dim=dim, alpha=alpha)
 
 
+class CheckpointRemoved(LogMessage, type="checkpoint_removed"):
+    """A checkpoint file of this run removed by the ``--save_last_n_*`` pruning (its log line, and the
+    path, so a viewer stops offering it)."""
+
+    path: str = ""
+    step: int = 0
+
+
 class SamplesSaved(Event, type="samples"):
     """One batch of sample images made from the model being trained (one entry per prompt).
 

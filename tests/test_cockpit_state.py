@@ -355,3 +355,22 @@ def test_a_sample_batch_logs_only_its_failed_prompts_and_counts_only_images_made
     s = reduce_all(reduce(CockpitState(), started()), [saved(30), event])
     assert [line.message for line in s.log if line.level == "warning"] == ["sample failed: prompt 1: out of memory"]
     assert [r.samples for r in s.checkpoints] == [1]
+
+
+def test_a_checkpoint_the_pruning_removed_stays_listed_as_removed_and_out_of_reach():
+    from cockpit.panels import checkpoint_cells, checkpoint_columns
+    from cockpit.samples import compare_rows
+    from engine.api import CheckpointRemoved
+
+    path = "/out/x-step00000025.safetensors"
+    s = reduce_all(reduce(CockpitState(), started()), [
+        saved(25), saved(50), samples(25),
+        CheckpointRemoved(level="info", path=path, step=25, message=f"removing old checkpoint: {path}")])
+    assert [(r.step, r.removed) for r in s.checkpoints] == [(25, True), (50, False)]
+    assert s.log[-1].message == f"removing old checkpoint: {path}"
+    columns = checkpoint_columns(s)
+    cells = dict(checkpoint_cells(s, columns))
+    verified = [key for key, _ in columns].index("verified")
+    assert str(cells[path][verified]) == "removed" and "✔" in str(cells["/out/x-step00000050.safetensors"][verified])
+    assert [r.name for r in compare_rows(s.sample_book, s.checkpoints)] == [
+        "x-step00000025.safetensors (removed)", "x-step00000050.safetensors"]

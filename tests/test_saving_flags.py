@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from engine.config import TrainConfig
-from engine.events import LogMessage, StepCompleted
+from engine.events import CheckpointRemoved, LogMessage, StepCompleted
 from engine.plan import plan_run
 from engine.tiny import generate_dataset
 
@@ -61,6 +61,8 @@ def test_save_last_n_steps_leaves_kohyas_files_and_states(assets, tmp_path):
     kept = {f"{NAME}-step{s:08d}.safetensors" for s in (3, 4, 5)} | {f"{NAME}-step{s:08d}-state" for s in (3, 4, 5)}
     assert names(tmp_path / "o") == kept | {f"{NAME}.safetensors", f"{NAME}-state"}
     assert f"removing old checkpoint: {tmp_path / 'o' / f'{NAME}-step00000001.safetensors'}" in logs(events)
+    removed = [(Path(e.path).name, e.step) for e in events if isinstance(e, CheckpointRemoved)]
+    assert removed == [(f"{NAME}-step{s:08d}.safetensors", s) for s in (1, 2)]     # what a viewer stops offering
     assert [c.filename for c in plan_run(cfg).surviving_checkpoints()] == [
         f"{NAME}-step{s:08d}.safetensors" for s in (3, 4, 5)] + [f"{NAME}.safetensors"]
 

@@ -82,8 +82,10 @@ class Pruner:
 
     ``protected``: paths never removed (a hook adds the best-validation checkpoint once known)."""
 
-    def __init__(self, cfg, plan, run_id: str, log: Callable[[str, str], None]) -> None:
+    def __init__(self, cfg, plan, run_id: str, log: Callable[[str, str], None],
+                 removed: Callable[[Path, int], None] | None = None) -> None:
         self.cfg, self.plan, self.run_id, self.log = cfg, plan, run_id, log
+        self.removed = removed or (lambda path, step: log("info", f"removing old checkpoint: {path}"))
         self.protected: set[Path] = set()
         self._epoch_steps = {c.epoch: c.step for c in plan.checkpoints if c.kind == "epoch"}
 
@@ -105,12 +107,13 @@ class Pruner:
             path = out / name
             if not path.is_file() or self._is_protected(path):
                 continue
-            if lora_step_of_run(path, self.run_id) is None:
+            step_of_file = lora_step_of_run(path, self.run_id)
+            if step_of_file is None:
                 self.log("warning", f"not removing old checkpoint {path}: it is not from this run")
                 continue
             path.unlink()
             removed.append(path)
-            self.log("info", f"removing old checkpoint: {path}")
+            self.removed(path, step_of_file)
         for state_step in todo.state_steps:
             path = out / state_dirname(self.cfg.output_name, state_step)
             if not path.is_dir() or self._is_protected(path):

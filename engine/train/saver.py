@@ -12,7 +12,7 @@ from typing import Callable
 from engine.checkpoint import save_lora_file
 from engine.config import TrainConfig
 from engine.errors import CheckpointError, DiskFullError, SpykeError
-from engine.events import CheckpointSaved, Event, LogMessage, PhaseChanged
+from engine.events import CheckpointRemoved, CheckpointSaved, Event, LogMessage, PhaseChanged
 from engine.kohya.names import checkpoint_filename, state_dirname
 from engine.optimizers import eval_weights
 from engine.output_guard import refuse_foreign
@@ -38,7 +38,9 @@ class Saver:
         self.metadata, self.resumable, self.on_state = metadata, resumable, on_state
         self.optimizer = optimizer          # a schedule-free one saves its eval weights
         self.state_step: int | None = None  # global step of the last state written or resumed from
-        self.pruner = Pruner(cfg, plan, run_id, lambda level, text: emit(LogMessage(level=level, message=text)))
+        self.pruner = Pruner(cfg, plan, run_id, lambda level, text: emit(LogMessage(level=level, message=text)),
+                             lambda path, step: emit(CheckpointRemoved(level="info", path=str(path), step=step,
+                                                                       message=f"removing old checkpoint: {path}")))
         self.guard = guard                  # the free-space check before each write, and what disk full does
 
     def forget_state(self) -> None:
