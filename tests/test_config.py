@@ -16,12 +16,13 @@ REPO = Path(__file__).resolve().parent.parent
 REFERENCE_PRESET = REPO / "configs" / "spyke_plasma_v1.toml"
 REFERENCE_PLAN = REPO.parent / "shared" / "seed" / "000_9d32995821235827.txt"
 
-# The flags of the reference job's `accelerate launch … train_network.py` command, verbatim
-# (checked against the reference plan below when it is present).
+# The flags of the reference job's `accelerate launch … train_network.py` command, verbatim but for the
+# three paths, which are the user's machine's (checked against the reference plan below when it is present).
+PATH_FLAGS = ("pretrained_model_name_or_path", "dataset_config", "output_dir")
 REFERENCE_COMMAND = r'''
-  --pretrained_model_name_or_path="$HOME/tools/ComfyUI/models/checkpoints/AnythingXL_inkBase.safetensors" \
-  --dataset_config="/Users/dondemetrius/Code/plasma/.planning/phases/08-spyke-lora-training/spyke_lora_dataset.toml" \
-  --output_dir="/Users/dondemetrius/Code/plasma/output/loras/spyke/" \
+  --pretrained_model_name_or_path="MODEL.safetensors" \
+  --dataset_config="DATASET.toml" \
+  --output_dir="OUTPUT/" \
   --output_name="spyke_plasma_v1" \
   --save_model_as="safetensors" \
   --save_every_n_steps=200 \
@@ -77,7 +78,11 @@ def test_reference_flags_match_the_reference_plan():
         pytest.skip("the reference plan is not beside this checkout")
     text = REFERENCE_PLAN.read_text()
     block = text.split("train_network.py \\", 1)[1].split("```", 1)[0]
-    norm = lambda s: re.sub(r"\s+", " ", s.replace("\\\n", " ")).strip()  # noqa: E731
+    paths = re.compile(r'(--(?:%s)=)"[^"]*"' % "|".join(PATH_FLAGS))
+
+    def norm(command: str) -> str:
+        return paths.sub(r'\1"PATH"', re.sub(r"\s+", " ", command.replace("\\\n", " ")).strip())
+
     assert norm(block) == norm(REFERENCE_COMMAND)
 
 
