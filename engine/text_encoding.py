@@ -19,7 +19,9 @@ Sample images (kohya's long-prompt pipeline, which ignores ``--max_token_length`
 may have up to 225 tokens; it and the negative prompt are padded to the same number of
 75-token chunks (as many as the longer one needs, at most 3), each chunk is encoded as
 above, and the chunks are joined whole, BOS and EOS of each kept (``77 * n`` states).
-kohya's attention weights in prompts (``(word:1.2)``) are not parsed here.
+kohya's attention weights in prompts (``(word:1.2)``, ``[word]``) are read by
+:mod:`engine.sample.weights`: each weighted piece is tokenized on its own and its hidden states
+are weighted, then rescaled to their former mean.
 """
 
 from __future__ import annotations
@@ -89,32 +91,38 @@ def encode_captions(text_encoder, input_ids: "torch.Tensor", clip_skip: int | No
     return join_chunks(encode_chunks(text_encoder, input_ids, clip_skip), input_ids.shape[-1])
 
 
-def _prompt_tokens(tokenizer, text: str) -> list[int]:
-    ids = tokenizer(text, truncation=True, max_length=(tokenizer.model_max_length - 2) * SAMPLE_MAX_CHUNKS + 2
-                    ).input_ids
-    return list(ids[1:-1])
+def _sample_ids(tokenizer, prompts: list[str]) -> tuple["torch.Tensor", list[list[float]]]:
+    """kohya's long-prompt pipeline: (len(prompts), n, 77) ids, n chunks for the longest prompt (at most
+    3), and each prompt's weight per hidden state (77 * n)."""
+    import torch
+
+    from engine.sample.weights import chunk_weights, weighted_tokens
+
+    inner = tokenizer.model_max_length - 2
+    parsed = [weighted_tokens(tokenizer, p, inner * SAMPLE_MAX_CHUNKS) for p in prompts]
+    longest = max(len(tokens) for tokens, _ in parsed)
+    chunks = max(1, min(SAMPLE_MAX_CHUNKS, (longest - 1) // inner + 1))
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    out = []
+    for tokens, _ in parsed:
+        full = torch.tensor([bos] + tokens + [eos] * (chunks * inner + 1 - len(tokens)), dtype=torch.long)
+        out.append(torch.stack([_wrap(tokenizer, full[:1], full[1 + i * inner:1 + (i + 1) * inner], full[-1:])
+                                for i in range(chunks)]))
+    return torch.stack(out), [chunk_weights(weights, chunks, inner) for _, weights in parsed]
 
 
 def sample_token_ids(tokenizer, prompts: list[str]) -> "torch.Tensor":
     """kohya's long-prompt pipeline: (len(prompts), n, 77) ids, n chunks for the longest prompt (at most 3)."""
-    import torch
-
-    inner = tokenizer.model_max_length - 2
-    tokens = [_prompt_tokens(tokenizer, p) for p in prompts]
-    longest = max(len(t) for t in tokens)
-    chunks = max(1, min(SAMPLE_MAX_CHUNKS, (longest - 1) // inner + 1))
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    out = []
-    for t in tokens:
-        full = torch.tensor([bos] + t + [eos] * (chunks * inner + 1 - len(t)), dtype=torch.long)
-        out.append(torch.stack([_wrap(tokenizer, full[:1], full[1 + i * inner:1 + (i + 1) * inner], full[-1:])
-                                for i in range(chunks)]))
-    return torch.stack(out)
+    return _sample_ids(tokenizer, prompts)[0]
 
 
 def encode_sample_prompts(text_encoder, tokenizer, prompts: list[str], device, clip_skip: int | None
                           ) -> list["torch.Tensor"]:
     """Hidden states of sample prompts (a prompt and its negative share one length), one (1, 77 * n, D) per
-    prompt, each prompt encoded in its own call as kohya's pipeline does."""
-    ids = sample_token_ids(tokenizer, prompts).to(device)
-    return [encode_chunks(text_encoder, ids[i:i + 1], clip_skip) for i in range(len(prompts))]
+    prompt, each prompt encoded in its own call and then weighted, as kohya's pipeline does."""
+    from engine.sample.weights import apply_weights
+
+    ids, weights = _sample_ids(tokenizer, prompts)
+    ids = ids.to(device)
+    return [apply_weights(encode_chunks(text_encoder, ids[i:i + 1], clip_skip), weights[i])
+            for i in range(len(prompts))]

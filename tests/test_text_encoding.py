@@ -127,3 +127,46 @@ def test_the_memory_estimate_counts_the_text_encoder_activations_once_per_chunk(
                          {"block_out_channels": [32, 64]}, {"block_out_channels": [32]}, te)
     extra = estimate(shapes, three).parts["activations"] - estimate(shapes, one).parts["activations"]
     assert extra == 2 * TE_TOKENS * 32 * 2 * TE_ACT_PER_LAYER * 4
+
+
+@pytest.mark.parametrize("prompt, pieces", [
+    ("normal text", [("normal text", 1.0)]),
+    ("an (important) word", [("an ", 1.0), ("important", 1.1), (" word", 1.0)]),
+    ("(unbalanced", [("unbalanced", 1.1)]),
+    (r"\(literal\]", [("(literal]", 1.0)]),
+    ("(unnecessary)(parens)", [("unnecessaryparens", 1.1)]),
+    ("a (((house:1.3)) [on] a (hill:0.5), sun, (((sky))).",
+     [("a ", 1.0), ("house", 1.1 * 1.1 * 1.3), (" ", 1.1), ("on", 1.0), (" a ", 1.1), ("hill", 0.55),
+      (", sun, ", 1.1), ("sky", 1.1 ** 4), (".", 1.1)]),
+    ("closing) and ] alone, a:b", [("closing) and ] alone, a:b", 1.0)]),
+])
+def test_sample_prompt_weights_follow_kohyas_bracket_syntax(prompt, pieces):
+    from engine.sample.weights import parse_weights
+
+    got = parse_weights(prompt)
+    assert [text for text, _ in got] == [text for text, _ in pieces]
+    assert [w for _, w in got] == pytest.approx([w for _, w in pieces])
+
+
+def test_a_weighted_sample_prompt_scales_its_words_states_and_keeps_their_mean(base):
+    tok = base.tokenizer
+    cat, dog = tok("cat").input_ids[1:-1], tok(" dog").input_ids[1:-1]
+    ids = torch.tensor([tok.bos_token_id] + cat + dog + [tok.eos_token_id] * (76 - len(cat + dog)))
+    plain = hidden(base, ids, 2)
+    weights = torch.ones(77)
+    weights[1:1 + len(cat)] = 1.5
+    want = plain * weights[None, :, None]
+    want = want * (plain.mean() / want.mean())
+    with torch.no_grad():
+        (got,) = encode_sample_prompts(base.text_encoder, tok, ["(cat:1.5) dog"], "cpu", 2)
+        (unweighted,) = encode_sample_prompts(base.text_encoder, tok, ["cat dog"], "cpu", 2)
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-4)
+    assert torch.allclose(got.mean(), unweighted.mean(), atol=1e-6)
+    assert not torch.allclose(got, unweighted)
+
+
+def test_a_bad_weight_fails_that_sample_prompt_in_one_line():
+    from engine.sample.weights import parse_weights
+
+    with pytest.raises(ValueError, match=r"prompt weight ':1\.2\.3\)' is not a number"):
+        parse_weights("a (cat:1.2.3)")
