@@ -33,6 +33,7 @@ from textual.widgets import Footer, Header
 
 from cockpit.images import graphics_mode
 from cockpit.modals import SAVE_AND_STOP, ConfirmAbortScreen, HelpScreen
+from cockpit.pace import Pace
 from cockpit.panels import CheckpointsPanel, LogPanel, LossPanel, MemoryPanel, ProgressPanel, compose_live_panels
 from cockpit.samples_panel import SamplesKeys, SamplesPanel
 from cockpit.sources import EventSource
@@ -77,32 +78,6 @@ def help_rows(bindings: list[Binding]) -> list[tuple[str, str]]:
 def control_keys(bindings: list[Binding]) -> tuple[str, ...]:
     """The keys that steer the run."""
     return tuple(k.strip() for b in bindings if b.action in CONTROL_ACTIONS for k in b.key.split(","))
-
-
-class Pace:
-    """Yes at most once per ``interval`` of a monotonic clock, or at once when forced.
-
-    The interval is ``seconds``, or longer where the work it paces costs more than ``share`` of it
-    (:meth:`spent` tells the latest cost): the work then takes at most that share of one core."""
-
-    def __init__(self, seconds: float, share: float | None = None) -> None:
-        self.seconds = seconds
-        self.share = share
-        self.cost = 0.0
-        self.at = float("-inf")
-
-    @property
-    def interval(self) -> float:
-        return max(self.seconds, self.cost / self.share) if self.share else self.seconds
-
-    def spent(self, seconds: float) -> None:
-        self.cost = seconds
-
-    def due(self, now: float, force: bool = False) -> bool:
-        if force or now - self.at >= self.interval:
-            self.at = now
-            return True
-        return False
 
 
 @dataclass

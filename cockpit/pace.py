@@ -6,6 +6,7 @@ reads the events file less often, until a core is free again. On a GPU or MPS ma
 training leaves cores idle and the viewer keeps its normal pace. Keys are always handled at once.
 
 :class:`ViewerPace` is pure (it is told how much CPU was idle); :class:`IdleCpu` measures that.
+:class:`Pace` spaces one costly redraw (the live cockpit's loss chart) by its own cost.
 """
 
 from __future__ import annotations
@@ -68,3 +69,29 @@ class IdleCpu:
         if previous is None or now <= previous[0]:
             return None
         return max(0.0, (idle - previous[1]) / (now - previous[0]))
+
+
+class Pace:
+    """Yes at most once per ``interval`` of a monotonic clock, or at once when forced.
+
+    The interval is ``seconds``, or longer where the work it paces costs more than ``share`` of it
+    (:meth:`spent` tells the latest cost): the work then takes at most that share of one core."""
+
+    def __init__(self, seconds: float, share: float | None = None) -> None:
+        self.seconds = seconds
+        self.share = share
+        self.cost = 0.0
+        self.at = float("-inf")
+
+    @property
+    def interval(self) -> float:
+        return max(self.seconds, self.cost / self.share) if self.share else self.seconds
+
+    def spent(self, seconds: float) -> None:
+        self.cost = seconds
+
+    def due(self, now: float, force: bool = False) -> bool:
+        if force or now - self.at >= self.interval:
+            self.at = now
+            return True
+        return False

@@ -781,7 +781,8 @@ async def test_preview_shows_the_memory_estimate_and_verdict(tiny_cache, tmp_pat
 
 
 def test_the_loss_chart_pace_draws_at_most_once_a_second_unless_forced():
-    from cockpit.monitor import CHART_INTERVAL, RENDER_INTERVAL, Pace
+    from cockpit.monitor import CHART_INTERVAL, RENDER_INTERVAL
+    from cockpit.pace import Pace
 
     pace = Pace(CHART_INTERVAL)
     assert pace.due(100.0) is True                                  # the first redraw draws it
@@ -792,7 +793,8 @@ def test_the_loss_chart_pace_draws_at_most_once_a_second_unless_forced():
 
 
 def test_a_costly_chart_is_drawn_less_often_so_it_takes_at_most_its_share_of_a_core():
-    from cockpit.monitor import CHART_CPU_SHARE, CHART_INTERVAL, Pace
+    from cockpit.monitor import CHART_CPU_SHARE, CHART_INTERVAL
+    from cockpit.pace import Pace
 
     pace = Pace(CHART_INTERVAL, CHART_CPU_SHARE)
     pace.spent(CHART_INTERVAL * CHART_CPU_SHARE / 2)                # a cheap draw: the interval stays the floor
