@@ -88,11 +88,12 @@ class SamplesKeys:
             self._samples_seen = True
             if self.size.height >= AUTO_SHOW_ROWS:
                 self.set_samples_visible(True)
-        if isinstance(self.screen, CompareScreen):
+        screen = self.screen_stack[-1] if self.screen_stack else None   # none while the app tears down
+        if isinstance(screen, CompareScreen):
             key = (state.sample_book.version, state.checkpoints)
             if key != self._grid_key:
                 self._grid_key = key
-                self.screen.update_grid(*grid_of(state))
+                screen.update_grid(*grid_of(state))
 
     @property
     def samples_visible(self) -> bool:
