@@ -176,7 +176,7 @@ async def test_events_show_up_in_the_panels():
 
 
 @sync
-async def test_abort_confirm_paths():
+async def test_the_abort_dialog_cancels_on_escape_and_n_stops_without_saving():
     app = make_app(config=valid_config())
     async with app.run_test(size=SIZE) as pilot:
         await start_run(app, pilot)
@@ -200,7 +200,7 @@ async def test_abort_confirm_paths():
 
 
 @sync
-async def test_abort_save_button():
+async def test_the_abort_dialogs_save_button_saves_then_stops():
     app = make_app(config=valid_config())
     async with app.run_test(size=SIZE) as pilot:
         await start_run(app, pilot)

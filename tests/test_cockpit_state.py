@@ -195,7 +195,7 @@ def test_failure_and_start_failure_are_logged_one_line():
     assert s.status == "failed" and not s.running and s.log[-1].message == "model not found"
 
 
-def test_log_is_bounded():
+def test_the_log_keeps_the_latest_200_lines():
     s = reduce_all(CockpitState(), [LogMessage(level="warning", message=f"m{i}") for i in range(1000)])
     assert len(s.log) == 200 and s.log[-1].message == "m999"
 
@@ -242,7 +242,7 @@ def test_reducing_a_million_steps_is_fast_enough_to_replay():
     assert len(s.history) <= s.history.capacity
 
 
-def test_format_duration():
+def test_durations_read_as_minutes_and_seconds_or_hours():
     assert format_duration(None) == "--:--"
     assert format_duration(65) == "01:05"
     assert format_duration(3725) == "1:02:05"

@@ -349,7 +349,7 @@ def test_bucket_selection_nearest_aspect_then_cover_and_crop(tmp_path):
     assert sorted(tuple(b["resolution"]) for b in info["buckets"].values()) == [(128, 128), (192, 64)]
 
 
-def test_bucket_no_upscale(tmp_path):
+def test_bucket_no_upscale_never_enlarges_a_small_image(tmp_path):
     sel = BucketSelector((128, 128), enable_bucket=True, no_upscale=True, steps=32)
     c = sel.select(100, 70)                 # smaller than the area: never upscaled
     assert c.resized_size == (100, 70) and c.reso == (96, 64)
@@ -412,7 +412,7 @@ def test_load_batch_shapes_range_flip_and_captions(tmp_path):
     assert white[:, 10, 10].tolist() == [1.0, 1.0, 1.0] and white[:, 0, 0].tolist() == [-1.0, -1.0, -1.0]
 
 
-def test_process_caption_rules():
+def test_shuffle_caption_keeps_the_leading_tokens_and_empty_tags_as_kohya():
     from engine.dataset_config import SubsetSpec
 
     def sub(**kw):
@@ -444,7 +444,7 @@ def test_toml_type_errors_name_the_field(tmp_path):
     assert "general" in msg and "batch_size" in msg
 
 
-def test_toml_key_errors(tmp_path):
+def test_a_misspelt_or_misplaced_dataset_toml_key_names_the_key_and_the_fix(tmp_path):
     _img(tmp_path / "i" / "0.png", caption="c")
     sub = "[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = \"i\"\n"
     msg = _error(tmp_path, sub + "num_repeat = 3\n")
@@ -469,7 +469,7 @@ def test_toml_key_errors(tmp_path):
     assert "invalid TOML" in msg and "ds.toml" in msg
 
 
-def test_image_errors(tmp_path):
+def test_a_folder_without_images_a_broken_image_or_a_missing_folder_is_one_line(tmp_path):
     sub = "[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = \"i\"\nclass_tokens = \"x\"\n"
     (tmp_path / "i").mkdir()
     (tmp_path / "i" / "notes.txt").write_text("not an image")
@@ -485,7 +485,7 @@ def test_image_errors(tmp_path):
     assert "image_dir" in msg and "not found" in msg
 
 
-def test_bucket_config_errors(tmp_path):
+def test_bucket_sizes_kohya_refuses_are_refused_and_the_ones_it_rounds_are_rounded(tmp_path):
     _img(tmp_path / "i" / "0.png", caption="c")
     sub = "[[datasets.subsets]]\nimage_dir = \"i\"\n"
     msg = _error(tmp_path, "[[datasets]]\nresolution = 128\nenable_bucket = true\n" + sub)

@@ -417,7 +417,7 @@ def test_cleanup_temp_files_and_read_errors(tmp_path):
         read_lora_file(tmp_path / "missing.safetensors")
 
 
-def test_checkpoint_filenames():
+def test_checkpoint_files_take_kohyas_names_and_only_safetensors():
     assert checkpoint_filename("spyke", step=250) == "spyke-step00000250.safetensors"
     assert checkpoint_filename("spyke", epoch=3) == "spyke-000003.safetensors"
     assert checkpoint_filename("spyke") == "spyke.safetensors"

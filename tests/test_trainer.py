@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parent.parent
 REFERENCE_PRESET = REPO / "configs" / "spyke_plasma_v1.toml"
 NAME = "spyke_plasma_v1"
 
-ISSUE_METADATA = """ss_session_id ss_training_started_at ss_training_finished_at ss_output_name ss_sd_model_name
+KOHYA_METADATA_KEYS = """ss_session_id ss_training_started_at ss_training_finished_at ss_output_name ss_sd_model_name
 ss_base_model_version ss_v2 ss_network_module ss_network_dim ss_network_alpha ss_learning_rate ss_unet_lr
 ss_text_encoder_lr ss_lr_scheduler ss_lr_warmup_steps ss_optimizer ss_max_grad_norm ss_num_train_images
 ss_num_reg_images ss_num_batches_per_epoch ss_num_epochs ss_max_train_steps ss_steps ss_epoch
@@ -191,10 +191,10 @@ def test_a_step_file_and_an_epoch_file_due_at_the_same_step_are_both_saved_step_
         ("step", 4, f"{NAME}-step00000004.safetensors"), ("epoch", 4, f"{NAME}-000001.safetensors"),
         ("step", 8, f"{NAME}-step00000008.safetensors"), ("final", 8, f"{NAME}.safetensors")]
 
-def test_final_file_metadata(main_run):
+def test_the_final_file_carries_every_kohya_metadata_key(main_run):
     cfg, result, _ = main_run
     tensors, meta = read(result.final_path)
-    missing = [k for k in ISSUE_METADATA if k not in meta]
+    missing = [k for k in KOHYA_METADATA_KEYS if k not in meta]
     assert missing == []
     assert all(isinstance(v, str) for v in meta.values())
     expect = {
@@ -368,7 +368,7 @@ def test_cosine_scheduler_reaches_zero(assets, tmp_path):
     assert all(a >= b for a, b in zip([l[0] for l in lrs], [l[0] for l in lrs][1:]))
 
 
-def test_events_jsonl(main_run):
+def test_the_run_folder_holds_its_config_and_an_events_journal_from_start_to_finish(main_run):
     cfg, result, events = main_run
     run_dir = result.run_dir
     assert run_dir == Path(cfg.output_dir) / ".spyke" / run_dir.name
