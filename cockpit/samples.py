@@ -46,6 +46,12 @@ class Validation:
     checkpoint: str | None = None
 
 
+def belongs(step: int, checkpoint: str | None, to_step: int, to_path: str) -> bool:
+    """A sample batch or validation value belongs to a checkpoint: the one it names, or (naming none) the
+    one at its step."""
+    return checkpoint == to_path if checkpoint else step == to_step
+
+
 @dataclass(frozen=True)
 class SampleBook:
     """Every sample set (by step, a later set at the same step replaces the earlier) and validation loss."""
@@ -58,13 +64,13 @@ class SampleBook:
         """How many sample images were made for the checkpoint at ``step``/``path`` (every batch, one that
         names the checkpoint or, naming none, is at its step): the files on disk, even where a later set
         replaced an earlier one in the grid."""
-        return sum(n for at, checkpoint, n in self.made if (checkpoint == path if checkpoint else at == step))
+        return sum(n for at, checkpoint, n in self.made if belongs(at, checkpoint, step, path))
 
     def validation_for(self, step: int, path: str) -> float | None:
         """The latest validation loss that names the checkpoint or, naming none, is at its step."""
         value = None
         for v in self.validations:
-            if (v.checkpoint == path if v.checkpoint else v.step == step):
+            if belongs(v.step, v.checkpoint, step, path):
                 value = v.loss
         return value
 

@@ -23,9 +23,9 @@ from typing import Iterable
 
 from cockpit.history import LossHistory, ema_update, smooth
 from cockpit.memory_state import MEMORY_HISTORY, fold_memory, memory_pressure  # noqa: F401 - re-exported
-from cockpit.samples import SampleBook, fold as fold_samples
-from engine.api import (RUNS_DIRNAME, CheckpointRemoved, CheckpointSaved, Event, LogMessage, MemorySample, PhaseChanged, RunFinished,
-                        RunStarted, SamplesSaved, StepCompleted, ValidationLoss, format_bytes)
+from cockpit.samples import SampleBook, belongs, fold as fold_samples
+from engine.api import (RUNS_DIRNAME, CheckpointRemoved, CheckpointSaved, Event, LogMessage, MemorySample,
+                        PhaseChanged, RunFinished, RunStarted, SamplesSaved, StepCompleted, ValidationLoss, format_bytes)
 
 RATE_WINDOW = 20          # steps used for it/s
 LOG_LIMIT = 200           # lines kept in the log panel
@@ -295,8 +295,7 @@ def reduce(state: CockpitState, event: Action) -> CockpitState:
 
 
 def _matches(row: CheckpointRow, step: int, checkpoint: str | None) -> bool:
-    """A validation or sample batch belongs to a checkpoint: named by its path, or (unnamed) at its step."""
-    return checkpoint == row.path if checkpoint else step == row.step
+    return belongs(step, checkpoint, row.step, row.path)
 
 
 _QUIET_PHASES = ("saving", "finished")     # the checkpoint and the finish have their own log lines
