@@ -83,14 +83,18 @@ def apply_flags(extras: Mapping[str, tuple[Any, str]], given: Mapping[str, Any])
     return fields, notes
 
 
+_NOT_WRITTEN = ("config_file", "output_config", "wandb_api_key")
+
+
 def output_config(path: Path, values: Mapping[str, Any]) -> None:
-    """kohya's ``--output_config``: the given settings (not the defaults) as TOML; refuses an existing file."""
+    """kohya's ``--output_config``: the given settings (not the defaults) as TOML; refuses an existing file.
+    As kohya, the file never holds the config-file flags themselves nor the wandb API key (a secret)."""
     import tomli_w
 
     if path.exists():
         raise ConfigError(f"{path}: config file already exists; --output_config never replaces a file "
                           "(choose another --config_file name)")
-    doc = {k: v for k, v in values.items() if v is not None and k not in ("config_file", "output_config")}
+    doc = {k: v for k, v in values.items() if v is not None and k not in _NOT_WRITTEN}
     try:
         with open(path, "x", encoding="utf-8") as f:
             f.write(tomli_w.dumps(doc))

@@ -156,6 +156,15 @@ def test_output_config_writes_the_given_flags_and_never_replaces_a_file(tmp_path
     assert read_toml(target) == {"network_dim": 8, "text_encoder_lr": 1e-5}
 
 
+
+def test_output_config_leaves_out_the_wandb_api_key_as_kohya_does(tmp_path):
+    target = tmp_path / "out.toml"
+    with pytest.raises(SystemExit):
+        parse([f"--config_file={target}", "--output_config", "--wandb_api_key=SECRET", "--network_dim=8"])
+    assert read_toml(target) == {"network_dim": 8}
+    assert "SECRET" not in target.read_text()
+
+
 COMMAND = r'''#!/bin/bash
 export HF_HOME=/tmp/hf
 CUDA_VISIBLE_DEVICES=0 accelerate launch --num_cpu_threads_per_process=2 --mixed_precision bf16 \
