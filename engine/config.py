@@ -512,19 +512,26 @@ def coerce_value(name: str, raw: Any, where: str) -> Any:
         raw = one_float(name, raw, where)
     if kind is list:
         return _coerce_list(name, raw, where)
-    if raw is None or (isinstance(raw, str) and raw.strip() == "" and kind is not str):
+    blank = isinstance(raw, str) and raw.strip() == ""
+    if blank and FIELDS[name].metadata.get("choices"):
+        return None if field_is_optional(name) else field_default(name)  # kohya's GUI writes "" for "not chosen"
+    if raw is None or (blank and kind is not str):
         if field_is_optional(name):
             return None
         raise ConfigError(f"{where}: {name} needs a value")
     if name == "resolution" and not isinstance(raw, str):
         w, h = parse_resolution(raw, where)
         return f"{w},{h}" if w != h else str(w)
+    if FIELDS[name].metadata.get("kind") == "steps_or_ratio" and isinstance(raw, str) and raw.strip().endswith("%"):
+        return _percent(name, raw, where)
     try:
         value = scalar_value(kind, raw)
     except (TypeError, ValueError):
         raise ConfigError(f"{where}: {name} must be {kind.__name__} (got {raw!r})") from None
     if kind is float and FIELDS[name].metadata.get("kind") == "steps_or_ratio":
         return _steps_or_ratio(name, value, where)
+    if name == "max_token_length" and value == 75:
+        return None  # kohya's default: 75 tokens (its argparse refuses 75, its config files carry it)
     return value
 
 
@@ -564,28 +571,49 @@ def _steps_or_ratio(name: str, value: float, where: str) -> float | int:
     return int(value) if value == 0 else value
 
 
-def load_toml_values(path: Path) -> dict[str, Any]:
+def _percent(name: str, raw: str, where: str) -> float | int:
+    """kohya's int_or_float also takes a percentage of the total steps: ``10%`` is the ratio 0.1."""
+    try:
+        ratio = float(raw.strip()[:-1]) / 100.0
+    except ValueError:
+        raise ConfigError(f"{where}: {name} must be steps, a ratio below 1 or a percentage (got {raw!r})") from None
+    if not 0 <= ratio < 1:
+        raise ConfigError(f"{where}: {name} as a percentage must be from 0% to below 100% of the steps (got {raw!r})")
+    return 0 if ratio == 0 else ratio
+
+
+def load_toml_values(path: Path, *, kohya_file: bool = False, notes: list[str] | None = None) -> dict[str, Any]:
     """Read a preset TOML: keys at top level or in any tables (kohya's config_file style), typed; kohya flags
-    that are no config field are kept too (see :func:`build_config`)."""
-    from engine.kohya_config import read_toml
+    that are no config field are kept too (see :func:`build_config`). A key that is neither is refused, except
+    in kohya's ``--config_file`` (``kohya_file``): kohya's argparse Namespace keeps it unread, so it is ignored
+    with one line in ``notes``. Info lines about values (several text_encoder_lr) go to ``notes`` too."""
+    from engine.kohya_config import ignored_key_note, read_toml, several_values_note
+    from engine.kohya_flags import TABLE
 
     data = read_toml(Path(path))
     if is_dataset_toml(data):
         raise ConfigError(f"{path}: this is a kohya dataset config; pass it as --dataset_config={path} "
                           "(the positional argument is a training preset)")
+    lines: list[str] = []
     flat: dict[str, Any] = {}
     for key, value in data.items():
-        if isinstance(value, dict):
-            for sub, subvalue in value.items():
-                flat[sub] = coerce_value(sub, subvalue, f"{path} [{key}]")
-        else:
-            flat[key] = coerce_value(key, value, str(path))
+        where = f"{path} [{key}]" if isinstance(value, dict) else str(path)
+        for sub, subvalue in (value.items() if isinstance(value, dict) else [(key, value)]):
+            if kohya_file and (note := ignored_key_note(sub, where, sub in FIELDS or sub in TABLE)):
+                lines.append(note)
+                continue
+            flat[sub] = coerce_value(sub, subvalue, where)
+            if note := several_values_note(sub, subvalue, f"{where}: {sub}"):
+                lines.append(note)
+    if notes is not None:
+        notes.extend(lines)
     return flat
 
 
 def build_config(toml_path: Path | None = None, overrides: Mapping[str, Any] | None = None, *,
-                 notes: list[str] | None = None) -> TrainConfig:
-    """Defaults, then the TOML, then ``overrides`` (already-typed values, e.g. from the CLI).
+                 notes: list[str] | None = None, kohya_file: bool = False) -> TrainConfig:
+    """Defaults, then the TOML (``kohya_file``: read as kohya's ``--config_file``), then ``overrides``
+    (already-typed values, e.g. from the CLI).
 
     kohya flags that are no field are decided by engine.kohya_flags: their info lines are appended to
     ``notes``; one spyke-cockpit cannot honour raises a one-line ConfigError naming it."""
@@ -593,15 +621,17 @@ def build_config(toml_path: Path | None = None, overrides: Mapping[str, Any] | N
 
     values: dict[str, Any] = {}
     where: dict[str, str] = {}
+    lines: list[str] = []
     if toml_path is not None:
-        loaded = load_toml_values(Path(toml_path))
+        loaded = load_toml_values(Path(toml_path), kohya_file=kohya_file, notes=lines)
         values.update(loaded)
         where.update({k: str(toml_path) for k in loaded})
     if overrides:
         values.update(overrides)
         where.update({k: f"--{k}" for k in overrides})
     extras = {k: (v, where.get(k, f"--{k}")) for k, v in values.items() if k not in FIELDS}
-    fields_set, lines = apply_flags(extras, values)
+    fields_set, flag_lines = apply_flags(extras, values)
+    lines.extend(flag_lines)
     chosen = {k: v for k, v in values.items() if k in FIELDS}
     for key, value in fields_set.items():
         chosen.setdefault(key, value)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from engine.errors import ConfigError
-from engine.kohya_flags import TABLE, decide
+from engine.kohya_flags import CONFIG_FILE_FLAGS, TABLE, decide
 from engine.scalars import scalar_value
 
 
@@ -54,8 +54,9 @@ def coerce_flag(name: str, raw: Any, where: str) -> Any:
 
 
 def one_float(name: str, raw: Any, where: str) -> Any:
-    """kohya's ``text_encoder_lr`` is nargs="*" (one value per text encoder); SD1.x has one, so a list must
-    hold one value or equal values. Returns the float, None for an empty list, or ``raw`` when it is no list."""
+    """kohya's ``text_encoder_lr`` is nargs="*" (one value per text encoder). SD1.x has one text encoder, and
+    kohya's train_network.py takes the list's first value for it (an empty list: unset). Returns that float,
+    None for an empty list, or ``raw`` when it is no list (see :func:`several_values_note`)."""
     if not isinstance(raw, (list, tuple)):
         return raw
     if not raw:
@@ -64,10 +65,34 @@ def one_float(name: str, raw: Any, where: str) -> Any:
         values = [float(x) for x in raw]
     except (TypeError, ValueError):
         raise ConfigError(f"{where}: {name} must be numbers (got {list(raw)!r})") from None
-    if any(v != values[0] for v in values):
-        raise ConfigError(f"{where}: {name} has different values {list(raw)!r}, one per text encoder; SD1.x has one "
-                          f"text encoder: give one value, e.g. {name}={raw[0]}")
     return values[0]
+
+
+def several_values_note(name: str, raw: Any, shown: str) -> str | None:
+    """The info line for a text_encoder_lr list whose values differ: only the first one is used, as in kohya."""
+    from engine.config import FIELDS
+
+    if name not in FIELDS or FIELDS[name].metadata.get("kind") != "one_float" or not isinstance(raw, (list, tuple)):
+        return None
+    try:
+        values = [float(x) for x in raw]
+    except (TypeError, ValueError):
+        return None
+    if len(set(values)) < 2:
+        return None
+    return (f"{shown} {' '.join(str(x) for x in raw)}: SD1.x has one text encoder; kohya's train_network.py uses "
+            f"the first value, {values[0]:g}, and so does spyke-cockpit")
+
+
+def ignored_key_note(name: str, where: str, known: bool) -> str | None:
+    """kohya's ``--config_file`` becomes an argparse Namespace: a key that is no flag stays in it unread. The
+    warning line for such a key (None for a flag's key, which is read)."""
+    if name in CONFIG_FILE_FLAGS:
+        return f"{where}: {name} is ignored inside a config file (kohya reads it from the command line only)"
+    if known:
+        return None
+    return (f"warning: {where}: {name!r} is not a train_network.py flag; ignored, as kohya ignores it "
+            "(misspelt? see `spyke-cockpit train --help`)")
 
 
 def apply_flags(extras: Mapping[str, tuple[Any, str]], given: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:

@@ -95,10 +95,23 @@ def test_config_file_is_flattened_typed_by_flag_and_overridden_by_flags(tmp_path
     assert any(n.startswith("--dynamo_backend=no: accepted") for n in notes)
 
 
-def test_text_encoder_lr_takes_several_values_on_the_command_line_when_they_agree():
-    assert parse(["--text_encoder_lr", "1e-4", "1e-4", "--network_dim", "8"]).text_encoder_lr == 1e-4
-    with pytest.raises(ConfigError, match=r"^--text_encoder_lr: text_encoder_lr has different values"):
-        parse(["--text_encoder_lr", "1e-4", "5e-5"])
+def test_text_encoder_lr_takes_several_values_and_uses_the_first_as_kohya_does_for_one_text_encoder():
+    notes = []
+    assert parse(["--text_encoder_lr", "1e-4", "1e-4", "--network_dim", "8"], notes).text_encoder_lr == 1e-4
+    assert notes == []
+    assert parse(["--text_encoder_lr", "1e-4", "5e-5"], notes).text_encoder_lr == 1e-4
+    assert notes == ["--text_encoder_lr 1e-4 5e-5: SD1.x has one text encoder; kohya's train_network.py uses the "
+                     "first value, 0.0001, and so does spyke-cockpit"]
+    assert parse(["--text_encoder_lr"]).text_encoder_lr is None          # nargs="*" with no value: unset
+
+
+def test_text_encoder_lr_list_in_a_config_file_uses_the_first_value_with_one_line_naming_the_file(tmp_path):
+    cfg = tmp_path / "run.toml"
+    cfg.write_text("[optimizer]\ntext_encoder_lr = [5e-5, 1e-4]\n")
+    notes = []
+    assert parse([f"--config_file={cfg}"], notes).text_encoder_lr == 5e-5
+    assert notes == [f"{cfg} [optimizer]: text_encoder_lr 5e-05 0.0001: SD1.x has one text encoder; kohya's "
+                     "train_network.py uses the first value, 5e-05, and so does spyke-cockpit"]
 
 
 def test_a_stray_value_names_the_flag_before_it():
@@ -106,11 +119,32 @@ def test_a_stray_value_names_the_flag_before_it():
         parse(["--output_name", "my", "lora"])
 
 
-def test_unknown_key_in_config_file_is_refused_naming_it(tmp_path):
+def test_a_key_of_a_config_file_that_is_no_flag_is_ignored_as_kohya_does_with_one_warning(tmp_path):
     cfg = tmp_path / "c.toml"
-    cfg.write_text('learnig_rate = 1e-4\n')
-    with pytest.raises(ConfigError, match=r"c\.toml: unknown option 'learnig_rate'"):
+    cfg.write_text('learnig_rate = 1e-4\nnetwork_dim = 8\n[extra]\ngui_theme = "dark"\nconfig_file = "other"\n')
+    notes = []
+    config = parse([f"--config_file={cfg}"], notes)
+    assert config.network_dim == 8 and config.learning_rate == 2e-6        # kohya's argparse never reads it
+    assert notes == [
+        f"warning: {cfg}: 'learnig_rate' is not a train_network.py flag; ignored, as kohya ignores it "
+        "(misspelt? see `spyke-cockpit train --help`)",
+        f"warning: {cfg} [extra]: 'gui_theme' is not a train_network.py flag; ignored, as kohya ignores it "
+        "(misspelt? see `spyke-cockpit train --help`)",
+        f"{cfg} [extra]: config_file is ignored inside a config file (kohya reads it from the command line only)"]
+
+
+def test_a_config_file_key_that_is_a_refused_flag_keeps_the_flags_own_rule(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[model]\nv2 = true\n")
+    with pytest.raises(ConfigError, match=r"c\.toml: --v2: SD2\.x base models are not supported"):
         parse([f"--config_file={cfg}"])
+
+
+def test_an_unknown_key_in_a_preset_is_still_refused_naming_it(tmp_path):
+    preset = tmp_path / "p.toml"
+    preset.write_text("learnig_rate = 1e-4\n")
+    with pytest.raises(ConfigError, match=r"p\.toml: unknown option 'learnig_rate'"):
+        parse([str(preset)])
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -282,3 +316,46 @@ def test_max_token_length_other_than_kohyas_choices_is_one_line(value):
     with pytest.raises(ConfigError, match=r"^--max_token_length must be (≥ 1|75, 150 or 225, kohya's choices)"):
         config.validate()
     assert len(config.problems()["max_token_length"].splitlines()) == 1
+
+
+CHOICE_FIELDS = sorted(name for name, f in FIELDS.items() if f.metadata.get("choices"))
+
+
+@pytest.mark.parametrize("name", CHOICE_FIELDS)
+def test_an_empty_string_for_a_choice_field_in_a_config_file_is_unset_as_the_gui_writes_it(name, tmp_path):
+    from engine.config import field_default
+
+    cfg = tmp_path / "gui.toml"
+    cfg.write_text(f'[basic]\n{name} = ""\n')
+    config = parse([f"--config_file={cfg}", "--pretrained_model_name_or_path=/m", "--train_data_dir=/d"])
+    assert getattr(config, name) == field_default(name)
+    assert name not in config.problems()
+
+
+def test_empty_save_precision_and_sample_sampler_are_kohyas_defaults(tmp_path):
+    cfg = tmp_path / "gui.toml"
+    cfg.write_text('save_precision = ""\nsample_sampler = ""\nmixed_precision = "bf16"\n')
+    config = parse([f"--config_file={cfg}"])
+    assert (config.save_precision, config.sample_sampler, config.mixed_precision) == (None, "ddim", "bf16")
+
+
+def test_max_token_length_75_is_kohyas_default_and_reads_as_unset(tmp_path):
+    cfg = tmp_path / "gui.toml"
+    cfg.write_text("max_token_length = 75\n")
+    assert parse([f"--config_file={cfg}"]).max_token_length is None
+    assert parse(["--max_token_length=75"]).max_token_length is None
+    assert parse(["--max_token_length=225"]).max_token_length == 225
+
+
+@pytest.mark.parametrize("raw, want", [("0.1", 0.1), ("10", 10), ("10%", 0.1), ("0%", 0), ("2.5%", 0.025)])
+def test_warmup_and_decay_steps_parse_as_kohyas_int_or_float(raw, want):
+    for name in ("lr_warmup_steps", "lr_decay_steps"):
+        value = getattr(parse([f"--{name}={raw}"]), name)
+        assert value == pytest.approx(want) and type(value) is type(want)
+
+
+@pytest.mark.parametrize("raw", ["100%", "150%", "ten%"])
+def test_a_warmup_percentage_of_the_whole_run_or_more_is_one_line_naming_the_flag(raw):
+    with pytest.raises(ConfigError) as info:
+        parse([f"--lr_warmup_steps={raw}"])
+    assert str(info.value).startswith("--lr_warmup_steps: lr_warmup_steps ") and "\n" not in str(info.value)
