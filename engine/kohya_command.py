@@ -17,8 +17,57 @@ from engine.errors import ConfigError
 SCRIPT = "train_network.py"
 
 
+_CONTINUATION = {"^": "a Windows cmd line continuation", "`": "a PowerShell line continuation"}
+# a backslash before a letter, digit, '_' or '.' escapes nothing in a POSIX shell: it is a Windows path separator
+_WINDOWS_SEPARATOR = re.compile(r"\\[\w.]")
+
+
+def _flag_of(words: list[str], at: int) -> str | None:
+    """The flag a word belongs to: the word itself (``--flag=value``) or the nearest ``--flag`` before it."""
+    for word in reversed(words[:at + 1]):
+        if word.startswith("--"):
+            return word.split("=", 1)[0]
+    return None
+
+
+def _refuse_windows_text(text: str) -> None:
+    """import-kohya reads POSIX shell text: a Windows continuation or path is refused in one line naming its
+    flag (shlex would drop the backslashes of C:\\models\\x silently, or read one line of a ^-continued command)."""
+    lines = text.splitlines()
+    for number, line in enumerate(lines, 1):
+        end = line.rstrip()[-1:]
+        if end in _CONTINUATION and not line.lstrip().startswith("#"):
+            # the script's flag on that line, else the next one (the launcher's own flags are not the script's)
+            words = " ".join(lines[:number - 1]).split()
+            before = len(words)
+            words += " ".join(lines[number - 1:]).split()
+            script = next((i for i, w in enumerate(words) if w.strip("\"'").endswith(SCRIPT)), -1)
+            flags = [(i, w.split("=", 1)[0]) for i, w in enumerate(words) if w.startswith("--") and i > script]
+            on_line = [f for i, f in flags if before <= i < before + len(line.split())]
+            flag = (on_line or [f for _, f in flags] or [f"line {number}"])[0]
+            raise ConfigError(f"{flag}: line {number} ends in {end!r}, {_CONTINUATION[end]}; import-kohya reads "
+                              "POSIX shell text: end the lines with \\ (or put the command on one line) and "
+                              "write paths with /")
+    try:
+        words = shlex.split(re.sub(r"\\\r?\n", " ", text), comments=True, posix=False)
+    except ValueError:
+        return  # an unclosed quote: reported by the POSIX read
+    script = next((i for i, w in enumerate(words) if w.strip("\"'").endswith(SCRIPT)), -1)
+    for at, word in enumerate(words[script + 1:], script + 1):  # the script's flags (the launcher's are not read)
+        if _WINDOWS_SEPARATOR.search(word):
+            value = word.split("=", 1)[1] if word.startswith("--") and "=" in word else word
+            value = value.strip("\"'")
+            flag = _flag_of(words, at)
+            if flag is None:
+                continue
+            raise ConfigError(f"{flag}: {value} is a Windows path; import-kohya reads POSIX shell text, where a "
+                              f"backslash escapes the next character: write it with / "
+                              f"({value.replace(chr(92), '/')}) or give a path on this machine")
+
+
 def command_to_argv(text: str) -> list[str]:
     """The arguments after ``train_network.py`` in a shell command (one ConfigError line when there is none)."""
+    _refuse_windows_text(text)
     joined = re.sub(r"\\\r?\n", " ", text)
     # Keep the line that runs the script (a file may hold cd/export lines before it).
     lines = [ln for ln in joined.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]

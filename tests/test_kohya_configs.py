@@ -359,3 +359,78 @@ def test_a_warmup_percentage_of_the_whole_run_or_more_is_one_line_naming_the_fla
     with pytest.raises(ConfigError) as info:
         parse([f"--lr_warmup_steps={raw}"])
     assert str(info.value).startswith("--lr_warmup_steps: lr_warmup_steps ") and "\n" not in str(info.value)
+
+
+REFUSALS = {
+    # name: (argv, the flag the one line starts with, text it holds)
+    "a value after a switch": (["--xformers", "true"], "--xformers", "is a switch and takes no value (got 'true')"),
+    "a value joined to a switch": (["--cache_latents=false"], "--cache_latents", "is a switch and takes no value"),
+    "a value after a switch before a preset word": (["--network_dim=8", "--gradient_checkpointing", "yes"],
+                                                    "--gradient_checkpointing", "write --gradient_checkpointing alone"),
+    "a stray word after a flag": (["--output_name", "my", "lora"], "--output_name", "takes one value, but 'lora'"),
+    "a stray word that is also a value": (["--output_name", "lora", "--seed", "1", "lora"], "--seed",
+                                          "takes one value, but 'lora' follows it"),
+    "a flag without its value": (["--network_dim"], "--network_dim", "needs a value: --network_dim=VALUE"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REFUSALS))
+def test_command_line_refusals_are_one_line_starting_with_the_flag(name):
+    argv, flag, text = REFUSALS[name]
+    with pytest.raises(ConfigError) as info:
+        parse(argv)
+    message = str(info.value)
+    assert message.startswith(f"{flag} ") or message.startswith(f"{flag}:"), message
+    assert text in message and "\n" not in message
+
+
+@pytest.mark.parametrize("name", ["SparseAdam", "LBFGS"])
+def test_an_optimizer_that_cannot_train_a_lora_is_one_line_naming_optimizer_type_and_the_fix(name):
+    config = parse([f"--optimizer_type={name}", "--pretrained_model_name_or_path=/m", "--train_data_dir=/d"])
+    with pytest.raises(ConfigError) as info:
+        config.validate()
+    assert str(info.value).startswith(f"--optimizer_type '{name}' cannot train a LoRA: ")
+    assert "use --optimizer_type=AdamW" in str(info.value) and "\n" not in str(info.value)
+
+
+WINDOWS_COMMANDS = {
+    "cmd continuation": ("accelerate launch --num_cpu_threads_per_process=2 train_network.py ^\n"
+                         "  --network_dim=8 ^\n  --seed=1\n", "--network_dim: line 1 ends in '^', a Windows cmd"),
+    "PowerShell continuation": ("accelerate launch train_network.py `\n  --seed 1 `\n  --network_dim 8\n",
+                                "--seed: line 1 ends in '`', a PowerShell line continuation"),
+    "backslash path": (r'accelerate launch "C:\kohya\sd-scripts\train_network.py" --seed=1 '
+                       r'--pretrained_model_name_or_path=C:\models\sd15.safetensors',
+                       r"--pretrained_model_name_or_path: C:\models\sd15.safetensors is a Windows path"),
+    "quoted backslash path": ('python train_network.py --train_data_dir "D:\\data\\my set" --seed 1\n',
+                              r"--train_data_dir: D:\data\my set is a Windows path"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(WINDOWS_COMMANDS))
+def test_a_windows_command_is_refused_by_import_kohya_in_one_line_naming_the_flag(name):
+    text, message = WINDOWS_COMMANDS[name]
+    with pytest.raises(ConfigError) as info:
+        import_kohya(text)
+    assert str(info.value).startswith(message) and "\n" not in str(info.value)
+    assert "write paths with /" in str(info.value) or "write it with /" in str(info.value)
+
+
+def test_a_posix_command_with_escaped_spaces_and_a_commented_windows_path_still_imports(tmp_path):
+    toml_text, _ = import_kohya("python train_network.py --output_name my\\ lora \\\n  --seed 1  # was C:\\runs\n")
+    preset = tmp_path / "p.toml"
+    preset.write_text(toml_text)
+    assert (parse([str(preset)]).output_name, parse([str(preset)]).seed) == ("my lora", 1)
+
+
+def test_train_help_gives_each_flag_one_line_and_the_reason_a_flag_is_refused():
+    lines = parser().format_help().splitlines()
+    for action in parser()._actions:
+        if action.option_strings:
+            option = ", ".join(action.option_strings)
+            mine = [line for line in lines if line.startswith(f"  {option} ") or line == f"  {option}"]
+            assert len(mine) == 1, option
+            assert mine[0].endswith(" ".join((action.help or "").split())), option
+    for flag in TABLE.values():
+        if flag.status == "refused" and flag.name not in FIELDS:
+            line = next(line for line in lines if line.startswith(f"  --{flag.name} "))
+            assert line.endswith(f"not supported: {flag.line}"), line
