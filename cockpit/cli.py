@@ -221,7 +221,11 @@ def cmd_export_kohya(argv: Sequence[str]) -> int:
     ns = export_kohya_parser().parse_args(list(argv))
     from engine.api import export_kohya
 
-    sys.stdout.write(export_kohya(ns.config))
+    notes: list[str] = []
+    command = export_kohya(ns.config, notes)
+    for note in notes:
+        sys.stderr.write(f"{PROG}: {note}\n")
+    sys.stdout.write(command)
     return 0
 
 

@@ -89,15 +89,16 @@ def import_kohya(text: str) -> tuple[str, list[str]]:
     return to_toml(config, skip_defaults=True), notes
 
 
-def export_kohya(config_path: str) -> str:
-    """The ``accelerate launch … train_network.py …`` command that trains the preset at ``config_path``."""
+def export_kohya(config_path: str, notes: list[str] | None = None) -> str:
+    """The ``accelerate launch … train_network.py …`` command that trains the preset (or kohya config file) at
+    ``config_path``; a key there that is no kohya flag is left out with a line in ``notes``, as kohya ignores it."""
     from pathlib import Path
 
     from engine.kohya_command import export_command
 
-    config = build_config(Path(config_path))
+    config = build_config(Path(config_path), kohya_file=True, notes=notes)
     ours = {name for name, f in FIELDS.items() if f.metadata.get("ours")}
-    return export_command(config.to_dict(skip_defaults=True), ours)
+    return export_command(config.to_dict(), ours)
 
 
 def detach_run(config: TrainConfig, config_path: str | None = None) -> int:

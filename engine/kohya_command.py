@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 import shlex
-from typing import Any
+from typing import Any, Mapping
 
 from engine.errors import ConfigError
 
@@ -90,18 +90,21 @@ def command_to_argv(text: str) -> list[str]:
     raise ConfigError(f"no {SCRIPT} command found in {runs[-1][:60]!r}")
 
 
-def export_command(values: dict[str, Any], ours: set[str] = frozenset()) -> str:
-    """``accelerate launch --num_cpu_threads_per_process=1 train_network.py --flag=value …`` (non-default values).
-    spyke-cockpit's own flags (``ours``) are no kohya flags: they are named in a comment line instead."""
+def export_command(values: Mapping[str, Any], ours: set[str] = frozenset()) -> str:
+    """``accelerate launch --num_cpu_threads_per_process=1 train_network.py --flag=value …``: every flag whose value
+    is not what kohya does without it (never ``--max_token_length=75``), so the command is minimal and parses
+    back to the same settings. spyke-cockpit's own flags (``ours``) are no kohya flags: they are named in a
+    comment line instead."""
+    from engine.kohya_config import at_kohya_default
+
     parts = ["accelerate launch --num_cpu_threads_per_process=1", SCRIPT]
     left_out = []
     for name, value in values.items():
+        if value is None or at_kohya_default(name, value):
+            continue
         if name in ours:
             left_out.append(f"--{name}={value}" if value is not True else f"--{name}")
-            continue
-        if value is None or value is False or value == "" or value == []:
-            continue
-        if value is True:
+        elif value is True:
             parts.append(f"--{name}")
         elif isinstance(value, list):
             parts.append(f"--{name} " + " ".join(shlex.quote(str(v)) for v in value))

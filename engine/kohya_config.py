@@ -109,17 +109,36 @@ def apply_flags(extras: Mapping[str, tuple[Any, str]], given: Mapping[str, Any])
 
 
 _NOT_WRITTEN = ("config_file", "output_config", "wandb_api_key")
+# Fields whose kohya flag has no default (kohya needs it, or its dataset needs it): always written out, since
+# the default here ("networks.lora", "output", "512") is not kohya's.
+NO_KOHYA_DEFAULT = ("network_module", "output_dir", "resolution")
+
+
+def at_kohya_default(name: str, value: Any) -> bool:
+    """``name=value`` is what kohya's train_network.py does without the flag (a command or config file leaves
+    it out, as kohya's ``--output_config`` does). For a config field: its default here, which is kohya's
+    (``AdamW`` for kohya's ``""``, None for its 75 tokens), except :data:`NO_KOHYA_DEFAULT`; for a table flag:
+    off, empty or the flag's kohya default."""
+    from engine.config import FIELDS, field_default
+
+    if name in FIELDS:
+        return name not in NO_KOHYA_DEFAULT and value == field_default(name)
+    if value is None or value is False or value == "" or value == []:
+        return True
+    return name in TABLE and TABLE[name].default is not None and value == TABLE[name].default
 
 
 def output_config(path: Path, values: Mapping[str, Any]) -> None:
-    """kohya's ``--output_config``: the given settings (not the defaults) as TOML; refuses an existing file.
+    """kohya's ``--output_config``: the given settings (not those at kohya's defaults) as TOML; refuses an
+    existing file.
     As kohya, the file never holds the config-file flags themselves nor the wandb API key (a secret)."""
     import tomli_w
 
     if path.exists():
         raise ConfigError(f"{path}: config file already exists; --output_config never replaces a file "
                           "(choose another --config_file name)")
-    doc = {k: v for k, v in values.items() if v is not None and k not in _NOT_WRITTEN}
+    doc = {k: v for k, v in values.items()
+           if v is not None and k not in _NOT_WRITTEN and (k in NO_KOHYA_DEFAULT or not at_kohya_default(k, v))}
     try:
         with open(path, "x", encoding="utf-8") as f:
             f.write(tomli_w.dumps(doc))

@@ -434,3 +434,93 @@ def test_train_help_gives_each_flag_one_line_and_the_reason_a_flag_is_refused():
         if flag.status == "refused" and flag.name not in FIELDS:
             line = next(line for line in lines if line.startswith(f"  --{flag.name} "))
             assert line.endswith(f"not supported: {flag.line}"), line
+
+
+def _filled_gui_config(path: Path, tmp_path: Path) -> Path:
+    text = path.read_text()
+    for placeholder, value in PLACEHOLDERS.items():
+        text = text.replace(placeholder, value)
+    filled = tmp_path / path.name
+    filled.write_text(text)
+    return filled
+
+
+def _exported_flags(command: str) -> dict[str, object]:
+    """The flags of an exported command as kohya's argparse reads them (the given ones only)."""
+    from engine.kohya_command import command_to_argv
+
+    ns, unknown = parser().parse_known_args(command_to_argv(command))
+    assert unknown == []
+    return {name: value for name, value in vars(ns).items() if value is not None and name not in ("config", "headless")}
+
+
+OWN_COMMANDS = {
+    "shell file": COMMAND,
+    "reference job": ("accelerate launch train_network.py --pretrained_model_name_or_path=/m/any.safetensors "
+                      "--dataset_config=d.toml --output_dir=out/ --output_name=spyke_plasma_v1 "
+                      "--save_model_as=safetensors --save_every_n_steps=200 --max_train_epochs=4 --learning_rate=1e-4 "
+                      "--unet_lr=1e-4 --text_encoder_lr=5e-5 --lr_scheduler=cosine --lr_warmup_steps=0 "
+                      "--network_module=networks.lora --network_dim=32 --network_alpha=16 --mixed_precision=no "
+                      "--save_precision=float --optimizer_type=AdamW --no_half_vae --clip_skip=2 "
+                      "--prior_loss_weight=1.0 --max_data_loader_n_workers=1 --persistent_data_loader_workers "
+                      "--gradient_checkpointing --seed=42"),
+    "lycoris with lists and spaces": ("python train_network.py --pretrained_model_name_or_path '/m/my model' "
+                                      "--train_data_dir=/d --network_module lycoris.kohya --network_args algo=lokr "
+                                      "preset=full factor=8 --caption_extension '' --caption_prefix 'a photo of' "
+                                      "--max_token_length 225 --lr_warmup_steps 10% --optimizer_args "
+                                      "weight_decay=0.1 --resolution 768,512 --text_encoder_lr 1e-4 1e-4"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OWN_COMMANDS))
+def test_export_of_an_imported_command_is_minimal_and_parses_back_to_the_same_config(name, tmp_path):
+    from engine.kohya_config import at_kohya_default
+    from engine.kohya_command import command_to_argv
+
+    config = parse(command_to_argv(OWN_COMMANDS[name]))
+    preset = tmp_path / "p.toml"
+    preset.write_text(import_kohya(OWN_COMMANDS[name])[0])
+    command = export_kohya(str(preset))
+    assert parse(command_to_argv(command)) == config
+    for flag, value in _exported_flags(command).items():          # each one says something kohya would not do
+        assert not at_kohya_default(flag, coerce_value(flag, value, flag)), flag
+
+
+def test_export_names_the_flags_kohya_has_no_default_for_and_leaves_out_kohyas_defaults(tmp_path):
+    preset = tmp_path / "p.toml"
+    preset.write_text('pretrained_model_name_or_path = "/m"\ntrain_data_dir = "/d"\nmax_token_length = 75\n'
+                      'optimizer_type = "AdamW"\nmax_train_steps = 1600\nsave_model_as = "safetensors"\n'
+                      'caption_extension = ""\n')
+    flags = _exported_flags(export_kohya(str(preset)))
+    assert flags == {"pretrained_model_name_or_path": "/m", "train_data_dir": "/d", "resolution": "512",
+                     "network_module": "networks.lora", "output_dir": "output", "caption_extension": ""}
+
+
+@pytest.mark.skipif(not GUI_CONFIGS.is_dir(), reason="the kohya_ss GUI configs are not beside this checkout")
+@pytest.mark.parametrize("path", gui_configs(), ids=lambda p: p.name.split(".")[0])
+def test_export_of_a_gui_config_file_is_minimal_and_parses_back_to_the_same_config(path, tmp_path):
+    from engine.kohya_config import at_kohya_default
+    from engine.kohya_command import command_to_argv
+
+    filled = _filled_gui_config(path, tmp_path)
+    config = parse([f"--config_file={filled}"])
+    command = export_kohya(str(filled))
+    assert "--max_token_length" not in command and "--config_file" not in command
+    assert parse(command_to_argv(command)) == config
+    for flag, value in _exported_flags(command).items():
+        assert not at_kohya_default(flag, coerce_value(flag, value, flag)), flag
+
+
+@pytest.mark.skipif(not GUI_CONFIGS.is_dir(), reason="the kohya_ss GUI configs are not beside this checkout")
+@pytest.mark.parametrize("path", gui_configs()[:4], ids=lambda p: p.name.split(".")[0])
+def test_output_config_of_a_gui_config_file_is_a_config_file_that_reads_back_the_same(path, tmp_path):
+    from engine.kohya_command import command_to_argv
+
+    filled = _filled_gui_config(path, tmp_path)
+    argv = command_to_argv(export_kohya(str(filled))) + ["--wandb_api_key=SECRET"]
+    written = tmp_path / "written.toml"
+    with pytest.raises(SystemExit):
+        parse([f"--config_file={written}", "--output_config", *argv])
+    doc = read_toml(written)
+    assert not {"wandb_api_key", "config_file", "output_config", "max_token_length"} & set(doc)
+    assert parse([f"--config_file={written}"]) == parse([f"--config_file={filled}"])
