@@ -18,6 +18,7 @@ _STATUS = {INFO: "accepted, no effect on the weights", REFUSED: "not supported",
 
 
 _SWITCH_VALUE = re.compile(r"argument (--\w+): ignored explicit argument (.*)$")
+_AMBIGUOUS = re.compile(r"ambiguous option: (--\w+)\S* could match (.*)$")
 _NO_VALUE = re.compile(r"argument (--\w+)(?:/[^:]*)?: expected (?:one|at least one) argument$")
 
 
@@ -25,6 +26,9 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line naming the flag, no usage dump
         if found := _SWITCH_VALUE.match(message):
             raise ConfigError(_switch_value(found.group(1), found.group(2).strip("'\"")))
+        if found := _AMBIGUOUS.match(message):
+            raise ConfigError(f"{found.group(1)} is the start of several flags ({found.group(2)}); write the whole "
+                              "flag")
         if found := _NO_VALUE.match(message):
             flag = found.group(1)
             raise ConfigError(f"{flag} needs a value: {flag}=VALUE (quote it when it starts with '-': "
@@ -100,7 +104,8 @@ def _table_help(flag: Any) -> str:
 def make_parser(prog: str, description: str, *, config_positional: bool = True,
                 extra: Sequence[tuple[Sequence[str], dict]] = ()) -> argparse.ArgumentParser:
     usage = f"%(prog)s{' [CONFIG.toml]' if config_positional else ''} [--flag VALUE | --flag=VALUE | --switch] ..."
-    parser = _Parser(prog=prog, description=description, allow_abbrev=False, usage=usage, formatter_class=_OneLineHelp)
+    # allow_abbrev as kohya's parser has it: a unique prefix of a flag is that flag (--max_train_epoch=4)
+    parser = _Parser(prog=prog, description=description, allow_abbrev=True, usage=usage, formatter_class=_OneLineHelp)
     if config_positional:
         parser.add_argument("config", nargs="?", default=None, metavar="CONFIG.toml",
                             help="a preset TOML (flags given on the command line override it)")

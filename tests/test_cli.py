@@ -117,6 +117,12 @@ BAD_INPUT = {
     "output name too long": (lambda a, t: train_args(a, t / "o") + ["--output_name=" + "n" * 240], 2,
                              "--output_name is 240 characters long; use at most"),
     "output dir under a file": (lambda a, t: train_args(a, Path("/etc/passwd/x")), 1, "/etc/passwd/x"),
+    "a value after a switch": (lambda a, t: train_args(a, t / "o") + ["--xformers", "true"], 2,
+                               "--xformers is a switch and takes no value (got 'true')"),
+    "an optimizer that cannot train": (lambda a, t: train_args(a, t / "o") + ["--optimizer_type=SparseAdam"], 2,
+                                       "--optimizer_type 'SparseAdam' cannot train a LoRA"),
+    "a Windows command to import": (lambda a, t: ["import-kohya", t / "windows.cmd"], 2,
+                                    "--network_dim: line 1 ends in '^', a Windows cmd line continuation"),
 }
 
 
@@ -135,6 +141,7 @@ def _bad_datasets(tmp: Path) -> None:
     Image.new("RGB", (64, 64), (10, 20, 30)).save(tmp / "corrupt" / "fine.png")
     (tmp / "corrupt" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00garbage" * 20)
     toml("corrupt.toml", tmp / "corrupt")
+    (tmp / "windows.cmd").write_text("accelerate launch train_network.py ^\r\n  --network_dim=8 ^\r\n  --seed=1\r\n")
 
 
 def test_bad_input_is_one_clear_line_never_a_traceback(cli_assets, tmp_path):

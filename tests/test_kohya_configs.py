@@ -371,7 +371,14 @@ REFUSALS = {
     "a stray word that is also a value": (["--output_name", "lora", "--seed", "1", "lora"], "--seed",
                                           "takes one value, but 'lora' follows it"),
     "a flag without its value": (["--network_dim"], "--network_dim", "needs a value: --network_dim=VALUE"),
+    "the start of several flags": (["--max_train=4"], "--max_train",
+                                   "is the start of several flags (--max_train_steps, --max_train_epochs)"),
 }
+
+
+def test_a_unique_start_of_a_flag_is_that_flag_as_in_kohyas_argparse():
+    config = parse(["--max_train_epoch=4", "--network_di", "8"])
+    assert (config.max_train_epochs, config.network_dim) == (4, 8)
 
 
 @pytest.mark.parametrize("name", sorted(REFUSALS))
