@@ -117,11 +117,9 @@ def cmd_train(argv: Sequence[str]) -> int:
 
 
 def cmd_demo(argv: Sequence[str]) -> int:
-    from engine.api import overrides_from_namespace
+    from engine.api import overrides_from_namespace, parse_flags
 
-    ns, unknown = demo_parser().parse_known_args(list(argv))
-    if unknown:
-        return _fail(f"unknown flag {unknown[0].split('=', 1)[0]} (see `{PROG} demo --help`)")
+    ns = parse_flags(demo_parser(), argv)
     overrides = overrides_from_namespace(ns)
     if ns.headless or ns.detach:
         from engine.api import detach_run, prepare_demo, run_headless

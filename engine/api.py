@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterable
 
-from engine.cli_args import make_parser, overrides_from_namespace, parse_train_args
+from engine.cli_args import make_parser, overrides_from_namespace, parse_flags, parse_train_args
 from engine.config import (FIELDS, GROUPS, TrainConfig, build_config, coerce_value, field_is_optional, field_type,
                            fields_in_group, to_toml)
 from engine.control import Command, Commands
@@ -37,7 +37,8 @@ __all__ = [
     "MemorySample", "ModelLoadError", "PhaseChanged", "RunFinished", "RunInfo", "RunStarted", "SamplesSaved", "SpykeError",
     "StepCompleted", "TrainConfig", "build_config", "coerce_value", "default_runs_root", "detach_run",
     "export_kohya", "export_tensorboard", "field_is_optional", "field_type", "fields_in_group", "format_bytes",
-    "import_kohya", "line_at", "list_runs", "make_parser", "notify_run_end", "overrides_from_namespace", "parse_line",
+    "import_kohya", "line_at", "list_runs", "make_parser", "notify_run_end", "overrides_from_namespace", "parse_flags",
+    "parse_line",
     "parse_train_args", "pid_alive", "plan_run", "prepare_demo",
     "resolve_run", "run_headless", "send_command", "start_training", "step_loss", "step_losses", "to_toml",
     "type_token", "user_config_path", "ValidationLoss", "write_file",

@@ -54,7 +54,7 @@ class _OneLineHelp(argparse.HelpFormatter):
 
 def _switch_value(flag: str, value: str) -> str:
     return (f"{flag} is a switch and takes no value (got {value!r}): write {flag} alone to turn it on, "
-            "or leave it out to keep it off, as in kohya")
+            "or leave it out to keep it off")
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -143,13 +143,8 @@ def _stray_value(parser: argparse.ArgumentParser, argv: Sequence[str], value: st
             f"({before}=\"…\")")
 
 
-def parse_train_args(parser: argparse.ArgumentParser, argv: Sequence[str], *,
-                     notes: list[str] | None = None) -> tuple[argparse.Namespace, TrainConfig]:
-    """Parse flags and build the config: defaults < CONFIG.toml or --config_file < flags.
-
-    Unknown flags are a ConfigError naming the flag. The info lines for accepted kohya flags are
-    appended to ``notes``, or printed to stderr when ``notes`` is None. ``--output_config`` writes
-    the file and exits (status 0), as kohya does."""
+def parse_flags(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
+    """argparse as kohya's, but an unknown flag or a stray word is one ConfigError line naming the flag."""
     ns, unknown = parser.parse_known_args(list(argv))
     if unknown:
         flag = next((u for u in unknown if u.startswith("-")), unknown[0]).split("=", 1)[0]
@@ -157,6 +152,17 @@ def parse_train_args(parser: argparse.ArgumentParser, argv: Sequence[str], *,
             raise ConfigError(f"unknown flag {flag}: not a kohya train_network.py flag that spyke-cockpit supports "
                               f"(see `{parser.prog} --help`)")
         raise ConfigError(_stray_value(parser, argv, flag))
+    return ns
+
+
+def parse_train_args(parser: argparse.ArgumentParser, argv: Sequence[str], *,
+                     notes: list[str] | None = None) -> tuple[argparse.Namespace, TrainConfig]:
+    """Parse flags and build the config: defaults < CONFIG.toml or --config_file < flags.
+
+    Unknown flags are a ConfigError naming the flag. The info lines for accepted kohya flags are
+    appended to ``notes``, or printed to stderr when ``notes`` is None. ``--output_config`` writes
+    the file and exits (status 0), as kohya does."""
+    ns = parse_flags(parser, argv)
     toml_path = Path(ns.config) if getattr(ns, "config", None) else None
     if toml_path is not None and toml_path.suffix.lower() != ".toml":
         raise ConfigError(_stray_value(parser, argv, ns.config))
