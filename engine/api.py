@@ -86,7 +86,11 @@ def import_kohya(text: str) -> tuple[str, list[str]]:
     from engine.kohya_command import command_to_argv
 
     notes: list[str] = []
-    _, config = parse(parser_for("import-kohya", "", config_positional=False), command_to_argv(text), notes=notes)
+    parser, argv = parser_for("import-kohya", "", config_positional=False), command_to_argv(text)
+    if parse_flags(parser, argv).output_config:
+        raise ConfigError("--output_config: import-kohya writes a preset (-o PRESET.toml), not kohya's config file; "
+                          "drop --output_config from the command")
+    _, config = parse(parser, argv, notes=notes)
     return to_toml(config, skip_defaults=True), notes
 
 

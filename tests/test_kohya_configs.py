@@ -232,6 +232,13 @@ def test_export_of_an_imported_command_parses_to_the_same_config(tmp_path):
     assert parse([str(again)]) == parse([str(preset)])
 
 
+def test_import_kohya_of_an_output_config_command_writes_nothing_and_names_the_flag(tmp_path):
+    target = tmp_path / "new.toml"
+    with pytest.raises(ConfigError, match=r"^--output_config: import-kohya writes a preset"):
+        import_kohya(f"accelerate launch train_network.py --config_file={target} --output_config --seed=1\n")
+    assert not target.exists()
+
+
 def test_import_kohya_without_a_command_is_one_line():
     with pytest.raises(ConfigError, match="no train_network.py command found"):
         import_kohya("echo hello\n")
