@@ -139,6 +139,10 @@ def _stray_value(parser: argparse.ArgumentParser, argv: Sequence[str], value: st
         return f"{value}: expected a .toml preset as the first argument"
     if before in switches and args[at - 1] == before:
         return _switch_value(before, value)
+    several = {o for a in parser._actions if a.nargs == "*" for o in a.option_strings}
+    if before in several and args[at - 1].startswith(f"{before}="):
+        return (f"{before}: written with '=' it takes one value, but {value!r} follows it; for several values put "
+                f"a space after the flag ({before} a b …), as in kohya")
     return (f"{before}: takes one value, but {value!r} follows it; quote a value with spaces "
             f"({before}=\"…\")")
 

@@ -378,6 +378,8 @@ REFUSALS = {
     "a stray word that is also a value": (["--output_name", "lora", "--seed", "1", "lora"], "--seed",
                                           "takes one value, but 'lora' follows it"),
     "a flag without its value": (["--network_dim"], "--network_dim", "needs a value: --network_dim=VALUE"),
+    "several values after '='": (["--optimizer_args=weight_decay=0.1", "betas=0.9,0.99"], "--optimizer_args",
+                                 "written with '=' it takes one value, but 'betas=0.9,0.99' follows it"),
     "the start of several flags": (["--max_train=4"], "--max_train",
                                    "is the start of several flags (--max_train_steps, --max_train_epochs)"),
 }
