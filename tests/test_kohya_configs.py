@@ -191,6 +191,14 @@ def test_output_config_writes_the_given_flags_and_never_replaces_a_file(tmp_path
 
 
 
+def test_output_config_leaves_out_flags_given_at_kohyas_default_as_kohyas_does(tmp_path):
+    target = tmp_path / "out.toml"
+    with pytest.raises(SystemExit):
+        parse([f"--config_file={target}", "--output_config", "--max_train_steps=1600", "--optimizer_type=AdamW",
+               "--max_token_length=75", "--xformers", "--network_module=networks.lora", "--seed=3"])
+    assert read_toml(target) == {"xformers": True, "network_module": "networks.lora", "seed": 3}
+
+
 def test_output_config_leaves_out_the_wandb_api_key_as_kohya_does(tmp_path):
     target = tmp_path / "out.toml"
     with pytest.raises(SystemExit):
