@@ -172,8 +172,17 @@ def cmd_compare(argv: Sequence[str]) -> int:
     return compare_main(argv)
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line (the caller prints it), not a usage dump."""
+
+    def error(self, message: str):
+        from engine.errors import ConfigError
+
+        raise ConfigError(f"{self.prog}: {message} (see `{self.prog} --help`)")
+
+
 def import_kohya_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=f"{PROG} import-kohya", description="A kohya train_network.py command "
+    parser = _OneLineParser(prog=f"{PROG} import-kohya", description="A kohya train_network.py command "
                                      "(a shell file, or - for stdin) as a spyke-cockpit preset TOML.")
     parser.add_argument("source", metavar="FILE|-", help="the shell file holding the command, or - for stdin")
     parser.add_argument("-o", "--output", metavar="PRESET.toml", help="write here (never over an existing file)")
@@ -181,7 +190,7 @@ def import_kohya_parser() -> argparse.ArgumentParser:
 
 
 def export_kohya_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=f"{PROG} export-kohya", description="Print the accelerate launch "
+    parser = _OneLineParser(prog=f"{PROG} export-kohya", description="Print the accelerate launch "
                                      "train_network.py command that trains a preset.")
     parser.add_argument("config", metavar="CONFIG.toml", help="the preset (or a run folder's config.toml)")
     return parser

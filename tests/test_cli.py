@@ -341,3 +341,13 @@ def test_demo_detach_trains_the_demo_in_the_background_and_says_how_to_watch_it(
     finished = next(r for r in records if r["type"] == "finished")
     assert finished["status"] == "completed" and finished["step"] == 4, finished     # 4 images x 1 epoch
     assert (out_dir / "spyke_demo.safetensors").is_file()
+
+
+@pytest.mark.parametrize("argv, needle", [(["import-kohya"], "required: FILE|-"),
+                                          (["export-kohya", "a.toml", "b.toml"], "unrecognized arguments: b.toml")])
+def test_import_and_export_kohya_usage_errors_are_one_line(argv, needle, capsys):
+    from cockpit.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("spyke-cockpit: error: ") and needle in err and err.count("\n") == 1, err
