@@ -15,6 +15,7 @@ from typing import Any, Mapping
 from engine.errors import ConfigError
 
 SCRIPT = "train_network.py"
+SECRETS = ("wandb_api_key",)  # never printed (kohya's --output_config leaves it out of a config file too)
 
 
 _CONTINUATION = {"^": "a Windows cmd line continuation", "`": "a PowerShell line continuation"}
@@ -99,10 +100,14 @@ def export_command(values: Mapping[str, Any], ours: set[str] = frozenset()) -> s
 
     parts = ["accelerate launch --num_cpu_threads_per_process=1", SCRIPT]
     left_out = []
+    secret = ""
     for name, value in values.items():
         if value is None or at_kohya_default(name, value):
             continue
-        if name in ours:
+        if name in SECRETS:
+            secret = (f"# --{name} left out: a secret does not belong in a command line (wandb shows it); give it "
+                      "in the --config_file, or as WANDB_API_KEY in the environment\n")
+        elif name in ours:
             left_out.append(f"--{name}={value}" if value is not True else f"--{name}")
         elif value is True:
             parts.append(f"--{name}")
@@ -111,7 +116,7 @@ def export_command(values: Mapping[str, Any], ours: set[str] = frozenset()) -> s
         else:
             parts.append(f"--{name}={shlex.quote(_number(value))}")
     tail = f"# spyke-cockpit's own settings, no kohya flags, left out: {' '.join(left_out)}\n" if left_out else ""
-    return " \\\n  ".join(parts) + "\n" + tail
+    return " \\\n  ".join(parts) + "\n" + tail + secret
 
 
 def _number(value: Any) -> str:

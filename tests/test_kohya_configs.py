@@ -517,6 +517,14 @@ def test_export_names_the_flags_kohya_has_no_default_for_and_leaves_out_kohyas_d
                      "network_module": "networks.lora", "output_dir": "output", "caption_extension": ""}
 
 
+def test_export_never_prints_the_wandb_api_key(tmp_path):
+    preset = tmp_path / "p.toml"
+    preset.write_text('wandb_api_key = "SECRET"\nlog_with = "wandb"\nnetwork_dim = 8\n')
+    command = export_kohya(str(preset))
+    assert "SECRET" not in command and "--log_with=wandb" in command and "--network_dim=8" in command
+    assert command.splitlines()[-1].startswith("# --wandb_api_key left out: a secret")
+
+
 @pytest.mark.skipif(not GUI_CONFIGS.is_dir(), reason="the kohya_ss GUI configs are not beside this checkout")
 @pytest.mark.parametrize("path", gui_configs(), ids=lambda p: p.name.split(".")[0])
 def test_export_of_a_gui_config_file_is_minimal_and_parses_back_to_the_same_config(path, tmp_path):
