@@ -91,7 +91,7 @@ def _table_help(flag: Any) -> str:
     if flag.status == INFO:
         return flag.line or _STATUS[INFO]
     if flag.status == REFUSED:
-        return f"{_STATUS[REFUSED]}: {flag.line}" if flag.line else _STATUS[REFUSED]
+        return flag.line if _STATUS[REFUSED] in flag.line else f"{_STATUS[REFUSED]}: {flag.line}".rstrip(": ")
     if flag.status == PENDING:
         return f"{_STATUS[PENDING]} ({flag.line or OWNERS[flag.owner]})"
     return f"kohya spelling of --{flag.target}"

@@ -454,7 +454,7 @@ def test_train_help_gives_each_flag_one_line_and_the_reason_a_flag_is_refused():
     for flag in TABLE.values():
         if flag.status == "refused" and flag.name not in FIELDS:
             line = next(line for line in lines if line.startswith(f"  --{flag.name} "))
-            assert line.endswith(f"not supported: {flag.line}"), line
+            assert line.endswith(flag.line) and "not supported" in line, line
 
 
 def _filled_gui_config(path: Path, tmp_path: Path) -> Path:
