@@ -18,6 +18,7 @@ _STATUS = {INFO: "accepted, no effect on the weights", REFUSED: "not supported",
 
 
 _SWITCH_VALUE = re.compile(r"argument (--\w+): ignored explicit argument (.*)$")
+_AMBIGUOUS = re.compile(r"ambiguous option: (--\w+)\S* could match (.*)$")
 _NO_VALUE = re.compile(r"argument (--\w+)(?:/[^:]*)?: expected (?:one|at least one) argument$")
 
 
@@ -25,6 +26,9 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line naming the flag, no usage dump
         if found := _SWITCH_VALUE.match(message):
             raise ConfigError(_switch_value(found.group(1), found.group(2).strip("'\"")))
+        if found := _AMBIGUOUS.match(message):
+            raise ConfigError(f"{found.group(1)} is the start of several flags ({found.group(2)}); write the whole "
+                              "flag")
         if found := _NO_VALUE.match(message):
             flag = found.group(1)
             raise ConfigError(f"{flag} needs a value: {flag}=VALUE (quote it when it starts with '-': "
@@ -100,8 +104,8 @@ def _table_help(flag: Any) -> str:
 def make_parser(prog: str, description: str, *, config_positional: bool = True,
                 extra: Sequence[tuple[Sequence[str], dict]] = ()) -> argparse.ArgumentParser:
     usage = f"%(prog)s{' [CONFIG.toml]' if config_positional else ''} [--flag VALUE | --flag=VALUE | --switch] ..."
-    # no abbreviations (kohya's argparse takes a unique start of a flag): a flag is spelt whole, see parse_flags
-    parser = _Parser(prog=prog, description=description, allow_abbrev=False, usage=usage, formatter_class=_OneLineHelp)
+    # allow_abbrev as kohya's parser has it: a unique prefix of a flag is that flag (--max_train_epoch=4)
+    parser = _Parser(prog=prog, description=description, allow_abbrev=True, usage=usage, formatter_class=_OneLineHelp)
     if config_positional:
         parser.add_argument("config", nargs="?", default=None, metavar="CONFIG.toml",
                             help="a preset TOML (flags given on the command line override it)")
@@ -148,10 +152,6 @@ def parse_flags(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argpars
     ns, unknown = parser.parse_known_args(list(argv))
     if unknown:
         flag = next((u for u in unknown if u.startswith("-")), unknown[0]).split("=", 1)[0]
-        whole = sorted(o for a in parser._actions for o in a.option_strings if o.startswith(flag) and len(flag) > 2)
-        if flag.startswith("--") and 0 < len(whole) <= 4:
-            raise ConfigError(f"{flag}: write the whole flag ({' or '.join(whole)}); kohya's argparse takes the "
-                              "start of a flag, spyke-cockpit wants it spelt out")
         if flag.startswith("-"):
             raise ConfigError(f"unknown flag {flag}: not a kohya train_network.py flag that spyke-cockpit supports "
                               f"(see `{parser.prog} --help`)")

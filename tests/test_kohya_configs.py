@@ -388,11 +388,14 @@ REFUSALS = {
     "a flag without its value": (["--network_dim"], "--network_dim", "needs a value: --network_dim=VALUE"),
     "several values after '='": (["--optimizer_args=weight_decay=0.1", "betas=0.9,0.99"], "--optimizer_args",
                                  "written with '=' it takes one value, but 'betas=0.9,0.99' follows it"),
-    "the start of a flag": (["--max_train_epoch=4"], "--max_train_epoch",
-                            "write the whole flag (--max_train_epochs); kohya's argparse takes the start"),
-    "the start of several flags": (["--max_train", "4"], "--max_train",
-                                   "write the whole flag (--max_train_epochs or --max_train_steps)"),
+    "the start of several flags": (["--max_train=4"], "--max_train",
+                                   "is the start of several flags (--max_train_steps, --max_train_epochs)"),
 }
+
+
+def test_a_unique_start_of_a_flag_is_that_flag_as_in_kohyas_argparse():
+    config = parse(["--max_train_epoch=4", "--network_di", "8"])
+    assert (config.max_train_epochs, config.network_dim) == (4, 8)
 
 
 @pytest.mark.parametrize("name", sorted(REFUSALS))
