@@ -151,7 +151,7 @@ def test_defaults_without_toml():
 @pytest.mark.parametrize("argv, needle", [
     (["--no_such_flag=1"], "--no_such_flag"),
     (["--netwrk_dim", "4"], "--netwrk_dim"),
-    (["--network_di=4"], "--network_di"),          # no abbreviations
+    (["--network_d=4"], "--network_d"),            # the start of several flags (kohya's argparse: ambiguous)
     (["--network_dim=abc"], "network_dim"),
     (["--learning_rate=fast"], "learning_rate"),
     (["--max_train_epochs=1.5"], "max_train_epochs"),
