@@ -56,13 +56,15 @@ _PIP = {"bitsandbytes": "bitsandbytes==0.50.2", "lion_pytorch": "lion-pytorch==0
 # torch.optim classes kohya would take by name that cannot run its training loop (a step without a closure,
 # dense gradients): refused before the run instead of failing at the first step.
 _CANNOT_TRAIN = {"SparseAdam": "it needs sparse gradients and a LoRA's gradients are dense",
-                 "LBFGS": "its step needs a closure that re-runs the model, and kohya's training loop passes none"}
+                 "LBFGS": "its step needs a closure that re-runs the model, and kohya's training loop passes none",
+                 "Muon": "it takes only 2-D weights and an SD1.x LoRA has 4-D ones (the 1x1 convs' lora_down/up)"}
 
 
 def optimizer_type_problem(name: str) -> str | None:
     """Why ``--optimizer_type`` cannot name an optimizer, without importing anything (None when it can)."""
-    if name in _CANNOT_TRAIN:
-        return (f"{name!r} cannot train a LoRA: {_CANNOT_TRAIN[name]}; use --optimizer_type=AdamW (or another "
+    short = name.removeprefix("torch.optim.")
+    if short in _CANNOT_TRAIN:
+        return (f"{name!r} cannot train a LoRA: {_CANNOT_TRAIN[short]}; use --optimizer_type=AdamW (or another "
                 "one of `spyke-cockpit train --help`)")
     if not name or name.lower() in _KOHYA or name in TORCH_OPTIMIZERS:
         return None

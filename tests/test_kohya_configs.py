@@ -408,7 +408,7 @@ def test_command_line_refusals_are_one_line_starting_with_the_flag(name):
     assert text in message and "\n" not in message
 
 
-@pytest.mark.parametrize("name", ["SparseAdam", "LBFGS"])
+@pytest.mark.parametrize("name", ["SparseAdam", "LBFGS", "Muon", "torch.optim.Muon"])
 def test_an_optimizer_that_cannot_train_a_lora_is_one_line_naming_optimizer_type_and_the_fix(name):
     config = parse([f"--optimizer_type={name}", "--pretrained_model_name_or_path=/m", "--train_data_dir=/d"])
     with pytest.raises(ConfigError) as info:
