@@ -55,7 +55,8 @@ def _dynamo(value: Any, given: Mapping[str, Any]) -> str | None:
 
 _FP8 = ("a float8 base model is not supported: CPU and MPS have no float8 matmul and spyke-cockpit keeps the "
         "base model in mixed_precision on CUDA")
-_SDPA = "PyTorch's fused attention (SDPA) runs instead, same results"
+_KERNEL = "the start-up line 'attention: SDPA …, kernel …' names the kernel PyTorch picks on this device"
+_SDPA = f"PyTorch's fused attention (SDPA) runs instead, the same attention math; {_KERNEL}"
 
 _ROWS: list[KohyaFlag] = [
     # --- model
@@ -63,7 +64,7 @@ _ROWS: list[KohyaFlag] = [
     KohyaFlag("tokenizer_cache_dir", str, "model", INFO,
               "the tokenizer ships with the base model (or spyke-cockpit's SD1.5 config); no download, no cache"),
     KohyaFlag("xformers", bool, "precision", INFO, f"xformers is not used; {_SDPA}", False),
-    KohyaFlag("sdpa", bool, "precision", INFO, "PyTorch's fused attention (SDPA) runs, as asked", False),
+    KohyaFlag("sdpa", bool, "precision", INFO, f"PyTorch's fused attention (SDPA) runs, as asked; {_KERNEL}", False),
     KohyaFlag("mem_eff_attn", bool, "precision", INFO, f"kohya's memory-efficient attention is not used; {_SDPA}",
               False),
     KohyaFlag("fp8_base", bool, "precision", REFUSED, _FP8),

@@ -201,10 +201,11 @@ def _finish(unet, vae, text_encoder, tokenizer, source: str, path: Path) -> Base
 
 def attention_kernel(unet: Any) -> str:
     """Which attention runs in ``unet``: the processor class(es) of its attention layers, e.g. 'AttnProcessor2_0'
-    (PyTorch's fused scaled_dot_product_attention, on CPU, MPS and CUDA)."""
-    processors = getattr(unet, "attn_processors", None) or {}
-    names = sorted({type(p).__name__ for p in processors.values()})
-    return ", ".join(names) if names else "none"
+    (PyTorch's fused scaled_dot_product_attention, on CPU, MPS and CUDA); which SDPA kernel that
+    dispatches to is measured by engine.attention_probe."""
+    from engine.attention_probe import unet_processors
+
+    return ", ".join(unet_processors(unet)) or "none"
 
 
 def load_external_vae(path: str | Path, *, sd_config_dir: Path | None = None) -> Any:

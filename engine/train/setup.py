@@ -34,7 +34,8 @@ class Models:
     train_te: bool                  # the text encoder's LoRA is trained (and its forward keeps grads)
     unet_lr: float
     te_lr: float
-    notes: list[str] = field(default_factory=list)   # info lines for the log (attention kernel, weights loaded)
+    notes: list[str] = field(default_factory=list)   # info lines for the log (network notes, weights loaded)
+    attention: Any = None           # engine.attention_probe.AttentionReport: the attention kernel that runs
 
 
 def setup_models(cfg: TrainConfig, base, device, seed: int) -> Models:
@@ -55,15 +56,15 @@ def setup_models(cfg: TrainConfig, base, device, seed: int) -> Models:
     device = accelerator.device if device_type != "cpu" else device
     set_seed(seed)
 
-    from engine.models import attention_kernel, full_precision_dtype, load_external_vae
+    from engine.attention_probe import attention_report
+    from engine.models import full_precision_dtype, load_external_vae
 
     weight_dtype = dtype_of(cfg.mixed_precision)
     full_dtype = full_precision_dtype(cfg.full_fp16, cfg.full_bf16, device_type)
     unet, vae, te = base.unet, base.vae, base.text_encoder
     if cfg.vae:  # kohya's --vae: the external VAE replaces the base model's
         vae = load_external_vae(cfg.vae, sd_config_dir=Path(cfg.sd_config_dir) if cfg.sd_config_dir else None)
-    kernel = attention_kernel(unet)
-    notes = [f"attention: {kernel}" + (" (PyTorch SDPA)" if kernel == "AttnProcessor2_0" else "")]
+    notes: list[str] = []
     unet_lr, te_lr = cfg.effective_unet_lr(), cfg.effective_text_encoder_lr()
     train_te = not cfg.network_train_unet_only
     train_unet = not cfg.network_train_text_encoder_only and unet_lr > 0
@@ -98,6 +99,7 @@ def setup_models(cfg: TrainConfig, base, device, seed: int) -> Models:
     network.place(device)
     vae.requires_grad_(False)
     vae.eval()
+    attention = attention_report(unet, device, weight_dtype)   # the kernel SDPA picks here, for these shapes
     for p in network.unet_params + network.text_encoder_params:
         p.data = p.data.float()
     if cfg.network_weights:  # kohya's network.load_weights: start from an existing LoRA
@@ -122,7 +124,7 @@ def setup_models(cfg: TrainConfig, base, device, seed: int) -> Models:
     return Models(accelerator=accelerator, device=device, unet=unet, vae=vae, te=te, tokenizer=base.tokenizer,
                   network=network, weight_dtype=weight_dtype, vae_dtype=vae_dtype,
                   save_dtype=dtype_of(cfg.save_precision), train_unet=train_unet, train_te=train_te,
-                  unet_lr=unet_lr, te_lr=te_lr, notes=notes)
+                  unet_lr=unet_lr, te_lr=te_lr, notes=notes, attention=attention)
 
 
 def _allow_fp16_unscale(accelerator) -> None:
