@@ -255,3 +255,54 @@ def full_precision_dtype(full_fp16: bool, full_bf16: bool, device: str) -> Any:
     if device == "cuda" and dtype is torch.bfloat16 and not torch.cuda.is_bf16_supported():
         raise ConfigError("--full_bf16: this GPU has no bf16; use --mixed_precision=fp16 --full_fp16")
     return dtype
+
+
+FP8_NETWORKS = ("networks.lora", "networks.dylora")   # their adapters add to the base layer's own forward
+
+
+def fp8_base_dtype(fp8_base: bool, fp8_base_unet: bool, device: str, network_module: str) -> Any:
+    """kohya's ``--fp8_base`` / ``--fp8_base_unet``: the float8 dtype the frozen base weights are stored in
+    (None: off), or one ConfigError line where ``device`` ('cpu', 'mps', 'cuda') or the network cannot."""
+    import torch
+
+    from engine.errors import ConfigError
+
+    if not (fp8_base or fp8_base_unet):
+        return None
+    flag = "--fp8_base" if fp8_base else "--fp8_base_unet"
+    dtype = getattr(torch, "float8_e4m3fn", None)
+    if dtype is None:
+        raise ConfigError(f"{flag}: this torch has no float8 dtype (torch 2.1 or newer has); remove {flag}")
+    if device == "mps":
+        raise ConfigError(f"{flag}: MPS has no float8 tensors; remove {flag} (it trains on CUDA or the CPU)")
+    if network_module not in FP8_NETWORKS:
+        raise ConfigError(f"{flag}: {network_module} computes from the base weights themselves, which float8 "
+                          f"cannot hold here; use --network_module={' or '.join(FP8_NETWORKS)}, or remove {flag}")
+    return dtype
+
+
+def store_in_float8(module: Any, dtype: Any, *, keep: set[int], compute_dtype: Any, norms_in_compute_dtype: bool,
+                    embeddings_in_compute_dtype: bool) -> int:
+    """Store ``module``'s frozen parameters in ``dtype`` (float8) as kohya's ``--fp8_base`` does; autocast
+    upcasts them per op. Parameters whose ``id`` is in ``keep`` (the network's) are left alone; embedding
+    tables (the text encoder's, which no float8 lookup serves) stay in ``compute_dtype``, as in kohya.
+    ``norms_in_compute_dtype``: the CPU's group/layer-norm kernels take no float8 parameters, so those hold the
+    float8-rounded values in ``compute_dtype``: the same numbers CUDA's autocast computes from. Returns the
+    number of bytes the base weights take now."""
+    from torch import nn
+
+    total = 0
+    for sub in module.modules():
+        is_norm = isinstance(sub, (nn.GroupNorm, nn.LayerNorm))
+        is_embedding = isinstance(sub, nn.Embedding)
+        for param in sub.parameters(recurse=False):
+            if id(param) in keep:
+                continue
+            if is_embedding and embeddings_in_compute_dtype:
+                param.data = param.data.to(compute_dtype)
+            elif is_norm and norms_in_compute_dtype:
+                param.data = param.data.to(dtype).to(compute_dtype)
+            elif param.dtype.is_floating_point:
+                param.data = param.data.to(dtype)
+            total += param.numel() * param.element_size()
+    return total

@@ -57,10 +57,11 @@ def setup_models(cfg: TrainConfig, base, device, seed: int) -> Models:
     set_seed(seed)
 
     from engine.attention_probe import attention_report
-    from engine.models import full_precision_dtype, load_external_vae
+    from engine.models import fp8_base_dtype, full_precision_dtype, load_external_vae
 
     weight_dtype = dtype_of(cfg.mixed_precision)
     full_dtype = full_precision_dtype(cfg.full_fp16, cfg.full_bf16, device_type)
+    fp8_dtype = fp8_base_dtype(cfg.fp8_base, cfg.fp8_base_unet, device_type, cfg.network_module)
     unet, vae, te = base.unet, base.vae, base.text_encoder
     if cfg.vae:  # kohya's --vae: the external VAE replaces the base model's
         vae = load_external_vae(cfg.vae, sd_config_dir=Path(cfg.sd_config_dir) if cfg.sd_config_dir else None)
@@ -102,6 +103,8 @@ def setup_models(cfg: TrainConfig, base, device, seed: int) -> Models:
     attention = attention_report(unet, device, weight_dtype)   # the kernel SDPA picks here, for these shapes
     for p in network.unet_params + network.text_encoder_params:
         p.data = p.data.float()
+    if fp8_dtype is not None:
+        notes.append(_store_base_in_float8(cfg, network, unet, te, fp8_dtype, weight_dtype, device_type))
     if cfg.network_weights:  # kohya's network.load_weights: start from an existing LoRA
         from engine.network_weights import load_network_weights
 
@@ -125,6 +128,27 @@ def setup_models(cfg: TrainConfig, base, device, seed: int) -> Models:
                   network=network, weight_dtype=weight_dtype, vae_dtype=vae_dtype,
                   save_dtype=dtype_of(cfg.save_precision), train_unet=train_unet, train_te=train_te,
                   unet_lr=unet_lr, te_lr=te_lr, notes=notes, attention=attention)
+
+
+def _store_base_in_float8(cfg: TrainConfig, network, unet, te, fp8_dtype, weight_dtype, device_type: str) -> str:
+    """kohya's --fp8_base (U-Net and text encoder) / --fp8_base_unet (the U-Net only): the frozen base weights
+    in float8, the network's own weights untouched; the info line saying so."""
+    from engine.models import store_in_float8
+    from engine.units import format_bytes
+
+    keep = {id(p) for p in network.unet_params + network.text_encoder_params}
+    keep |= {id(p) for m in getattr(network, "modules", ()) for p in m.down_params + m.up_params}
+    parts = [("U-Net", unet)] + ([("text encoder", te)] if cfg.fp8_base and not cfg.fp8_base_unet else [])
+    on_cpu = device_type != "cuda"
+    size = sum(store_in_float8(model, fp8_dtype, keep=keep, compute_dtype=weight_dtype, norms_in_compute_dtype=on_cpu,
+                               embeddings_in_compute_dtype=True) for _, model in parts)
+    compute = str(weight_dtype).removeprefix("torch.")
+    line = (f"{'--fp8_base' if cfg.fp8_base else '--fp8_base_unet'}: the base {' and '.join(n for n, _ in parts)} "
+            f"weights are stored in {str(fp8_dtype).removeprefix('torch.')} ({format_bytes(size)}) and computed "
+            f"in {compute} under autocast")
+    if on_cpu:
+        line += f"; the CPU's norm layers take no float8, so they hold the float8-rounded values in {compute}"
+    return line
 
 
 def _allow_fp16_unscale(accelerator) -> None:
