@@ -260,9 +260,20 @@ def full_precision_dtype(full_fp16: bool, full_bf16: bool, device: str) -> Any:
 FP8_NETWORKS = ("networks.lora", "networks.dylora")   # their adapters add to the base layer's own forward
 
 
-def fp8_base_dtype(fp8_base: bool, fp8_base_unet: bool, device: str, network_module: str) -> Any:
-    """kohya's ``--fp8_base`` / ``--fp8_base_unet``: the float8 dtype the frozen base weights are stored in
-    (None: off), or one ConfigError line where ``device`` ('cpu', 'mps', 'cuda') or the network cannot."""
+@dataclass(frozen=True)
+class Float8Plan:
+    """How ``--fp8_base`` stores the base weights on this device (measured by :func:`fp8_base_plan`)."""
+
+    dtype: Any                 # torch.float8_e4m3fn
+    norms_in_float8: bool      # the device's group/layer-norm kernels take float8 parameters under autocast
+
+
+def fp8_base_plan(fp8_base: bool, fp8_base_unet: bool, device: Any, network_module: str,
+                  compute_dtype: Any) -> Float8Plan | None:
+    """kohya's ``--fp8_base`` / ``--fp8_base_unet``: how the frozen base weights are stored in float8 on
+    ``device`` (None: off), or one ConfigError line where the device, the precision or the network cannot.
+    The device is asked, not assumed: a float8 Linear and Conv2d must run there under autocast to
+    ``compute_dtype`` (they do on CUDA and the CPU; MPS builds without float8 refuse)."""
     import torch
 
     from engine.errors import ConfigError
@@ -273,12 +284,44 @@ def fp8_base_dtype(fp8_base: bool, fp8_base_unet: bool, device: str, network_mod
     dtype = getattr(torch, "float8_e4m3fn", None)
     if dtype is None:
         raise ConfigError(f"{flag}: this torch has no float8 dtype (torch 2.1 or newer has); remove {flag}")
-    if device == "mps":
-        raise ConfigError(f"{flag}: MPS has no float8 tensors; remove {flag} (it trains on CUDA or the CPU)")
+    if compute_dtype not in (torch.float16, torch.bfloat16):
+        raise ConfigError(f"{flag} needs --mixed_precision=fp16 or bf16, as in kohya: the float8 weights compute "
+                          "under autocast")
     if network_module not in FP8_NETWORKS:
         raise ConfigError(f"{flag}: {network_module} computes from the base weights themselves, which float8 "
                           f"cannot hold here; use --network_module={' or '.join(FP8_NETWORKS)}, or remove {flag}")
-    return dtype
+    device = torch.device(device)
+    problem, norms = _float8_probe(device, dtype, compute_dtype)
+    if problem is not None:
+        elsewhere = " (it trains on CUDA and the CPU)" if device.type not in ("cuda", "cpu") else ""
+        raise ConfigError(f"{flag}: float8 weights cannot compute on {device.type} here ({problem}); remove "
+                          f"{flag}{elsewhere}")
+    return Float8Plan(dtype=dtype, norms_in_float8=norms)
+
+
+def _float8_probe(device: Any, dtype: Any, compute_dtype: Any) -> tuple[str | None, bool]:
+    """(why a float8 Linear/Conv2d cannot run on ``device`` under autocast, or None; whether float8
+    GroupNorm/LayerNorm parameters can too). Tiny layers, zeros: no RNG is drawn."""
+    import torch
+    from torch import nn
+
+    def run(*layers_inputs) -> None:
+        with torch.no_grad(), torch.autocast(device_type=device.type, dtype=compute_dtype):
+            for layer, shape in layers_inputs:
+                layer.to(device)
+                for param in layer.parameters():
+                    param.data = param.data.to(dtype)
+                layer(torch.zeros(shape, device=device))
+
+    try:
+        run((nn.Linear(4, 4), (1, 4)), (nn.Conv2d(2, 2, 1), (1, 2, 2, 2)))
+    except Exception as err:  # noqa: BLE001 - whatever the backend raises is the reason, in one line
+        return _first_line(err), False
+    try:
+        run((nn.GroupNorm(1, 2), (1, 2, 2, 2)), (nn.LayerNorm(2), (1, 2)))
+    except Exception:  # noqa: BLE001 - the CPU's norm kernels refuse float8 parameters
+        return None, False
+    return None, True
 
 
 def store_in_float8(module: Any, dtype: Any, *, keep: set[int], compute_dtype: Any, norms_in_compute_dtype: bool,
@@ -286,8 +329,8 @@ def store_in_float8(module: Any, dtype: Any, *, keep: set[int], compute_dtype: A
     """Store ``module``'s frozen parameters in ``dtype`` (float8) as kohya's ``--fp8_base`` does; autocast
     upcasts them per op. Parameters whose ``id`` is in ``keep`` (the network's) are left alone; embedding
     tables (the text encoder's, which no float8 lookup serves) stay in ``compute_dtype``, as in kohya.
-    ``norms_in_compute_dtype``: the CPU's group/layer-norm kernels take no float8 parameters, so those hold the
-    float8-rounded values in ``compute_dtype``: the same numbers CUDA's autocast computes from. Returns the
+    ``norms_in_compute_dtype``: where the device's group/layer-norm kernels take no float8 parameters (the CPU),
+    those hold the float8-rounded values in ``compute_dtype``: the same numbers CUDA's autocast computes from. Returns the
     number of bytes the base weights take now."""
     from torch import nn
 

@@ -68,8 +68,10 @@ def test_fp8_base_stores_the_unet_and_text_encoder_in_float8_and_keeps_the_lora_
     norm = next(sub for sub in m.unet.modules() if isinstance(sub, torch.nn.GroupNorm))
     assert norm.weight.dtype == torch.bfloat16 and torch.equal(norm.weight, norm.weight.to(F8).to(torch.bfloat16))
     assert {p.dtype for p in m.network.unet_params + m.network.text_encoder_params} == {torch.float32}
-    assert any(n.startswith("--fp8_base: the base U-Net and text encoder weights are stored in float8_e4m3fn")
-               for n in m.notes)
+    (line,) = [n for n in m.notes if n.startswith("--fp8_base: ")]
+    assert line.startswith("--fp8_base: the base U-Net and text encoder weights are stored in float8_e4m3fn (")
+    assert line.endswith("computed in bfloat16 under autocast; this device's norm kernels take no float8, so the "
+                         "norm layers hold the float8-rounded values in bfloat16")
 
 
 def test_fp8_base_unet_leaves_the_text_encoder_in_mixed_precision(assets, tmp_path):
@@ -116,13 +118,23 @@ def test_fp8_base_without_mixed_precision_is_one_line_as_in_kohya(assets, tmp_pa
                                "compute under autocast")
 
 
-def test_fp8_base_on_mps_is_one_line():
-    from engine.models import fp8_base_dtype
+def test_the_device_is_asked_whether_float8_weights_compute_there():
+    from engine.models import Float8Plan, fp8_base_plan
+
+    # measured: the CPU runs float8 Linear/Conv2d under autocast, but its norm kernels refuse float8 parameters
+    assert fp8_base_plan(True, False, "cpu", "networks.lora", torch.bfloat16) == Float8Plan(F8, norms_in_float8=False)
+    assert fp8_base_plan(False, False, "cpu", "networks.lora", torch.bfloat16) is None
+
+
+@pytest.mark.skipif(torch.backends.mps.is_available(), reason="needs a machine where MPS cannot compute")
+def test_fp8_base_where_the_device_cannot_compute_float8_is_one_line():
+    from engine.models import fp8_base_plan
 
     with pytest.raises(ConfigError) as info:
-        fp8_base_dtype(True, False, "mps", "networks.lora")
-    assert str(info.value) == "--fp8_base: MPS has no float8 tensors; remove --fp8_base (it trains on CUDA or the CPU)"
-    assert fp8_base_dtype(False, True, "cuda", "networks.dylora") is F8
+        fp8_base_plan(False, True, "mps", "networks.lora", torch.bfloat16)
+    message = str(info.value)
+    assert message.startswith("--fp8_base_unet: float8 weights cannot compute on mps here (")
+    assert message.endswith("); remove --fp8_base_unet (it trains on CUDA and the CPU)") and "\n" not in message
 
 
 def test_fp8_base_with_a_lycoris_network_is_refused_before_anything_trains(assets, tmp_path):

@@ -57,11 +57,11 @@ def setup_models(cfg: TrainConfig, base, device, seed: int) -> Models:
     set_seed(seed)
 
     from engine.attention_probe import attention_report
-    from engine.models import fp8_base_dtype, full_precision_dtype, load_external_vae
+    from engine.models import fp8_base_plan, full_precision_dtype, load_external_vae
 
     weight_dtype = dtype_of(cfg.mixed_precision)
     full_dtype = full_precision_dtype(cfg.full_fp16, cfg.full_bf16, device_type)
-    fp8_dtype = fp8_base_dtype(cfg.fp8_base, cfg.fp8_base_unet, device_type, cfg.network_module)
+    fp8 = fp8_base_plan(cfg.fp8_base, cfg.fp8_base_unet, device, cfg.network_module, weight_dtype)
     unet, vae, te = base.unet, base.vae, base.text_encoder
     if cfg.vae:  # kohya's --vae: the external VAE replaces the base model's
         vae = load_external_vae(cfg.vae, sd_config_dir=Path(cfg.sd_config_dir) if cfg.sd_config_dir else None)
@@ -103,8 +103,8 @@ def setup_models(cfg: TrainConfig, base, device, seed: int) -> Models:
     attention = attention_report(unet, device, weight_dtype)   # the kernel SDPA picks here, for these shapes
     for p in network.unet_params + network.text_encoder_params:
         p.data = p.data.float()
-    if fp8_dtype is not None:
-        notes.append(_store_base_in_float8(cfg, network, unet, te, fp8_dtype, weight_dtype, device_type))
+    if fp8 is not None:
+        notes.append(_store_base_in_float8(cfg, network, unet, te, fp8, weight_dtype))
     if cfg.network_weights:  # kohya's network.load_weights: start from an existing LoRA
         from engine.network_weights import load_network_weights
 
@@ -130,24 +130,25 @@ def setup_models(cfg: TrainConfig, base, device, seed: int) -> Models:
                   unet_lr=unet_lr, te_lr=te_lr, notes=notes, attention=attention)
 
 
-def _store_base_in_float8(cfg: TrainConfig, network, unet, te, fp8_dtype, weight_dtype, device_type: str) -> str:
+def _store_base_in_float8(cfg: TrainConfig, network, unet, te, fp8, weight_dtype) -> str:
     """kohya's --fp8_base (U-Net and text encoder) / --fp8_base_unet (the U-Net only): the frozen base weights
-    in float8, the network's own weights untouched; the info line saying so."""
+    in float8 (``fp8``: an engine.models.Float8Plan), the network's own weights untouched; the line saying so."""
     from engine.models import store_in_float8
     from engine.units import format_bytes
 
     keep = {id(p) for p in network.unet_params + network.text_encoder_params}
     keep |= {id(p) for m in getattr(network, "modules", ()) for p in m.down_params + m.up_params}
     parts = [("U-Net", unet)] + ([("text encoder", te)] if cfg.fp8_base and not cfg.fp8_base_unet else [])
-    on_cpu = device_type != "cuda"
-    size = sum(store_in_float8(model, fp8_dtype, keep=keep, compute_dtype=weight_dtype, norms_in_compute_dtype=on_cpu,
-                               embeddings_in_compute_dtype=True) for _, model in parts)
+    size = sum(store_in_float8(model, fp8.dtype, keep=keep, compute_dtype=weight_dtype,
+                               norms_in_compute_dtype=not fp8.norms_in_float8, embeddings_in_compute_dtype=True)
+               for _, model in parts)
     compute = str(weight_dtype).removeprefix("torch.")
     line = (f"{'--fp8_base' if cfg.fp8_base else '--fp8_base_unet'}: the base {' and '.join(n for n, _ in parts)} "
-            f"weights are stored in {str(fp8_dtype).removeprefix('torch.')} ({format_bytes(size)}) and computed "
+            f"weights are stored in {str(fp8.dtype).removeprefix('torch.')} ({format_bytes(size)}) and computed "
             f"in {compute} under autocast")
-    if on_cpu:
-        line += f"; the CPU's norm layers take no float8, so they hold the float8-rounded values in {compute}"
+    if not fp8.norms_in_float8:
+        line += (f"; this device's norm kernels take no float8, so the norm layers hold the float8-rounded values "
+                 f"in {compute}")
     return line
 
 
