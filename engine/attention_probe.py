@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 SDPA_PROCESSORS = ("AttnProcessor2_0",)     # diffusers processors whose attention is F.scaled_dot_product_attention
-MATH = "_scaled_dot_product_attention_math"  # the unfused fallback (CPU, CUDA; MPS has its own *_for_mps)
+MATH = "_scaled_dot_product_attention_math"  # the unfused composite fallback (MPS has its own *_math_for_mps kernel)
 _PROBE_QUERY, _PROBE_KEY = 64, 77            # a latent patch against CLIP's 77 tokens: the cross-attention shape
 
 
@@ -37,8 +37,8 @@ class AttentionReport:
 
     @property
     def fused(self) -> bool:
-        """Every probed call ran a fused kernel (not the math fallback)."""
-        return bool(self.kernels) and not any(k.startswith(MATH) for k in self.kernels)
+        """No probed call fell back to the unfused math composite (MPS's own ``…_math_for_mps`` is its kernel)."""
+        return bool(self.kernels) and MATH not in self.kernels
 
     def line(self) -> str:
         """``attention: SDPA (AttnProcessor2_0), kernel _scaled_dot_product_flash_attention_for_cpu

@@ -32,7 +32,7 @@ def test_probe_measures_the_dispatch_so_a_forced_math_backend_is_reported():
 
     with sdpa_kernel(SDPBackend.MATH):
         kernel = probe_sdpa_kernel("cpu", torch.float32, 40)
-    assert kernel.startswith(MATH) and hasattr(torch.ops.aten, kernel)
+    assert kernel == MATH and hasattr(torch.ops.aten, kernel)
 
 
 def test_probe_leaves_the_seeded_global_rng_untouched():
@@ -78,6 +78,17 @@ def test_attention_event_round_trips_through_the_events_file():
     assert back == event and back.kernels == ["_scaled_dot_product_efficient_attention"]
     assert back.message == ("attention: SDPA (AttnProcessor2_0), kernel _scaled_dot_product_efficient_attention "
                             "(cuda, float32, head dims 40/80/160)")
+
+
+def test_a_math_fallback_is_named_as_such_in_the_line_but_mps_own_kernel_is_not():
+    from engine.attention_probe import AttentionReport
+
+    math = AttentionReport(("AttnProcessor2_0",), (MATH,), (40,), "float32", "cuda")
+    assert not math.fused and math.line() == ("attention: SDPA (AttnProcessor2_0), kernel "
+                                              f"{MATH} — the unfused math fallback (cuda, float32, head dim 40)")
+    mps = AttentionReport(("AttnProcessor2_0",), ("_scaled_dot_product_attention_math_for_mps",), (40,), "float16",
+                          "mps")
+    assert mps.fused and "fallback" not in mps.line()
 
 
 def test_attention_flags_info_lines_point_at_the_start_up_kernel_line():
