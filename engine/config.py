@@ -258,6 +258,10 @@ class TrainConfig:
     gradient_checkpointing: bool = _f(False, "precision", "Recompute activations to save memory.")
     full_fp16: bool = _f(False, "precision", "Train the LoRA weights in fp16 too (needs mixed_precision fp16).")
     full_bf16: bool = _f(False, "precision", "Train the LoRA weights in bf16 too (needs mixed_precision bf16).")
+    fp8_base: bool = _f(False, "precision", "Store the base U-Net and text encoder weights in float8 (e4m3), "
+                        "computed under mixed precision; CUDA or CPU, needs mixed_precision fp16/bf16.")
+    fp8_base_unet: bool = _f(False, "precision", "Store only the base U-Net in float8; the text encoder stays in "
+                             "mixed_precision.")
     device: str = _f("auto", "precision", "Device: auto picks MPS, then CUDA, then CPU.", choices=DEVICES, ours=True)
     # --- logging (kohya's trackers: TensorBoard event files, wandb)
     logging_dir: str = _f("", "logging", "Write TensorBoard logs under this folder (<dir>/<prefix><time>/<tracker>).",
@@ -333,6 +337,11 @@ class TrainConfig:
         for name, dtype in (("full_fp16", "fp16"), ("full_bf16", "bf16")):
             if getattr(self, name) and self.mixed_precision != dtype:
                 out[name] = f"needs --mixed_precision={dtype}, as in kohya (got {self.mixed_precision})"
+        for name in ("fp8_base", "fp8_base_unet"):
+            if getattr(self, name) and self.mixed_precision == "no":
+                out[name] = ("needs --mixed_precision=fp16 or bf16, as in kohya: the float8 weights compute under "
+                             "autocast")
+                break
         for name in AWAITING_TRAINING_SETUP:
             if getattr(self, name) != field_default(name):
                 out.setdefault(name, "is parsed but the training setup does not apply it yet; remove it for now")

@@ -128,6 +128,25 @@ class NetworkBuilt(LogMessage, type="network"):
                    text_encoder_modules=text_encoder_modules, dim=dim, alpha=alpha)
 
 
+class AttentionKernel(LogMessage, type="attention"):
+    """The attention the UNet runs, measured once the model is on its device (``engine.attention_probe``):
+    diffusers' processor classes and the aten kernel PyTorch's SDPA dispatched to, per head size, for the
+    compute dtype; an info line headless output prints."""
+
+    processors: list[str] = field(default_factory=list)
+    kernels: list[str] = field(default_factory=list)
+    head_dims: list[int] = field(default_factory=list)
+    dtype: str = ""
+    device: str = ""
+
+    @classmethod
+    def of(cls, report) -> "AttentionKernel":
+        """From an ``engine.attention_probe.AttentionReport``."""
+        return cls(level="info", message=report.line(), processors=list(report.processors),
+                   kernels=list(report.kernels), head_dims=list(report.head_dims), dtype=report.dtype,
+                   device=report.device)
+
+
 class CheckpointRemoved(LogMessage, type="checkpoint_removed"):
     """A checkpoint file of this run removed by the ``--save_last_n_*`` pruning (its log line, and the
     path, so a viewer stops offering it)."""

@@ -10,8 +10,8 @@ from typing import TextIO
 from engine.config import TrainConfig
 from engine.control import TrainingControl
 from engine.errors import SpykeError
-from engine.events import (CheckpointSaved, Event, LogMessage, NetworkBuilt, PhaseChanged, RunFinished,
-                           RunStarted, SamplesSaved, StepCompleted, ValidationLoss)
+from engine.events import (AttentionKernel, CheckpointSaved, Event, LogMessage, NetworkBuilt, PhaseChanged,
+                           RunFinished, RunStarted, SamplesSaved, StepCompleted, ValidationLoss)
 from engine.fit.awake import keep_awake
 from engine.units import format_bytes
 
@@ -80,7 +80,7 @@ class ProgressPrinter:
         elif isinstance(event, PhaseChanged) and event.phase in ("loading", "caching", "paused"):
             if event.phase != "caching" or event.detail.endswith(("/0", "0/")) is False:
                 self._print(f"{event.phase}{': ' + event.detail if event.detail else ''}")
-        elif isinstance(event, NetworkBuilt):
+        elif isinstance(event, (NetworkBuilt, AttentionKernel)):
             self._print(event.message)
         elif isinstance(event, LogMessage) and event.level in ("warning", "error"):
             self._print(f"{event.level}: {event.message}")

@@ -46,16 +46,22 @@ class KohyaFlag:
     decide: Callable[[Any, Mapping[str, Any]], str | None] | None = None  # custom: info line or raise
 
 
+_UNCOMPILED = ("spyke-cockpit runs the model uncompiled: torch.compile changes how fast the same math runs, "
+               "not the trained weights")
+
+
 def _dynamo(value: Any, given: Mapping[str, Any]) -> str | None:
     if str(value).lower() == "no":
         return "--dynamo_backend=no: accepted; the model runs without torch.compile, as in kohya"
+    if given.get("torch_compile"):
+        return (f"--dynamo_backend={value}: accepted; kohya compiles with it under --torch_compile, but "
+                f"{_UNCOMPILED}")
     return (f"--dynamo_backend={value}: accepted; kohya uses it only with --torch_compile, which is not given, "
             "so nothing is compiled")
 
 
-_FP8 = ("a float8 base model is not supported: CPU and MPS have no float8 matmul and spyke-cockpit keeps the "
-        "base model in mixed_precision on CUDA")
-_SDPA = "PyTorch's fused attention (SDPA) runs instead, same results"
+_KERNEL = "the start-up line 'attention: SDPA …, kernel …' names the kernel PyTorch picks on this device"
+_SDPA = f"PyTorch's fused attention (SDPA) runs instead, the same attention math; {_KERNEL}"
 
 _ROWS: list[KohyaFlag] = [
     # --- model
@@ -63,17 +69,15 @@ _ROWS: list[KohyaFlag] = [
     KohyaFlag("tokenizer_cache_dir", str, "model", INFO,
               "the tokenizer ships with the base model (or spyke-cockpit's SD1.5 config); no download, no cache"),
     KohyaFlag("xformers", bool, "precision", INFO, f"xformers is not used; {_SDPA}", False),
-    KohyaFlag("sdpa", bool, "precision", INFO, "PyTorch's fused attention (SDPA) runs, as asked", False),
+    KohyaFlag("sdpa", bool, "precision", INFO, f"PyTorch's fused attention (SDPA) runs, as asked; {_KERNEL}", False),
     KohyaFlag("mem_eff_attn", bool, "precision", INFO, f"kohya's memory-efficient attention is not used; {_SDPA}",
               False),
-    KohyaFlag("fp8_base", bool, "precision", REFUSED, _FP8),
-    KohyaFlag("fp8_base_unet", bool, "precision", REFUSED, _FP8),
     KohyaFlag("lowram", bool, "precision", INFO, "the base model is loaded the same way either way", False),
     KohyaFlag("highvram", bool, "precision", INFO, "memory is managed the same way either way", False),
     KohyaFlag("vae_batch_size", int, "precision", INFO,
               "latents are cached one image at a time; the batch size of caching does not change the weights", 1),
     KohyaFlag("dynamo_backend", str, "precision", INFO, default=None, decide=_dynamo),
-    KohyaFlag("torch_compile", bool, "precision", REFUSED, "torch.compile is not used by spyke-cockpit"),
+    KohyaFlag("torch_compile", bool, "precision", INFO, _UNCOMPILED, False),
     KohyaFlag("cpu_offload_checkpointing", bool, "precision", INFO,
               "activations are not offloaded to the CPU; only memory use differs", False),
     KohyaFlag("ddp_timeout", int, "other", INFO, "single-device training; no distributed process group"),

@@ -201,10 +201,11 @@ def _finish(unet, vae, text_encoder, tokenizer, source: str, path: Path) -> Base
 
 def attention_kernel(unet: Any) -> str:
     """Which attention runs in ``unet``: the processor class(es) of its attention layers, e.g. 'AttnProcessor2_0'
-    (PyTorch's fused scaled_dot_product_attention, on CPU, MPS and CUDA)."""
-    processors = getattr(unet, "attn_processors", None) or {}
-    names = sorted({type(p).__name__ for p in processors.values()})
-    return ", ".join(names) if names else "none"
+    (PyTorch's fused scaled_dot_product_attention, on CPU, MPS and CUDA); which SDPA kernel that
+    dispatches to is measured by engine.attention_probe."""
+    from engine.attention_probe import unet_processors
+
+    return ", ".join(unet_processors(unet)) or "none"
 
 
 def load_external_vae(path: str | Path, *, sd_config_dir: Path | None = None) -> Any:
@@ -254,3 +255,97 @@ def full_precision_dtype(full_fp16: bool, full_bf16: bool, device: str) -> Any:
     if device == "cuda" and dtype is torch.bfloat16 and not torch.cuda.is_bf16_supported():
         raise ConfigError("--full_bf16: this GPU has no bf16; use --mixed_precision=fp16 --full_fp16")
     return dtype
+
+
+FP8_NETWORKS = ("networks.lora", "networks.dylora")   # their adapters add to the base layer's own forward
+
+
+@dataclass(frozen=True)
+class Float8Plan:
+    """How ``--fp8_base`` stores the base weights on this device (measured by :func:`fp8_base_plan`)."""
+
+    dtype: Any                 # torch.float8_e4m3fn
+    norms_in_float8: bool      # the device's group/layer-norm kernels take float8 parameters under autocast
+
+
+def fp8_base_plan(fp8_base: bool, fp8_base_unet: bool, device: Any, network_module: str,
+                  compute_dtype: Any) -> Float8Plan | None:
+    """kohya's ``--fp8_base`` / ``--fp8_base_unet``: how the frozen base weights are stored in float8 on
+    ``device`` (None: off), or one ConfigError line where the device, the precision or the network cannot.
+    The device is asked, not assumed: a float8 Linear and Conv2d must run there under autocast to
+    ``compute_dtype`` (they do on CUDA and the CPU; MPS builds without float8 refuse)."""
+    import torch
+
+    from engine.errors import ConfigError
+
+    if not (fp8_base or fp8_base_unet):
+        return None
+    flag = "--fp8_base" if fp8_base else "--fp8_base_unet"
+    dtype = getattr(torch, "float8_e4m3fn", None)
+    if dtype is None:
+        raise ConfigError(f"{flag}: this torch has no float8 dtype (torch 2.1 or newer has); remove {flag}")
+    if compute_dtype not in (torch.float16, torch.bfloat16):
+        raise ConfigError(f"{flag} needs --mixed_precision=fp16 or bf16, as in kohya: the float8 weights compute "
+                          "under autocast")
+    if network_module not in FP8_NETWORKS:
+        raise ConfigError(f"{flag}: {network_module} computes from the base weights themselves, which float8 "
+                          f"cannot hold here; use --network_module={' or '.join(FP8_NETWORKS)}, or remove {flag}")
+    device = torch.device(device)
+    problem, norms = _float8_probe(device, dtype, compute_dtype)
+    if problem is not None:
+        elsewhere = " (it trains on CUDA and the CPU)" if device.type not in ("cuda", "cpu") else ""
+        raise ConfigError(f"{flag}: float8 weights cannot compute on {device.type} here ({problem}); remove "
+                          f"{flag}{elsewhere}")
+    return Float8Plan(dtype=dtype, norms_in_float8=norms)
+
+
+def _float8_probe(device: Any, dtype: Any, compute_dtype: Any) -> tuple[str | None, bool]:
+    """(why a float8 Linear/Conv2d cannot run on ``device`` under autocast, or None; whether float8
+    GroupNorm/LayerNorm parameters can too). Tiny layers, zeros: no RNG is drawn."""
+    import torch
+    from torch import nn
+
+    def run(*layers_inputs) -> None:
+        with torch.no_grad(), torch.autocast(device_type=device.type, dtype=compute_dtype):
+            for layer, shape in layers_inputs:
+                layer.to(device)
+                for param in layer.parameters():
+                    param.data = param.data.to(dtype)
+                layer(torch.zeros(shape, device=device))
+
+    try:
+        run((nn.Linear(4, 4), (1, 4)), (nn.Conv2d(2, 2, 1), (1, 2, 2, 2)))
+    except Exception as err:  # noqa: BLE001 - whatever the backend raises is the reason, in one line
+        return _first_line(err), False
+    try:
+        run((nn.GroupNorm(1, 2), (1, 2, 2, 2)), (nn.LayerNorm(2), (1, 2)))
+    except Exception:  # noqa: BLE001 - the CPU's norm kernels refuse float8 parameters
+        return None, False
+    return None, True
+
+
+def store_in_float8(module: Any, dtype: Any, *, keep: set[int], compute_dtype: Any, norms_in_compute_dtype: bool,
+                    embeddings_in_compute_dtype: bool) -> int:
+    """Store ``module``'s frozen parameters in ``dtype`` (float8) as kohya's ``--fp8_base`` does; autocast
+    upcasts them per op. Parameters whose ``id`` is in ``keep`` (the network's) are left alone; embedding
+    tables (the text encoder's, which no float8 lookup serves) stay in ``compute_dtype``, as in kohya.
+    ``norms_in_compute_dtype``: where the device's group/layer-norm kernels take no float8 parameters (the CPU),
+    those hold the float8-rounded values in ``compute_dtype``: the same numbers CUDA's autocast computes from. Returns the
+    number of bytes the base weights take now."""
+    from torch import nn
+
+    total = 0
+    for sub in module.modules():
+        is_norm = isinstance(sub, (nn.GroupNorm, nn.LayerNorm))
+        is_embedding = isinstance(sub, nn.Embedding)
+        for param in sub.parameters(recurse=False):
+            if id(param) in keep:
+                continue
+            if is_embedding and embeddings_in_compute_dtype:
+                param.data = param.data.to(compute_dtype)
+            elif is_norm and norms_in_compute_dtype:
+                param.data = param.data.to(dtype).to(compute_dtype)
+            elif param.dtype.is_floating_point:
+                param.data = param.data.to(dtype)
+            total += param.numel() * param.element_size()
+    return total

@@ -173,10 +173,10 @@ def _draw(pipe, prompt: SamplePrompt, folder: Path, *, output_name, step, epoch,
         pipe.scheduler = build_scheduler(name, v_parameterization=v_parameterization)
         cfg = prompt.scale > 1.0
         texts = [prompt.prompt] + ([prompt.negative_prompt or ""] if cfg else [])
-        cond, uncond = (encode_sample_prompts(pipe.text_encoder, pipe.tokenizer, texts, device, clip_skip)
-                        + [None])[:2]
         generator = torch.Generator(device="cpu").manual_seed(seed)
-        with _autocast(device, dtype):
+        with _autocast(device, dtype):      # the prompts too, as kohya's pipeline (and --fp8_base weights) need
+            cond, uncond = (encode_sample_prompts(pipe.text_encoder, pipe.tokenizer, texts, device, clip_skip)
+                            + [None])[:2]
             image = pipe(
                 prompt_embeds=cond.to(dtype), negative_prompt_embeds=uncond.to(dtype) if cfg else None,
                 height=prompt.height, width=prompt.width, num_inference_steps=prompt.steps,

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from engine.config import TrainConfig
-from engine.events import LogMessage, NetworkBuilt
+from engine.events import AttentionKernel, LogMessage, NetworkBuilt
 from engine.kohya.metadata import run_metadata
 from engine.optimizers import ensure_train_mode
 from engine.state import capture_rng, restore_rng
@@ -39,6 +39,8 @@ class Job:
         m = self.models = setup_models(cfg, base, device, seed)
         net = self.network = m.network
         self.emit(NetworkBuilt.of(len(net.unet_module_names), len(net.text_encoder_module_names), net.dim, net.alpha))
+        if m.attention is not None:
+            self.emit(AttentionKernel.of(m.attention))
         for note in m.notes:
             self.emit(LogMessage(level="info", message=note))
         self.max_norm_supported = callable(getattr(net, "apply_max_norm", None))

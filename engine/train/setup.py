@@ -34,7 +34,8 @@ class Models:
     train_te: bool                  # the text encoder's LoRA is trained (and its forward keeps grads)
     unet_lr: float
     te_lr: float
-    notes: list[str] = field(default_factory=list)   # info lines for the log (attention kernel, weights loaded)
+    notes: list[str] = field(default_factory=list)   # info lines for the log (network notes, weights loaded)
+    attention: Any = None           # engine.attention_probe.AttentionReport: the attention kernel that runs
 
 
 def setup_models(cfg: TrainConfig, base, device, seed: int) -> Models:
@@ -55,15 +56,16 @@ def setup_models(cfg: TrainConfig, base, device, seed: int) -> Models:
     device = accelerator.device if device_type != "cpu" else device
     set_seed(seed)
 
-    from engine.models import attention_kernel, full_precision_dtype, load_external_vae
+    from engine.attention_probe import attention_report
+    from engine.models import fp8_base_plan, full_precision_dtype, load_external_vae
 
     weight_dtype = dtype_of(cfg.mixed_precision)
     full_dtype = full_precision_dtype(cfg.full_fp16, cfg.full_bf16, device_type)
+    fp8 = fp8_base_plan(cfg.fp8_base, cfg.fp8_base_unet, device, cfg.network_module, weight_dtype)
     unet, vae, te = base.unet, base.vae, base.text_encoder
     if cfg.vae:  # kohya's --vae: the external VAE replaces the base model's
         vae = load_external_vae(cfg.vae, sd_config_dir=Path(cfg.sd_config_dir) if cfg.sd_config_dir else None)
-    kernel = attention_kernel(unet)
-    notes = [f"attention: {kernel}" + (" (PyTorch SDPA)" if kernel == "AttnProcessor2_0" else "")]
+    notes: list[str] = []
     unet_lr, te_lr = cfg.effective_unet_lr(), cfg.effective_text_encoder_lr()
     train_te = not cfg.network_train_unet_only
     train_unet = not cfg.network_train_text_encoder_only and unet_lr > 0
@@ -98,8 +100,11 @@ def setup_models(cfg: TrainConfig, base, device, seed: int) -> Models:
     network.place(device)
     vae.requires_grad_(False)
     vae.eval()
+    attention = attention_report(unet, device, weight_dtype)   # the kernel SDPA picks here, for these shapes
     for p in network.unet_params + network.text_encoder_params:
         p.data = p.data.float()
+    if fp8 is not None:
+        notes.append(_store_base_in_float8(cfg, network, unet, te, fp8, weight_dtype))
     if cfg.network_weights:  # kohya's network.load_weights: start from an existing LoRA
         from engine.network_weights import load_network_weights
 
@@ -122,7 +127,29 @@ def setup_models(cfg: TrainConfig, base, device, seed: int) -> Models:
     return Models(accelerator=accelerator, device=device, unet=unet, vae=vae, te=te, tokenizer=base.tokenizer,
                   network=network, weight_dtype=weight_dtype, vae_dtype=vae_dtype,
                   save_dtype=dtype_of(cfg.save_precision), train_unet=train_unet, train_te=train_te,
-                  unet_lr=unet_lr, te_lr=te_lr, notes=notes)
+                  unet_lr=unet_lr, te_lr=te_lr, notes=notes, attention=attention)
+
+
+def _store_base_in_float8(cfg: TrainConfig, network, unet, te, fp8, weight_dtype) -> str:
+    """kohya's --fp8_base (U-Net and text encoder) / --fp8_base_unet (the U-Net only): the frozen base weights
+    in float8 (``fp8``: an engine.models.Float8Plan), the network's own weights untouched; the line saying so."""
+    from engine.models import store_in_float8
+    from engine.units import format_bytes
+
+    keep = {id(p) for p in network.unet_params + network.text_encoder_params}
+    keep |= {id(p) for m in getattr(network, "modules", ()) for p in m.down_params + m.up_params}
+    parts = [("U-Net", unet)] + ([("text encoder", te)] if cfg.fp8_base and not cfg.fp8_base_unet else [])
+    size = sum(store_in_float8(model, fp8.dtype, keep=keep, compute_dtype=weight_dtype,
+                               norms_in_compute_dtype=not fp8.norms_in_float8, embeddings_in_compute_dtype=True)
+               for _, model in parts)
+    compute = str(weight_dtype).removeprefix("torch.")
+    line = (f"{'--fp8_base' if cfg.fp8_base else '--fp8_base_unet'}: the base {' and '.join(n for n, _ in parts)} "
+            f"weights are stored in {str(fp8.dtype).removeprefix('torch.')} ({format_bytes(size)}) and computed "
+            f"in {compute} under autocast")
+    if not fp8.norms_in_float8:
+        line += (f"; this device's norm kernels take no float8, so the norm layers hold the float8-rounded values "
+                 f"in {compute}")
+    return line
 
 
 def _allow_fp16_unscale(accelerator) -> None:
