@@ -221,6 +221,22 @@ def test_device_memory_reads_cuda_free_memory_and_cpu_available_ram(monkeypatch)
     assert device_memory("auto").device == "cpu"
 
 
+def test_inside_a_run_the_budget_counts_what_the_run_itself_holds(monkeypatch):
+    from engine.fit import device_memory as dm
+
+    fake_torch = SimpleNamespace(backends=SimpleNamespace(mps=SimpleNamespace(is_available=lambda: False)),
+                                 cuda=SimpleNamespace(is_available=lambda: True, mem_get_info=lambda: (1e9, 24e9),
+                                                      memory_reserved=lambda: 20e9))
+    monkeypatch.setattr(dm, "_torch_if_worth_it", lambda device, platform: fake_torch)
+    monkeypatch.setattr(dm, "_psutil", lambda: SimpleNamespace(total=32e9, available=3e9))
+    monkeypatch.setattr(dm, "_own_rss", lambda: 12e9)
+    assert device_memory("cuda").budget == 1e9
+    got = device_memory("cuda", in_use=True)
+    assert (got.budget, got.label) == (21e9, "usable on the GPU")
+    assert device_memory("cpu").budget == 3e9
+    assert (device_memory("cpu", in_use=True).budget, device_memory("cpu", in_use=True).label) == (15e9, "usable RAM")
+
+
 def test_the_memory_estimator_imports_no_torch():
     import subprocess
     import sys
