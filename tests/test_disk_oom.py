@@ -331,6 +331,26 @@ def test_out_of_memory_inside_a_checkpoint_write_removes_the_partial_file_and_sa
         assert_resumes_like_straight(assets, out, state, straight, 4)
 
 
+def test_out_of_memory_in_the_validation_after_a_step_is_named_as_such_and_keeps_that_steps_state(
+        assets, tmp_path, monkeypatch):
+    from engine.train.step import TrainStep
+
+    real = TrainStep.loss
+
+    def loss(self, batch):
+        if self.fixed_timestep is not None:           # only inside a validation pass
+            raise OOMS["cuda"]()
+        return real(self, batch)
+
+    monkeypatch.setattr(TrainStep, "loss", loss)
+    out = tmp_path / "out"
+    run = train(make_config(assets, out, validation_split=0.25, validate_every_n_steps=2))
+    assert run.result.status == "failed" and run.result.global_step == 2
+    state = out / "spyke_demo-step00000002-state"
+    assert run.finished.error.startswith("out of memory at the validation after step 2 (CUDA out of memory; ")
+    assert f"; last state: {state}" in run.finished.error and str(state) in run.finished.resume_hint
+
+
 def test_headless_out_of_memory_exits_1_and_prints_the_line_and_the_resume_command(assets, tmp_path, monkeypatch):
     import engine.trainer as trainer_mod
     from engine.headless import run_headless

@@ -8,7 +8,7 @@ after it (``engine.fit.advice``, the search the out-of-memory stop uses too: :fu
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from engine.errors import ConfigError

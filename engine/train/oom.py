@@ -18,6 +18,7 @@ import gc
 import sys
 
 from engine.errors import SpykeError
+from engine.events import PhaseChanged
 from engine.units import format_bytes
 
 KNOWN_PHRASES = ("CUDA out of memory", "MPS backend out of memory", "DefaultCPUAllocator: can't allocate memory")
@@ -145,16 +146,25 @@ class OomGuard:
     """Remembers where each step began (its step count and random generators) so an out-of-memory
     error can be turned into a resumable stop; see the module docstring for exactness."""
 
+    AFTER_STEP = {"saving": "the save", "sampling": "the samples", "validating": "the validation"}
+
     def __init__(self, job) -> None:
         self.job = job
         self.step_start: int | None = None
         self.rng = None
+        self.after_step: str | None = None  # the last of AFTER_STEP's phases begun since the step began
+
+    def __call__(self, event) -> None:
+        """An event sink: which work after the step is under way."""
+        if isinstance(event, PhaseChanged) and event.phase in self.AFTER_STEP:
+            self.after_step = event.phase
 
     def step_starts(self) -> None:
         from engine.state import capture_rng
 
         job = self.job
         self.step_start = job.counters.global_step
+        self.after_step = None
         self.rng = capture_rng(job.noise_gen, job.data_rng, job.device_type)
 
     def stop(self, what: str) -> OutOfMemory:
@@ -163,7 +173,8 @@ class OomGuard:
         c = job.counters
         failed_in_step = self.step_start is not None and c.global_step == self.step_start
         failed = c.global_step + 1 if failed_in_step else c.global_step
-        where = f"step {failed}/{job.plan.total_steps}" if failed_in_step else f"the save after step {failed}"
+        after = self.AFTER_STEP.get(self.after_step or "saving")
+        where = f"step {failed}/{job.plan.total_steps}" if failed_in_step else f"{after} after step {failed}"
         free_memory(job.optimizer, job.device_type)
         peak = peak_memory(job.device_type)
         if failed_in_step and self.rng is not None:
