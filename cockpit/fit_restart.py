@@ -1,9 +1,10 @@
-"""Restarting a run that ran out of memory with one of the settings that would fit.
+"""Restarting a run that ran out of memory with one of the changes that would fit.
 
-The engine's out-of-memory stop names those settings (``RunFinished.fits``: the memory estimator's, each
-with its estimated saving, then the ones it cannot size, e.g. ``--cache_latents (−1.2 GB est.)``,
-``--gradient_checkpointing``, ``--resolution=384``). :class:`FitRestartScreen` lists the ones that are a
-concrete flag; choosing one puts it into the form (the one config that drives it) and starts again:
+The engine's out-of-memory stop names those changes (``RunFinished.fits``: the memory estimator's, each
+with the estimated peak after it, e.g. ``--gradient_checkpointing (est. peak 6.1 GB, −1.4 GB)``, or
+several flags together when only a combination fits; without the model's sizes, unsized flags).
+:class:`FitRestartScreen` lists the ones made of concrete flags of the config; choosing one puts exactly
+its flags into the form (the one config that drives it) and starts again:
 from the run's last saved training state when there is one (``--resume latest``, with
 ``--resume_force`` since a setting changed, as kohya's ``--resume`` loads a state whatever the flags),
 else as a new run through the usual Start (which asks before touching the run's files).
@@ -12,7 +13,6 @@ else as a new run through the usual Start (which asks before touching the run's 
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,40 +24,56 @@ from textual.containers import Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Button, Label, Static
 
-from engine.api import ConfigError, TrainConfig, coerce_value, field_type
+from engine.api import ConfigError, TrainConfig, change_flags, coerce_value, field_type
 
-_FLAG = re.compile(r"--([a-z0-9_]+)(?:=(\S+))?")
 MAX_SHOWN = 9                     # keys 1..9
 
 
 @dataclass(frozen=True)
 class FitChange:
-    text: str                     # as the engine named it, saving included
-    field: str
-    value: Any
+    text: str                     # as the engine named it, estimated peak included
+    values: tuple[tuple[str, Any], ...]   # (config field, value) of each of its flags
 
     @property
     def flag(self) -> str:
-        return self.text.split(" ", 1)[0]
+        """Its flags, as typed (``--gradient_checkpointing --train_batch_size=1``)."""
+        return self.text.split(" (", 1)[0]
+
+    @property
+    def field(self) -> str:
+        return self.values[0][0]
+
+    @property
+    def value(self) -> Any:
+        return self.values[0][1]
+
+
+def _value(name: str, raw: str | None) -> Any:
+    """A flag's value for config field ``name``; a ConfigError when it is none the field takes."""
+    if name not in _fields():
+        raise ConfigError(f"--{name}: not a setting")
+    if raw is None:
+        if field_type(name) is not bool:
+            raise ConfigError(f"--{name}: needs a value")
+        return True
+    try:
+        return coerce_value(name, raw, "--" + name)
+    except (AssertionError, KeyError) as err:
+        raise ConfigError(f"--{name}={raw}: {err}") from None
 
 
 def fit_changes(fits: tuple[str, ...] | list[str], config: TrainConfig | None) -> list[FitChange]:
-    """The engine's suggestions that are one concrete flag of the config and would change it."""
+    """The engine's suggestions made only of concrete flags of the config, each of which would change it."""
     out: list[FitChange] = []
     for text in fits:
-        m = _FLAG.fullmatch(text.split(" ", 1)[0])
-        if m is None or m.group(1) not in _fields():
-            continue
-        name, raw = m.group(1), m.group(2)
+        flags = change_flags(text)
         try:
-            value = True if raw is None and field_type(name) is bool else coerce_value(name, raw, "--" + name)
-        except (ConfigError, AssertionError, KeyError):
+            values = tuple((name, _value(name, raw)) for name, raw in flags)
+        except ConfigError:
             continue
-        if raw is None and field_type(name) is not bool:
+        if not values or (config is not None and any(getattr(config, n, None) == v for n, v in values)):
             continue
-        if config is not None and getattr(config, name, None) == value:
-            continue
-        out.append(FitChange(text, name, value))
+        out.append(FitChange(text, values))
     return out[:MAX_SHOWN]
 
 
@@ -66,8 +82,8 @@ def _fields() -> set[str]:
 
 
 def fitted_config(config: TrainConfig, change: FitChange, resume: bool) -> TrainConfig:
-    """``config`` with ``change`` applied; resuming the last saved state, or as a new run."""
-    changed = dataclasses.replace(config, **{change.field: change.value})
+    """``config`` with exactly ``change``'s flags applied; resuming the last saved state, or as a new run."""
+    changed = dataclasses.replace(config, **dict(change.values))
     if resume:
         return dataclasses.replace(changed, resume="latest", resume_force=True)
     return dataclasses.replace(changed, resume="", resume_force=False)
@@ -97,7 +113,7 @@ class FitRestartScreen(ModalScreen[FitChange | None]):
         how = (f"then resume the last saved state (step {self.step}; --resume latest --resume_force)"
                if self.resume else "then start it as a new run (no training state was saved)")
         with Vertical(id="fit-dialog"):
-            yield Label("The run ran out of memory. Restart it with one change:", classes="dialog-title",
+            yield Label("The run ran out of memory. Restart it with one of these changes:", classes="dialog-title",
                         markup=False)
             yield Static(f"the change goes into the form, {how}", classes="fit-why", markup=False)
             for i, change in enumerate(self.changes):

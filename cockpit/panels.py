@@ -82,8 +82,6 @@ def progress_markup(state: CockpitState, now: float) -> Text:
     if command:
         text.append("\nto resume (y copies it): ", style="dim")
         text.append(command)
-    elif state.resume_hint:
-        text.append(f"\n{state.resume_hint}", style="dim")
     return text
 
 

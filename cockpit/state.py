@@ -16,7 +16,6 @@ Its length is the one reducer: every event folds here, so the screen has one own
 from __future__ import annotations
 
 import math
-import shlex
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterable
@@ -24,8 +23,9 @@ from typing import Iterable
 from cockpit.history import LossHistory, ema_update, smooth
 from cockpit.memory_state import MEMORY_HISTORY, fold_memory, memory_pressure  # noqa: F401 - re-exported
 from cockpit.samples import SampleBook, belongs, fold as fold_samples
-from engine.api import (RUNS_DIRNAME, CheckpointRemoved, CheckpointSaved, Event, LogMessage, MemorySample,
-                        PhaseChanged, RunFinished, RunStarted, SamplesSaved, StepCompleted, ValidationLoss, format_bytes)
+from engine.api import (CheckpointRemoved, CheckpointSaved, Event, LogMessage, MemorySample, PhaseChanged,
+                        RunFinished, RunStarted, SamplesSaved, StepCompleted, ValidationLoss, format_bytes)
+from engine.api import resume_command as engine_resume_command
 
 RATE_WINDOW = 20          # steps used for it/s
 LOG_LIMIT = 200           # lines kept in the log panel
@@ -438,14 +438,18 @@ def last_state_dir(state: CockpitState) -> str | None:
 
 
 def resume_command(state: CockpitState) -> str | None:
-    """The complete command that resumes this run from its newest state: the run's own config.toml
-    (written in its run folder) with ``--resume``. None while the run is live, after it completed, or
-    while there is no saved state to resume from."""
-    state_dir = last_state_dir(state)
-    if state_dir is None or not state.output_dir or not state.run_id or state.status not in ("aborted", "failed"):
+    """The complete command that resumes this run: the one the engine named as it stopped (its own
+    config.toml with ``--resume`` and the state it saved last), else the same command built for the
+    newest state among its checkpoints. None while the run is live, after it completed, or while
+    there is no saved state to resume from."""
+    if state.status not in ("aborted", "failed"):
         return None
-    config = Path(state.output_dir) / RUNS_DIRNAME / state.run_id / "config.toml"
-    return f"spyke-cockpit train --headless {shlex.quote(str(config))} --resume {shlex.quote(state_dir)}"
+    if state.resume_hint:
+        return state.resume_hint
+    state_dir = last_state_dir(state)
+    if state_dir is None or not state.output_dir or not state.run_id:
+        return None
+    return engine_resume_command(state.output_dir, state.run_id, state_dir)
 
 
 def best_validation(state: CockpitState) -> CheckpointRow | None:

@@ -20,10 +20,12 @@ from engine.config import (FIELDS, GROUPS, TrainConfig, build_config, coerce_val
                            fields_in_group, to_toml)
 from engine.control import Command, Commands
 from engine.errors import ConfigError, ModelLoadError, SpykeError
+from engine.fit.advice import change_flags
 from engine.events import (EVENT_TYPES, PHASES, CheckpointRemoved, CheckpointSaved, Event, LogMessage, MemorySample, PhaseChanged,
                            RunFinished, RunStarted, SamplesSaved, StepCompleted, ValidationLoss)
 from engine.io.atomic import write_file
 from engine.run.channel import send_command
+from engine.run.folder import resume_command
 from engine.run.journal import EventTail, line_at, parse_line, step_loss, step_losses, type_token, SKIPPED
 from engine.run.layout import CONSOLE_FILENAME, CONTROL_DIRNAME, EVENTS_FILENAME, RUNS_DIRNAME
 from engine.run.registry import (RUNS_ROOT_ENV, RunInfo, default_runs_root, list_runs, pid_alive, resolve_run,
@@ -35,12 +37,12 @@ __all__ = [
     "RUNS_DIRNAME",
     "RUNS_ROOT_ENV", "SKIPPED", "CheckpointRemoved", "CheckpointSaved", "Command", "Commands", "ConfigError", "Event", "EventTail", "LogMessage",
     "MemorySample", "ModelLoadError", "PhaseChanged", "RunFinished", "RunInfo", "RunStarted", "SamplesSaved", "SpykeError",
-    "StepCompleted", "TrainConfig", "build_config", "coerce_value", "default_runs_root", "detach_run",
+    "StepCompleted", "TrainConfig", "build_config", "change_flags", "coerce_value", "default_runs_root", "detach_run",
     "export_kohya", "export_tensorboard", "field_is_optional", "field_type", "fields_in_group", "format_bytes",
     "import_kohya", "line_at", "list_runs", "make_parser", "notify_run_end", "overrides_from_namespace", "parse_flags",
     "parse_line",
     "parse_train_args", "pid_alive", "plan_run", "prepare_demo",
-    "resolve_run", "run_headless", "send_command", "start_training", "step_loss", "step_losses", "to_toml",
+    "resolve_run", "resume_command", "run_headless", "send_command", "start_training", "step_loss", "step_losses", "to_toml",
     "type_token", "user_config_path", "ValidationLoss", "write_file",
 ]
 

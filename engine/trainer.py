@@ -146,6 +146,7 @@ class Trainer:
         self._log = EventLog(folder.events_path)
         self.bus.add(self._log)
         self.folder, self.run_dir = folder, run_dir
+        self.counters.resume_with = folder.resume_command
         self.channel = ControlChannel(run_dir, self.control, on_command=lambda command, sender: self._emit(
             LogMessage(level="info", message=f"control: {command.value}" + (f" from {sender}" if sender else ""))))
         return run_dir

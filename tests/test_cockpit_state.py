@@ -328,10 +328,11 @@ def test_resume_command_is_the_runs_own_config_with_the_newest_state():
     s = reduce_all(reduce(CockpitState(), started()), [saved(25, state_dir="/out/x-step00000025-state"),
                                                         saved(30, state_dir="/out/my runs/x-step00000030-state")])
     assert resume_command(s) is None                        # live: nothing to resume
-    s = reduce(s, RunFinished(status="aborted", step=30, resume_hint="spyke-cockpit train --headless --resume "
-                              "/out/x-step00000030-state [your config and flags]"))
-    assert resume_command(s) == ("spyke-cockpit train --headless /out/.spyke/r/config.toml "
-                                 "--resume '/out/my runs/x-step00000030-state'")
+    ended = reduce(s, RunFinished(status="aborted", step=30))       # a finish line without the engine's command
+    assert resume_command(ended) == ("spyke-cockpit train --headless /out/.spyke/r/config.toml "
+                                     "--resume '/out/my runs/x-step00000030-state'")
+    named = "spyke-cockpit train --headless /out/.spyke/r/config.toml --resume /out/x-step00000031-state"
+    assert resume_command(reduce(s, RunFinished(status="failed", step=31, resume_hint=named))) == named
     done = reduce_all(reduce(CockpitState(), started()), [saved(25, state_dir="/s"),
                                                            RunFinished(status="completed", step=100)])
     assert resume_command(done) is None

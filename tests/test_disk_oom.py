@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import io
 import json
+import re
 from collections import namedtuple
 from pathlib import Path
 
@@ -221,52 +222,133 @@ def oom_at(step: int, kind: str):
     return hook
 
 
+def run_budget(monkeypatch, in_run: int) -> None:
+    """The memory a run could use, as the out-of-memory stop reads it (the pre-flight's is left real)."""
+    from engine.fit import preflight
+    from engine.fit.device_memory import DeviceMemory
+
+    real = preflight.device_memory
+    monkeypatch.setattr(preflight, "device_memory", lambda device, in_use=False: DeviceMemory(
+        "cpu", in_run, 10**11, "usable RAM") if in_use else real(device))
+
+
+def checkpointing_peak(config) -> int:
+    """The estimated peak of ``config`` with --gradient_checkpointing: the budget the runs below fake."""
+    from engine.plan import plan_run
+
+    return plan_run(config.replace(gradient_checkpointing=True, ignore_memory_check=True)).memory.estimate.peak_bytes
+
+
 @pytest.fixture(scope="module")
 def oom_runs(assets, tmp_path_factory):
     runs = {}
-    for kind in OOMS:
-        out = tmp_path_factory.mktemp(f"oom_{kind}") / "out"
-        runs[kind] = (out, train(make_config(assets, out), loss_hook=oom_at(4, kind)))
+    with pytest.MonkeyPatch.context() as mp:
+        for kind in OOMS:
+            out = tmp_path_factory.mktemp(f"oom_{kind}") / "out"
+            config = make_config(assets, out)
+            budget = checkpointing_peak(config)
+            run_budget(mp, budget)
+            runs[kind] = (out, train(config, loss_hook=oom_at(4, kind)), budget)
     return runs
 
 
 @pytest.mark.parametrize("kind", list(OOMS))
-def test_out_of_memory_in_a_step_stops_with_the_last_completed_steps_state_and_advice(oom_runs, kind):
-    out, run = oom_runs[kind]
+def test_out_of_memory_in_a_step_stops_with_the_last_completed_steps_state_and_the_settings_that_fit(
+        oom_runs, kind):
+    from engine.fit.advice import size
+
+    out, run, budget = oom_runs[kind]
     assert run.result.status == "failed" and run.result.global_step == 3
     err = run.finished.error
     state = out / "spyke_demo-step00000003-state"
     assert err.startswith("out of memory at step 4/6 (")
     assert "peak RSS " in err and " on cpu)" in err
-    assert f"; state of step 3 saved to {state}; to fit, try: " in err
-    assert "--cache_latents" in err and "--train_batch_size" not in err  # batch 1 already
-    assert " est.)" in err                     # the memory estimator's settings, each with its saving
+    assert f"; state of step 3 saved to {state}; to fit in {size(budget)} usable RAM: " in err
+    fits = run.finished.fits
+    assert fits and err.endswith(", ".join(fits))                 # the line names what the cockpit offers
+    assert any(f.startswith("--gradient_checkpointing (est. peak ") for f in fits)
+    assert not [f for f in fits if "--train_batch_size" in f or "--resolution" in f]   # the dataset TOML sets both
     assert state.is_dir() and str(state) in run.finished.resume_hint
     assert json.loads((state / "progress.json").read_text())["global_step"] == 3
     assert "\n" not in err
 
 
-def test_resume_after_out_of_memory_is_bit_exact_with_the_straight_run(assets, oom_runs, straight):
-    out, _ = oom_runs["cuda"]
-    assert_resumes_like_straight(assets, out, out / "spyke_demo-step00000003-state", straight, 3)
+def test_the_printed_resume_command_after_out_of_memory_resumes_bit_exact_with_the_straight_run(
+        assets, oom_runs, straight):
+    import shlex
+
+    from cockpit.cli import train_parser
+    from engine.cli_args import parse_train_args
+
+    out, run, _ = oom_runs["cuda"]
+    args = shlex.split(run.finished.resume_hint)
+    assert args[:3] == ["spyke-cockpit", "train", "--headless"] and Path(args[3]).is_file()
+    ns, config = parse_train_args(train_parser(), args[2:])           # as the command line reads it
+    assert ns.headless and Path(config.resume) == out / "spyke_demo-step00000003-state"
+    resumed = train(config.validate())
+    assert resumed.result.status == "completed", resumed.result.error
+    ref = {e.step: e.loss for e in straight.steps}
+    assert {e.step: e.loss for e in resumed.steps} == {s: ref[s] for s in range(4, N_STEPS + 1)}
+    assert max_abs_diff(read_tensors(straight.result.final_path), read_tensors(resumed.result.final_path)) <= 1e-6
 
 
-def test_out_of_memory_during_a_save_saves_the_completed_steps_state(assets, tmp_path, monkeypatch):
-    import engine.train.saver as saver
+def oom_inside_the_checkpoint_write(monkeypatch, kind: str, name: str) -> None:
+    """Raise ``kind``'s out-of-memory error inside the atomic write of ``name``, half of it on disk."""
+    import engine.checkpoint as checkpoint
+    import engine.io.atomic as atomic
 
-    real = saver.save_lora_file
+    def raise_oom(tmp):
+        assert tmp.is_file() and ".tmp-" in tmp.name       # the partial file is there when it fails
+        raise OOMS[kind]()
 
-    def save_lora_file(path, tensors, meta):
-        if Path(path).name == "spyke_demo-step00000004.safetensors":
-            raise OOMS["mps"]()
-        return real(path, tensors, meta)
+    def write_file(path, data, **kw):
+        if Path(path).name == name:
+            return atomic.write_file(path, data[: len(data) // 2], check=raise_oom)
+        return atomic.write_file(path, data, **kw)
 
-    monkeypatch.setattr(saver, "save_lora_file", save_lora_file)
+    monkeypatch.setattr(checkpoint, "write_file", write_file)
+
+
+@pytest.mark.parametrize("kind", ["cuda", "mps"])
+def test_out_of_memory_inside_a_checkpoint_write_removes_the_partial_file_and_saves_the_completed_steps_state(
+        assets, straight, tmp_path, monkeypatch, kind):
     out = tmp_path / "out"
+    oom_inside_the_checkpoint_write(monkeypatch, kind, "spyke_demo-step00000004.safetensors")
     run = train(make_config(assets, out))
-    assert run.result.status == "failed"
-    assert run.finished.error.startswith("out of memory at the save after step 4 (MPS backend out of memory")
-    assert f"state of step 4 saved to {out / 'spyke_demo-step00000004-state'}" in run.finished.error
+    assert run.result.status == "failed" and run.result.global_step == 4
+    phrase = {"cuda": "CUDA out of memory", "mps": "MPS backend out of memory"}[kind]
+    state = out / "spyke_demo-step00000004-state"
+    assert run.finished.error.startswith(f"out of memory at the save after step 4 ({phrase}; ")
+    assert f"; state of step 4 saved to {state}" in run.finished.error
+    assert not (out / "spyke_demo-step00000004.safetensors").exists()
+    assert not [p for p in out.iterdir() if ".tmp-" in p.name]
+    earlier = out / "spyke_demo-step00000002.safetensors"           # intact: the straight run's step-2 weights
+    assert max_abs_diff(read_tensors(earlier), read_tensors(Path(straight.result.final_path).parent /
+                                                            earlier.name)) == 0
+    assert (out / "spyke_demo-step00000002-state").is_dir() and state.is_dir()
+    assert json.loads((state / "progress.json").read_text())["global_step"] == 4
+    if kind == "cuda":
+        assert_resumes_like_straight(assets, out, state, straight, 4)
+
+
+def test_out_of_memory_in_the_validation_after_a_step_is_named_as_such_and_keeps_that_steps_state(
+        assets, tmp_path, monkeypatch):
+    from engine.train.step import TrainStep
+
+    real = TrainStep.loss
+
+    def loss(self, batch):
+        if self.fixed_timestep is not None:           # only inside a validation pass
+            raise OOMS["cuda"]()
+        return real(self, batch)
+
+    monkeypatch.setattr(TrainStep, "loss", loss)
+    out = tmp_path / "out"
+    run = train(make_config(assets, out, validation_split=0.25, validate_every_n_steps=2))
+    assert run.result.status == "failed" and run.result.global_step == 2
+    state = out / "spyke_demo-step00000002-state"
+    assert run.finished.error.startswith("out of memory at the validation after step 2 (CUDA out of memory; ")
+    assert f"; last state: {state}" in run.finished.error and str(state) in run.finished.resume_hint
 
 
 def test_headless_out_of_memory_exits_1_and_prints_the_line_and_the_resume_command(assets, tmp_path, monkeypatch):
@@ -280,18 +362,37 @@ def test_headless_out_of_memory_exits_1_and_prints_the_line_and_the_resume_comma
     text = out.getvalue()
     assert code == 1
     assert "out of memory at step 2/6 (DefaultCPUAllocator: can't allocate memory; peak RSS " in text
-    assert f"to resume: spyke-cockpit train --headless --resume {tmp_path / 'out' / 'spyke_demo-step00000001-state'}" \
-        in text
+    run_id = re.search(r"^run (\S+):", text, re.M).group(1)
+    config = tmp_path / "out" / ".spyke" / run_id / "config.toml"
+    assert (f"\nto resume: spyke-cockpit train --headless {config} --resume "
+            f"{tmp_path / 'out' / 'spyke_demo-step00000001-state'}\n") in text
+
+
+def test_headless_disk_full_prints_the_resume_command_of_the_state_it_wrote(assets, tmp_path, monkeypatch):
+    import engine.trainer as trainer_mod
+    from engine.headless import run_headless
+
+    disk = FakeDisk(monkeypatch, calls=1)
+    real = trainer_mod.Trainer
+    monkeypatch.setattr(trainer_mod, "Trainer", lambda *a, **kw: real(*a, loss_hook=arm_at(disk, 4), **kw))
+    out = io.StringIO()
+    assert run_headless(make_config(assets, tmp_path / "out", no_notify=True), out=out) == 1
+    text = out.getvalue()
+    run_id = re.search(r"^run (\S+):", text, re.M).group(1)
+    assert "error: disk full: not writing spyke_demo-step00000004.safetensors" in text
+    assert (f"\nto resume: spyke-cockpit train --headless {tmp_path / 'out' / '.spyke' / run_id / 'config.toml'} "
+            f"--resume {tmp_path / 'out' / 'spyke_demo-step00000004-state'}\n") in text
 
 
 def test_the_failed_screen_shows_the_out_of_memory_line_and_the_resume_command(oom_runs):
-    from cockpit.state import CockpitState, reduce_all
+    from cockpit.state import CockpitState, reduce_all, resume_command
 
-    _, run = oom_runs["mps"]
+    _, run, _ = oom_runs["mps"]
     state = reduce_all(CockpitState(), run.events)
     assert state.status == "failed"
     assert state.error == run.finished.error and state.error.startswith("out of memory at step 4/6 (MPS backend")
-    assert state.resume_hint == run.finished.resume_hint and "--resume" in state.resume_hint
+    assert state.fits == tuple(run.finished.fits)
+    assert resume_command(state) == run.finished.resume_hint       # the state the stop saved, not an older one
 
 
 def test_out_of_memory_errors_are_recognised_and_others_are_not():

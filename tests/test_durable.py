@@ -933,9 +933,10 @@ def test_sigint_saves_at_the_current_step_and_the_printed_resume_finishes(assets
     state = out / f"spyke_demo-step{step:08d}-state"
     assert state.is_dir() and f"state {state}" in text
     hint = re.search(r"^to resume: (.*)$", text, re.M).group(1)
-    assert hint.startswith("spyke-cockpit train --headless --resume ") and str(state) in hint
+    run_config = out / ".spyke" / re.search(r"^run (\S+):", text, re.M).group(1) / "config.toml"
+    assert shlex.split(hint) == ["spyke-cockpit", "train", "--headless", str(run_config), "--resume", str(state)]
 
-    args = shlex.split(hint.replace("[your config and flags]", str(toml)))[1:]
+    args = shlex.split(hint)[1:]                   # run exactly as printed
     log2 = tmp_path / "resume.log"
     proc = start_cli(args, log2)
     assert proc.wait(timeout=300) == 0, text_of(log2)

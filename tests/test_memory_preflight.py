@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 from pathlib import Path
@@ -12,7 +13,8 @@ import pytest
 from engine.errors import ConfigError
 from engine.fit import preflight
 from engine.fit.device_memory import DeviceMemory, device_memory
-from engine.fit.estimate import Settings, estimate, savings
+from engine.fit.advice import savings
+from engine.fit.estimate import Settings, estimate
 from engine.fit.preflight import MemoryCheckError, enforce, memory_preflight
 from engine.fit.shapes import ComponentSizes, ModelShapes, model_shapes
 from engine.models import DEFAULT_SD15_CONFIG_DIR
@@ -81,7 +83,7 @@ def test_activations_grow_with_batch_and_resolution_and_shrink_with_checkpointin
 
 def test_savings_list_only_the_settings_that_lower_the_peak():
     without_gc = dict(savings(sd15_shapes(), Settings(512, 512, 4, False, network_dim=32)))
-    assert set(without_gc) == {"--gradient_checkpointing", "--train_batch_size=1", "--resolution=384",
+    assert set(without_gc) == {"--gradient_checkpointing", "--train_batch_size=2", "--resolution=384",
                                "--network_train_unet_only"}
     assert all(v > 0 for v in without_gc.values())
     with_gc = dict(savings(sd15_shapes(), Settings(512, 512, 4, True, network_dim=32)))
@@ -107,16 +109,29 @@ def test_verdict_is_fits_below_85_percent_tight_to_100_and_too_big_above(tiny_ca
     assert tight.warning().startswith("memory: est. peak") and "tight (90%); to lower it: " in tight.warning()
 
 
-def test_a_run_that_does_not_fit_is_refused_in_one_line_with_the_settings_that_would_help():
+def test_a_run_that_does_not_fit_is_refused_in_one_line_with_the_settings_that_would_fit():
     s = Settings(512, 512, 4, False, network_dim=32)
     too_big = preflight.judge(estimate(sd15_shapes(), s), fake_device(8 * GB), sd15_shapes(), s)
     with pytest.raises(MemoryCheckError) as err:
         enforce(too_big, ignore_memory_check=False)
     message = str(err.value)
-    assert message.startswith("memory: est. peak ") and " of 8.0 GB unified · does not fit; to lower it: " in message
+    assert message.startswith("memory: est. peak ") and " of 8.0 GB unified · does not fit; to fit in 8.0 GB " \
+        "unified: " in message
     assert "\n" not in message and message.endswith("— or pass --ignore_memory_check to start anyway")
-    assert "--gradient_checkpointing (−" in message and "--train_batch_size=1 (−" in message
+    named = too_big.advice.suggestions()
+    assert named and all(c.peak <= 8 * GB for c in named)
+    for change in named:                           # each with its estimated peak and saving, as estimated
+        assert f"{' '.join(change.flags)} (est. peak {change.peak / GB:.1f} GB, −" in message
     enforce(too_big, ignore_memory_check=True)
+
+
+def test_nothing_that_fits_is_refused_with_the_closest_combination():
+    s = Settings(512, 512, 4, False, network_dim=32)
+    too_big = preflight.judge(estimate(sd15_shapes(), s), fake_device(1 * GB), sd15_shapes(), s)
+    closest = too_big.advice.closest
+    assert too_big.advice.fits == () and closest.peak > 1 * GB and len(closest.flags) > 1
+    assert "; no setting named here fits in 1.0 GB unified; the closest: --gradient_checkpointing " in \
+        too_big.refusal()
 
 
 def test_plan_run_refuses_unless_ignore_memory_check(tiny_cache, tmp_path, monkeypatch):
@@ -206,6 +221,22 @@ def test_device_memory_reads_cuda_free_memory_and_cpu_available_ram(monkeypatch)
     assert device_memory("auto").device == "cpu"
 
 
+def test_inside_a_run_the_budget_counts_what_the_run_itself_holds(monkeypatch):
+    from engine.fit import device_memory as dm
+
+    fake_torch = SimpleNamespace(backends=SimpleNamespace(mps=SimpleNamespace(is_available=lambda: False)),
+                                 cuda=SimpleNamespace(is_available=lambda: True, mem_get_info=lambda: (1e9, 24e9),
+                                                      memory_reserved=lambda: 20e9))
+    monkeypatch.setattr(dm, "_torch_if_worth_it", lambda device, platform: fake_torch)
+    monkeypatch.setattr(dm, "_psutil", lambda: SimpleNamespace(total=32e9, available=3e9))
+    monkeypatch.setattr(dm, "_own_rss", lambda: 12e9)
+    assert device_memory("cuda").budget == 1e9
+    got = device_memory("cuda", in_use=True)
+    assert (got.budget, got.label) == (21e9, "usable on the GPU")
+    assert device_memory("cpu").budget == 3e9
+    assert (device_memory("cpu", in_use=True).budget, device_memory("cpu", in_use=True).label) == (15e9, "usable RAM")
+
+
 def test_the_memory_estimator_imports_no_torch():
     import subprocess
     import sys
@@ -213,3 +244,118 @@ def test_the_memory_estimator_imports_no_torch():
     code = ("import sys; from engine.fit.preflight import memory_preflight; "
             "from engine.fit.estimate import estimate; assert 'torch' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parent.parent)
+
+
+# --------------------------------------------------------------------------- the settings that fit a budget
+def budget_of(monkeypatch, in_run: float, at_start: float = 16 * GB) -> None:
+    """The device's budget: ``at_start`` for the pre-flight, ``in_run`` asked from inside a run."""
+    monkeypatch.setattr(preflight, "device_memory", lambda device, in_use=False: DeviceMemory(
+        "cpu", int(in_run if in_use else at_start), int(32 * GB), "usable RAM" if in_use else "available RAM"))
+
+
+def with_flags(config, text: str):
+    """``config`` with the flags a suggestion names, as the command line would set them."""
+    from engine.config import coerce_value
+    from engine.fit.advice import change_flags
+
+    flags = change_flags(text)
+    assert flags, text
+    return config.replace(**{n: True if raw is None else coerce_value(n, raw, "--" + n) for n, raw in flags})
+
+
+def planned_peak(config) -> int:
+    """The pre-flight's estimate of ``config``, planned from scratch."""
+    from engine.plan import plan_run
+
+    return plan_run(config.replace(ignore_memory_check=True)).memory.estimate.peak_bytes
+
+
+def test_out_of_memory_advice_names_the_single_changes_that_fit_the_budget_each_with_its_peak(
+        tiny_cache, tmp_path, monkeypatch):
+    from engine.fit.advice import size
+    from engine.plan import plan_run
+    from engine.train.oom import fit_advice
+
+    config = tiny_config(tiny_cache, tmp_path, gradient_checkpointing=False)
+    budget_of(monkeypatch, 16 * GB)
+    candidates = ["--gradient_checkpointing", "--cache_latents", "--network_train_unet_only"]
+    peaks = {flag: planned_peak(with_flags(config, flag)) for flag in candidates}
+    assert peaks["--gradient_checkpointing"] < planned_peak(config)
+    budget = peaks["--gradient_checkpointing"]            # just what checkpointing needs
+    budget_of(monkeypatch, budget)
+    line, fits = fit_advice(config, plan_run(config).dataset, "cpu")
+    assert line == f"to fit in {size(budget)} usable RAM: {', '.join(fits)}"
+    named = [text.split(" (", 1)[0] for text in fits]
+    assert named == [flag for flag in candidates if peaks[flag] <= budget]     # and the others do not fit
+    assert "--gradient_checkpointing" in named
+    for text in fits:
+        assert f"(est. peak {size(peaks[text.split(' (', 1)[0]])}, −" in text
+
+
+def test_when_no_single_change_fits_the_smallest_combination_is_named_and_the_refusal_names_the_same(
+        tiny_cache, tmp_path, monkeypatch):
+    import itertools
+
+    from engine.fit.advice import size
+    from engine.plan import plan_run
+    from engine.train.oom import fit_advice
+
+    config = tiny_config(tiny_cache, tmp_path, gradient_checkpointing=False)
+    budget_of(monkeypatch, 16 * GB)
+    candidates = ["--gradient_checkpointing", "--cache_latents", "--network_train_unet_only"]
+    singles = {flag: planned_peak(with_flags(config, flag)) for flag in candidates}
+    pairs = {f"{a} {b}": planned_peak(with_flags(config, f"{a} {b}")) for a, b in itertools.combinations(candidates, 2)}
+    budget = min(pairs.values())
+    assert budget < min(singles.values())                  # no single change is enough
+    budget_of(monkeypatch, budget)
+    plan = plan_run(config.replace(ignore_memory_check=True))
+    line, fits = fit_advice(config, plan.dataset, "cpu")
+    (change,) = fits
+    flags = change.split(" (", 1)[0]
+    assert len(flags.split()) == 2 and pairs[flags] <= budget
+    assert f"(est. peak {size(pairs[flags])}, −" in change and line == f"to fit in {size(budget)} usable RAM: {change}"
+    refused = memory_preflight(config, plan.dataset, device=fake_device(budget, "cpu"))
+    assert refused.verdict == "too_big" and f"; to fit in {size(budget)} available RAM: {change} — " in \
+        refused.refusal()
+
+
+def test_when_the_estimate_read_under_the_budget_the_out_of_memory_advice_aims_below_the_estimate(
+        tiny_cache, tmp_path, monkeypatch):
+    from engine.fit.advice import size
+    from engine.plan import plan_run
+    from engine.train.oom import fit_advice
+
+    config = tiny_config(tiny_cache, tmp_path, gradient_checkpointing=False)
+    budget_of(monkeypatch, 16 * GB)
+    peak = planned_peak(config)
+    line, fits = fit_advice(config, plan_run(config).dataset, "cpu")
+    target = int(peak * preflight.WARN_RATIO)
+    aim = f"{size(target)} (15 % under the estimate {size(peak)}, which read under 16.0 GB usable RAM)"
+    assert fits and (line.startswith(f"to fit in {aim}: ") or line.startswith(f"no setting named here fits in {aim}"))
+    fitting = line.startswith("to fit")
+    assert all((planned_peak(with_flags(config, text)) <= target) == fitting for text in fits)
+
+
+def test_a_batch_size_or_resolution_the_dataset_config_sets_is_never_offered_as_a_flag(tiny_cache, tmp_path):
+    from engine.fit.preflight import families_for, settings_for
+    from engine.plan import plan_run
+    from engine.tiny import generate_dataset
+
+    own = generate_dataset(tmp_path / "ds", num_images=2, num_repeats=1, batch_size=4)   # batch_size = 4 in it
+    config = tiny_config(tiny_cache, tmp_path, dataset_config=str(own.dataset_toml), resolution="512")
+    plan = plan_run(config.replace(ignore_memory_check=True))
+    s = settings_for(config, plan.dataset)
+    assert s.batch == 4
+    flags = [o.flag for f in families_for(config, s, plan.dataset) for o in f.steps]
+    assert not [f for f in flags if f.startswith(("--train_batch_size", "--resolution"))], flags
+
+    folders = tiny_config(tiny_cache, tmp_path, dataset_config="", train_data_dir=str(own.image_dir.parent),
+                          resolution="384", train_batch_size=4)
+    plan = plan_run(folders.replace(ignore_memory_check=True))
+    s = settings_for(folders, plan.dataset)
+    steps = {o.flag: o for f in families_for(folders, s, plan.dataset) for o in f.steps}
+    assert {"--train_batch_size=2", "--train_batch_size=1", "--resolution=256"} <= set(steps)
+    for flag in ("--train_batch_size=1", "--resolution=256"):     # as the run would take it
+        assert estimate(model_shapes(folders.pretrained_model_name_or_path, DEFAULT_SD15_CONFIG_DIR),
+                        dataclasses.replace(s, **steps[flag].changes)).peak_bytes == \
+            planned_peak(with_flags(folders, flag))

@@ -5,6 +5,10 @@
 * CUDA: ``torch.cuda.mem_get_info()`` free bytes of the current device.
 * CPU: psutil's available RAM.
 
+Inside a run (``in_use=True``, the out-of-memory stop) the budget is what the run could have had: on
+CUDA the free bytes plus what torch's allocator holds for this process, on the CPU the available RAM
+plus this process's resident memory; MPS's budget does not depend on what is in use.
+
 Torch is imported only where it must be asked: for ``--device=cuda|mps``, for ``auto`` on macOS
 or on a machine with an NVIDIA driver, or when torch is already loaded (inside a run).
 """
@@ -58,8 +62,25 @@ def _cuda(torch) -> bool:
         return False
 
 
-def device_memory(device: str = "auto", *, platform: str | None = None) -> DeviceMemory | None:
-    """The memory budget of the device a run of ``--device=device`` would use; None if unreadable."""
+def _own_rss() -> int:
+    try:
+        import psutil
+
+        return int(psutil.Process().memory_info().rss)
+    except Exception:  # noqa: BLE001
+        return 0
+
+
+def _cuda_reserved(torch) -> int:
+    try:
+        return int(torch.cuda.memory_reserved())
+    except Exception:  # noqa: BLE001
+        return 0
+
+
+def device_memory(device: str = "auto", *, platform: str | None = None, in_use: bool = False) -> DeviceMemory | None:
+    """The memory budget of the device a run of ``--device=device`` would use; None if unreadable.
+    ``in_use``: asked from inside the run (see the module docstring)."""
     platform = sys.platform if platform is None else platform
     torch = _torch_if_worth_it(device, platform)
     try:
@@ -78,7 +99,11 @@ def device_memory(device: str = "auto", *, platform: str | None = None) -> Devic
     if device in ("auto", "cuda") and _cuda(torch):
         try:
             free, total = torch.cuda.mem_get_info()
+            if in_use:
+                return DeviceMemory("cuda", int(free) + _cuda_reserved(torch), int(total), "usable on the GPU")
             return DeviceMemory("cuda", int(free), int(total), "free on the GPU")
         except Exception:  # noqa: BLE001
             return None
+    if in_use:
+        return DeviceMemory("cpu", min(int(vm.total), int(vm.available) + _own_rss()), int(vm.total), "usable RAM")
     return DeviceMemory("cpu", int(vm.available), int(vm.total), "available RAM")

@@ -27,7 +27,7 @@ the fit in bench/README.md, raw rows in bench/memory_measurements.json). Re-fit 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Iterable
 
 from engine.fit.shapes import ModelShapes
@@ -167,31 +167,6 @@ def estimate(shapes: ModelShapes, s: Settings, coefficients: dict | None = None)
              "attention": int(attention), "vae_encode": int(vae_encode), "sampling": int(sampling)}
     peak = runtime + weights + lora + latent_cache + max(acts + attention, vae_encode, sampling)
     return MemoryEstimate(int(peak), parts)
-
-
-def lower_resolution(width: int, height: int) -> tuple[int, int] | None:
-    """Three quarters of the side, down to a multiple of 64 (None below 256 px)."""
-    w, h = (max(64, int(width * 0.75) // 64 * 64), max(64, int(height * 0.75) // 64 * 64))
-    return (w, h) if min(width, height) > 256 and (w, h) != (width, height) else None
-
-
-def savings(shapes: ModelShapes, s: Settings) -> list[tuple[str, int]]:
-    """The settings that would lower the peak, each with its estimated saving in bytes, largest first."""
-    base = estimate(shapes, s).peak_bytes
-    options: list[tuple[str, Settings]] = []
-    if not s.cache_latents:
-        options.append(("--cache_latents", replace(s, cache_latents=True, cached_images=s.cached_images)))
-    if not s.gradient_checkpointing:
-        options.append(("--gradient_checkpointing", replace(s, gradient_checkpointing=True)))
-    if s.batch > 1:
-        options.append(("--train_batch_size=1", replace(s, batch=1)))
-    if (lower := lower_resolution(s.width, s.height)) is not None:
-        options.append((f"--resolution={lower[0]},{lower[1]}" if lower[0] != lower[1] else f"--resolution={lower[0]}",
-                        replace(s, width=lower[0], height=lower[1])))
-    if s.train_text_encoder and s.train_unet:
-        options.append(("--network_train_unet_only", replace(s, train_text_encoder=False)))
-    out = [(flag, base - estimate(shapes, alt).peak_bytes) for flag, alt in options]
-    return sorted([(f, b) for f, b in out if b > 0], key=lambda fb: -fb[1])
 
 
 def fit_activation_coefficients(rows: Iterable[dict]) -> dict:

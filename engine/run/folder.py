@@ -4,12 +4,16 @@ The folder and ``.spyke`` above it are 0700 (only the run's owner reads its even
 commands). It holds the run's settings (``config.toml``), the detached launcher's settings
 (``launch.toml``) and terminal output (``console.log``), the events (``events.jsonl``), the
 control channel (``control/``) and, after an unexpected error, its traceback (``error.log``).
+
+It also owns the command that resumes the run (:func:`resume_command`): its own ``config.toml``
+with ``--resume`` and a state folder, complete and runnable as printed.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import os
+import shlex
 import shutil
 import uuid
 from pathlib import Path
@@ -28,6 +32,13 @@ def new_run_id(output_name: str) -> str:
     return f"{stamp}-{output_name}-{uuid.uuid4().hex[:4]}"
 
 
+def resume_command(output_dir: Path | str, run_id: str, state_dir: Path | str) -> str:
+    """The full command that resumes run ``run_id`` from ``state_dir``: the run's own settings, as it
+    trained them (``config.toml`` in its folder), and ``--resume``; paths quoted for a POSIX shell."""
+    config = Path(output_dir) / RUNS_DIRNAME / run_id / CONFIG_FILE
+    return f"spyke-cockpit train --headless {shlex.quote(str(config))} --resume {shlex.quote(str(state_dir))}"
+
+
 class RunFolder:
     """``<output_dir>/.spyke/<run_id>/`` of one run."""
 
@@ -44,6 +55,14 @@ class RunFolder:
     def console_log(self) -> Path:
         return self.path / CONSOLE_LOG
 
+    @property
+    def config_path(self) -> Path:
+        return self.path / CONFIG_FILE
+
+    def resume_command(self, state_dir: Path | str) -> str:
+        """The command that resumes this run from ``state_dir`` (see :func:`resume_command`)."""
+        return resume_command(self.output_dir, self.run_id, state_dir)
+
     def create(self) -> bool:
         """Make the folder and ``.spyke`` 0700 (OSError when it cannot be made); True when it was new."""
         created = not self.path.exists()
@@ -57,7 +76,7 @@ class RunFolder:
 
     def write_config(self, toml: str) -> Path:
         """The run's resolved settings, as it trains them."""
-        path = self.path / CONFIG_FILE
+        path = self.config_path
         path.write_text(toml)
         return path
 

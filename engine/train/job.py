@@ -67,6 +67,7 @@ class Job:
         self.sampler = Sampler(cfg, m, self.counters, self.emit, seed=seed, num_epochs=plan.num_epochs,
                                optimizer=self.optimizer)
         self.oom = OomGuard(self)
+        trainer.bus.add(self.oom)           # which phase an out-of-memory error after a step came in
         self.nan = NanPolicy(cfg, self.counters, self.emit, network=net, params=self.params,
                              optimizer=self.optimizer, lr_scheduler=self.lr_scheduler,
                              forget_state=self.saver.forget_state)

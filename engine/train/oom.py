@@ -18,6 +18,7 @@ import gc
 import sys
 
 from engine.errors import SpykeError
+from engine.events import PhaseChanged
 from engine.units import format_bytes
 
 KNOWN_PHRASES = ("CUDA out of memory", "MPS backend out of memory", "DefaultCPUAllocator: can't allocate memory")
@@ -25,8 +26,9 @@ OOM_MARKERS = ("out of memory", "can't allocate memory", "cannot allocate memory
 
 
 class OutOfMemory(SpykeError):
-    """The run stopped because the device (or the machine) ran out of memory; ``fits`` holds the settings
-    that would lower the peak, as the line names them (``--cache_latents (−1.2 GB est.)``), best first."""
+    """The run stopped because the device (or the machine) ran out of memory; ``fits`` holds the changes
+    the line names (``--gradient_checkpointing (est. peak 6.1 GB, −1.4 GB)``; several flags in one when
+    only a combination fits; ``engine.fit.advice``)."""
 
     def __init__(self, message: str, fits: list[str] | None = None) -> None:
         super().__init__(message)
@@ -56,28 +58,40 @@ def summary(err: BaseException) -> str:
     return text if len(text) <= 100 else text[:99] + "…"
 
 
-def _size(n: int) -> str:
-    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
-
-
-def suggestions_for_oom(config, plan_dataset=None) -> list[str]:
-    """The memory estimator's settings that lower the peak, each with its estimated saving
-    (``engine.fit``); [] when the model's sizes cannot be read."""
-    from engine.fit.estimate import savings
-    from engine.fit.preflight import settings_for, shapes_for
+def fit_advice(config, plan_dataset, device_type: str) -> tuple[str, list[str]]:
+    """The line's advice and the suggestions it names (``RunFinished.fits``): the settings whose estimated
+    peak fits the memory the run could use on this device (``engine.fit``: one change if one suffices,
+    else the smallest combination), each with the peak after it. Where the estimate is already under
+    that budget (the estimator reads this device low), they aim at 15 % below the estimate. Without the
+    model's sizes or the device's budget: the settings known to lower the peak, unsized."""
+    from engine.fit import preflight
+    from engine.fit.advice import size
+    from engine.fit.estimate import estimate
 
     try:
-        shapes = shapes_for(config)
-        if shapes is None:
-            return []
-        found = savings(shapes, settings_for(config, plan_dataset))
+        shapes = preflight.shapes_for(config)
+        if shapes is not None:
+            s = preflight.settings_for(config, plan_dataset, device_type)
+            device = preflight.device_memory(device_type, in_use=True)
+            peak = estimate(shapes, s).peak_bytes
+            target, budget = None, ""
+            if device is not None and device.budget > 0:
+                budget = f"{size(device.budget)} {device.label}"
+                target = device.budget
+                if peak <= device.budget:
+                    target = int(peak * preflight.WARN_RATIO)
+                    budget = f"{size(target)} (15 % under the estimate {size(peak)}, which read under {budget})"
+            advice = preflight.advice_for(config, plan_dataset, s, shapes, target)
+            if (line := advice.line(budget)):
+                return line, [c.text() for c in advice.suggestions()]
     except Exception:  # noqa: BLE001 - advice must never hide the out-of-memory line itself
-        return []
-    return [f"{flag} (−{_size(saved)} est.)" for flag, saved in found]
+        pass
+    fits = static_advice(config, device_type)
+    return (f"to lower it, try: {', '.join(fits)}" if fits else ""), fits
 
 
 def static_advice(config, device_type: str) -> list[str]:
-    """Settings that lower peak memory and are not already set."""
+    """Settings that lower peak memory and are not already set (when the estimator cannot size them)."""
     out: list[str] = []
     if not config.gradient_checkpointing:
         out.append("--gradient_checkpointing")
@@ -132,16 +146,25 @@ class OomGuard:
     """Remembers where each step began (its step count and random generators) so an out-of-memory
     error can be turned into a resumable stop; see the module docstring for exactness."""
 
+    AFTER_STEP = {"saving": "the save", "sampling": "the samples", "validating": "the validation"}
+
     def __init__(self, job) -> None:
         self.job = job
         self.step_start: int | None = None
         self.rng = None
+        self.after_step: str | None = None  # the last of AFTER_STEP's phases begun since the step began
+
+    def __call__(self, event) -> None:
+        """An event sink: which work after the step is under way."""
+        if isinstance(event, PhaseChanged) and event.phase in self.AFTER_STEP:
+            self.after_step = event.phase
 
     def step_starts(self) -> None:
         from engine.state import capture_rng
 
         job = self.job
         self.step_start = job.counters.global_step
+        self.after_step = None
         self.rng = capture_rng(job.noise_gen, job.data_rng, job.device_type)
 
     def stop(self, what: str) -> OutOfMemory:
@@ -150,7 +173,8 @@ class OomGuard:
         c = job.counters
         failed_in_step = self.step_start is not None and c.global_step == self.step_start
         failed = c.global_step + 1 if failed_in_step else c.global_step
-        where = f"step {failed}/{job.plan.total_steps}" if failed_in_step else f"the save after step {failed}"
+        after = self.AFTER_STEP.get(self.after_step or "saving")
+        where = f"step {failed}/{job.plan.total_steps}" if failed_in_step else f"{after} after step {failed}"
         free_memory(job.optimizer, job.device_type)
         peak = peak_memory(job.device_type)
         if failed_in_step and self.rng is not None:
@@ -167,8 +191,5 @@ class OomGuard:
                 state = f"; no state written ({type(err).__name__})"
         elif c.last_state_dir is not None:
             state = f"; last state: {c.last_state_dir}"
-        estimated = suggestions_for_oom(job.cfg, job.plan.dataset)
-        known = {item.split(" ", 1)[0].split("=", 1)[0] for item in estimated}
-        fits = estimated + [a for a in static_advice(job.cfg, job.device_type) if a.split("=", 1)[0] not in known]
-        advice = f"; to fit, try: {', '.join(fits)}" if fits else ""
-        return OutOfMemory(f"out of memory at {where} ({what}; {peak}){state}{advice}", fits)
+        advice, fits = fit_advice(job.cfg, job.plan.dataset, job.device_type)
+        return OutOfMemory(f"out of memory at {where} ({what}; {peak}){state}{'; ' + advice if advice else ''}", fits)

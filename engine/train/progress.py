@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from engine.state import Progress
 
@@ -22,6 +22,7 @@ class StepCounters:
     saved: list[Path] = field(default_factory=list)
     last_state_dir: Path | None = None
     last_checkpoint: Path | None = None
+    resume_with: Callable[[Path], str] | None = None   # the run folder's resume command (engine.run.folder)
     _saved_keys: set[tuple[int, str]] = field(default_factory=set, init=False, repr=False)
 
     # ---- position
@@ -68,6 +69,7 @@ class StepCounters:
         self.last_state_dir = path
 
     def resume_hint(self) -> str | None:
-        if self.last_state_dir is None:
+        """The full command that resumes from the newest state (None: no state, or no run folder yet)."""
+        if self.last_state_dir is None or self.resume_with is None:
             return None
-        return f"spyke-cockpit train --headless --resume {self.last_state_dir} [your config and flags]"
+        return self.resume_with(self.last_state_dir)
