@@ -81,6 +81,24 @@ def test_activations_grow_with_batch_and_resolution_and_shrink_with_checkpointin
     assert peak(optimizer="AdamW8bit") < peak() < peak(optimizer="Prodigy")
 
 
+def test_a_float8_base_counts_one_byte_per_frozen_weight_of_the_parts_stored_in_float8():
+    shapes = sd15_shapes()
+    unet, te, vae = shapes.unet.params, shapes.text_encoder.params, shapes.vae.params
+    weights = lambda **kw: estimate(shapes, Settings(512, 512, 1, True, mixed_precision="bf16",  # noqa: E731
+                                                     **kw)).parts["weights"]
+    assert weights() == (unet + te + vae) * 2
+    assert weights(fp8_base=True) == unet + te + vae * 2
+    assert weights(fp8_base_unet=True) == unet + te * 2 + vae * 2
+
+
+def test_the_pre_flight_reads_the_float8_flags_from_the_config(tiny_cache, tmp_path):
+    from engine.fit.preflight import settings_for
+
+    config = tiny_config(tiny_cache, tmp_path, mixed_precision="bf16", fp8_base=True, fp8_base_unet=True)
+    s = settings_for(config)
+    assert (s.fp8_base, s.fp8_base_unet) == (True, True)
+
+
 def test_savings_list_only_the_settings_that_lower_the_peak():
     without_gc = dict(savings(sd15_shapes(), Settings(512, 512, 4, False, network_dim=32)))
     assert set(without_gc) == {"--gradient_checkpointing", "--train_batch_size=2", "--resolution=384",

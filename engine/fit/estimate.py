@@ -3,7 +3,8 @@
 peak = runtime + frozen weights + LoRA (weights, grads, optimizer state)
        + max(training activations, VAE encode, sampling)
 
-* frozen weights: UNet + text encoder in the training dtype (fp32, or 2 bytes under fp16/bf16), the
+* frozen weights: UNet + text encoder in the training dtype (fp32, or 2 bytes under fp16/bf16; 1 byte for
+  what --fp8_base / --fp8_base_unet store in float8), the
   VAE in fp32 with ``--no_half_vae`` or without mixed precision; counts from the weight files'
   headers (engine.fit.shapes).
 * LoRA: ``network_dim`` × Σ(in + out) over the targeted modules (a ``lycoris.kohya`` network: its
@@ -77,6 +78,8 @@ class Settings:
     cached_images: int = 0                          # latents kept with --cache_latents (images × flips)
     text_chunks: int = 1                            # 77-token chunks per caption (--max_token_length / 75)
     device: str = "cpu"
+    fp8_base: bool = False                          # the U-Net (and the text encoder) stored in float8: 1 byte
+    fp8_base_unet: bool = False                     # only the U-Net in float8
 
 
 @dataclass(frozen=True)
@@ -132,7 +135,9 @@ def estimate(shapes: ModelShapes, s: Settings, coefficients: dict | None = None)
     k = dict(COEFFICIENTS, **(coefficients or {}))
     wbytes = 4 if s.mixed_precision == "no" else 2
     vbytes = 4 if (s.no_half_vae or s.mixed_precision == "no") else 2
-    weights = (shapes.unet.params + shapes.text_encoder.params) * wbytes + shapes.vae.params * vbytes
+    unet_bytes = 1 if (s.fp8_base or s.fp8_base_unet) else wbytes
+    te_bytes = 1 if (s.fp8_base and not s.fp8_base_unet) else wbytes
+    weights = shapes.unet.params * unet_bytes + shapes.text_encoder.params * te_bytes + shapes.vae.params * vbytes
     per_rank = (shapes.unet.lora_per_rank if s.train_unet else 0) + \
                (shapes.text_encoder.lora_per_rank if s.train_text_encoder else 0)
     state = OPTIMIZER_STATE_BYTES.get(s.optimizer.lower(), DEFAULT_OPTIMIZER_STATE_BYTES)

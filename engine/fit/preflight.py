@@ -113,7 +113,8 @@ def settings_for(config, plan_dataset=None, device: str = "cpu") -> Settings:
                     network_args=tuple(config.network_args), train_unet=not config.network_train_text_encoder_only,
                     train_text_encoder=not config.network_train_unet_only, optimizer=optimizer.rsplit(".", 1)[-1],
                     cache_latents=config.cache_latents, sample_size=_sample_size(config), device=device,
-                    cached_images=len(entries) * flips, text_chunks=(config.max_token_length or 75) // 75)
+                    cached_images=len(entries) * flips, text_chunks=(config.max_token_length or 75) // 75,
+                    fp8_base=config.fp8_base, fp8_base_unet=config.fp8_base_unet)
 
 
 def shapes_for(config) -> ModelShapes | None:
