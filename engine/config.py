@@ -230,6 +230,8 @@ class TrainConfig:
     save_precision: str | None = _f(None, "saving", "Weights dtype in files (default: float).",
                                     choices=SAVE_PRECISIONS)
     save_state: bool = _f(False, "saving", "Save the training state beside each checkpoint (for --resume).")
+    save_state_on_train_end: bool = _f(False, "saving", "Save the training state at the end of training "
+                                       "(<output_name>-state), even without --save_state.")
     # kohya's pruning, metadata and start-from-weights flags (engine/train/pruning.py, engine/train/setup.py)
     save_last_n_steps: int | None = _f(None, "saving", "Keep only the step files of the last N steps (removes "
                                        "older ones this run wrote).", minimum=1)

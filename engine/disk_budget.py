@@ -173,7 +173,8 @@ def disk_budget(config, n_checkpoints: int, total_steps: int, num_epochs: int) -
     if size is None:
         return None
     # --save_state writes a state with every checkpoint, the final one included (its folder has no step).
-    states = n_checkpoints if config.save_state else 0
+    # --save_state_on_train_end alone: the final state only.
+    states = n_checkpoints if config.save_state else 1 if getattr(config, "save_state_on_train_end", False) else 0
     return DiskBudget(n_checkpoints, checkpoint_bytes(size, config.save_precision), states,
                       state_bytes(size, config.optimizer_type), sample_bytes(config, total_steps, num_epochs))
 

@@ -69,7 +69,7 @@ def names_to_write(cfg: TrainConfig, plan: RunPlan, start_step: int | None) -> t
         if start_step is not None and c.kind != "final" and c.step <= start_step:
             continue
         files.append(c.filename)
-        if cfg.save_state:
+        if cfg.save_state or (c.kind == "final" and cfg.save_state_on_train_end):
             state = state_dirname(cfg.output_name, None if c.kind == "final" else c.step)
             if state not in states:
                 states.append(state)

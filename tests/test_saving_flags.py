@@ -279,3 +279,21 @@ def test_epoch_pruning_removes_kohyas_epoch_file_and_the_state_saved_with_it():
     assert gone == Removal((f"{NAME}-000001.safetensors",), (4,))
     cfg.save_last_n_epochs_state = 1
     assert removals(cfg, "epoch", 12, 3, every_epochs=1, epoch_step=at).state_steps == (8,)
+
+
+# ----------------------------------------------------------------------------- save_state_on_train_end
+def test_save_state_on_train_end_writes_kohyas_last_state_that_resumes(assets, tmp_path):
+    out = tmp_path / "o"
+    _, first = train(make_config(assets, out, max_train_steps=2, save_every_n_steps=1,
+                                 save_state_on_train_end=True))
+    # kohya: only the last state ({output_name}-state), none beside the step files
+    assert names(out) == {f"{NAME}-step00000001.safetensors", f"{NAME}-step00000002.safetensors",
+                          f"{NAME}.safetensors", f"{NAME}-state"}
+    result, resumed = train(make_config(assets, out, max_train_steps=4, resume=str(out / f"{NAME}-state"),
+                                        resume_force=True))
+    _, straight = train(make_config(assets, tmp_path / "s", max_train_steps=4))
+    assert any(m.startswith("resumed from ") and m.endswith(" at step 2") for m in logs(resumed))
+    assert losses(first) + losses(resumed) == losses(straight)
+    from engine.checkpoint import read_lora_metadata
+
+    assert read_lora_metadata(result.final_path)["ss_steps"] == "4"

@@ -65,7 +65,9 @@ class Saver:
         self.emit(PhaseChanged(phase="saving", detail=name))
         out = Path(self.cfg.output_dir)
         loss = c.losses[-1] if c.losses else None
-        want_state = with_state if with_state is not None else self.cfg.save_state
+        if with_state is None:              # kohya: --save_state_on_train_end saves the last state on its own
+            with_state = self.cfg.save_state or (kind == "final" and self.cfg.save_state_on_train_end)
+        want_state = with_state
         self._make_room(name, step, with_state=want_state and not (
             kind != "final" and self.state_step == step and c.last_state_dir is not None))
         try:
@@ -81,7 +83,7 @@ class Saver:
             raise CheckpointError(f"{err}{self._state_after_failed_save()}") from None
         c.record_checkpoint(step, name, saved.path)
         state_dir = None
-        if with_state if with_state is not None else self.cfg.save_state:
+        if want_state:
             if kind != "final" and self.state_step == step and c.last_state_dir is not None:
                 state_dir = c.last_state_dir  # unchanged since (e.g. aborted right after resuming)
             else:
