@@ -297,3 +297,51 @@ def test_save_state_on_train_end_writes_kohyas_last_state_that_resumes(assets, t
     from engine.checkpoint import read_lora_metadata
 
     assert read_lora_metadata(result.final_path)["ss_steps"] == "4"
+
+
+# ----------------------------------------------------------------------------- modelspec metadata
+MODELSPEC_VALUES = dict(metadata_title="Spyke Style", metadata_author="A. Author", metadata_description="a test",
+                        metadata_license="CreativeML Open RAIL-M", metadata_tags="style, test",
+                        metadata_usage_hint="use 'spyke'", metadata_merged_from="a, b",
+                        metadata_trigger_phrase="spyke style", metadata_preprocessor="none",
+                        metadata_is_negative_embedding="False")
+
+
+def _header_metadata(path: Path) -> dict[str, str]:
+    import json
+
+    with open(path, "rb") as fh:
+        return json.loads(fh.read(int.from_bytes(fh.read(8), "little")))["__metadata__"]
+
+
+def test_metadata_flags_are_kohyas_modelspec_keys_even_with_no_metadata(assets, tmp_path):
+    import base64
+
+    thumb = tmp_path / "thumb.png"
+    thumb.write_bytes(b"\x89PNG\r\n\x1a\nspyke")
+    result, _ = train(make_config(assets, tmp_path / "o", max_train_steps=1, no_metadata=True,
+                                  metadata_thumbnail=str(thumb), **MODELSPEC_VALUES))
+    meta = _header_metadata(result.final_path)
+    for flag, value in MODELSPEC_VALUES.items():
+        assert meta[f"modelspec.{flag[len('metadata_'):]}"] == value
+    assert meta["modelspec.thumbnail"] == "data:image/png;base64," + base64.b64encode(thumb.read_bytes()).decode()
+    assert "ss_training_comment" not in meta and "ss_num_train_images" not in meta   # still --no_metadata
+
+
+def test_metadata_title_defaults_to_output_name_and_other_flags_stay_out():
+    from engine.kohya.metadata import build_metadata
+
+    meta = build_metadata({"output_name": "mine", "training_started_at": 0.0})
+    assert meta["modelspec.title"] == "mine"
+    assert not {"modelspec.author", "modelspec.usage_hint", "modelspec.thumbnail"} & set(meta)
+
+
+def test_metadata_flags_parse_and_a_missing_thumbnail_is_one_line(tmp_path):
+    from engine.cli_args import make_parser, parse_train_args
+
+    parser = make_parser("spyke-cockpit train", "test", extra=[(("--headless",), {"action": "store_true"})])
+    cfg = parse_train_args(parser, [f"--{k}={v}" for k, v in MODELSPEC_VALUES.items()], notes=[])[1]
+    assert {k: getattr(cfg, k) for k in MODELSPEC_VALUES} == MODELSPEC_VALUES
+    gone = tmp_path / "gone.png"
+    assert TrainConfig(metadata_thumbnail=str(gone)).problems()["metadata_thumbnail"] == (
+        f"{gone} is not a file; give an image file or a data: URL")
