@@ -19,6 +19,7 @@ from engine.output_guard import refuse_foreign
 from engine.state import save_state
 from engine.train.disk_guard import DiskGuard, checkpoint_need, state_need
 from engine.train.progress import StepCounters
+from engine.train.best_checkpoint import BEST_FILE, BestCheckpoint
 from engine.train.pruning import Pruner
 
 
@@ -30,7 +31,7 @@ class Saver:
     def __init__(self, cfg: TrainConfig, plan, run_id: str, counters: StepCounters, emit: Callable[[Event], None],
                  *, network, save_dtype, metadata: Callable[[int, int], dict[str, str]],
                  resumable: Callable[[], dict], on_state: Callable[[dict], None], optimizer=None,
-                 guard: DiskGuard | None = None) -> None:
+                 guard: DiskGuard | None = None, run_dir: Path | None = None) -> None:
         self.cfg, self.plan, self.run_id = cfg, plan, run_id
         self.counters = counters
         self.emit = emit
@@ -39,8 +40,10 @@ class Saver:
         self.optimizer = optimizer          # a schedule-free one saves its eval weights
         self.state_step: int | None = None  # global step of the last state written or resumed from
         self.pruner = Pruner(cfg, plan, run_id, lambda level, text: emit(LogMessage(level=level, message=text)),
-                             lambda path, step: emit(CheckpointRemoved(level="info", path=str(path), step=step,
-                                                                       message=f"removing old checkpoint: {path}")))
+                             lambda path, step, why="": emit(CheckpointRemoved(
+                                 level="info", path=str(path), step=step,
+                                 message=f"removing old checkpoint: {path}" + (f" ({why})" if why else ""))),
+                             best=BestCheckpoint(run_dir / BEST_FILE if run_dir is not None else None))
         self.guard = guard                  # the free-space check before each write, and what disk full does
 
     def forget_state(self) -> None:
