@@ -224,7 +224,8 @@ class TrainConfig:
     # --- saving
     output_dir: str = _f("output", "saving", "Folder for checkpoints (and the run folder .spyke/).", kind="path")
     output_name: str = _f("last", "saving", "Checkpoint base name.")
-    save_model_as: str = _f("safetensors", "saving", "File format (safetensors only).", choices=("safetensors",))
+    save_model_as: str = _f("safetensors", "saving", "File format: safetensors, or ckpt/pt (torch.save, no "
+                            "metadata, as kohya).", choices=("safetensors", "ckpt", "pt"))
     save_every_n_steps: int | None = _f(None, "saving", "Save a checkpoint every N steps.", minimum=1)
     save_every_n_epochs: int | None = _f(None, "saving", "Save a checkpoint every N epochs.", minimum=1)
     save_precision: str | None = _f(None, "saving", "Weights dtype in files (default: float).",

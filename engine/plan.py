@@ -111,14 +111,14 @@ def schedule_checkpoints(config: TrainConfig, total_steps: int, num_epochs: int,
     if n:
         for step in range(n, total_steps + 1, n):
             epoch = min(num_epochs, (step - 1) // steps_per_epoch + 1)
-            out.append(PlannedCheckpoint(step, epoch, "step", checkpoint_filename(config.output_name, step=step)))
+            out.append(PlannedCheckpoint(step, epoch, "step", checkpoint_filename(config.output_name, step=step, ext=config.save_model_as)))
     m = every_epochs if every_epochs is not None else config.save_every_n_epochs
     if m:
         for epoch in range(m, num_epochs, m):
             step = min(total_steps, epoch * steps_per_epoch)
-            out.append(PlannedCheckpoint(step, epoch, "epoch", checkpoint_filename(config.output_name, epoch=epoch)))
+            out.append(PlannedCheckpoint(step, epoch, "epoch", checkpoint_filename(config.output_name, epoch=epoch, ext=config.save_model_as)))
     out.sort(key=lambda c: (c.step, c.kind != "step"))
-    out.append(PlannedCheckpoint(total_steps, num_epochs, "final", checkpoint_filename(config.output_name)))
+    out.append(PlannedCheckpoint(total_steps, num_epochs, "final", checkpoint_filename(config.output_name, ext=config.save_model_as)))
     return out
 
 

@@ -345,3 +345,71 @@ def test_metadata_flags_parse_and_a_missing_thumbnail_is_one_line(tmp_path):
     gone = tmp_path / "gone.png"
     assert TrainConfig(metadata_thumbnail=str(gone)).problems()["metadata_thumbnail"] == (
         f"{gone} is not a file; give an image file or a data: URL")
+
+
+# ----------------------------------------------------------------------------- save_model_as = ckpt | pt
+def test_save_model_as_pt_writes_kohyas_torch_save_files_and_prunes_its_own(assets, tmp_path):
+    from engine.events import CheckpointSaved
+    from engine.train.disk_guard import checkpoint_need
+
+    out = tmp_path / "o"
+    result, events = train(make_config(assets, out, save_model_as="pt", save_every_n_steps=1, save_last_n_steps=1))
+    assert result.final_path == out / f"{NAME}.pt"
+    # kohya's save_last_n_steps=1 removes step 1 at step 3: a .pt has no metadata, the run folder says it is ours
+    assert names(out) == {f"{NAME}-step00000002.pt", f"{NAME}-step00000003.pt", f"{NAME}.pt"}
+    assert [Path(e.path).name for e in events if isinstance(e, CheckpointRemoved)] == [f"{NAME}-step00000001.pt"]
+    tensors = torch.load(result.final_path, map_location="cpu", weights_only=True)
+    downs = [k for k in tensors if k.endswith(".lora_down.weight")]
+    assert downs and all(k.startswith(("lora_unet_", "lora_te_")) for k in tensors)
+    assert all(k[: -len(".lora_down.weight")] + ".alpha" in tensors for k in downs)
+    assert all(t.dtype == torch.float32 for t in tensors.values())
+    written = [e.bytes for e in events if isinstance(e, CheckpointSaved)][-1]
+    assert written == result.final_path.stat().st_size
+    need = checkpoint_need({k: tuple(v.shape) for k, v in tensors.items()}, torch.float32, "pt")
+    assert written <= need <= written + 512 * len(tensors) + 4096   # the disk check sizes the format it writes
+
+
+def test_pruning_removes_only_the_pt_files_the_run_folder_records_as_its_own(tmp_path):
+    from engine.run.written import record_written
+
+    pruner, said = _pruner(tmp_path, save_model_as="pt")
+    foreign = tmp_path / f"{NAME}-step00000001.pt"
+    torch.save({"x.alpha": torch.tensor(1.0)}, foreign)
+    assert pruner.after_save("step", 4, 1) == [] and foreign.is_file()
+    assert said == [f"not removing old checkpoint {foreign}: it is not from this run"]
+    own = tmp_path / f"{NAME}-step00000002.pt"
+    torch.save({"x.alpha": torch.tensor(1.0)}, own)
+    record_written(own, "run-a", 2)
+    assert pruner.after_save("step", 5, 1) == [own] and not own.exists()
+    changed = tmp_path / f"{NAME}-step00000003.pt"
+    torch.save({"x.alpha": torch.tensor(1.0)}, changed)
+    record_written(changed, "run-a", 3)
+    torch.save({"x.alpha": torch.tensor(2.0), "y.alpha": torch.tensor(1.0)}, changed)   # replaced since
+    assert pruner.after_save("step", 6, 1) == [] and changed.is_file()
+
+
+def test_network_weights_start_from_a_kohya_ckpt_lora(assets, tmp_path, trained_lora):
+    from engine.checkpoint import read_lora_file
+
+    tensors, _ = read_lora_file(trained_lora)
+    ckpt = tmp_path / "kohya.ckpt"
+    torch.save(tensors, ckpt)                        # what kohya's save_weights writes for save_model_as=ckpt
+    result, events = train(make_config(assets, tmp_path / "b", network_weights=str(ckpt), network_dim=8,
+                                       dim_from_weights=True, max_train_steps=1, learning_rate=1e-12))
+    assert any(m.startswith(f"load network weights from {ckpt}: ") for m in logs(events))
+    after, _ = read_lora_file(result.final_path)
+    assert all(torch.allclose(after[k].float(), tensors[k].float(), atol=1e-6) for k in tensors)
+
+
+def test_a_pt_run_resumes_over_its_own_files(assets, tmp_path):
+    out = tmp_path / "o"
+    train(make_config(assets, out, save_model_as="pt", max_train_steps=2, save_every_n_steps=1, save_state=True))
+    result, events = train(make_config(assets, out, save_model_as="pt", max_train_steps=3, save_every_n_steps=1,
+                                       save_state=True, resume="latest", resume_force=True))
+    assert any(m.startswith("resumed from ") for m in logs(events))
+    assert {n for n in names(out) if n.endswith(".pt")} == {f"{NAME}-step0000000{s}.pt" for s in (1, 2, 3)} | {
+        f"{NAME}.pt"}
+    from engine.output_guard import lora_step_of_run
+
+    run_id = next(iter(names(out / ".spyke")))
+    assert lora_step_of_run(result.final_path, run_id) == 3

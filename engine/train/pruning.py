@@ -17,6 +17,10 @@ from engine.kohya.names import checkpoint_filename, state_dirname
 from engine.train.best_checkpoint import BestCheckpoint
 
 
+def _ext(cfg) -> str:
+    return getattr(cfg, "save_model_as", None) or "safetensors"
+
+
 def every_n_epochs(cfg, num_epochs: int) -> int | None:
     """The epoch-save interval: ``--save_n_epoch_ratio`` sets it as kohya does (epochs // ratio, at least
     1), else ``--save_every_n_epochs``."""
@@ -66,12 +70,12 @@ def removals(cfg, kind: str, step: int, epoch: int, *, every_epochs: int | None,
     states: list[int] = []
     if kind == "step":
         if (gone := removed_step_file(cfg, step)) is not None:
-            files.append(checkpoint_filename(cfg.output_name, step=gone))
+            files.append(checkpoint_filename(cfg.output_name, step=gone, ext=_ext(cfg)))
         if (gone := removed_step_state(cfg, step)) is not None:
             states.append(gone)
     elif kind == "epoch":
         if (gone := removed_epoch(cfg.save_last_n_epochs, every_epochs, epoch)) is not None:
-            files.append(checkpoint_filename(cfg.output_name, epoch=gone))
+            files.append(checkpoint_filename(cfg.output_name, epoch=gone, ext=_ext(cfg)))
         keep = cfg.save_last_n_epochs_state or cfg.save_last_n_epochs
         if (gone := removed_epoch(keep, every_epochs, epoch)) is not None and (at := epoch_step(gone)) is not None:
             states.append(at)
