@@ -413,3 +413,12 @@ def test_a_pt_run_resumes_over_its_own_files(assets, tmp_path):
 
     run_id = next(iter(names(out / ".spyke")))
     assert lora_step_of_run(result.final_path, run_id) == 3
+
+
+def test_metadata_flags_with_a_pt_file_say_they_are_not_written(assets, tmp_path):
+    plan = plan_run(make_config(assets, tmp_path / "o", save_model_as="ckpt", metadata_title="t",
+                                training_comment="c"))
+    assert ("--training_comment, --metadata_title: not written: a --save_model_as=ckpt file holds the weights "
+            "only, no metadata (as in kohya); use --save_model_as=safetensors to keep them") in plan.warnings
+    assert not [w for w in plan_run(make_config(assets, tmp_path / "p", metadata_title="t")).warnings
+                if "not written" in w]
