@@ -1,4 +1,4 @@
-"""LoRA ``.safetensors`` files: verified atomic saves, reads, leftover-temp cleanup.
+"""LoRA files (``.safetensors``; kohya's ``.ckpt``/``.pt``): verified atomic saves, reads, leftover-temp cleanup.
 
 Names, metadata and hashes are kohya's and live in ``engine.kohya``.
 
@@ -93,6 +93,52 @@ def save_lora_file(path: Path, tensors: dict[str, Tensor], metadata: dict[str, s
     return SavedFile(path=path, bytes=len(blob), sha256=file_sha, verified=True, model_hash=model_hash)
 
 
+def save_lora_torch_file(path: Path, tensors: dict[str, Tensor]) -> SavedFile:
+    """kohya's ``.ckpt``/``.pt`` LoRA: ``torch.save`` of the state dict alone (kohya writes no metadata
+    into these), through the same atomic write; read back with ``torch.load(weights_only=True)`` and
+    checked before it is renamed into place."""
+    import io
+
+    import torch
+
+    path = Path(path)
+    _check_finite(tensors, path, "")
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    buffer = io.BytesIO()
+    torch.save(tensors, buffer)
+    blob = buffer.getvalue()
+    try:
+        write_file(path, blob, check=lambda tmp: _verify_torch(tmp, path, tensors))
+    except OSError as exc:
+        raise _os_error(path, exc) from None
+    return SavedFile(path=path, bytes=len(blob), sha256=hashlib.sha256(blob).hexdigest(), verified=True)
+
+
+def _load_torch(path: Path) -> dict:
+    import torch
+
+    loaded = torch.load(str(path), map_location="cpu", weights_only=True)
+    if not isinstance(loaded, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                               for k, v in loaded.items()):
+        raise ValueError("not a state dict of tensors")
+    return loaded
+
+
+def _verify_torch(tmp: Path, path: Path, tensors: Mapping[str, Tensor]) -> None:
+    try:
+        read = _load_torch(tmp)
+    except OSError as exc:
+        raise _os_error(path, exc) from None
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for a corrupt file
+        raise CheckpointError(f"not saving {path}: the written file could not be read back ({exc}); "
+                              "check the disk") from None
+    if set(read) != set(tensors) or any(tuple(read[k].shape) != tuple(t.shape) or read[k].dtype != t.dtype
+                                        for k, t in tensors.items()):
+        raise CheckpointError(f"not saving {path}: the written file's tensors differ from the network's; "
+                              "report this bug")
+    _check_finite(read, path, " after writing (disk or memory error)")
+
+
 def _verify(tmp: Path, path: Path, tensors: Mapping[str, Tensor], meta: Mapping[str, str]) -> None:
     from safetensors import safe_open
 
@@ -145,12 +191,21 @@ def cleanup_temp_files(folder: Path) -> list[Path]:
 
 
 def read_lora_file(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """Read a LoRA ``.safetensors`` file: ``(tensors on CPU, metadata)``."""
+    """Read a LoRA ``.safetensors`` file: ``(tensors on CPU, metadata)``; a ``.ckpt``/``.pt`` one (kohya's
+    torch.save format) with ``torch.load(weights_only=True)``, which runs no code from the file: no metadata."""
     from safetensors import safe_open
 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"LoRA file {path} does not exist; check the path")
+    if path.suffix.lower() in (".ckpt", ".pt"):
+        try:
+            return _load_torch(path), {}
+        except OSError as exc:
+            raise CheckpointError(f"could not read {path}: {os.strerror(exc.errno or 0)}; check the file") from None
+        except Exception as exc:  # noqa: BLE001 - unpickling refusals and corrupt archives alike
+            raise CheckpointError(f"{path} is not a LoRA state dict torch.load can read with weights_only=True "
+                                  f"({type(exc).__name__}); use a .safetensors file or another checkpoint") from None
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             meta = dict(f.metadata() or {})

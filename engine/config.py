@@ -224,12 +224,15 @@ class TrainConfig:
     # --- saving
     output_dir: str = _f("output", "saving", "Folder for checkpoints (and the run folder .spyke/).", kind="path")
     output_name: str = _f("last", "saving", "Checkpoint base name.")
-    save_model_as: str = _f("safetensors", "saving", "File format (safetensors only).", choices=("safetensors",))
+    save_model_as: str = _f("safetensors", "saving", "File format: safetensors, or ckpt/pt (torch.save, no "
+                            "metadata, as kohya).", choices=("safetensors", "ckpt", "pt"))
     save_every_n_steps: int | None = _f(None, "saving", "Save a checkpoint every N steps.", minimum=1)
     save_every_n_epochs: int | None = _f(None, "saving", "Save a checkpoint every N epochs.", minimum=1)
     save_precision: str | None = _f(None, "saving", "Weights dtype in files (default: float).",
                                     choices=SAVE_PRECISIONS)
     save_state: bool = _f(False, "saving", "Save the training state beside each checkpoint (for --resume).")
+    save_state_on_train_end: bool = _f(False, "saving", "Save the training state at the end of training "
+                                       "(<output_name>-state), even without --save_state.")
     # kohya's pruning, metadata and start-from-weights flags (engine/train/pruning.py, engine/train/setup.py)
     save_last_n_steps: int | None = _f(None, "saving", "Keep only the step files of the last N steps (removes "
                                        "older ones this run wrote).", minimum=1)
@@ -243,6 +246,20 @@ class TrainConfig:
     training_comment: str = _f("", "saving", "A comment stored in each file's metadata (ss_training_comment).")
     no_metadata: bool = _f(False, "saving", "Write only kohya's minimal metadata (network and base model "
                            "version; no dataset or training facts).")
+    # kohya's --metadata_* (library/sai_model_spec.py): the modelspec.* keys of each saved file
+    metadata_title: str | None = _f(None, "saving", "modelspec.title of the saved files (default: output_name).")
+    metadata_author: str | None = _f(None, "saving", "modelspec.author of the saved files.")
+    metadata_description: str | None = _f(None, "saving", "modelspec.description of the saved files.")
+    metadata_license: str | None = _f(None, "saving", "modelspec.license of the saved files.")
+    metadata_tags: str | None = _f(None, "saving", "modelspec.tags of the saved files (comma-separated).")
+    metadata_usage_hint: str | None = _f(None, "saving", "modelspec.usage_hint of the saved files.")
+    metadata_thumbnail: str | None = _f(None, "saving", "modelspec.thumbnail: an image file (stored as a data: "
+                                        "URL) or a data: URL.", kind="path")
+    metadata_merged_from: str | None = _f(None, "saving", "modelspec.merged_from of the saved files.")
+    metadata_trigger_phrase: str | None = _f(None, "saving", "modelspec.trigger_phrase of the saved files.")
+    metadata_preprocessor: str | None = _f(None, "saving", "modelspec.preprocessor of the saved files.")
+    metadata_is_negative_embedding: str | None = _f(None, "saving", "modelspec.is_negative_embedding of the "
+                                                    "saved files.")
     network_weights: str = _f("", "saving", "Start from an existing LoRA file (kohya's or ours).", kind="path")
     dim_from_weights: bool = _f(False, "saving", "Take network_dim and network_alpha from --network_weights.")
     resume: str = _f("", "saving", "Resume from a saved state folder, or 'latest'.", kind="path")
@@ -346,6 +363,10 @@ class TrainConfig:
             if getattr(self, name) != field_default(name):
                 out.setdefault(name, "is parsed but the training setup does not apply it yet; remove it for now")
         out.update({k: v for k, v in _network_problems(self).items() if k not in out})
+        if self.metadata_thumbnail and not self.metadata_thumbnail.startswith("data:") \
+                and not Path(self.metadata_thumbnail).expanduser().is_file():
+            out["metadata_thumbnail"] = (f"{self.metadata_thumbnail} is not a file; give an image file or a "
+                                         "data: URL")
         if self.dim_from_weights and not self.network_weights:
             out["dim_from_weights"] = "needs --network_weights=<a LoRA file> to read network_dim/alpha from"
         if self.max_token_length not in (None, 75, 150, 225):

@@ -19,6 +19,17 @@ from engine.units import format_bytes
 
 HEADER_BYTES_PER_TENSOR = 160      # a safetensors header entry: key, dtype, shape, offsets
 METADATA_BYTES = 64 * 1024          # kohya ss_* metadata (tag frequencies, dataset dirs) with room to spare
+# A torch.save (.ckpt/.pt) file: a zip entry, pickle record and 64-byte alignment per tensor (~360 bytes
+# measured), no metadata; plus the archive's own few records.
+TORCH_BYTES_PER_TENSOR = 512
+TORCH_ARCHIVE_BYTES = 4 * 1024
+
+
+def file_overhead(tensors: int, save_model_as: str | None = "safetensors") -> int:
+    """A LoRA file's bytes beyond its tensor data, for kohya's file format."""
+    if save_model_as in ("ckpt", "pt"):
+        return tensors * TORCH_BYTES_PER_TENSOR + TORCH_ARCHIVE_BYTES
+    return tensors * HEADER_BYTES_PER_TENSOR + METADATA_BYTES
 BYTES_PER_PARAM = {"fp16": 2, "bf16": 2, "float": 4, None: 4}
 # Optimizer state in bytes per trained parameter, as torch.save writes it (AdamW: exp_avg + exp_avg_sq).
 OPTIMIZER_STATE_BYTES = {"adamw": 8, "adam": 8, "adamw8bit": 2, "lion": 4, "lion8bit": 1, "sgdnesterov": 4,
@@ -126,9 +137,8 @@ def _lycoris_size(config, folder: Path) -> LoraSize | None:
     return LoraSize(modules, params)
 
 
-def checkpoint_bytes(size: LoraSize, save_precision: str | None) -> int:
-    tensors = 3 * size.modules
-    return size.params * BYTES_PER_PARAM.get(save_precision, 4) + tensors * HEADER_BYTES_PER_TENSOR + METADATA_BYTES
+def checkpoint_bytes(size: LoraSize, save_precision: str | None, save_model_as: str | None = "safetensors") -> int:
+    return size.params * BYTES_PER_PARAM.get(save_precision, 4) + file_overhead(3 * size.modules, save_model_as)
 
 
 def state_bytes(size: LoraSize, optimizer_type: str | None) -> int:
@@ -173,8 +183,9 @@ def disk_budget(config, n_checkpoints: int, total_steps: int, num_epochs: int) -
     if size is None:
         return None
     # --save_state writes a state with every checkpoint, the final one included (its folder has no step).
-    states = n_checkpoints if config.save_state else 0
-    return DiskBudget(n_checkpoints, checkpoint_bytes(size, config.save_precision), states,
+    # --save_state_on_train_end alone: the final state only.
+    states = n_checkpoints if config.save_state else 1 if getattr(config, "save_state_on_train_end", False) else 0
+    return DiskBudget(n_checkpoints, checkpoint_bytes(size, config.save_precision, getattr(config, "save_model_as", "safetensors")), states,
                       state_bytes(size, config.optimizer_type), sample_bytes(config, total_steps, num_epochs))
 
 

@@ -23,6 +23,7 @@ from engine.kohya.names import checkpoint_filename, state_dirname
 from engine.config import TrainConfig
 from engine.errors import CheckpointError, ConfigError
 from engine.plan import RunPlan
+from engine.run.written import moved_written, written_step
 from engine.state import read_progress
 
 
@@ -40,7 +41,10 @@ class OutputCheck:
 
 
 def lora_step_of_run(path: Path, run_id: str) -> int | None:
-    """The ``ss_steps`` of a LoRA file written by ``run_id``; None for any other or unreadable file."""
+    """The ``ss_steps`` of a LoRA file written by ``run_id``; None for any other or unreadable file.
+    A ``.ckpt``/``.pt`` file has no metadata: the run folder's record says (``engine.run.written``)."""
+    if Path(path).suffix.lower() in (".ckpt", ".pt"):
+        return written_step(path, run_id)
     meta = read_lora_metadata(path)
     if not meta or not run_id or meta.get("ss_session_id") != run_id:
         return None
@@ -69,7 +73,7 @@ def names_to_write(cfg: TrainConfig, plan: RunPlan, start_step: int | None) -> t
         if start_step is not None and c.kind != "final" and c.step <= start_step:
             continue
         files.append(c.filename)
-        if cfg.save_state:
+        if cfg.save_state or (c.kind == "final" and cfg.save_state_on_train_end):
             state = state_dirname(cfg.output_name, None if c.kind == "final" else c.step)
             if state not in states:
                 states.append(state)
@@ -84,7 +88,7 @@ def check_outputs(out: Path, cfg: TrainConfig, plan: RunPlan, run_id: str, start
     """Decide what the run may replace in ``out``; raises a one-line ConfigError when it would replace a
     file that is not its own. ``start_step`` is the resumed state's step (None for a fresh run)."""
     name = cfg.output_name
-    final = out / checkpoint_filename(name)
+    final = out / checkpoint_filename(name, ext=cfg.save_model_as)
     final_state = out / state_dirname(name, None)
     check = OutputCheck()
     final_step = final_state_step = None
@@ -134,7 +138,7 @@ def _keep_earlier_final(check: OutputCheck, out: Path, name: str, run_id: str, f
     names, leave them where a file of the same step already keeps the same weights, or refuse."""
     kept: list[str] = []
     if final_step is not None:
-        target = out / checkpoint_filename(name, step=final_step)
+        target = out / checkpoint_filename(name, step=final_step, ext=final.suffix[1:])
         if target.name not in files and not target.exists():
             check.renames.append((final, target))
             kept.append(f"kept the earlier final {final.name} (step {final_step}) as {target.name}")
@@ -142,7 +146,7 @@ def _keep_earlier_final(check: OutputCheck, out: Path, name: str, run_id: str, f
             kept.append(f"the earlier final {final.name} (step {final_step}) has the same weights as "
                         f"{target.name}, which stays")
         else:
-            kept_name = f"kept-{checkpoint_filename(name, step=final_step)}"
+            kept_name = f"kept-{checkpoint_filename(name, step=final_step, ext=final.suffix[1:])}"
             raise ConfigError(
                 f"--output_dir={out} holds this run's final {final.name} (step {final_step}) and {target.name} is "
                 f"taken, so the new final would replace it; keep it first with: "
@@ -162,14 +166,27 @@ def _keep_earlier_final(check: OutputCheck, out: Path, name: str, run_id: str, f
 
 
 def _same_weights(a: Path, b: Path) -> bool:
+    if a.suffix.lower() in (".ckpt", ".pt"):    # no hash in the file: the bytes (torch.save writes the same)
+        return a.suffix == b.suffix and _file_sha256(a) == _file_sha256(b)
     meta_a, meta_b = read_lora_metadata(a) or {}, read_lora_metadata(b) or {}
     hash_a = meta_a.get("sshs_model_hash")
     return bool(hash_a) and hash_a == meta_b.get("sshs_model_hash") \
         and meta_a.get("ss_session_id") == meta_b.get("ss_session_id")
 
 
-def apply_renames(renames: list[tuple[Path, Path]]) -> None:
-    """Move each file/folder to its new name atomically and make the rename durable."""
+def _file_sha256(path: Path) -> str | None:
+    import hashlib
+
+    try:
+        with open(path, "rb") as fh:
+            return hashlib.file_digest(fh, "sha256").hexdigest()
+    except OSError:
+        return None
+
+
+def apply_renames(renames: list[tuple[Path, Path]], run_id: str = "") -> None:
+    """Move each file/folder to its new name atomically and make the rename durable (a ``.ckpt``/``.pt``
+    file's ownership record of ``run_id`` follows it)."""
     for src, dst in renames:
         if dst.exists():  # appeared since the check: never replace it
             raise ConfigError(f"{dst} appeared while keeping {src.name}; run again")
@@ -178,6 +195,8 @@ def apply_renames(renames: list[tuple[Path, Path]]) -> None:
         except OSError as err:
             raise CheckpointError(f"could not keep {src} as {dst.name}: {err.strerror or err}") from None
         fsync_dir(dst.parent)
+        if run_id and dst.suffix.lower() in (".ckpt", ".pt"):
+            moved_written(src, dst, run_id)
 
 
 def refuse_foreign(path: Path, run_id: str, *, state: bool = False) -> None:

@@ -111,14 +111,14 @@ def schedule_checkpoints(config: TrainConfig, total_steps: int, num_epochs: int,
     if n:
         for step in range(n, total_steps + 1, n):
             epoch = min(num_epochs, (step - 1) // steps_per_epoch + 1)
-            out.append(PlannedCheckpoint(step, epoch, "step", checkpoint_filename(config.output_name, step=step)))
+            out.append(PlannedCheckpoint(step, epoch, "step", checkpoint_filename(config.output_name, step=step, ext=config.save_model_as)))
     m = every_epochs if every_epochs is not None else config.save_every_n_epochs
     if m:
         for epoch in range(m, num_epochs, m):
             step = min(total_steps, epoch * steps_per_epoch)
-            out.append(PlannedCheckpoint(step, epoch, "epoch", checkpoint_filename(config.output_name, epoch=epoch)))
+            out.append(PlannedCheckpoint(step, epoch, "epoch", checkpoint_filename(config.output_name, epoch=epoch, ext=config.save_model_as)))
     out.sort(key=lambda c: (c.step, c.kind != "step"))
-    out.append(PlannedCheckpoint(total_steps, num_epochs, "final", checkpoint_filename(config.output_name)))
+    out.append(PlannedCheckpoint(total_steps, num_epochs, "final", checkpoint_filename(config.output_name, ext=config.save_model_as)))
     return out
 
 
@@ -174,7 +174,7 @@ def plan_run(config: TrainConfig) -> RunPlan:
         checkpoints=checkpoints,
         output_dir=Path(config.output_dir),
         free_bytes=free,
-        warnings=warnings + loss_warnings(config),
+        warnings=warnings + loss_warnings(config) + format_warnings(config),
         memory=memory,
         save_every_n_epochs=every_epochs,
         disk=disk,
@@ -187,6 +187,20 @@ def loss_warnings(config: TrainConfig) -> list[str]:
         return ["--zero_terminal_snr is enabled, but --v_parameterization is not: training will be unexpected "
                 "(kohya's warning)"]
     return []
+
+
+def format_warnings(config: TrainConfig) -> list[str]:
+    """kohya writes no metadata into a .ckpt/.pt LoRA: say so when metadata was asked for."""
+    if config.save_model_as not in ("ckpt", "pt"):
+        return []
+    asked = [f"--{f}" for f in ("training_comment", "metadata_title", "metadata_author", "metadata_description",
+                                "metadata_license", "metadata_tags", "metadata_usage_hint", "metadata_thumbnail",
+                                "metadata_merged_from", "metadata_trigger_phrase", "metadata_preprocessor",
+                                "metadata_is_negative_embedding") if getattr(config, f, None)]
+    if not asked:
+        return []
+    return [f"{', '.join(asked)}: not written: a --save_model_as={config.save_model_as} file holds the weights "
+            "only, no metadata (as in kohya); use --save_model_as=safetensors to keep them"]
 
 
 def missing_model(config: TrainConfig) -> str | None:

@@ -135,7 +135,7 @@ class Trainer:
             self._emit(LogMessage(level="info", message=f"removed leftover temp {leftover.name}"))
         check = check_outputs(out, self.config, plan, self.run_id, start_step)
         if check.finished is None:
-            apply_renames(check.renames)
+            apply_renames(check.renames, self.run_id)
         return out, check
 
     def _open_run_folder(self, out: Path) -> Path:

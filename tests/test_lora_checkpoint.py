@@ -417,7 +417,7 @@ def test_cleanup_temp_files_and_read_errors(tmp_path):
         read_lora_file(tmp_path / "missing.safetensors")
 
 
-def test_checkpoint_files_take_kohyas_names_and_only_safetensors():
+def test_checkpoint_files_take_kohyas_names_in_kohyas_lora_formats():
     assert checkpoint_filename("spyke", step=250) == "spyke-step00000250.safetensors"
     assert checkpoint_filename("spyke", epoch=3) == "spyke-000003.safetensors"
     assert checkpoint_filename("spyke") == "spyke.safetensors"
@@ -426,8 +426,10 @@ def test_checkpoint_files_take_kohyas_names_and_only_safetensors():
     assert checkpoint_filename(None, step=5) == "at-step00000005.safetensors"
     assert checkpoint_filename(None, epoch=1) == "epoch-000001.safetensors"
     assert checkpoint_filename(None) == "last.safetensors"
-    for ext in ("ckpt", "pt"):
-        with pytest.raises(ConfigError, match="save_model_as.*safetensors"):
+    assert checkpoint_filename("spyke", step=250, ext="ckpt") == "spyke-step00000250.ckpt"
+    assert checkpoint_filename("spyke", ext="pt") == "spyke.pt"
+    for ext in ("diffusers", "diffusers_safetensors", "bin"):      # kohya's full-model formats: not a LoRA file
+        with pytest.raises(ConfigError, match="save_model_as.*safetensors, ckpt or pt"):
             checkpoint_filename("spyke", ext=ext)
     with pytest.raises(ConfigError, match="output_name"):
         checkpoint_filename("a/b")

@@ -279,3 +279,146 @@ def test_epoch_pruning_removes_kohyas_epoch_file_and_the_state_saved_with_it():
     assert gone == Removal((f"{NAME}-000001.safetensors",), (4,))
     cfg.save_last_n_epochs_state = 1
     assert removals(cfg, "epoch", 12, 3, every_epochs=1, epoch_step=at).state_steps == (8,)
+
+
+# ----------------------------------------------------------------------------- save_state_on_train_end
+def test_save_state_on_train_end_writes_kohyas_last_state_that_resumes(assets, tmp_path):
+    out = tmp_path / "o"
+    _, first = train(make_config(assets, out, max_train_steps=2, save_every_n_steps=1,
+                                 save_state_on_train_end=True))
+    # kohya: only the last state ({output_name}-state), none beside the step files
+    assert names(out) == {f"{NAME}-step00000001.safetensors", f"{NAME}-step00000002.safetensors",
+                          f"{NAME}.safetensors", f"{NAME}-state"}
+    result, resumed = train(make_config(assets, out, max_train_steps=4, resume=str(out / f"{NAME}-state"),
+                                        resume_force=True))
+    _, straight = train(make_config(assets, tmp_path / "s", max_train_steps=4))
+    assert any(m.startswith("resumed from ") and m.endswith(" at step 2") for m in logs(resumed))
+    assert losses(first) + losses(resumed) == losses(straight)
+    from engine.checkpoint import read_lora_metadata
+
+    assert read_lora_metadata(result.final_path)["ss_steps"] == "4"
+
+
+# ----------------------------------------------------------------------------- modelspec metadata
+MODELSPEC_VALUES = dict(metadata_title="Spyke Style", metadata_author="A. Author", metadata_description="a test",
+                        metadata_license="CreativeML Open RAIL-M", metadata_tags="style, test",
+                        metadata_usage_hint="use 'spyke'", metadata_merged_from="a, b",
+                        metadata_trigger_phrase="spyke style", metadata_preprocessor="none",
+                        metadata_is_negative_embedding="False")
+
+
+def _header_metadata(path: Path) -> dict[str, str]:
+    import json
+
+    with open(path, "rb") as fh:
+        return json.loads(fh.read(int.from_bytes(fh.read(8), "little")))["__metadata__"]
+
+
+def test_metadata_flags_are_kohyas_modelspec_keys_even_with_no_metadata(assets, tmp_path):
+    import base64
+
+    thumb = tmp_path / "thumb.png"
+    thumb.write_bytes(b"\x89PNG\r\n\x1a\nspyke")
+    result, _ = train(make_config(assets, tmp_path / "o", max_train_steps=1, no_metadata=True,
+                                  metadata_thumbnail=str(thumb), **MODELSPEC_VALUES))
+    meta = _header_metadata(result.final_path)
+    for flag, value in MODELSPEC_VALUES.items():
+        assert meta[f"modelspec.{flag[len('metadata_'):]}"] == value
+    assert meta["modelspec.thumbnail"] == "data:image/png;base64," + base64.b64encode(thumb.read_bytes()).decode()
+    assert "ss_training_comment" not in meta and "ss_num_train_images" not in meta   # still --no_metadata
+
+
+def test_metadata_title_defaults_to_output_name_and_other_flags_stay_out():
+    from engine.kohya.metadata import build_metadata
+
+    meta = build_metadata({"output_name": "mine", "training_started_at": 0.0})
+    assert meta["modelspec.title"] == "mine"
+    assert not {"modelspec.author", "modelspec.usage_hint", "modelspec.thumbnail"} & set(meta)
+
+
+def test_metadata_flags_parse_and_a_missing_thumbnail_is_one_line(tmp_path):
+    from engine.cli_args import make_parser, parse_train_args
+
+    parser = make_parser("spyke-cockpit train", "test", extra=[(("--headless",), {"action": "store_true"})])
+    cfg = parse_train_args(parser, [f"--{k}={v}" for k, v in MODELSPEC_VALUES.items()], notes=[])[1]
+    assert {k: getattr(cfg, k) for k in MODELSPEC_VALUES} == MODELSPEC_VALUES
+    gone = tmp_path / "gone.png"
+    assert TrainConfig(metadata_thumbnail=str(gone)).problems()["metadata_thumbnail"] == (
+        f"{gone} is not a file; give an image file or a data: URL")
+
+
+# ----------------------------------------------------------------------------- save_model_as = ckpt | pt
+def test_save_model_as_pt_writes_kohyas_torch_save_files_and_prunes_its_own(assets, tmp_path):
+    from engine.events import CheckpointSaved
+    from engine.train.disk_guard import checkpoint_need
+
+    out = tmp_path / "o"
+    result, events = train(make_config(assets, out, save_model_as="pt", save_every_n_steps=1, save_last_n_steps=1))
+    assert result.final_path == out / f"{NAME}.pt"
+    # kohya's save_last_n_steps=1 removes step 1 at step 3: a .pt has no metadata, the run folder says it is ours
+    assert names(out) == {f"{NAME}-step00000002.pt", f"{NAME}-step00000003.pt", f"{NAME}.pt"}
+    assert [Path(e.path).name for e in events if isinstance(e, CheckpointRemoved)] == [f"{NAME}-step00000001.pt"]
+    tensors = torch.load(result.final_path, map_location="cpu", weights_only=True)
+    downs = [k for k in tensors if k.endswith(".lora_down.weight")]
+    assert downs and all(k.startswith(("lora_unet_", "lora_te_")) for k in tensors)
+    assert all(k[: -len(".lora_down.weight")] + ".alpha" in tensors for k in downs)
+    assert all(t.dtype == torch.float32 for t in tensors.values())
+    written = [e.bytes for e in events if isinstance(e, CheckpointSaved)][-1]
+    assert written == result.final_path.stat().st_size
+    need = checkpoint_need({k: tuple(v.shape) for k, v in tensors.items()}, torch.float32, "pt")
+    assert written <= need <= written + 512 * len(tensors) + 4096   # the disk check sizes the format it writes
+
+
+def test_pruning_removes_only_the_pt_files_the_run_folder_records_as_its_own(tmp_path):
+    from engine.run.written import record_written
+
+    pruner, said = _pruner(tmp_path, save_model_as="pt")
+    foreign = tmp_path / f"{NAME}-step00000001.pt"
+    torch.save({"x.alpha": torch.tensor(1.0)}, foreign)
+    assert pruner.after_save("step", 4, 1) == [] and foreign.is_file()
+    assert said == [f"not removing old checkpoint {foreign}: it is not from this run"]
+    own = tmp_path / f"{NAME}-step00000002.pt"
+    torch.save({"x.alpha": torch.tensor(1.0)}, own)
+    record_written(own, "run-a", 2)
+    assert pruner.after_save("step", 5, 1) == [own] and not own.exists()
+    changed = tmp_path / f"{NAME}-step00000003.pt"
+    torch.save({"x.alpha": torch.tensor(1.0)}, changed)
+    record_written(changed, "run-a", 3)
+    torch.save({"x.alpha": torch.tensor(2.0), "y.alpha": torch.tensor(1.0)}, changed)   # replaced since
+    assert pruner.after_save("step", 6, 1) == [] and changed.is_file()
+
+
+def test_network_weights_start_from_a_kohya_ckpt_lora(assets, tmp_path, trained_lora):
+    from engine.checkpoint import read_lora_file
+
+    tensors, _ = read_lora_file(trained_lora)
+    ckpt = tmp_path / "kohya.ckpt"
+    torch.save(tensors, ckpt)                        # what kohya's save_weights writes for save_model_as=ckpt
+    result, events = train(make_config(assets, tmp_path / "b", network_weights=str(ckpt), network_dim=8,
+                                       dim_from_weights=True, max_train_steps=1, learning_rate=1e-12))
+    assert any(m.startswith(f"load network weights from {ckpt}: ") for m in logs(events))
+    after, _ = read_lora_file(result.final_path)
+    assert all(torch.allclose(after[k].float(), tensors[k].float(), atol=1e-6) for k in tensors)
+
+
+def test_a_pt_run_resumes_over_its_own_files(assets, tmp_path):
+    out = tmp_path / "o"
+    train(make_config(assets, out, save_model_as="pt", max_train_steps=2, save_every_n_steps=1, save_state=True))
+    result, events = train(make_config(assets, out, save_model_as="pt", max_train_steps=3, save_every_n_steps=1,
+                                       save_state=True, resume="latest", resume_force=True))
+    assert any(m.startswith("resumed from ") for m in logs(events))
+    assert {n for n in names(out) if n.endswith(".pt")} == {f"{NAME}-step0000000{s}.pt" for s in (1, 2, 3)} | {
+        f"{NAME}.pt"}
+    from engine.output_guard import lora_step_of_run
+
+    run_id = next(iter(names(out / ".spyke")))
+    assert lora_step_of_run(result.final_path, run_id) == 3
+
+
+def test_metadata_flags_with_a_pt_file_say_they_are_not_written(assets, tmp_path):
+    plan = plan_run(make_config(assets, tmp_path / "o", save_model_as="ckpt", metadata_title="t",
+                                training_comment="c"))
+    assert ("--training_comment, --metadata_title: not written: a --save_model_as=ckpt file holds the weights "
+            "only, no metadata (as in kohya); use --save_model_as=safetensors to keep them") in plan.warnings
+    assert not [w for w in plan_run(make_config(assets, tmp_path / "p", metadata_title="t")).warnings
+                if "not written" in w]

@@ -28,6 +28,32 @@ MODELSPEC_SPEC_VERSION = "1.0.0"
 MODELSPEC_ARCHITECTURE = "stable-diffusion-v1/lora"
 MODELSPEC_IMPLEMENTATION = "diffusers"
 MODELSPEC_DEFAULT_RESOLUTION = 512
+# kohya's --metadata_<key> flags of train_network.py besides --metadata_title (sai_model_spec.add_model_spec_arguments).
+MODELSPEC_FLAGS = ("author", "description", "license", "tags", "usage_hint", "thumbnail", "merged_from",
+                   "trigger_phrase", "preprocessor", "is_negative_embedding")
+
+
+def thumbnail_data_url(value: str) -> str:
+    """kohya's --metadata_thumbnail: a data: URL as given, a file as ``data:<mime>;base64,<bytes>``
+    (the mime type from the file name, application/octet-stream when unknown)."""
+    import base64
+    import mimetypes
+
+    if value.startswith("data:"):
+        return value
+    path = Path(value).expanduser()
+    mime = mimetypes.guess_type(str(path))[0] or "application/octet-stream"
+    return f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode('ascii')}"
+
+
+def modelspec_inputs(cfg) -> dict[str, object]:
+    """The config's --metadata_* values, keyed as :func:`build_metadata` reads them (thumbnail as a data: URL)."""
+    out: dict[str, object] = {}
+    for key in ("title",) + MODELSPEC_FLAGS:
+        value = getattr(cfg, f"metadata_{key}", None)
+        if value is not None:
+            out[f"metadata_{key}"] = thumbnail_data_url(value) if key == "thumbnail" and value else value
+    return out
 
 
 def _meta_str(value: object) -> str:
@@ -103,9 +129,9 @@ def build_metadata(values: Mapping[str, object]) -> dict[str, str]:
         ts = None
     if ts is None or not math.isfinite(ts):
         ts = datetime.datetime.now().timestamp()
-    title = values.get("metadata_title") or values.get("output_name")
-    if not title:
-        title = f"LoRA@{ts}"
+    title = values.get("metadata_title")
+    if title is None:
+        title = values.get("output_name") or f"LoRA@{ts}"
     reso = _parse_resolution(values.get("resolution")) or (MODELSPEC_DEFAULT_RESOLUTION,) * 2
     spec = {
         "modelspec.sai_model_spec": MODELSPEC_SPEC_VERSION,
@@ -119,7 +145,7 @@ def build_metadata(values: Mapping[str, object]) -> dict[str, str]:
     clip_skip = values.get("clip_skip")
     if clip_skip is not None:
         spec["modelspec.encoder_layer"] = str(clip_skip)
-    for key in ("author", "description", "license", "tags"):
+    for key in MODELSPEC_FLAGS:       # kohya: each --metadata_<key> given becomes modelspec.<key>, as given
         if values.get(f"metadata_{key}") is not None:
             spec[f"modelspec.{key}"] = str(values[f"metadata_{key}"])
     for key, value in spec.items():
@@ -197,6 +223,7 @@ def run_metadata(cfg, plan, base, *, run_id: str, started_at: float, seed: int, 
         "noise_offset": cfg.noise_offset,
         "min_snr_gamma": cfg.min_snr_gamma,
         **loss_metadata(cfg),
+        **modelspec_inputs(cfg),
         **dataset_metadata(plan.dataset, from_dataset_config=bool(cfg.dataset_config),
                            gradient_accumulation_steps=cfg.gradient_accumulation_steps),
         **({"sd_model_hash": legacy} if (legacy := base.legacy_hash()) else {}),

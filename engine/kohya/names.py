@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from engine.errors import ConfigError
 
-SUPPORTED_SAVE_FORMATS = ("safetensors",)
+SUPPORTED_SAVE_FORMATS = ("safetensors", "ckpt", "pt")
+# kohya writes .ckpt/.pt LoRAs with torch.save: the state dict only, no metadata.
+TORCH_SAVE_FORMATS = ("ckpt", "pt")
 # kohya's names when --output_name is not given.
 DEFAULT_STEP_NAME = "at"
 DEFAULT_EPOCH_NAME = "epoch"
@@ -12,16 +14,13 @@ DEFAULT_LAST_NAME = "last"
 
 
 def check_save_model_as(value: str) -> str:
-    """Validate kohya's ``save_model_as``; only safetensors is supported."""
+    """Validate kohya's ``save_model_as`` for a LoRA: safetensors, ckpt or pt (kohya's choices besides
+    the diffusers folder formats, which are for full models)."""
     ext = str(value).strip().lstrip(".").lower()
     if ext in SUPPORTED_SAVE_FORMATS:
         return ext
-    if ext in ("ckpt", "pt"):
-        raise ConfigError(
-            f"save_model_as = {value!r} is not supported: LoRAs are only written as safetensors "
-            "(pickle-based .ckpt/.pt can run code when loaded); set save_model_as = \"safetensors\""
-        )
-    raise ConfigError(f"save_model_as = {value!r} is not a known format; set save_model_as = \"safetensors\"")
+    raise ConfigError(f"save_model_as = {value!r} is not a LoRA file format; set save_model_as to safetensors, "
+                      "ckpt or pt")
 
 
 def checkpoint_filename(

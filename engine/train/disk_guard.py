@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-from engine.disk_budget import FREE_SPACE_MARGIN, HEADER_BYTES_PER_TENSOR, METADATA_BYTES
+from engine.disk_budget import FREE_SPACE_MARGIN, HEADER_BYTES_PER_TENSOR, file_overhead
 from engine.errors import DiskFullError
 from engine.events import Event, LogMessage, PhaseChanged
 from engine.units import format_bytes
@@ -38,15 +38,15 @@ def tensor_bytes(tensors) -> int:
     return sum(int(t.numel()) * int(t.element_size()) for t in tensors)
 
 
-def checkpoint_need(shapes: dict[str, tuple[int, ...]], save_dtype) -> int:
-    """A checkpoint's size from the network's tensor shapes at the save dtype (+ header and metadata)."""
+def checkpoint_need(shapes: dict[str, tuple[int, ...]], save_dtype, save_model_as: str = "safetensors") -> int:
+    """A checkpoint's size from the network's tensor shapes at the save dtype (+ the format's header,
+    metadata or archive records)."""
     import math
 
     import torch
 
     size = torch.empty((), dtype=save_dtype or torch.float32).element_size()
-    return (sum(math.prod(s) for s in shapes.values()) * size + len(shapes) * HEADER_BYTES_PER_TENSOR
-            + METADATA_BYTES)
+    return sum(math.prod(s) for s in shapes.values()) * size + file_overhead(len(shapes), save_model_as)
 
 
 def state_need(shapes: dict[str, tuple[int, ...]], optimizer_state: dict | None) -> int:

@@ -63,7 +63,8 @@ class Job:
                            metadata=self._metadata, resumable=self.resumable, on_state=self._on_state,
                            optimizer=self.optimizer, guard=DiskGuard(
                                getattr(trainer, "on_disk_full", "stop"), Path(cfg.output_dir), self.emit,
-                               self.control, self.channel.poll if self.channel is not None else None))
+                               self.control, self.channel.poll if self.channel is not None else None),
+                           run_dir=run_dir)
         self.sampler = Sampler(cfg, m, self.counters, self.emit, seed=seed, num_epochs=plan.num_epochs,
                                optimizer=self.optimizer)
         self.oom = OomGuard(self)
@@ -112,6 +113,7 @@ class Job:
         self.nan.lr_scale, self.nan.nan_skipped = prog.lr_scale, prog.nan_skipped
         self.counters.record_state(state.path)
         self.saver.state_step = prog.global_step
+        self.saver.pruner.best.resumed_at(prog.global_step)
         self.emit(LogMessage(level="info", message=f"resumed from {state.path} at step {prog.global_step}"))
 
     def resumable(self) -> dict:

@@ -9,16 +9,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from engine.checkpoint import save_lora_file
+from engine.checkpoint import save_lora_file, save_lora_torch_file
 from engine.config import TrainConfig
 from engine.errors import CheckpointError, DiskFullError, SpykeError
 from engine.events import CheckpointRemoved, CheckpointSaved, Event, LogMessage, PhaseChanged
-from engine.kohya.names import checkpoint_filename, state_dirname
+from engine.kohya.names import TORCH_SAVE_FORMATS, checkpoint_filename, state_dirname
 from engine.optimizers import eval_weights
 from engine.output_guard import refuse_foreign
+from engine.run.written import record_written
 from engine.state import save_state
 from engine.train.disk_guard import DiskGuard, checkpoint_need, state_need
 from engine.train.progress import StepCounters
+from engine.train.best_checkpoint import BEST_FILE, BestCheckpoint
 from engine.train.pruning import Pruner
 
 
@@ -30,7 +32,7 @@ class Saver:
     def __init__(self, cfg: TrainConfig, plan, run_id: str, counters: StepCounters, emit: Callable[[Event], None],
                  *, network, save_dtype, metadata: Callable[[int, int], dict[str, str]],
                  resumable: Callable[[], dict], on_state: Callable[[dict], None], optimizer=None,
-                 guard: DiskGuard | None = None) -> None:
+                 guard: DiskGuard | None = None, run_dir: Path | None = None) -> None:
         self.cfg, self.plan, self.run_id = cfg, plan, run_id
         self.counters = counters
         self.emit = emit
@@ -39,8 +41,10 @@ class Saver:
         self.optimizer = optimizer          # a schedule-free one saves its eval weights
         self.state_step: int | None = None  # global step of the last state written or resumed from
         self.pruner = Pruner(cfg, plan, run_id, lambda level, text: emit(LogMessage(level=level, message=text)),
-                             lambda path, step: emit(CheckpointRemoved(level="info", path=str(path), step=step,
-                                                                       message=f"removing old checkpoint: {path}")))
+                             lambda path, step, why="": emit(CheckpointRemoved(
+                                 level="info", path=str(path), step=step,
+                                 message=f"removing old checkpoint: {path}" + (f" ({why})" if why else ""))),
+                             best=BestCheckpoint(run_dir / BEST_FILE if run_dir is not None else None))
         self.guard = guard                  # the free-space check before each write, and what disk full does
 
     def forget_state(self) -> None:
@@ -53,11 +57,11 @@ class Saver:
         c = self.counters
         step, epoch = c.global_step, c.current_epoch(self.plan.num_epochs)
         if kind == "final":
-            name = checkpoint_filename(self.cfg.output_name)
+            name = checkpoint_filename(self.cfg.output_name, ext=self.cfg.save_model_as)
         elif kind == "epoch":
-            name = checkpoint_filename(self.cfg.output_name, epoch=epoch)
+            name = checkpoint_filename(self.cfg.output_name, epoch=epoch, ext=self.cfg.save_model_as)
         else:
-            name = checkpoint_filename(self.cfg.output_name, step=step)
+            name = checkpoint_filename(self.cfg.output_name, step=step, ext=self.cfg.save_model_as)
         if c.has_checkpoint(step, name) and kind in ("manual", "abort"):
             if with_state and self.state_step != step:  # e.g. an abort right after a save without --save_state
                 self.save_training_state()
@@ -65,7 +69,9 @@ class Saver:
         self.emit(PhaseChanged(phase="saving", detail=name))
         out = Path(self.cfg.output_dir)
         loss = c.losses[-1] if c.losses else None
-        want_state = with_state if with_state is not None else self.cfg.save_state
+        if with_state is None:              # kohya: --save_state_on_train_end saves the last state on its own
+            with_state = self.cfg.save_state or (kind == "final" and self.cfg.save_state_on_train_end)
+        want_state = with_state
         self._make_room(name, step, with_state=want_state and not (
             kind != "final" and self.state_step == step and c.last_state_dir is not None))
         try:
@@ -73,7 +79,11 @@ class Saver:
                 refuse_foreign(out / name, self.run_id)
             with eval_weights(self.optimizer):  # a schedule-free optimizer's checkpoint holds its eval weights
                 tensors = self.network.state_dict_kohya(self.save_dtype)
-                saved = save_lora_file(out / name, tensors, self.metadata(step, epoch))
+                if self.cfg.save_model_as in TORCH_SAVE_FORMATS:   # kohya: torch.save, the weights alone
+                    saved = save_lora_torch_file(out / name, tensors)
+                    record_written(saved.path, self.run_id, step)  # the run's id and step, kept beside
+                else:
+                    saved = save_lora_file(out / name, tensors, self.metadata(step, epoch))
         except DiskFullError as err:        # ENOSPC during the write: the temp file is gone, the old file intact
             self._on_disk_full(err, step)   # paused and resumed: try again
             return self.save(kind, with_state=with_state, then=then)
@@ -81,7 +91,7 @@ class Saver:
             raise CheckpointError(f"{err}{self._state_after_failed_save()}") from None
         c.record_checkpoint(step, name, saved.path)
         state_dir = None
-        if with_state if with_state is not None else self.cfg.save_state:
+        if want_state:
             if kind != "final" and self.state_step == step and c.last_state_dir is not None:
                 state_dir = c.last_state_dir  # unchanged since (e.g. aborted right after resuming)
             else:
@@ -103,7 +113,7 @@ class Saver:
     # ---- disk full (engine.train.disk_guard)
     def _need(self, with_checkpoint: bool, with_state: bool) -> int:
         shapes = self.network.expected_shapes()
-        need = checkpoint_need(shapes, self.save_dtype) if with_checkpoint else 0
+        need = checkpoint_need(shapes, self.save_dtype, self.cfg.save_model_as) if with_checkpoint else 0
         if with_state:
             need += state_need(shapes, self.optimizer.state_dict() if self.optimizer is not None else None)
         return need

@@ -112,6 +112,8 @@ class Validator:
             self.job.emit(ValidationLoss(step=step, epoch=epoch, loss=self._loss, images=images,
                                          checkpoint=str(path) if path is not None else None,
                                          kinds=list(first_kinds if i == 0 else ["checkpoint"]), batches=count))
+            if path is not None:             # the lowest-loss checkpoint is kept from --save_last_n_* pruning
+                self.job.saver.pruner.validated(path, step, self._loss)
 
     # ---- the pass
     def batches(self) -> list[list[int]]:
