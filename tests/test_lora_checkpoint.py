@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import importlib.metadata
 import json
 import os
 from pathlib import Path
@@ -284,7 +285,8 @@ def test_metadata_round_trip_and_hashes(trained):
     assert meta["ss_network_module"] == "networks.lora"
     import datetime
 
-    assert meta["modelspec.sai_model_spec"] == "1.0.0"
+    assert meta["modelspec.sai_model_spec"] == "1.0.1"
+    assert meta["modelspec.implementation_version"] == f"spyke-cockpit/{importlib.metadata.version('spyke-cockpit')}"
     assert meta["modelspec.architecture"] == "stable-diffusion-v1/lora"
     assert meta["modelspec.implementation"] == "diffusers"
     assert meta["modelspec.title"] == "spyke"

@@ -39,7 +39,8 @@ ss_text_encoder_lr ss_lr_scheduler ss_lr_warmup_steps ss_optimizer ss_max_grad_n
 ss_num_reg_images ss_num_batches_per_epoch ss_num_epochs ss_max_train_steps ss_steps ss_epoch
 ss_gradient_checkpointing ss_mixed_precision ss_clip_skip ss_seed ss_cache_latents ss_prior_loss_weight
 ss_noise_offset ss_min_snr_gamma ss_dataset_dirs ss_tag_frequency ss_new_sd_model_hash sshs_model_hash
-modelspec.sai_model_spec modelspec.architecture modelspec.implementation modelspec.title modelspec.resolution
+modelspec.sai_model_spec modelspec.architecture modelspec.implementation modelspec.implementation_version
+modelspec.title modelspec.resolution
 modelspec.date modelspec.prediction_type modelspec.encoder_layer""".split()
 
 

@@ -24,13 +24,24 @@ MINIMUM_KEYS = ("ss_v2", "ss_base_model_version", "ss_network_module", "ss_netwo
 OWNERSHIP_KEYS = ("ss_session_id", "ss_steps")
 # library/sai_model_spec.py for an SD1 LoRA: implementation is "diffusers" (only
 # SDXL LoRAs, full checkpoints and TIs get the Stability-AI generative-models URL).
-MODELSPEC_SPEC_VERSION = "1.0.0"
+# kohya writes ModelSpec 1.0.1 with implementation_version "sd-scripts/<commit>"; ours names this program.
+MODELSPEC_SPEC_VERSION = "1.0.1"
 MODELSPEC_ARCHITECTURE = "stable-diffusion-v1/lora"
 MODELSPEC_IMPLEMENTATION = "diffusers"
 MODELSPEC_DEFAULT_RESOLUTION = 512
 # kohya's --metadata_<key> flags of train_network.py besides --metadata_title (sai_model_spec.add_model_spec_arguments).
 MODELSPEC_FLAGS = ("author", "description", "license", "tags", "usage_hint", "thumbnail", "merged_from",
                    "trigger_phrase", "preprocessor", "is_negative_embedding")
+
+
+def implementation_version() -> str:
+    """``modelspec.implementation_version``: ``spyke-cockpit/<version>`` (kohya: ``sd-scripts/<commit>``)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"spyke-cockpit/{version('spyke-cockpit')}"
+    except PackageNotFoundError:
+        return "spyke-cockpit/unknown"
 
 
 def thumbnail_data_url(value: str) -> str:
@@ -137,6 +148,7 @@ def build_metadata(values: Mapping[str, object]) -> dict[str, str]:
         "modelspec.sai_model_spec": MODELSPEC_SPEC_VERSION,
         "modelspec.architecture": MODELSPEC_ARCHITECTURE,
         "modelspec.implementation": MODELSPEC_IMPLEMENTATION,
+        "modelspec.implementation_version": implementation_version(),
         "modelspec.title": str(title),
         "modelspec.resolution": f"{reso[0]}x{reso[1]}",
         "modelspec.date": datetime.datetime.fromtimestamp(int(ts)).isoformat(),
