@@ -15,7 +15,7 @@ from engine.errors import ConfigError
 from engine.events import StepCompleted
 from engine.run.journal import read_events
 from engine.tiny import generate_dataset
-from engine.trackers import kohya_lr_logs
+from engine.trackers import d_lr_kind, kohya_lr_logs
 
 pytest.importorskip("tensorboard")
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
@@ -78,9 +78,11 @@ def test_tensorboard_holds_kohyas_tags_with_the_runs_losses_and_learning_rates(l
     assert [v for _, v, _ in got["loss/average"]] == [pytest.approx(sum(w) / len(w), rel=1e-6) for w in window]
     assert [(s, v) for s, v, _ in got["loss/epoch_average"]] == [
         (1, pytest.approx(sum(losses[:4]) / 4, rel=1e-6)), (2, pytest.approx(sum(losses[1:5]) / 4, rel=1e-6))]
-    for tag, group in (("lr/unet", "unet"), ("lr/group1", "unet"), ("lr/textencoder", "text_encoder")):
-        assert [v for _, v, _ in got[tag]] == [pytest.approx(e.lrs[group], rel=1e-6) for e in steps]
-    assert len({v for _, v, _ in got["lr/unet"]}) > 1  # the warm-up shows
+    # kohya logs get_last_lr() after the schedule's step: at step k the warm-up's k/3 (the next step's rate)
+    warmup = [min(1.0, e.step / 3) for e in steps]
+    for tag, lr in (("lr/unet", 1e-3), ("lr/group1", 1e-3), ("lr/textencoder", 5e-4)):
+        assert [v for _, v, _ in got[tag]] == [pytest.approx(lr * w, rel=1e-6) for w in warmup]
+    assert [e.lrs["unet"] for e in steps[:3]] == pytest.approx([0.0, 1e-3 / 3, 2e-3 / 3])  # the rates trained with
 
 
 def test_log_folder_is_logging_dir_prefix_timestamp_and_tracker_name(tiny_cache, small, tmp_path, logged_run):
@@ -160,6 +162,63 @@ def test_lr_tags_follow_kohyas_group_naming():
         "lr/textencoder": 5e-4, "lr/unet": 1e-3, "lr/group1": 1e-3}
     assert kohya_lr_logs({"unet": 1e-3}, unet_only=True) == {"lr/unet": 1e-3, "lr/group0": 1e-3}
     assert kohya_lr_logs({"text_encoder": 5e-4}, unet_only=False) == {"lr/textencoder": 5e-4}
+    # a frozen text encoder without --network_train_unet_only: kohya's `else` names the first group textencoder
+    assert kohya_lr_logs({"unet": 1e-3}, unet_only=False) == {"lr/unet": 1e-3, "lr/textencoder": 1e-3}
+
+
+def test_block_and_loraplus_groups_get_kohyas_descriptions_and_group_indices():
+    lrs = {"unet_block0": 1e-3, "unet_block0 plus": 16e-3, "unet_block5": 5e-4, "text_encoder": 2e-4,
+           "text_encoder plus": 32e-4}
+    assert kohya_lr_logs(lrs, unet_only=False) == {
+        "lr/textencoder": 2e-4, "lr/textencoder plus": 32e-4, "lr/unet_block0": 1e-3, "lr/unet_block0 plus": 16e-3,
+        "lr/unet_block5": 5e-4, "lr/group1": 32e-4, "lr/group2": 1e-3, "lr/group3": 16e-3, "lr/group4": 5e-4}
+
+
+def test_dylora_groups_carry_no_descriptions_so_kohya_names_them_by_index():
+    # networks.dylora returns no descriptions: kohya's loop names groups unet (two or fewer) or group<i+1>
+    assert kohya_lr_logs({"unet": 1e-3, "text_encoder": 5e-4}, unet_only=False, described=False) == {
+        "lr/unet": 1e-3, "lr/textencoder": 5e-4, "lr/group1": 1e-3}
+    lrs = {"unet": 1.0, "unet plus": 2.0, "text_encoder": 3.0, "text_encoder plus": 4.0}
+    assert kohya_lr_logs(lrs, unet_only=False, described=False) == {
+        "lr/textencoder": 3.0, "lr/group1": 4.0, "lr/group2": 1.0, "lr/group3": 2.0, "lr/group4": 2.0}
+
+
+@pytest.mark.parametrize("name,kind", [("Prodigy", "dadapt"), ("prodigy", "dadapt"), ("DAdaptAdam", "dadapt"),
+                                       ("DAdaptation", "dadapt"), ("AdamW", ""), ("prodigyopt.Prodigy", ""),
+                                       ("prodigyplus.ProdigyPlusScheduleFree", "prodigyplus")])
+def test_d_lr_tags_follow_kohyas_optimizer_name_rule(name, kind):
+    assert d_lr_kind(name) == kind
+
+
+def test_prodigy_plus_schedule_free_logs_the_first_groups_d_lr_untagged():
+    logs = kohya_lr_logs({"unet": 1.0, "text_encoder": 1.0}, unet_only=False, d_lrs={"unet": 0.5, "text_encoder": 0.25},
+                         d_kind="prodigyplus")
+    assert logs == {"lr/textencoder": 1.0, "lr/unet": 1.0, "lr/group1": 1.0, "lr/d*lr": 0.25,
+                    "lr/d*lr/group1": 0.5}
+
+
+@pytest.mark.parametrize("optimizer", ["Prodigy", "DAdaptAdam"])
+def test_adaptive_optimizers_log_kohyas_d_lr_tags_from_the_optimizers_param_groups(tiny_cache, small, tmp_path,
+                                                                                   optimizer):
+    from engine.state import load_state
+
+    config = make_config(tiny_cache, small, tmp_path / "out", max_train_steps=3, optimizer_type=optimizer,
+                         learning_rate=1.0, unet_lr=1.0, text_encoder_lr=1.0, lr_warmup_steps=2,
+                         save_every_n_steps=1, save_state=True, logging_dir=str(tmp_path / "logs"))
+    run(config)
+    [folder] = [p.parent for p in (tmp_path / "logs").glob("*/network_train/events.out.tfevents.*")]
+    got = scalars(folder)
+    assert {"lr/d*lr/textencoder", "lr/d*lr/unet", "lr/d*lr/group1"} <= set(got)
+    # the state saved at step k holds the optimizer as kohya reads it when logging step k
+    for step in (1, 2, 3):
+        groups = load_state(Path(config.output_dir) / f"lora-step{step:08d}-state").optimizer_state["param_groups"]
+        unet, text_encoder = groups   # the engine's order: U-Net first
+        for tag, group in (("lr/d*lr/unet", unet), ("lr/d*lr/group1", unet), ("lr/d*lr/textencoder", text_encoder),
+                           ("lr/unet", unet), ("lr/textencoder", text_encoder)):
+            value = group["d"] * group["lr"] if "d*lr" in tag else group["lr"]
+            assert dict((s, v) for s, v, _ in got[tag])[step] == pytest.approx(value, rel=1e-6), (tag, step)
+    assert [v for _, v, _ in got["lr/unet"]] == pytest.approx([0.5, 1.0, 1.0])   # the warm-up's next rates
+    assert len({v for _, v, _ in got["lr/d*lr/unet"]}) > 1   # d adapts (Prodigy grows it from d0)
 
 
 def test_logging_flags_parse_from_the_command_line_and_a_preset(tmp_path):
