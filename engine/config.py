@@ -271,6 +271,8 @@ class TrainConfig:
                                  kind="path")
     wandb_run_name: str = _f("", "logging", "The wandb run's name.")
     wandb_api_key: str = _f("", "logging", "wandb API key to log in with (kept out of the run folder).")
+    log_config: bool = _f(False, "logging", "Store the run's settings in the trackers (TensorBoard hparams, wandb "
+                          "config); the API key and folder paths are left out, as in kohya.")
     # --- sample images (kohya's sample_* flags)
     sample_prompts: str = _f("", "samples", "Prompts file (.txt, .toml or .json, kohya's forms); re-read at each "
                              "sampling. Also samples at every checkpoint.", kind="path")

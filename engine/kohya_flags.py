@@ -138,7 +138,6 @@ _PENDING_ELSEWHERE: list[tuple[str, type, str, Any]] = [
     ("logging_dir", str, "logging", None), ("log_with", str, "logging", None), ("log_prefix", str, "logging", None),
     ("log_tracker_name", str, "logging", None), ("log_tracker_config", str, "logging", None),
     ("wandb_run_name", str, "logging", None), ("wandb_api_key", str, "logging", None),
-    ("log_config", bool, "logging", False),
     # training semantics: network, loss, noise, captions, augmentation, validation
     ("weighted_captions", bool, "training", False),
     ("caption_dropout_rate", float, "training", 0.0), ("caption_dropout_every_n_epochs", int, "training", 0),

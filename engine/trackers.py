@@ -15,7 +15,8 @@ validation logs), so dashboards built on kohya runs read these the same way:
   after an end-of-epoch pass, at TensorBoard step ``epoch``: ``loss/validation/epoch_average`` and
   ``…/epoch_divergence`` (a pass that is only the epoch's writes only those, as kohya's epoch validation).
 
-wandb gets the same logs with ``global_step`` and ``epoch`` added (kohya's wandb form).
+wandb gets the same logs with ``global_step`` and ``epoch`` added (kohya's wandb form). With ``--log_config``
+the run's settings (``engine.tracker_config.logged_config``) are TensorBoard hparams and the wandb config.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from typing import Any, Callable
 from urllib.parse import urlparse
 
 from engine.events import Event, RunFinished, RunStarted, Sink, StepCompleted, ValidationLoss
-from engine.tracker_config import (destinations, run_log_dir, tensorboard_options, tracker_name,
+from engine.tracker_config import (destinations, logged_config, run_log_dir, tensorboard_options, tracker_name,
                                    wandb_init_options)
 
 Record = tuple[dict[str, float], int, int, int]   # logs, TensorBoard step, global step, epoch
@@ -190,6 +191,19 @@ class TensorBoardTracker:
         self.scalars.start(event)
         self.writer = SummaryWriter(str(folder), **self.options)
         self.folders.append(folder)
+        if (values := logged_config(event.config)) is not None:
+            self._store_config(values, f"{event.t:.6f}")
+
+    def _store_config(self, values: dict[str, Any], run_name: str) -> None:
+        """accelerate's TensorBoard ``store_init_configuration`` (kohya's ``--log_config``): the values as
+        hparams in a ``<run_name>/`` subfolder of the tracker's folder, and as ``hparams.yml`` beside them."""
+        import yaml
+
+        self.writer.add_hparams(values, metric_dict={}, run_name=run_name)
+        self.writer.flush()
+        folder = Path(self.writer.log_dir) / run_name
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "hparams.yml").write_text(yaml.safe_dump(values), encoding="utf-8")
 
     def close(self) -> None:
         if self.writer is not None:
@@ -261,6 +275,8 @@ class WandbTracker:
             wandb.login(key=self.api_key)
         self.scalars.start(event)
         self.run = wandb.init(project=self.name, **options)
+        if (values := logged_config(event.config)) is not None:   # kohya's --log_config: the wandb config
+            self.run.config.update(values, allow_val_change=True)
         for metric in ("epoch", "val_step", "global_step"):
             self.run.define_metric(metric, hidden=True)
         if reason:

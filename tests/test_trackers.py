@@ -143,7 +143,8 @@ def test_wandb_logs_offline_when_there_is_no_network_and_keeps_the_key_out_of_th
         monkeypatch.setenv(name, str(tmp_path / name.lower()))
     monkeypatch.setattr(engine.trackers, "reachable", lambda host, *a, **k: False)
     config = make_config(tiny_cache, small, tmp_path / "out", max_train_steps=2, log_with="wandb",
-                         logging_dir=str(tmp_path / "logs"), wandb_run_name="plasma", wandb_api_key="secret-key-123")
+                         logging_dir=str(tmp_path / "logs"), wandb_run_name="plasma", wandb_api_key="secret-key-123",
+                         log_config=True)
     printed, _ = run(config)
     line = next(x for x in printed.splitlines() if x.startswith("wandb:"))
     assert line.startswith("wandb: no network (api.wandb.ai unreachable): logging offline to ")
@@ -152,9 +153,94 @@ def test_wandb_logs_offline_when_there_is_no_network_and_keeps_the_key_out_of_th
     assert list(offline.glob("run-*.wandb")) and str(offline) in line
     assert not list(stamped.glob("network_train"))  # wandb only: no TensorBoard folder
     run_dir = next((Path(config.output_dir) / ".spyke").iterdir())
-    for written in run_dir.rglob("*"):
+    for written in [*run_dir.rglob("*"), *stamped.rglob("*")]:
         if written.is_file():
             assert b"secret-key-123" not in written.read_bytes(), written
+    # --log_config: the settings are the wandb run's config, paths left out as in kohya
+    [log] = offline.glob("run-*.wandb")
+    stored = wandb_config(log)
+    assert stored["network_dim"] == 4 and stored["wandb_run_name"] == "plasma" and stored["max_train_epochs"] is None
+    assert "output_dir" not in stored and "wandb_api_key" not in stored and "logging_dir" not in stored
+
+
+def hparams(folder: Path) -> dict:
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    acc = EventAccumulator(str(folder))
+    acc.Reload()
+    content = acc.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    info = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info
+    return {k: v.WhichOneof("kind") and getattr(v, v.WhichOneof("kind")) for k, v in info.hparams.items()}
+
+
+def test_log_config_stores_the_settings_as_tensorboard_hparams_without_paths_or_the_api_key(tiny_cache, small,
+                                                                                             tmp_path):
+    import yaml
+
+    config = make_config(tiny_cache, small, tmp_path / "out", max_train_steps=1, logging_dir=str(tmp_path / "logs"),
+                         log_config=True, wandb_api_key="secret-key-123", network_args=["conv_dim=2"],
+                         vae="", training_comment="plasma")
+    run(config)
+    [tracker] = (tmp_path / "logs").glob("*/network_train")
+    [folder] = [p for p in tracker.iterdir() if p.is_dir()]
+    got = hparams(folder)
+    assert got["network_dim"] == 4 and got["learning_rate"] == pytest.approx(config.learning_rate)
+    assert got["optimizer_type"] == "AdamW" and got["log_config"] == 1 and got["training_comment"] == "plasma"
+    assert got["network_args"] == "['conv_dim=2']"   # kohya: lists as their text
+    assert "max_train_epochs" not in got             # None: TensorBoard's hparams skip it
+    for secret in ("wandb_api_key", "pretrained_model_name_or_path", "output_dir", "logging_dir", "vae",
+                   "train_data_dir", "reg_data_dir"):
+        assert secret not in got
+    stored = yaml.safe_load((folder / "hparams.yml").read_text())
+    assert stored["network_dim"] == 4 and stored["max_train_epochs"] is None and "wandb_api_key" not in stored
+    for written in (tmp_path / "logs").rglob("*"):
+        assert not written.is_file() or b"secret-key-123" not in written.read_bytes()
+    # without --log_config no hparams are stored
+    config = make_config(tiny_cache, small, tmp_path / "out2", max_train_steps=1, logging_dir=str(tmp_path / "l2"))
+    run(config)
+    [tracker] = (tmp_path / "l2").glob("*/network_train")
+    assert not [p for p in tracker.iterdir() if p.is_dir()]
+
+
+def wandb_records(data: bytes):
+    """The protobuf records of a wandb transaction log (a LevelDB-style log of 32 KiB blocks after a 7-byte
+    header; each chunk: crc32, length, type 1 full / 2 first / 3 middle / 4 last)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    pos, buf = 7, b""
+    while pos + 7 <= len(data):
+        if (left := 32768 - pos % 32768) < 7:
+            pos += left
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        buf += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(buf)
+            buf = b""
+            yield record
+
+
+def wandb_config(log: Path, timeout: float = 60.0) -> dict:
+    """The config a finished offline wandb run recorded (waits for its exit record: wandb writes it last)."""
+    import json
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        records = list(wandb_records(log.read_bytes()))
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)   # polling the file wandb's service is still writing
+    config = {}
+    for r in records:
+        kind = r.WhichOneof("record_type")
+        items = r.config.update if kind == "config" else r.run.config.update if kind == "run" else []
+        config.update({item.key: json.loads(item.value_json) for item in items})
+    return config
 
 
 def test_lr_tags_follow_kohyas_group_naming():
