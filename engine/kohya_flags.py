@@ -150,8 +150,6 @@ _PENDING_ELSEWHERE: list[tuple[str, type, str, Any]] = [
     ("resize_interpolation", str, "training", None),
     # saving
     ("save_state_on_train_end", bool, "saving", False),
-    ("skip_until_initial_step", bool, "saving", False), ("initial_epoch", int, "saving", None),
-    ("initial_step", int, "saving", None),
 ] + [(f"metadata_{m}", str, "saving", None) for m in (
     "title", "author", "description", "license", "tags", "usage_hint", "thumbnail", "merged_from", "trigger_phrase",
     "preprocessor", "is_negative_embedding")]
