@@ -153,3 +153,17 @@ def test_the_flags_parse_from_kohyas_command_line_and_refuse_bad_values():
     bad = build_config(None, {"pretrained_model_name_or_path": "m", "train_data_dir": "d", "initial_epoch": 0})
     with pytest.raises(ConfigError, match=r"^--initial_epoch must be ≥ 1 \(got 0\)$"):
         bad.validate()
+
+
+def test_the_cockpits_resume_actions_drop_the_flags_so_the_state_places_the_run():
+    from cockpit.fit_restart import fit_changes, fitted_config
+    from cockpit.restart import CONTINUE, RestartChoice, restart_config
+
+    config = TrainConfig(initial_step=5, initial_epoch=2, skip_until_initial_step=True, max_train_steps=10)
+    continued = restart_config(config, RestartChoice(CONTINUE, total=20))
+    assert (continued.resume, continued.initial_step, continued.initial_epoch, continued.max_train_steps) == (
+        "latest", None, None, 20)
+    (change,) = fit_changes(["--gradient_checkpointing"], config)
+    resumed = fitted_config(config, change, resume=True)
+    assert (resumed.resume, resumed.initial_step, resumed.initial_epoch) == ("latest", None, None)
+    assert fitted_config(config, change, resume=False).initial_step == 5   # a new run keeps what was asked
