@@ -167,3 +167,14 @@ def test_the_cockpits_resume_actions_drop_the_flags_so_the_state_places_the_run(
     resumed = fitted_config(config, change, resume=True)
     assert (resumed.resume, resumed.initial_step, resumed.initial_epoch) == ("latest", None, None)
     assert fitted_config(config, change, resume=False).initial_step == 5   # a new run keeps what was asked
+
+
+def test_skipping_counts_optimizer_steps_under_gradient_accumulation(assets, tmp_path):
+    # 4 batches an epoch, 2 per step: 2 steps an epoch; step 3 ends in epoch 2, so epoch 2's second step is next
+    # (kohya's loop would skip gradient_accumulation_steps times too many epochs here and train nothing)
+    cfg = make_config(assets, tmp_path / "out", max_train_steps=6, gradient_accumulation_steps=2, initial_step=3,
+                      skip_until_initial_step=True)
+    result, events, trained = train(cfg)
+    steps = [e for e in events if isinstance(e, StepCompleted)]
+    assert trained == [4, 4, 5, 5, 6, 6]                # two batches for each trained step, none before step 4
+    assert [(e.step, e.epoch) for e in steps] == [(4, 2), (5, 3), (6, 3)] and result.global_step == 6
