@@ -246,8 +246,8 @@ class TrainConfig:
     network_weights: str = _f("", "saving", "Start from an existing LoRA file (kohya's or ours).", kind="path")
     dim_from_weights: bool = _f(False, "saving", "Take network_dim and network_alpha from --network_weights.")
     resume: str = _f("", "saving", "Resume from a saved state folder, or 'latest'.", kind="path")
-    initial_epoch: int | None = _f(None, "saving", "Start counting at this epoch (1 = the first); the LR schedule is "
-                                   "not moved, as in kohya.", minimum=1)
+    initial_epoch: int | None = _f(None, "saving", "Start counting at this epoch (1 = the first; 0 changes nothing, as "
+                                   "in kohya); the LR schedule is not moved, as in kohya.", minimum=0)
     initial_step: int | None = _f(None, "saving", "Start counting at this step (overrides initial_epoch); without "
                                   "skip_until_initial_step only the epoch number moves, as in kohya.", minimum=0)
     skip_until_initial_step: bool = _f(False, "saving", "Skip the steps before initial_step/initial_epoch without "

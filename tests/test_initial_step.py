@@ -139,7 +139,7 @@ def test_initial_step_at_or_past_the_total_is_one_line(assets, tmp_path):
 
 
 def test_initial_step_zero_and_initial_epoch_one_change_nothing(assets, tmp_path):
-    for flags in ({"initial_step": 0}, {"initial_epoch": 1}):
+    for flags in ({"initial_step": 0}, {"initial_epoch": 1}, {"initial_epoch": 0}):   # kohya: (0 - 1) × N, no step
         plan = plan_run(make_config(assets, tmp_path, save_every_n_epochs=1, **flags))
         assert plan.start is None and plan.last_step == 10
 
@@ -150,8 +150,8 @@ def test_the_flags_parse_from_kohyas_command_line_and_refuse_bad_values():
     _, config = parse_train_args(make_parser("spyke-cockpit train", ""), [
         "--initial_epoch", "3", "--initial_step=7", "--skip_until_initial_step"])
     assert (config.initial_epoch, config.initial_step, config.skip_until_initial_step) == (3, 7, True)
-    bad = build_config(None, {"pretrained_model_name_or_path": "m", "train_data_dir": "d", "initial_epoch": 0})
-    with pytest.raises(ConfigError, match=r"^--initial_epoch must be ≥ 1 \(got 0\)$"):
+    bad = build_config(None, {"pretrained_model_name_or_path": "m", "train_data_dir": "d", "initial_step": -2})
+    with pytest.raises(ConfigError, match=r"^--initial_step must be ≥ 0 \(got -2\)$"):
         bad.validate()
 
 
