@@ -178,3 +178,13 @@ def test_skipping_counts_optimizer_steps_under_gradient_accumulation(assets, tmp
     steps = [e for e in events if isinstance(e, StepCompleted)]
     assert trained == [4, 4, 5, 5, 6, 6]                # two batches for each trained step, none before step 4
     assert [(e.step, e.epoch) for e in steps] == [(4, 2), (5, 3), (6, 3)] and result.global_step == 6
+
+
+def test_the_forms_preview_says_where_the_run_starts_and_ends(assets, tmp_path):
+    from cockpit.panels import preview_text
+
+    plan = plan_run(make_config(assets, tmp_path, max_train_epochs=4, initial_epoch=3))
+    assert "starts at step 0 in epoch 3, ends at step 8" in preview_text(plan).plain
+    plan = plan_run(make_config(assets, tmp_path, initial_step=5, skip_until_initial_step=True))
+    assert "starts after step 5 in epoch 2, ends at step 10" in preview_text(plan).plain
+    assert "starts" not in preview_text(plan_run(make_config(assets, tmp_path))).plain
