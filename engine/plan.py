@@ -113,10 +113,11 @@ def check_latent_caching(config: TrainConfig, dataset: DatasetPlan, warnings: li
 
 def schedule_checkpoints(config: TrainConfig, total_steps: int, num_epochs: int,
                          steps_per_epoch: int, every_epochs: int | None = None,
-                         epoch_offset: int = 0) -> list[PlannedCheckpoint]:
+                         epoch_offset: int = 0, first_step: int = 0) -> list[PlannedCheckpoint]:
     """kohya's rules: a step file whenever ``global_step % save_every_n_steps == 0``; an epoch file
     after every n-th epoch except the last; the final file at the end. ``epoch_offset``: epochs counted
-    before global step 0 (``--initial_epoch`` without skipping); the run then ends when its epochs do."""
+    before global step 0 (``--initial_epoch`` without skipping); the run then ends when its epochs do.
+    ``first_step``: the steps up to it are skipped (``--skip_until_initial_step``), so nothing is saved there."""
     out: list[PlannedCheckpoint] = []
     last = min(total_steps, (num_epochs - epoch_offset) * steps_per_epoch)
     n = config.save_every_n_steps
@@ -131,7 +132,7 @@ def schedule_checkpoints(config: TrainConfig, total_steps: int, num_epochs: int,
                 continue
             step = min(last, (epoch - epoch_offset) * steps_per_epoch)
             out.append(PlannedCheckpoint(step, epoch, "epoch", checkpoint_filename(config.output_name, epoch=epoch)))
-    out.sort(key=lambda c: (c.step, c.kind != "step"))
+    out = sorted((c for c in out if c.step > first_step), key=lambda c: (c.step, c.kind != "step"))
     out.append(PlannedCheckpoint(last, num_epochs, "final", checkpoint_filename(config.output_name)))
     return out
 
@@ -168,7 +169,7 @@ def plan_run(config: TrainConfig) -> RunPlan:
 
     start = start_point(config, steps_per_epoch, total_steps)
     checkpoints = schedule_checkpoints(config, total_steps, num_epochs, steps_per_epoch, every_epochs,
-                                       start.epoch_offset if start is not None else 0)
+                                       *((start.epoch_offset, start.step) if start is not None else ()))
     kept = {id(c) for c in survivors(config, checkpoints, every_epochs)}
     checkpoints = [c if id(c) in kept else dataclasses.replace(c, kept=False) for c in checkpoints]
     subsets: dict[tuple[str, int, bool], int] = {}

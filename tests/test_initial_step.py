@@ -110,6 +110,11 @@ def test_the_plan_names_what_an_initial_epoch_run_writes(assets, tmp_path):
     assert [(c.step, c.epoch, c.filename) for c in plan.checkpoints] == [
         (4, 3, f"{NAME}-000003.safetensors"), (8, 4, f"{NAME}.safetensors")]
     assert (plan.total_steps, plan.last_step) == (16, 8)
+    plan = plan_run(make_config(assets, tmp_path, initial_step=5, skip_until_initial_step=True, save_every_n_steps=3,
+                                save_every_n_epochs=1))
+    assert [(c.step, c.epoch, c.filename) for c in plan.checkpoints] == [    # nothing at the skipped steps
+        (6, 2, f"{NAME}-step00000006.safetensors"), (8, 2, f"{NAME}-000002.safetensors"),
+        (9, 3, f"{NAME}-step00000009.safetensors"), (10, 3, f"{NAME}.safetensors")]
 
 
 def test_resume_with_initial_step_ignores_the_states_step_and_keeps_its_schedule(assets, tmp_path):
