@@ -85,7 +85,8 @@ def fitted_config(config: TrainConfig, change: FitChange, resume: bool) -> Train
     """``config`` with exactly ``change``'s flags applied; resuming the last saved state, or as a new run."""
     changed = dataclasses.replace(config, **dict(change.values))
     if resume:
-        return dataclasses.replace(changed, resume="latest", resume_force=True)
+        # the state holds the position: --initial_step/--initial_epoch would override its step, as in kohya
+        return dataclasses.replace(changed, resume="latest", resume_force=True, initial_step=None, initial_epoch=None)
     return dataclasses.replace(changed, resume="", resume_force=False)
 
 

@@ -336,6 +336,10 @@ def preview_text(plan: Any) -> Text:
         text.append(f"{sub.image_dir}\n", style="dim")
     text.append(f"{plan.batches_per_epoch} steps/epoch · {plan.num_epochs} epochs · ")
     text.append(f"{plan.total_steps} total steps\n", style="bold")
+    start = getattr(plan, "start", None)
+    if start is not None:   # --initial_step/--initial_epoch
+        first = f"after step {start.step}" if start.skip else "at step 0"
+        text.append(f"starts {first} in epoch {start.epoch + 1}, ends at step {plan.last_step}\n")
     checkpoints = list(getattr(plan, "checkpoints", []))
     if checkpoints:
         kept = sum(1 for ck in checkpoints if getattr(ck, "kept", True))

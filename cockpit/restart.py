@@ -78,7 +78,9 @@ def restart_config(config: TrainConfig, choice: RestartChoice) -> TrainConfig:
     if choice.kind == CONTINUE:
         total = {"max_train_epochs": choice.total} if config.max_train_epochs is not None else \
             {"max_train_steps": choice.total}
-        return dataclasses.replace(config, resume="latest", resume_force=True, **total)
+        # the state holds the position: --initial_step/--initial_epoch would override its step, as in kohya
+        return dataclasses.replace(config, resume="latest", resume_force=True, initial_step=None, initial_epoch=None,
+                                   **total)
     fresh = dict(resume="", resume_force=False)        # a new run: nothing of the old one is resumed
     if choice.kind == NEW_NAME:
         return dataclasses.replace(config, output_name=choice.name or config.output_name, **fresh)

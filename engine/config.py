@@ -263,6 +263,12 @@ class TrainConfig:
     network_weights: str = _f("", "saving", "Start from an existing LoRA file (kohya's or ours).", kind="path")
     dim_from_weights: bool = _f(False, "saving", "Take network_dim and network_alpha from --network_weights.")
     resume: str = _f("", "saving", "Resume from a saved state folder, or 'latest'.", kind="path")
+    initial_epoch: int | None = _f(None, "saving", "Start counting at this epoch (1 = the first; 0 changes nothing, as "
+                                   "in kohya); the LR schedule is not moved, as in kohya.", minimum=0)
+    initial_step: int | None = _f(None, "saving", "Start counting at this step (overrides initial_epoch); without "
+                                  "skip_until_initial_step only the epoch number moves, as in kohya.", minimum=0)
+    skip_until_initial_step: bool = _f(False, "saving", "Skip the steps before initial_step/initial_epoch without "
+                                       "training, then count on from there.")
     resume_force: bool = _f(False, "saving", "Resume even if run-defining settings differ from the saved state.",
                             ours=True)
     overwrite: bool = _f(False, "saving", "Allow replacing existing checkpoint files of the same name.", ours=True)
@@ -292,6 +298,8 @@ class TrainConfig:
                                  kind="path")
     wandb_run_name: str = _f("", "logging", "The wandb run's name.")
     wandb_api_key: str = _f("", "logging", "wandb API key to log in with (kept out of the run folder).")
+    log_config: bool = _f(False, "logging", "Store the run's settings in the trackers (TensorBoard hparams, wandb "
+                          "config); the API key and folder paths are left out, as in kohya.")
     # --- sample images (kohya's sample_* flags)
     sample_prompts: str = _f("", "samples", "Prompts file (.txt, .toml or .json, kohya's forms); re-read at each "
                              "sampling. Also samples at every checkpoint.", kind="path")

@@ -71,11 +71,16 @@ class StepCompleted(Event, type="step"):
     keys_scaled: int | None = None
     avg_key_norm: float | None = None
     max_key_norm: float | None = None
+    # the groups' learning rates once the schedule stepped (the next step's), which kohya's trackers log
+    # (lr_scheduler.get_last_lr() after its step); None in journals written before they were recorded
+    next_lrs: dict[str, float] | None = None
+    # D-Adaptation / Prodigy: each group's d × lr after the step (kohya's lr/d*lr tags); None for other optimizers
+    d_lrs: dict[str, float] | None = None
 
-    _OPTIONAL: ClassVar[tuple[str, ...]] = ("keys_scaled", "avg_key_norm", "max_key_norm")
+    _OPTIONAL: ClassVar[tuple[str, ...]] = ("keys_scaled", "avg_key_norm", "max_key_norm", "next_lrs", "d_lrs")
 
     def to_json(self) -> str:
-        """As every event, without the max-norm keys when they are None (most runs: shorter step lines)."""
+        """As every event, without the optional keys that are None (most runs: shorter step lines)."""
         data = {"v": SCHEMA_VERSION, "type": self.type, **asdict(self)}
         for name in self._OPTIONAL:
             if data[name] is None:

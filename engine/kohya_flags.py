@@ -142,7 +142,6 @@ _PENDING_ELSEWHERE: list[tuple[str, type, str, Any]] = [
     ("logging_dir", str, "logging", None), ("log_with", str, "logging", None), ("log_prefix", str, "logging", None),
     ("log_tracker_name", str, "logging", None), ("log_tracker_config", str, "logging", None),
     ("wandb_run_name", str, "logging", None), ("wandb_api_key", str, "logging", None),
-    ("log_config", bool, "logging", False),
     # training semantics: network, loss, noise, captions, augmentation, validation
     ("weighted_captions", bool, "training", False),
     ("caption_dropout_rate", float, "training", 0.0), ("caption_dropout_every_n_epochs", int, "training", 0),
@@ -153,9 +152,6 @@ _PENDING_ELSEWHERE: list[tuple[str, type, str, Any]] = [
     ("random_crop", bool, "training", False), ("face_crop_aug_range", str, "training", None),
     ("token_warmup_min", int, "training", 1), ("token_warmup_step", float, "training", 0),
     ("resize_interpolation", str, "training", None),
-    # saving
-    ("skip_until_initial_step", bool, "saving", False), ("initial_epoch", int, "saving", None),
-    ("initial_step", int, "saving", None),
 ]
 
 _FORM_GROUP = {"logging": "logging", "training": "other", "saving": "saving"}

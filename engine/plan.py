@@ -56,6 +56,15 @@ class RunPlan:
     disk: DiskBudget | None = None   # the bytes the run will write (engine.disk_budget)
     _by_step: dict[int, list[PlannedCheckpoint]] | None = field(default=None, init=False, repr=False, compare=False)
     memory: Any = None   # engine.fit.preflight.MemoryVerdict: estimated peak vs the device; None if unknown
+    start: Any = None    # engine.initial_step.StartPoint: --initial_step/--initial_epoch; None starts at step 0
+
+    @property
+    def last_step(self) -> int:
+        """The global step the run ends at: ``total_steps`` (the schedule's length), or earlier when
+        ``--initial_epoch`` without skipping leaves fewer epochs than that."""
+        if self.start is None:
+            return self.total_steps
+        return self.start.last_step(self.total_steps, self.num_epochs, self.steps_per_epoch)
 
     def checkpoint_at(self, step: int) -> list[PlannedCheckpoint]:
         """The files planned at ``step``, in the order they are written (step, epoch, final)."""
@@ -103,22 +112,28 @@ def check_latent_caching(config: TrainConfig, dataset: DatasetPlan, warnings: li
 
 
 def schedule_checkpoints(config: TrainConfig, total_steps: int, num_epochs: int,
-                         steps_per_epoch: int, every_epochs: int | None = None) -> list[PlannedCheckpoint]:
+                         steps_per_epoch: int, every_epochs: int | None = None,
+                         epoch_offset: int = 0, first_step: int = 0) -> list[PlannedCheckpoint]:
     """kohya's rules: a step file whenever ``global_step % save_every_n_steps == 0``; an epoch file
-    after every n-th epoch except the last; the final file at the end."""
+    after every n-th epoch except the last; the final file at the end. ``epoch_offset``: epochs counted
+    before global step 0 (``--initial_epoch`` without skipping); the run then ends when its epochs do.
+    ``first_step``: the steps up to it are skipped (``--skip_until_initial_step``), so nothing is saved there."""
     out: list[PlannedCheckpoint] = []
+    last = min(total_steps, (num_epochs - epoch_offset) * steps_per_epoch)
     n = config.save_every_n_steps
     if n:
-        for step in range(n, total_steps + 1, n):
-            epoch = min(num_epochs, (step - 1) // steps_per_epoch + 1)
+        for step in range(n, last + 1, n):
+            epoch = min(num_epochs, epoch_offset + (step - 1) // steps_per_epoch + 1)
             out.append(PlannedCheckpoint(step, epoch, "step", checkpoint_filename(config.output_name, step=step, ext=config.save_model_as)))
     m = every_epochs if every_epochs is not None else config.save_every_n_epochs
     if m:
         for epoch in range(m, num_epochs, m):
-            step = min(total_steps, epoch * steps_per_epoch)
+            if epoch <= epoch_offset:
+                continue
+            step = min(last, (epoch - epoch_offset) * steps_per_epoch)
             out.append(PlannedCheckpoint(step, epoch, "epoch", checkpoint_filename(config.output_name, epoch=epoch, ext=config.save_model_as)))
-    out.sort(key=lambda c: (c.step, c.kind != "step"))
-    out.append(PlannedCheckpoint(total_steps, num_epochs, "final", checkpoint_filename(config.output_name, ext=config.save_model_as)))
+    out = sorted((c for c in out if c.step > first_step), key=lambda c: (c.step, c.kind != "step"))
+    out.append(PlannedCheckpoint(last, num_epochs, "final", checkpoint_filename(config.output_name, ext=config.save_model_as)))
     return out
 
 
@@ -150,7 +165,11 @@ def plan_run(config: TrainConfig) -> RunPlan:
     from engine.train.pruning import every_n_epochs, survivors
 
     every_epochs = every_n_epochs(config, num_epochs)
-    checkpoints = schedule_checkpoints(config, total_steps, num_epochs, steps_per_epoch, every_epochs)
+    from engine.initial_step import start_point
+
+    start = start_point(config, steps_per_epoch, total_steps)
+    checkpoints = schedule_checkpoints(config, total_steps, num_epochs, steps_per_epoch, every_epochs,
+                                       *((start.epoch_offset, start.step) if start is not None else ()))
     kept = {id(c) for c in survivors(config, checkpoints, every_epochs)}
     checkpoints = [c if id(c) in kept else dataclasses.replace(c, kept=False) for c in checkpoints]
     subsets: dict[tuple[str, int, bool], int] = {}
@@ -162,6 +181,9 @@ def plan_run(config: TrainConfig) -> RunPlan:
     if (too_full := disk_warning(config, disk, free)) is not None:
         dataset.warnings.append(too_full)
     warnings = list(getattr(dataset, "warnings", [])) + ([missing] if (missing := missing_model(config)) else [])
+    if config.skip_until_initial_step and start is None and not config.resume:
+        warnings.append("--skip_until_initial_step: no --initial_step or --initial_epoch past the first step, so "
+                        "nothing is skipped")
     if memory is not None and (memory_warning := memory.warning()):
         warnings.append(memory_warning)
     return RunPlan(
@@ -178,6 +200,7 @@ def plan_run(config: TrainConfig) -> RunPlan:
         memory=memory,
         save_every_n_epochs=every_epochs,
         disk=disk,
+        start=start,
     )
 
 

@@ -3,7 +3,8 @@
 kohya (``train_util.prepare_accelerator`` / ``init_trackers``): ``--logging_dir`` alone means TensorBoard;
 each launch logs to ``<logging_dir>/<log_prefix><YYYYmmddHHMMSS>/<log_tracker_name or network_train>``;
 ``--log_tracker_config`` is a TOML whose ``[tensorboard]`` / ``[wandb]`` tables are the trackers' init
-options. This module is light (no torch, no wandb import): the config model validates with it.
+options; ``--log_config`` hands the run's settings to the trackers as their config, without kohya's
+sensitive keys. This module is light (no torch, no wandb import): the config model validates with it.
 """
 
 from __future__ import annotations
@@ -20,6 +21,11 @@ TIMESTAMP_FORMAT = "%Y%m%d%H%M%S"         # kohya's run folder stamp, local time
 # SummaryWriter's own options (the log folder is ours): what a [tensorboard] table may set
 TENSORBOARD_OPTIONS = ("comment", "purge_step", "max_queue", "flush_secs", "filename_suffix")
 WANDB_PIN = "wandb==0.31.0"
+# kohya's get_sanitized_config_or_none leaves these out of --log_config (secrets, and paths that would name
+# the user's folders); sd_config_dir is spyke-cockpit's own path of the same kind
+SENSITIVE_KEYS = ("wandb_api_key", "huggingface_token")
+SENSITIVE_PATH_KEYS = ("pretrained_model_name_or_path", "vae", "tokenizer_cache_dir", "train_data_dir",
+                       "conditioning_data_dir", "reg_data_dir", "output_dir", "logging_dir", "sd_config_dir")
 
 
 def destinations(log_with: str | None, logging_dir: str) -> tuple[str, ...]:
@@ -90,3 +96,17 @@ def tensorboard_options(cfg: Mapping[str, Any]) -> dict[str, Any]:
     if not cfg.get("log_tracker_config"):
         return {}
     return dict(load_tracker_config(cfg["log_tracker_config"]).get("tensorboard", {}))
+
+
+def logged_config(cfg: Mapping[str, Any]) -> dict[str, Any] | None:
+    """``--log_config``: the settings the trackers store (TensorBoard hparams, wandb config), as kohya's
+    ``get_sanitized_config_or_none`` makes them: secrets and folder paths left out, lists as their text
+    (trackers take only bool, str, float, int and None). None without ``--log_config``."""
+    if not cfg.get("log_config"):
+        return None
+    out: dict[str, Any] = {}
+    for key, value in cfg.items():
+        if key in SENSITIVE_KEYS or key in SENSITIVE_PATH_KEYS:
+            continue
+        out[key] = value if value is None or isinstance(value, (bool, str, float, int)) else f"{value}"
+    return out

@@ -5,15 +5,18 @@ validation logs), so dashboards built on kohya runs read these the same way:
 
 - every step, at TensorBoard step ``global_step``: ``loss/current``, ``loss/average`` (kohya's
   ``LossRecorder.moving_average``: the mean of the last epoch's worth of step losses), and one
-  ``lr/<group>`` per parameter group (``lr/textencoder``, ``lr/unet``), plus the ``lr/group<i>`` copies
-  kohya's loop also writes (its ``for … else`` runs after every loop); with ``--scale_weight_norms``,
+  ``lr/<group>`` per parameter group (``lr/textencoder``, ``lr/unet``, ``lr/unet_block<i>``, ``… plus``),
+  plus the ``lr/group<i>`` copies kohya's loop also writes (its ``for … else`` runs after every loop), each
+  the rate once the schedule stepped, as kohya reads ``get_last_lr()``; for DAdapt* and Prodigy also
+  ``lr/d*lr/<group>`` and ``lr/d*lr/group<i>`` (the group's adapted ``d`` × lr); with ``--scale_weight_norms``,
   ``max_norm/keys_scaled``, ``max_norm/max_key_norm`` and ``norm/avg_key_norm`` (kohya v0.10's names);
 - at the end of each epoch, at TensorBoard step ``epoch``: ``loss/epoch_average``;
 - after a validation pass, at ``global_step``: ``loss/validation/step_average`` and ``…/step_divergence``;
   after an end-of-epoch pass, at TensorBoard step ``epoch``: ``loss/validation/epoch_average`` and
   ``…/epoch_divergence`` (a pass that is only the epoch's writes only those, as kohya's epoch validation).
 
-wandb gets the same logs with ``global_step`` and ``epoch`` added (kohya's wandb form).
+wandb gets the same logs with ``global_step`` and ``epoch`` added (kohya's wandb form). With ``--log_config``
+the run's settings (``engine.tracker_config.logged_config``) are TensorBoard hparams and the wandb config.
 """
 
 from __future__ import annotations
@@ -27,23 +30,58 @@ from typing import Any, Callable
 from urllib.parse import urlparse
 
 from engine.events import Event, RunFinished, RunStarted, Sink, StepCompleted, ValidationLoss
-from engine.tracker_config import (destinations, run_log_dir, tensorboard_options, tracker_name,
+from engine.tracker_config import (destinations, logged_config, run_log_dir, tensorboard_options, tracker_name,
                                    wandb_init_options)
 
 Record = tuple[dict[str, float], int, int, int]   # logs, TensorBoard step, global step, epoch
 TEXT_ENCODER_GROUP = "text_encoder"                # the engine's group name; kohya says "textencoder"
 
 
-def kohya_lr_logs(lrs: dict[str, float], unet_only: bool) -> dict[str, float]:
-    """kohya's ``lr/…`` scalars for the engine's parameter groups (text encoder first, as kohya orders them)."""
-    ordered = sorted(lrs.items(), key=lambda item: not item[0].startswith(TEXT_ENCODER_GROUP))
+def d_lr_kind(optimizer_type: str) -> str:
+    """Which ``lr/d*lr`` tags kohya writes for ``--optimizer_type``: ``dadapt`` (a DAdapt* name or Prodigy),
+    ``prodigyplus`` (a name ending in ProdigyPlusScheduleFree), or ``""`` (none); kohya matches the flag's text."""
+    lower = (optimizer_type or "").lower()
+    if lower.startswith("dadapt") or lower == "prodigy":
+        return "dadapt"
+    return "prodigyplus" if lower.endswith("prodigyplusschedulefree") else ""
+
+
+def kohya_name(group: str) -> str:
+    return group.replace(TEXT_ENCODER_GROUP, "textencoder")
+
+
+def kohya_lr_logs(lrs: dict[str, float], unet_only: bool, *, described: bool = True,
+                  d_lrs: dict[str, float] | None = None, d_kind: str = "") -> dict[str, float]:
+    """kohya's ``lr/…`` scalars (``generate_step_logs``) for the engine's parameter groups, text encoder
+    first as kohya orders them. ``described``: the network names its groups (networks.lora, LyCORIS; not
+    networks.dylora, whose groups kohya names unet / group<i+1>); ``d_lrs``: each group's d × lr, logged as
+    ``lr/d*lr/…`` when ``d_kind`` (see :func:`d_lr_kind`) says kohya does."""
+    def first_text_encoder(item: tuple[str, float]) -> bool:
+        return not item[0].startswith(TEXT_ENCODER_GROUP)
+
+    ordered = sorted(lrs.items(), key=first_text_encoder)
+    dlr = [None] * len(ordered) if d_lrs is None else [d_lrs.get(name) for name, _ in ordered]
     logs: dict[str, float] = {}
-    for name, lr in ordered:
-        logs["lr/" + name.replace(TEXT_ENCODER_GROUP, "textencoder")] = float(lr)
-    # kohya's `for … else` also writes every group past the text encoder's as lr/group<i>
-    first = 0 if unet_only else 1
+    for i, (name, lr) in enumerate(ordered):
+        if described:
+            desc = kohya_name(name)
+        else:   # kohya: idx = i - (0 if unet_only else -1), so the text encoder is never named here
+            desc = "unet" if len(ordered) <= 2 else f"group{i if unet_only else i + 1}"
+        logs[f"lr/{desc}"] = float(lr)
+        if d_kind == "dadapt" and dlr[i] is not None:
+            logs[f"lr/d*lr/{desc}"] = float(dlr[i])
+        if d_kind == "prodigyplus" and dlr[0] is not None:
+            logs["lr/d*lr"] = float(dlr[0])
+    # kohya's `for … else` also runs, after every loop: lr/textencoder is the first group's rate (whichever it
+    # is) unless --network_train_unet_only, and every later group is lr/group<i> (with its d*lr)
+    first = 0
+    if not unet_only and ordered:
+        logs["lr/textencoder"] = float(ordered[0][1])
+        first = 1
     for i in range(first, len(ordered)):
         logs[f"lr/group{i}"] = float(ordered[i][1])
+        if d_kind and dlr[i] is not None:
+            logs[f"lr/d*lr/group{i}"] = float(dlr[i])
     return logs
 
 
@@ -65,6 +103,8 @@ class KohyaScalars:
         self.steps_per_epoch = 1
         self.total_steps = 0
         self.unet_only = False
+        self.described = True
+        self.d_kind = ""
         self.recent: deque[float] = deque()
         self.validated_step: int | None = None
 
@@ -73,6 +113,8 @@ class KohyaScalars:
         self.steps_per_epoch = max(1, -(-event.batches_per_epoch // accumulation))
         self.total_steps = event.total_steps
         self.unet_only = bool(event.config.get("network_train_unet_only"))
+        self.described = event.config.get("network_module") != "networks.dylora"
+        self.d_kind = d_lr_kind(str(event.config.get("optimizer_type") or ""))
         self.recent = deque(maxlen=self.steps_per_epoch)
 
     @property
@@ -84,7 +126,8 @@ class KohyaScalars:
             if not event.skipped:
                 self.recent.append(event.loss)
             logs = {"loss/current": event.loss, "loss/average": self.moving_average, **max_norm_logs(event),
-                    **kohya_lr_logs(event.lrs, self.unet_only)}
+                    **kohya_lr_logs(event.lrs if event.next_lrs is None else event.next_lrs, self.unet_only,
+                                    described=self.described, d_lrs=event.d_lrs, d_kind=self.d_kind)}
             out = [(logs, event.step, event.step, event.epoch)]
             if event.step % self.steps_per_epoch == 0 or event.step == self.total_steps:
                 out.append(({"loss/epoch_average": self.moving_average}, event.epoch, event.step, event.epoch))
@@ -148,6 +191,19 @@ class TensorBoardTracker:
         self.scalars.start(event)
         self.writer = SummaryWriter(str(folder), **self.options)
         self.folders.append(folder)
+        if (values := logged_config(event.config)) is not None:
+            self._store_config(values, f"{event.t:.6f}")
+
+    def _store_config(self, values: dict[str, Any], run_name: str) -> None:
+        """accelerate's TensorBoard ``store_init_configuration`` (kohya's ``--log_config``): the values as
+        hparams in a ``<run_name>/`` subfolder of the tracker's folder, and as ``hparams.yml`` beside them."""
+        import yaml
+
+        self.writer.add_hparams(values, metric_dict={}, run_name=run_name)
+        self.writer.flush()
+        folder = Path(self.writer.log_dir) / run_name
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "hparams.yml").write_text(yaml.safe_dump(values), encoding="utf-8")
 
     def close(self) -> None:
         if self.writer is not None:
@@ -219,6 +275,8 @@ class WandbTracker:
             wandb.login(key=self.api_key)
         self.scalars.start(event)
         self.run = wandb.init(project=self.name, **options)
+        if (values := logged_config(event.config)) is not None:   # kohya's --log_config: the wandb config
+            self.run.config.update(values, allow_val_change=True)
         for metric in ("epoch", "val_step", "global_step"):
             self.run.define_metric(metric, hidden=True)
         if reason:

@@ -186,7 +186,13 @@ class Trainer:
             plan = plan_run(cfg.replace(seed=seed))  # without validation_seed the run's seed picks the held-out images
         cfg = cfg.replace(seed=seed)
         self.config = cfg
-        out, outputs = self._prepare_output(plan, loaded_state.progress.global_step if loaded_state else None)
+        start_step = loaded_state.progress.global_step if loaded_state else None
+        if plan.start is not None:   # --initial_step/--initial_epoch place the run, a resumed state's step aside
+            if loaded_state is not None:
+                resume_warnings.append(f"--resume={loaded_state.path}: the state's step ({start_step}) is ignored "
+                                       "because --initial_step/--initial_epoch is given (kohya does the same)")
+            start_step = plan.start.step if (loaded_state is not None or plan.start.step) else None
+        out, outputs = self._prepare_output(plan, start_step)
         if outputs.finished is not None:  # nothing left to train: change nothing, not even the run folder
             self.counters.place(outputs.finished_step or 0)
             self._emit(LogMessage(level="warning", message=outputs.finished_message()))
@@ -199,10 +205,10 @@ class Trainer:
 
         device = pick_device(cfg.device)
         self._emit(RunStarted(
-            run_id=self.run_id, output_dir=str(out), output_name=cfg.output_name, total_steps=plan.total_steps,
+            run_id=self.run_id, output_dir=str(out), output_name=cfg.output_name, total_steps=plan.last_step,
             num_epochs=plan.num_epochs, batches_per_epoch=plan.batches_per_epoch, device=str(device),
             pid=os.getpid(), config=cfg.to_dict(), checkpoint_steps=[c.step for c in plan.checkpoints],
-            start_step=loaded_state.progress.global_step if loaded_state else 0, seed=seed))
+            start_step=start_step or 0, seed=seed))
         for warning in plan.warnings + resume_warnings:
             self._emit(LogMessage(level="warning", message=warning))
         self._phase("loading", cfg.pretrained_model_name_or_path)

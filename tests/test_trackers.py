@@ -15,7 +15,7 @@ from engine.errors import ConfigError
 from engine.events import StepCompleted
 from engine.run.journal import read_events
 from engine.tiny import generate_dataset
-from engine.trackers import kohya_lr_logs
+from engine.trackers import d_lr_kind, kohya_lr_logs
 
 pytest.importorskip("tensorboard")
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
@@ -78,9 +78,11 @@ def test_tensorboard_holds_kohyas_tags_with_the_runs_losses_and_learning_rates(l
     assert [v for _, v, _ in got["loss/average"]] == [pytest.approx(sum(w) / len(w), rel=1e-6) for w in window]
     assert [(s, v) for s, v, _ in got["loss/epoch_average"]] == [
         (1, pytest.approx(sum(losses[:4]) / 4, rel=1e-6)), (2, pytest.approx(sum(losses[1:5]) / 4, rel=1e-6))]
-    for tag, group in (("lr/unet", "unet"), ("lr/group1", "unet"), ("lr/textencoder", "text_encoder")):
-        assert [v for _, v, _ in got[tag]] == [pytest.approx(e.lrs[group], rel=1e-6) for e in steps]
-    assert len({v for _, v, _ in got["lr/unet"]}) > 1  # the warm-up shows
+    # kohya logs get_last_lr() after the schedule's step: at step k the warm-up's k/3 (the next step's rate)
+    warmup = [min(1.0, e.step / 3) for e in steps]
+    for tag, lr in (("lr/unet", 1e-3), ("lr/group1", 1e-3), ("lr/textencoder", 5e-4)):
+        assert [v for _, v, _ in got[tag]] == [pytest.approx(lr * w, rel=1e-6) for w in warmup]
+    assert [e.lrs["unet"] for e in steps[:3]] == pytest.approx([0.0, 1e-3 / 3, 2e-3 / 3])  # the rates trained with
 
 
 def test_log_folder_is_logging_dir_prefix_timestamp_and_tracker_name(tiny_cache, small, tmp_path, logged_run):
@@ -141,7 +143,8 @@ def test_wandb_logs_offline_when_there_is_no_network_and_keeps_the_key_out_of_th
         monkeypatch.setenv(name, str(tmp_path / name.lower()))
     monkeypatch.setattr(engine.trackers, "reachable", lambda host, *a, **k: False)
     config = make_config(tiny_cache, small, tmp_path / "out", max_train_steps=2, log_with="wandb",
-                         logging_dir=str(tmp_path / "logs"), wandb_run_name="plasma", wandb_api_key="secret-key-123")
+                         logging_dir=str(tmp_path / "logs"), wandb_run_name="plasma", wandb_api_key="secret-key-123",
+                         log_config=True)
     printed, _ = run(config)
     line = next(x for x in printed.splitlines() if x.startswith("wandb:"))
     assert line.startswith("wandb: no network (api.wandb.ai unreachable): logging offline to ")
@@ -150,9 +153,94 @@ def test_wandb_logs_offline_when_there_is_no_network_and_keeps_the_key_out_of_th
     assert list(offline.glob("run-*.wandb")) and str(offline) in line
     assert not list(stamped.glob("network_train"))  # wandb only: no TensorBoard folder
     run_dir = next((Path(config.output_dir) / ".spyke").iterdir())
-    for written in run_dir.rglob("*"):
+    for written in [*run_dir.rglob("*"), *stamped.rglob("*")]:
         if written.is_file():
             assert b"secret-key-123" not in written.read_bytes(), written
+    # --log_config: the settings are the wandb run's config, paths left out as in kohya
+    [log] = offline.glob("run-*.wandb")
+    stored = wandb_config(log)
+    assert stored["network_dim"] == 4 and stored["wandb_run_name"] == "plasma" and stored["max_train_epochs"] is None
+    assert "output_dir" not in stored and "wandb_api_key" not in stored and "logging_dir" not in stored
+
+
+def hparams(folder: Path) -> dict:
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    acc = EventAccumulator(str(folder))
+    acc.Reload()
+    content = acc.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    info = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info
+    return {k: v.WhichOneof("kind") and getattr(v, v.WhichOneof("kind")) for k, v in info.hparams.items()}
+
+
+def test_log_config_stores_the_settings_as_tensorboard_hparams_without_paths_or_the_api_key(tiny_cache, small,
+                                                                                             tmp_path):
+    import yaml
+
+    config = make_config(tiny_cache, small, tmp_path / "out", max_train_steps=1, logging_dir=str(tmp_path / "logs"),
+                         log_config=True, wandb_api_key="secret-key-123", network_args=["conv_dim=2"],
+                         vae="", training_comment="plasma")
+    run(config)
+    [tracker] = (tmp_path / "logs").glob("*/network_train")
+    [folder] = [p for p in tracker.iterdir() if p.is_dir()]
+    got = hparams(folder)
+    assert got["network_dim"] == 4 and got["learning_rate"] == pytest.approx(config.learning_rate)
+    assert got["optimizer_type"] == "AdamW" and got["log_config"] == 1 and got["training_comment"] == "plasma"
+    assert got["network_args"] == "['conv_dim=2']"   # kohya: lists as their text
+    assert "max_train_epochs" not in got             # None: TensorBoard's hparams skip it
+    for secret in ("wandb_api_key", "pretrained_model_name_or_path", "output_dir", "logging_dir", "vae",
+                   "train_data_dir", "reg_data_dir"):
+        assert secret not in got
+    stored = yaml.safe_load((folder / "hparams.yml").read_text())
+    assert stored["network_dim"] == 4 and stored["max_train_epochs"] is None and "wandb_api_key" not in stored
+    for written in (tmp_path / "logs").rglob("*"):
+        assert not written.is_file() or b"secret-key-123" not in written.read_bytes()
+    # without --log_config no hparams are stored
+    config = make_config(tiny_cache, small, tmp_path / "out2", max_train_steps=1, logging_dir=str(tmp_path / "l2"))
+    run(config)
+    [tracker] = (tmp_path / "l2").glob("*/network_train")
+    assert not [p for p in tracker.iterdir() if p.is_dir()]
+
+
+def wandb_records(data: bytes):
+    """The protobuf records of a wandb transaction log (a LevelDB-style log of 32 KiB blocks after a 7-byte
+    header; each chunk: crc32, length, type 1 full / 2 first / 3 middle / 4 last)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    pos, buf = 7, b""
+    while pos + 7 <= len(data):
+        if (left := 32768 - pos % 32768) < 7:
+            pos += left
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        buf += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(buf)
+            buf = b""
+            yield record
+
+
+def wandb_config(log: Path, timeout: float = 60.0) -> dict:
+    """The config a finished offline wandb run recorded (waits for its exit record: wandb writes it last)."""
+    import json
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        records = list(wandb_records(log.read_bytes()))
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)   # polling the file wandb's service is still writing
+    config = {}
+    for r in records:
+        kind = r.WhichOneof("record_type")
+        items = r.config.update if kind == "config" else r.run.config.update if kind == "run" else []
+        config.update({item.key: json.loads(item.value_json) for item in items})
+    return config
 
 
 def test_lr_tags_follow_kohyas_group_naming():
@@ -160,6 +248,63 @@ def test_lr_tags_follow_kohyas_group_naming():
         "lr/textencoder": 5e-4, "lr/unet": 1e-3, "lr/group1": 1e-3}
     assert kohya_lr_logs({"unet": 1e-3}, unet_only=True) == {"lr/unet": 1e-3, "lr/group0": 1e-3}
     assert kohya_lr_logs({"text_encoder": 5e-4}, unet_only=False) == {"lr/textencoder": 5e-4}
+    # a frozen text encoder without --network_train_unet_only: kohya's `else` names the first group textencoder
+    assert kohya_lr_logs({"unet": 1e-3}, unet_only=False) == {"lr/unet": 1e-3, "lr/textencoder": 1e-3}
+
+
+def test_block_and_loraplus_groups_get_kohyas_descriptions_and_group_indices():
+    lrs = {"unet_block0": 1e-3, "unet_block0 plus": 16e-3, "unet_block5": 5e-4, "text_encoder": 2e-4,
+           "text_encoder plus": 32e-4}
+    assert kohya_lr_logs(lrs, unet_only=False) == {
+        "lr/textencoder": 2e-4, "lr/textencoder plus": 32e-4, "lr/unet_block0": 1e-3, "lr/unet_block0 plus": 16e-3,
+        "lr/unet_block5": 5e-4, "lr/group1": 32e-4, "lr/group2": 1e-3, "lr/group3": 16e-3, "lr/group4": 5e-4}
+
+
+def test_dylora_groups_carry_no_descriptions_so_kohya_names_them_by_index():
+    # networks.dylora returns no descriptions: kohya's loop names groups unet (two or fewer) or group<i+1>
+    assert kohya_lr_logs({"unet": 1e-3, "text_encoder": 5e-4}, unet_only=False, described=False) == {
+        "lr/unet": 1e-3, "lr/textencoder": 5e-4, "lr/group1": 1e-3}
+    lrs = {"unet": 1.0, "unet plus": 2.0, "text_encoder": 3.0, "text_encoder plus": 4.0}
+    assert kohya_lr_logs(lrs, unet_only=False, described=False) == {
+        "lr/textencoder": 3.0, "lr/group1": 4.0, "lr/group2": 1.0, "lr/group3": 2.0, "lr/group4": 2.0}
+
+
+@pytest.mark.parametrize("name,kind", [("Prodigy", "dadapt"), ("prodigy", "dadapt"), ("DAdaptAdam", "dadapt"),
+                                       ("DAdaptation", "dadapt"), ("AdamW", ""), ("prodigyopt.Prodigy", ""),
+                                       ("prodigyplus.ProdigyPlusScheduleFree", "prodigyplus")])
+def test_d_lr_tags_follow_kohyas_optimizer_name_rule(name, kind):
+    assert d_lr_kind(name) == kind
+
+
+def test_prodigy_plus_schedule_free_logs_the_first_groups_d_lr_untagged():
+    logs = kohya_lr_logs({"unet": 1.0, "text_encoder": 1.0}, unet_only=False, d_lrs={"unet": 0.5, "text_encoder": 0.25},
+                         d_kind="prodigyplus")
+    assert logs == {"lr/textencoder": 1.0, "lr/unet": 1.0, "lr/group1": 1.0, "lr/d*lr": 0.25,
+                    "lr/d*lr/group1": 0.5}
+
+
+@pytest.mark.parametrize("optimizer", ["Prodigy", "DAdaptAdam"])
+def test_adaptive_optimizers_log_kohyas_d_lr_tags_from_the_optimizers_param_groups(tiny_cache, small, tmp_path,
+                                                                                   optimizer):
+    from engine.state import load_state
+
+    config = make_config(tiny_cache, small, tmp_path / "out", max_train_steps=3, optimizer_type=optimizer,
+                         learning_rate=1.0, unet_lr=1.0, text_encoder_lr=1.0, lr_warmup_steps=2,
+                         save_every_n_steps=1, save_state=True, logging_dir=str(tmp_path / "logs"))
+    run(config)
+    [folder] = [p.parent for p in (tmp_path / "logs").glob("*/network_train/events.out.tfevents.*")]
+    got = scalars(folder)
+    assert {"lr/d*lr/textencoder", "lr/d*lr/unet", "lr/d*lr/group1"} <= set(got)
+    # the state saved at step k holds the optimizer as kohya reads it when logging step k
+    for step in (1, 2, 3):
+        groups = load_state(Path(config.output_dir) / f"lora-step{step:08d}-state").optimizer_state["param_groups"]
+        unet, text_encoder = groups   # the engine's order: U-Net first
+        for tag, group in (("lr/d*lr/unet", unet), ("lr/d*lr/group1", unet), ("lr/d*lr/textencoder", text_encoder),
+                           ("lr/unet", unet), ("lr/textencoder", text_encoder)):
+            value = group["d"] * group["lr"] if "d*lr" in tag else group["lr"]
+            assert dict((s, v) for s, v, _ in got[tag])[step] == pytest.approx(value, rel=1e-6), (tag, step)
+    assert [v for _, v, _ in got["lr/unet"]] == pytest.approx([0.5, 1.0, 1.0])   # the warm-up's next rates
+    assert len({v for _, v, _ in got["lr/d*lr/unet"]}) > 1   # d adapts (Prodigy grows it from d0)
 
 
 def test_logging_flags_parse_from_the_command_line_and_a_preset(tmp_path):

@@ -74,6 +74,11 @@ class Job:
                              forget_state=self.saver.forget_state)
         if loaded_state is not None:
             self._restore(loaded_state)
+        if plan.start is not None:   # kohya's --initial_step/--initial_epoch: the run counts from there
+            start = plan.start
+            self.counters.place(start.step, start.epoch, start.batch)
+            self.saver.state_step = None
+            self.emit(LogMessage(level="info", message=start.describe()))
         self.nan.remember(self.resumable())
 
     # ---- what the forward pass reads (tests change the config and the caches of a loaded job)

@@ -23,6 +23,15 @@ def memory_sample(device_type: str) -> MemorySample:
                         device_total=m.device_total, swap_used=m.swap_used)
 
 
+def scheduled_lrs(names: list[str], param_groups) -> tuple[dict[str, float], dict[str, float] | None]:
+    """After the optimizer and schedule stepped: each group's learning rate, and its ``d × lr`` when the
+    optimizer adapts a step size ``d`` (D-Adaptation, Prodigy), as kohya's trackers read them."""
+    lrs = {name: float(g["lr"]) for name, g in zip(names, param_groups)}
+    if not all("d" in g for g in param_groups):
+        return lrs, None
+    return lrs, {name: float(g["d"]) * float(g["lr"]) for name, g in zip(names, param_groups)}
+
+
 class Loop:
     """Runs an assembled ``engine.train.job.Job`` (its parts, counters, control and emitter) to the end."""
 
@@ -106,11 +115,13 @@ class Loop:
                 norms = job.network.apply_max_norm(cfg.scale_weight_norms, job.device)
             lrs = {name: float(g["lr"]) for name, g in zip(job.group_names, optimizer.param_groups)}
             lr_scheduler.step()
+            next_lrs, d_lrs = scheduled_lrs(job.group_names, optimizer.param_groups)
             epoch_number = c.epoch + 1
             epoch_ended = c.finish_step(loss_value, len(groups))
             job.emit(StepCompleted(step=step, epoch=epoch_number, loss=loss_value, lrs=lrs,
                                    step_seconds=time.perf_counter() - step_started, skipped=skipped,
-                                   keys_scaled=norms[0], avg_key_norm=norms[1], max_key_norm=norms[2]))
+                                   keys_scaled=norms[0], avg_key_norm=norms[1], max_key_norm=norms[2],
+                                   next_lrs=next_lrs, d_lrs=d_lrs))
             self._sample()
             saved = [saver.save(planned.kind)           # step files, then epoch files (never at the last epoch)
                      for planned in plan.checkpoint_at(step) if planned.kind != "final"]

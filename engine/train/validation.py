@@ -62,7 +62,7 @@ class Validator:
         n = self.cfg.validate_every_n_steps
         if n and step % n == 0:
             kinds.append("step")
-        if epoch_ended or step >= self.plan.total_steps:   # kohya validates after the last, cut-short epoch too
+        if epoch_ended or step >= self.plan.last_step:   # kohya validates after the last, cut-short epoch too
             m = self.cfg.validate_every_n_epochs
             if m is None or epoch % m == 0:
                 kinds.append("epoch")
@@ -78,7 +78,7 @@ class Validator:
         kinds = self.kinds_at(step, epoch, epoch_ended) + (["checkpoint"] if paths else [])
         if not kinds:
             return
-        if step >= self.plan.total_steps:    # the final file follows: one pass for it and this step
+        if step >= self.plan.last_step:    # the final file follows: one pass for it and this step
             self._pending = (step, epoch, kinds, paths)
             return
         self._report(step, epoch, kinds, paths, then="training")
