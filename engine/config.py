@@ -402,8 +402,6 @@ def _network_problems(cfg: TrainConfig) -> dict[str, str]:
     out: dict[str, str] = {}
     if cfg.network_dropout is not None and not 0 <= cfg.network_dropout < 1:
         out["network_dropout"] = f"must be a probability in [0, 1) (got {cfg.network_dropout!r})"
-    elif cfg.network_dropout and cfg.network_module == "networks.dylora":
-        out["network_dropout"] = "is not read by kohya's networks.dylora (DyLoRA has no dropout); remove it"
     if cfg.network_module in ("networks.lora", "networks.dylora", "lycoris.kohya"):  # else: refused by its own check
         try:
             if cfg.network_module == "lycoris.kohya":

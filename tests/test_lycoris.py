@@ -47,8 +47,6 @@ def _validate(items, **extra):
     (["conv_dim=8.5"], "--network_args conv_dim='8.5' must be an integer ≥ 0"),
     (["dora_wd=0"], "--network_args dora_wd='0' must be True or False"),
     (["rank_dropout=1"], "--network_args rank_dropout='1' must be a probability in [0, 1)"),
-    (["algos=lokr"], "--network_args unknown key 'algos' for lycoris.kohya; known: algo, preset"),
-    (["block_dims=2"], "--network_args block_dims= is a networks.lora option that LyCORIS does not read"),
 ])
 def test_bad_lycoris_network_args_are_one_line_naming_the_key(items, message):
     with pytest.raises(ConfigError) as err:
