@@ -40,6 +40,10 @@ def _bad(key: str, value: str, want: str) -> ConfigError:
 
 def _check(key: str, value: str) -> None:
     if key == "algo":
+        if value.lower() == "tlora":
+            raise ConfigError(f"{FLAG}: algo=tlora is not supported: LyCORIS's T-LoRA needs the training loop to set "
+                              "a rank mask for each step's timestep (lycoris.modules.tlora.set_timestep_mask), which "
+                              "kohya's train_network.py does not do, and neither does this trainer; use algo=locon")
         if value.lower() not in ALGOS:
             raise _bad(key, value, "one of " + ", ".join(ALGOS))
     elif key == "preset":

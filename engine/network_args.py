@@ -32,6 +32,33 @@ DYLORA_KNOWN = ("unit", "conv_dim", "conv_alpha", "loraplus_lr_ratio", "loraplus
                 "loraplus_text_encoder_lr_ratio")
 DYLORA_MODULE = "networks.dylora"
 LR_PRESETS = ("cosine", "sine", "linear", "reverse_linear", "zeros")
+_OTHER_MODEL = "it trains {} models; this trainer trains SD1.x: use networks.lora (or lycoris.kohya)"
+# kohya's other network modules (sd-scripts' networks/), each with why it is not trained here.
+UNSUPPORTED_MODULES = {
+    "networks.lora_fa": "kohya's LoRA-FA (lora_down frozen at its random start) is not implemented here; use "
+                        "networks.lora, or lycoris.kohya",
+    "networks.oft": "kohya's OFT is not implemented here; LyCORIS's orthogonal fine-tuning is: "
+                    "--network_module=lycoris.kohya --network_args algo=diag-oft (or algo=boft)",
+    "networks.lora_diffusers": "it applies LoRA files to diffusers pipelines for inference, it is not a training "
+                               "network (kohya's train_network.py cannot train it either); use networks.lora",
+    "networks.control_net_lllite": "ControlNet-LLLite is trained by kohya's sdxl_train_control_net_lllite.py for "
+                                   "SDXL, not by train_network.py; use networks.lora",
+    "networks.control_net_lllite_for_train": "ControlNet-LLLite is trained by kohya's "
+                                             "sdxl_train_control_net_lllite.py for SDXL, not by train_network.py; "
+                                             "use networks.lora",
+    "networks.lora_flux": _OTHER_MODEL.format("FLUX.1"),
+    "networks.oft_flux": _OTHER_MODEL.format("FLUX.1"),
+    "networks.lora_sd3": _OTHER_MODEL.format("SD3"),
+    "networks.lora_lumina": _OTHER_MODEL.format("Lumina"),
+    "networks.lora_hunyuan_image": _OTHER_MODEL.format("HunyuanImage"),
+    "networks.lora_anima": _OTHER_MODEL.format("Anima"),
+}
+
+
+def unsupported_module(network_module: str) -> str | None:
+    """Why ``--network_module`` cannot train here, for kohya's modules this trainer does not have (else None)."""
+    why = UNSUPPORTED_MODULES.get(network_module)
+    return f"{network_module} is not supported: {why}" if why else None
 
 
 @dataclass(frozen=True)

@@ -372,3 +372,41 @@ def test_ignored_keys_change_nothing_in_the_network_kohya_builds(tiny_cache):
     assert [m.lora_name for m in typo.net.unet_loras] == [m.lora_name for m in plain.net.unet_loras]
     assert {type(m).__name__ for m in typo.net.unet_loras} == {"LoConModule"}     # algo stayed LyCORIS's default
     assert sum(p.numel() for p in typo.net.parameters()) == sum(p.numel() for p in plain.net.parameters())
+
+
+# --------------------------------------------------------------------------- network types not trained here
+@pytest.mark.parametrize("module, items, message", [
+    ("networks.lora_fa", [], "--network_module networks.lora_fa is not supported: kohya's LoRA-FA (lora_down frozen "
+                             "at its random start) is not implemented here; use networks.lora, or lycoris.kohya"),
+    ("networks.oft", [], "--network_module networks.oft is not supported: kohya's OFT is not implemented here; "
+                         "LyCORIS's orthogonal fine-tuning is: --network_module=lycoris.kohya --network_args "
+                         "algo=diag-oft (or algo=boft)"),
+    ("networks.lora_flux", [], "--network_module networks.lora_flux is not supported: it trains FLUX.1 models; this "
+                               "trainer trains SD1.x: use networks.lora (or lycoris.kohya)"),
+    ("networks.lora_sd3", [], "--network_module networks.lora_sd3 is not supported: it trains SD3 models"),
+    ("networks.control_net_lllite", [], "--network_module networks.control_net_lllite is not supported: "
+                                        "ControlNet-LLLite is trained by kohya's sdxl_train_control_net_lllite.py"),
+    ("networks.lorra", [], "--network_module must be one of networks.lora, networks.dylora, lycoris.kohya "
+                           "(got 'networks.lorra')"),
+    ("lycoris.kohya", ["algo=tlora"], "--network_args algo=tlora is not supported: LyCORIS's T-LoRA needs the "
+                                      "training loop to set a rank mask for each step's timestep"),
+])
+def test_network_types_kohya_has_but_this_trainer_does_not_are_one_line_with_the_reason(module, items, message):
+    with pytest.raises(ConfigError) as err:
+        TrainConfig(pretrained_model_name_or_path="m", train_data_dir="d", network_module=module,
+                    network_args=items).validate()
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+# sd-scripts' networks/ folder: the modules train_network.py can be given (scripts such as merge_lora left out)
+KOHYA_NETWORKS = ("lora", "dylora", "lora_fa", "oft", "lora_diffusers", "control_net_lllite",
+                  "control_net_lllite_for_train", "lora_flux", "oft_flux", "lora_sd3", "lora_lumina",
+                  "lora_hunyuan_image", "lora_anima")
+
+
+def test_every_kohya_network_module_is_trained_or_refused_with_its_reason():
+    from engine.network_args import UNSUPPORTED_MODULES
+
+    trained = set(TrainConfig.__dataclass_fields__["network_module"].metadata["choices"])
+    for name in KOHYA_NETWORKS:
+        assert f"networks.{name}" in trained or f"networks.{name}" in UNSUPPORTED_MODULES, name
