@@ -13,7 +13,7 @@ from engine.dataset_config import SubsetSpec
 from engine.errors import DatasetError
 
 __all__ = ["CAPTION_EXTENSIONS", "read_caption", "process_caption", "caption_extension_warning",
-           "token_warmup_steps", "missing_captions_warning"]
+           "token_warmup_steps", "missing_captions_warning", "empty_captions_warning"]
 
 CAPTION_EXTENSIONS = (".txt", ".caption", ".tags")   # the extensions caption tools commonly write
 
@@ -124,9 +124,10 @@ def read_caption(image: Path, subset: SubsetSpec) -> tuple[str, bool]:
     """(caption, from a file?) by kohya's rules.
 
     The first caption file of ``caption_paths`` that exists: its first line, stripped (with
-    ``enable_wildcard``: every non-empty line, joined by newlines). No file: the subset's
-    class tokens; neither: an empty caption (kohya trains it so; the plan warns), except when
-    a caption file with another common extension sits beside the image (refused, naming the flag).
+    ``enable_wildcard``: every non-empty line, joined by newlines); a first line that is empty is an
+    empty caption (kohya trains it so; the plan warns); a file without a line is refused (kohya asserts).
+    No file: the subset's class tokens; neither: an empty caption (kohya trains it so; the plan warns,
+    naming the flag when a caption file with another common extension sits beside the image).
     """
     for cap_path in caption_paths(image, subset.caption_extension):
         if not cap_path.is_file():
@@ -138,20 +139,14 @@ def read_caption(image: Path, subset: SubsetSpec) -> tuple[str, bool]:
         except OSError as err:
             raise DatasetError(f"cannot read caption file {cap_path}: {err}") from None
         lines = text.splitlines()
+        if not lines:
+            raise DatasetError(f"caption file {cap_path} is empty (not one line; kohya stops on it too); write a "
+                               "caption in it, or delete it so the image takes the subset's class tokens")
         if subset.enable_wildcard:
             caption = "\n".join(line.strip() for line in lines if line.strip())
         else:
-            caption = lines[0].strip() if lines else ""
-        if not caption:
-            raise DatasetError(
-                f"caption file {cap_path} is empty (first line); write a caption in it or delete it to use class_tokens"
-            )
+            caption = lines[0].strip()
         return caption, True
-    if not subset.class_tokens and (others := _other_extensions(image, subset.caption_extension)):
-        # an empty caption here is almost surely a wrong extension, not intent: refuse rather than warn
-        raise DatasetError(
-            f"image {image} has no caption file {image.stem + subset.caption_extension} but has "
-            f"{image.stem + others[0]}; {_set_extension(others[0])}")
     return (subset.class_tokens or ""), False
 
 
@@ -166,6 +161,18 @@ def missing_captions_warning(subset: SubsetSpec, uncaptioned: list[Path]) -> str
     return (f"{subset.image_dir}: {n} image{'s have' if n != 1 else ' has'} no {subset.caption_extension} caption "
             f"file and the subset has no class_tokens ({shown}); {'they train' if n != 1 else 'it trains'} on an "
             f"empty caption, as in kohya; add caption files or set class_tokens")
+
+
+def empty_captions_warning(subset: SubsetSpec, empty: list[Path]) -> str | None:
+    """One line for the images whose caption file gave an empty caption (its first line is blank): kohya reads
+    only that line and trains them on an empty caption (not the class tokens); names up to 5."""
+    if not empty:
+        return None
+    n = len(empty)
+    shown = ", ".join(p.name for p in empty[:5]) + (f" and {n - 5} more" if n > 5 else "")
+    return (f"{subset.image_dir}: {n} caption file{'s have' if n != 1 else ' has'} an empty first line ({shown}); "
+            f"kohya reads only the first line, so {'these images train' if n != 1 else 'its image trains'} on an "
+            "empty caption, as in kohya; put the caption on the first line")
 
 
 def caption_extension_warning(subset: SubsetSpec, uncaptioned: list[Path], num_images: int) -> str | None:

@@ -370,7 +370,7 @@ class TrainConfig:
         for name in AWAITING_TRAINING_SETUP:
             if getattr(self, name) != field_default(name):
                 out.setdefault(name, "is parsed but the training setup does not apply it yet; remove it for now")
-        out.update({k: v for k, v in _network_problems(self).items() if k not in out})
+        out.update({k: v for k, v in _network_problems(self).items() if k not in out or k == "network_module"})
         if self.metadata_thumbnail and not self.metadata_thumbnail.startswith("data:") \
                 and not Path(self.metadata_thumbnail).expanduser().is_file():
             out["metadata_thumbnail"] = (f"{self.metadata_thumbnail} is not a file; give an image file or a "
@@ -435,13 +435,13 @@ def _sample_problems(cfg: TrainConfig) -> dict[str, str]:
 
 
 def _network_problems(cfg: TrainConfig) -> dict[str, str]:
-    from engine.network_args import parse_network_args
+    from engine.network_args import parse_network_args, unsupported_module
 
     out: dict[str, str] = {}
+    if why := unsupported_module(cfg.network_module):
+        out["network_module"] = why
     if cfg.network_dropout is not None and not 0 <= cfg.network_dropout < 1:
         out["network_dropout"] = f"must be a probability in [0, 1) (got {cfg.network_dropout!r})"
-    elif cfg.network_dropout and cfg.network_module == "networks.dylora":
-        out["network_dropout"] = "is not read by kohya's networks.dylora (DyLoRA has no dropout); remove it"
     if cfg.network_module in ("networks.lora", "networks.dylora", "lycoris.kohya"):  # else: refused by its own check
         try:
             if cfg.network_module == "lycoris.kohya":

@@ -8,10 +8,11 @@ Kohya parity notes (train_util.py / config_util.py):
 
 * Captions (``engine.captions``): ``<image stem><caption_extension>`` read as UTF-8 (a BOM
   is dropped), first line, stripped. No caption file → the subset's ``class_tokens``;
-  neither → an empty caption with one plan warning per subset (kohya trains it so). An
-  empty caption file is an error (kohya asserts). Images that fall back while a
-  .txt/.caption/.tags file sits beside them get one plan warning per subset naming the
-  flag to set. A subset with ``metadata_file`` takes captions from kohya's fine-tuning
+  neither → an empty caption with one plan warning per subset (kohya trains it so). A
+  caption file whose first line is blank is an empty caption (one plan warning per subset);
+  one without a line is an error (kohya asserts). Images that fall back while a
+  .txt/.caption/.tags file sits beside them train so too, with one plan warning per subset
+  naming the flag to set. A subset with ``metadata_file`` takes captions from kohya's fine-tuning
   metadata instead (``engine.finetune_metadata``).
 * Regularisation images are balanced per dataset like kohya's DreamBoothDataset: reg
   images are registered in order with their repeats until they reach the dataset's
@@ -45,7 +46,8 @@ import numpy as np
 
 from engine.augment import color_aug, crop_offsets, face_check, face_crop, face_from_name
 from engine.buckets import BucketSelector, resize_and_crop, resize_only
-from engine.captions import caption_extension_warning, missing_captions_warning, process_caption, read_caption
+from engine.captions import (caption_extension_warning, empty_captions_warning, missing_captions_warning,
+                             process_caption, read_caption)
 from engine.dataset_split import split_train_val
 from engine.dataset_config import DatasetArgs, DatasetSpec, SubsetSpec
 from engine.dataset_sources import resolve_dataset_specs
@@ -331,6 +333,7 @@ def load_dataset_plan(args: DatasetArgs) -> DatasetPlan:
             held: list = []
             captions = []
             uncaptioned: list[Path] = []
+            empty_files: list[Path] = []
             if sub.metadata_file is not None:
                 listed = read_finetune_metadata(sub, IMAGE_EXTENSIONS)
             else:
@@ -341,6 +344,8 @@ def load_dataset_plan(args: DatasetArgs) -> DatasetPlan:
                 is_held = n >= len(listed)
                 if not from_file and not is_held:
                     uncaptioned.append(path)
+                elif from_file and not caption:
+                    empty_files.append(path)
                 w, h = image_size(path)
                 face = face_from_name(path) if sub.face_crop_aug_range is not None else None
                 if face is not None and not ds.enable_bucket:
@@ -367,6 +372,8 @@ def load_dataset_plan(args: DatasetArgs) -> DatasetPlan:
             if warning is None:
                 warning = missing_captions_warning(sub, [p for p in uncaptioned])
             if warning is not None:
+                warnings.append(warning)
+            if (warning := empty_captions_warning(sub, empty_files)) is not None:
                 warnings.append(warning)
         num_train = sum(e.num_repeats for e in train)
         entries.extend(train)

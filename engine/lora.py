@@ -163,6 +163,13 @@ class LoraNetwork:
             out[f"{m.kohya_name}.alpha"] = torch.tensor(float(m.alpha), dtype=target)
         return out
 
+    def state_tensors(self) -> dict[str, Tensor]:
+        """What a training state keeps: the kohya state dict at the training dtype (it copies back exactly)."""
+        return self.state_dict_kohya(None)
+
+    def load_state_tensors(self, sd: dict[str, Tensor], *, source: str) -> None:
+        self.load_state_dict_kohya(sd, source=source)
+
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
         shapes: dict[str, tuple[int, ...]] = {}
         for m in self.modules:

@@ -40,6 +40,10 @@ def _bad(key: str, value: str, want: str) -> ConfigError:
 
 def _check(key: str, value: str) -> None:
     if key == "algo":
+        if value.lower() == "tlora":
+            raise ConfigError(f"{FLAG}: algo=tlora is not supported: LyCORIS's T-LoRA needs the training loop to set "
+                              "a rank mask for each step's timestep (lycoris.modules.tlora.set_timestep_mask), which "
+                              "kohya's train_network.py does not do, and neither does this trainer; use algo=locon")
         if value.lower() not in ALGOS:
             raise _bad(key, value, "one of " + ", ".join(ALGOS))
     elif key == "preset":
@@ -76,16 +80,28 @@ def _check(key: str, value: str) -> None:
 
 
 def check_lycoris_args(items) -> dict[str, str]:
-    """The ``key -> value`` strings of ``items``, or one ConfigError naming the bad key."""
+    """The ``key -> value`` strings of ``items``, or one ConfigError naming the key with a bad value. Keys
+    LyCORIS does not read pass (it ignores them): :func:`ignored_lycoris_args` names them."""
     kw = split_items(items)
     for key, value in kw.items():
-        if key not in KNOWN:
-            if key in LORA_KEYS:
-                raise ConfigError(f"{FLAG}: {key}= is a networks.lora option that LyCORIS does not read; "
-                                  f"remove it for --network_module={MODULE}")
-            raise ConfigError(f"{FLAG}: unknown key {key!r} for {MODULE}; known: {', '.join(KNOWN)}")
-        _check(key, value)
+        if key in KNOWN:
+            _check(key, value)
     return kw
+
+
+def ignored_lycoris_args(items) -> list[str]:
+    """One warning line per key LyCORIS 4.1.3's ``create_network`` does not read (it ignores them)."""
+    out = []
+    for key in split_items(items):
+        if key in KNOWN:
+            continue
+        if key in LORA_KEYS:
+            out.append(f"{FLAG}: {key}= is a networks.lora option that LyCORIS does not read; {MODULE} ignores "
+                       "it, and so does this run")
+        else:
+            out.append(f"{FLAG}: unknown key {key!r} for {MODULE} (it reads {', '.join(KNOWN)}); LyCORIS ignores "
+                       "it, and so does this run")
+    return out
 
 
 def lycoris_kwargs(items, network_dropout: float | None) -> dict:

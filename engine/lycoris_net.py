@@ -145,10 +145,36 @@ class LycorisNet:
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
         return {k: tuple(v.shape) for k, v in self.net.state_dict().items()}
 
+    def _raw(self) -> dict[str, torch.Tensor]:
+        return {**dict(self.net.named_parameters()), **dict(self.net.named_buffers())}
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """What a training state keeps: the network's own parameters and buffers under their torch names, as
+        they are. LyCORIS's state dict is derived from them (``full``'s ``diff`` = weight - original, DyLoRA's
+        stacked blocks, DoRA's scale …) and does not always give the same floats back on reload."""
+        return {k: v.detach().to("cpu").contiguous().clone() for k, v in self._raw().items()}
+
     # ------------------------------------------------------------------ load
+    def load_state_tensors(self, sd: dict[str, torch.Tensor], *, source: str) -> None:
+        """Resume from :meth:`state_tensors` (bit-exact: each tensor copied in place); a state folder that holds
+        LyCORIS's keys (written by an earlier version) goes through :meth:`load_state_dict_kohya`."""
+        raw = self._raw()
+        if set(sd) != set(raw) and set(sd) == set(self.net.state_dict()):
+            return self.load_state_dict_kohya(sd, source=source)
+        self._check(raw, sd, source, {k for k, _ in self.net.named_buffers()})
+        with torch.no_grad():
+            for key, tensor in raw.items():
+                tensor.copy_(sd[key].to(tensor.device))
+
     def load_state_dict_kohya(self, sd: dict[str, torch.Tensor], *, source: str = "the LyCORIS file") -> None:
         """Copy a saved state back in (resume). Strict: same keys, shapes and fixed buffers (alpha …)."""
         mine = self.net.state_dict()
+        self._check(mine, sd, source, {k for k, _ in self.net.named_buffers()})
+        with torch.no_grad():
+            self.net.load_state_dict(self._as_parameters(sd), strict=True)
+
+    @staticmethod
+    def _check(mine: dict[str, torch.Tensor], sd: dict[str, torch.Tensor], source: str, fixed: set[str]) -> None:
         missing, unexpected = sorted(set(mine) - set(sd)), sorted(set(sd) - set(mine))
         if missing or unexpected:
             parts = ([f"{len(missing)} missing key(s) (first: {missing[0]})"] if missing else []) + \
@@ -156,7 +182,6 @@ class LycorisNet:
             raise CheckpointError(f"{source} does not match this network: {'; '.join(parts)}; resume with the same "
                                   "base model, network_dim, network_args and text-encoder settings as the run that "
                                   "wrote it")
-        fixed = {k for k, _ in self.net.named_buffers()}
         for key, value in mine.items():
             got = sd[key]
             if tuple(got.shape) != tuple(value.shape):
@@ -170,8 +195,6 @@ class LycorisNet:
                 raise CheckpointError(f"{source}: {key} is {got.flatten()[:1].tolist()} but this network has "
                                       f"{value.flatten()[:1].tolist()}; resume with the network_alpha and "
                                       "network_args of the run that wrote it")
-        with torch.no_grad():
-            self.net.load_state_dict(self._as_parameters(sd), strict=True)
 
     def _as_parameters(self, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The saved tensors under the network's parameter names: LyCORIS's DyLoRA saves one

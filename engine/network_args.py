@@ -1,8 +1,10 @@
 """``--network_args`` for kohya's ``networks.lora`` and ``networks.dylora``, read as sd-scripts'
 ``create_network`` of each reads them.
 
-kohya splits each item at ``=`` into a string key and a string value; lists (``block_dims`` …) are
-comma-separated. The SD1.x UNet has 25 blocks for block-wise dims and LR weights: 0 (IN00, the
+kohya splits each item at its first ``=`` into a string key and a string value; lists (``block_dims`` …)
+are comma-separated. Each ``create_network`` reads the keys it knows and ignores the rest: so do these,
+and :func:`ignored_args_warnings` names each ignored key in one warning line; a value kohya cannot read
+(``int("8.5")``, a failed assertion) is one ConfigError line. The SD1.x UNet has 25 blocks for block-wise dims and LR weights: 0 (IN00, the
 ``conv_in``, never a LoRA), 1-11 the down blocks, 12 the mid block, 13-24 the up blocks
 (:func:`engine.lora_plan.block_index`). This module is light: no torch.
 """
@@ -25,11 +27,38 @@ LYCORIS = ("algo", "preset", "dora_wd", "factor", "use_tucker", "use_cp", "use_s
            "rank_dropout_scale", "train_norm", "bypass_mode", "train_on_input", "block_size", "constraint",
            "rescaled", "weight_decompose", "full_matrix", "wd_on_output")
 DYLORA = ("unit",)
-# What kohya's networks.dylora reads (it ignores every other key: here they are refused, never dropped).
+# What kohya's networks.dylora reads (it ignores every other key).
 DYLORA_KNOWN = ("unit", "conv_dim", "conv_alpha", "loraplus_lr_ratio", "loraplus_unet_lr_ratio",
                 "loraplus_text_encoder_lr_ratio")
 DYLORA_MODULE = "networks.dylora"
 LR_PRESETS = ("cosine", "sine", "linear", "reverse_linear", "zeros")
+_OTHER_MODEL = "it trains {} models; this trainer trains SD1.x: use networks.lora (or lycoris.kohya)"
+# kohya's other network modules (sd-scripts' networks/), each with why it is not trained here.
+UNSUPPORTED_MODULES = {
+    "networks.lora_fa": "kohya's LoRA-FA (lora_down frozen at its random start) is not implemented here; use "
+                        "networks.lora, or lycoris.kohya",
+    "networks.oft": "kohya's OFT is not implemented here; LyCORIS's orthogonal fine-tuning is: "
+                    "--network_module=lycoris.kohya --network_args algo=diag-oft (or algo=boft)",
+    "networks.lora_diffusers": "it applies LoRA files to diffusers pipelines for inference, it is not a training "
+                               "network (kohya's train_network.py cannot train it either); use networks.lora",
+    "networks.control_net_lllite": "ControlNet-LLLite is trained by kohya's sdxl_train_control_net_lllite.py for "
+                                   "SDXL, not by train_network.py; use networks.lora",
+    "networks.control_net_lllite_for_train": "ControlNet-LLLite is trained by kohya's "
+                                             "sdxl_train_control_net_lllite.py for SDXL, not by train_network.py; "
+                                             "use networks.lora",
+    "networks.lora_flux": _OTHER_MODEL.format("FLUX.1"),
+    "networks.oft_flux": _OTHER_MODEL.format("FLUX.1"),
+    "networks.lora_sd3": _OTHER_MODEL.format("SD3"),
+    "networks.lora_lumina": _OTHER_MODEL.format("Lumina"),
+    "networks.lora_hunyuan_image": _OTHER_MODEL.format("HunyuanImage"),
+    "networks.lora_anima": _OTHER_MODEL.format("Anima"),
+}
+
+
+def unsupported_module(network_module: str) -> str | None:
+    """Why ``--network_module`` cannot train here, for kohya's modules this trainer does not have (else None)."""
+    why = UNSUPPORTED_MODULES.get(network_module)
+    return f"{network_module} is not supported: {why}" if why else None
 
 
 @dataclass(frozen=True)
@@ -63,10 +92,10 @@ class NetworkArgs:
 
 
 def split_items(items: list[str] | tuple[str, ...] | None) -> dict[str, str]:
-    """``["conv_dim=8", …]`` -> ``{"conv_dim": "8", …}`` (kohya: ``key, value = arg.split("=")``)."""
+    """``["conv_dim=8", …]`` -> ``{"conv_dim": "8", …}`` (kohya: ``key, value = arg.split("=", 1)``)."""
     out: dict[str, str] = {}
     for item in items or ():
-        parts = str(item).split("=")
+        parts = str(item).split("=", 1)
         if len(parts) != 2 or not parts[0].strip():
             raise ConfigError(f"{FLAG}: {item!r} is not key=value (e.g. conv_dim=8 block_dims=2,4,…)")
         out[parts[0].strip()] = parts[1].strip()
@@ -124,20 +153,10 @@ def parse_network_args(items: list[str] | tuple[str, ...] | None, network_module
     kw = split_items(items)
     if network_module == DYLORA_MODULE:
         return _parse_dylora(kw, dim, alpha)
-    for key in kw:
-        if key in LYCORIS:
-            raise ConfigError(f"{FLAG}: {key}= is a LyCORIS option; it needs --network_module=lycoris.kohya "
-                              f"(not {network_module})")
-        if key in DYLORA:
-            raise ConfigError(f"{FLAG}: {key}= is a DyLoRA option; it needs --network_module={DYLORA_MODULE}")
-        if key not in KNOWN:
-            raise ConfigError(f"{FLAG}: unknown key {key!r} for {network_module}; known: {', '.join(KNOWN)}")
     conv_dim = _number("conv_dim", kw["conv_dim"], int) if "conv_dim" in kw else None
     conv_alpha = None
     if conv_dim is not None:
         conv_alpha = _number("conv_alpha", kw["conv_alpha"], float) if "conv_alpha" in kw else 1.0
-    elif "conv_alpha" in kw:
-        raise ConfigError(f"{FLAG}: conv_alpha needs conv_dim (the rank of the 3x3 conv LoRA), e.g. conv_dim=4")
     if conv_dim == 0:
         conv_dim = conv_alpha = None   # kohya: a rank of 0 makes no module
 
@@ -145,8 +164,9 @@ def parse_network_args(items: list[str] | tuple[str, ...] | None, network_module
     down = _lr_weights("down_lr_weight", kw.get("down_lr_weight"), NUM_BLOCKS)
     mid = _lr_weights("mid_lr_weight", kw.get("mid_lr_weight"), 1)
     up = _lr_weights("up_lr_weight", kw.get("up_lr_weight"), NUM_BLOCKS)
-    threshold = _number("block_lr_zero_threshold", kw.get("block_lr_zero_threshold", "0"), float, lo=-math.inf)
     if down is not None or mid is not None or up is not None:
+        threshold = _number("block_lr_zero_threshold", kw.get("block_lr_zero_threshold", "0"), float, lo=-math.inf)
+
         def cut(ws, n):
             return [w if w > threshold else 0.0 for w in ws] if ws is not None else [1.0] * n
 
@@ -170,10 +190,6 @@ def parse_network_args(items: list[str] | tuple[str, ...] | None, network_module
                         block_dims[i] = 0
                     if conv_block_dims is not None:
                         conv_block_dims[i] = 0
-    else:
-        for key in ("block_alphas", "conv_block_dims", "conv_block_alphas"):
-            if key in kw:
-                raise ConfigError(f"{FLAG}: {key} needs block_dims (or a down/mid/up_lr_weight), as in kohya")
 
     def prob(key):
         return _number(key, kw[key], float, below_one=True) if key in kw else None
@@ -194,14 +210,8 @@ def parse_network_args(items: list[str] | tuple[str, ...] | None, network_module
 
 def _parse_dylora(kw: dict[str, str], dim: int | None, alpha: float | None) -> NetworkArgs:
     """kohya's ``networks.dylora.create_network``: ``unit`` (default 1) must divide the rank; ``conv_dim``
-    (which must equal ``network_dim``) adds the ResNet and sampler convs, all at ``network_alpha``."""
-    for key in kw:
-        if key in LYCORIS:
-            raise ConfigError(f"{FLAG}: {key}= is a LyCORIS option; it needs --network_module=lycoris.kohya, "
-                              f"not {DYLORA_MODULE}")
-        if key not in DYLORA_KNOWN:
-            raise ConfigError(f"{FLAG}: {key}= is not read by kohya's {DYLORA_MODULE} (it would be ignored); "
-                              f"remove it (known: {', '.join(DYLORA_KNOWN)})")
+    (which must equal ``network_dim``) adds the ResNet and sampler convs, all at ``network_alpha``
+    (``conv_alpha`` is read as a number and not used)."""
     unit = _number("unit", kw["unit"], int, lo=1) if "unit" in kw else 1
     if dim is not None and dim % unit:
         raise ConfigError(f"{FLAG}: unit={unit} must divide network_dim={dim} (DyLoRA trains the rank in blocks "
@@ -214,13 +224,7 @@ def _parse_dylora(kw: dict[str, str], dim: int | None, alpha: float | None) -> N
                               "as in kohya; set conv_dim to network_dim")
         conv_alpha = alpha
         if "conv_alpha" in kw:
-            given = _number("conv_alpha", kw["conv_alpha"], float)
-            if alpha is not None and not math.isclose(given, float(alpha)):
-                raise ConfigError(f"{FLAG}: conv_alpha={kw['conv_alpha']} differs from network_alpha={alpha:g}: "
-                                  f"kohya's {DYLORA_MODULE} gives the conv modules network_alpha and ignores "
-                                  f"conv_alpha; remove conv_alpha or set it to {alpha:g}")
-    elif "conv_alpha" in kw:
-        raise ConfigError(f"{FLAG}: conv_alpha needs conv_dim (= network_dim for {DYLORA_MODULE})")
+            _number("conv_alpha", kw["conv_alpha"], float)
 
     def ratio(key):
         return _number(key, kw[key], float) if key in kw else None
@@ -229,3 +233,43 @@ def _parse_dylora(kw: dict[str, str], dim: int | None, alpha: float | None) -> N
                        loraplus_lr_ratio=ratio("loraplus_lr_ratio"),
                        loraplus_unet_lr_ratio=ratio("loraplus_unet_lr_ratio"),
                        loraplus_text_encoder_lr_ratio=ratio("loraplus_text_encoder_lr_ratio"))
+
+
+def ignored_args_warnings(items, network_module: str, *, alpha: float | None = None,
+                          network_dropout: float | None = None) -> list[str]:
+    """One warning line per ``--network_args`` key (or ``--network_dropout``) that the network's kohya
+    ``create_network`` ignores: the run goes on without it, as kohya's does."""
+    if network_module == "lycoris.kohya":
+        from engine.lycoris_args import ignored_lycoris_args
+
+        return ignored_lycoris_args(items)
+    if network_module not in ("networks.lora", DYLORA_MODULE):
+        return []
+    kw = split_items(items)
+    dylora = network_module == DYLORA_MODULE
+    known = DYLORA_KNOWN if dylora else KNOWN
+    lr_weights = any(k in kw for k in ("down_lr_weight", "mid_lr_weight", "up_lr_weight"))
+    out = []
+    for key, value in kw.items():
+        why = None
+        if key in LYCORIS:
+            why = "is a LyCORIS option (--network_module=lycoris.kohya reads it)"
+        elif key in DYLORA and not dylora:
+            why = f"is a DyLoRA option (--network_module={DYLORA_MODULE} reads it)"
+        elif key not in known:
+            why = f"is not a key kohya's {network_module} reads (it reads {', '.join(known)})"
+        elif key == "conv_alpha" and "conv_dim" not in kw:
+            why = "is read only with conv_dim (the rank of the conv modules, e.g. conv_dim=4)"
+        elif dylora and key == "conv_alpha" and alpha is not None and not math.isclose(float(value), float(alpha)):
+            why = f"is not used by {DYLORA_MODULE}: its conv modules take network_alpha={alpha:g}"
+        elif key == "block_lr_zero_threshold" and not lr_weights:
+            why = "is read only with a down/mid/up_lr_weight"
+        elif key in ("block_alphas", "conv_block_dims", "conv_block_alphas") and "block_dims" not in kw and \
+                not lr_weights:
+            why = "is read only with block_dims or a down/mid/up_lr_weight"
+        if why:
+            out.append(f"{FLAG}: {key}= {why}; kohya's {network_module} ignores it, and so does this run")
+    if dylora and network_dropout:
+        out.append(f"--network_dropout={network_dropout:g} is not read by kohya's {DYLORA_MODULE} (DyLoRA has no "
+                   "dropout); kohya trains without it, and so does this run")
+    return out

@@ -21,6 +21,7 @@ from engine.errors import ConfigError
 from engine.fit.mps_env import check_mps_watermarks, mps_may_be_used
 from engine.fit.preflight import enforce, memory_preflight
 from engine.models import DEFAULT_SD15_CONFIG_DIR
+from engine.network_args import ignored_args_warnings
 
 
 @dataclass(frozen=True)
@@ -196,7 +197,9 @@ def plan_run(config: TrainConfig) -> RunPlan:
         checkpoints=checkpoints,
         output_dir=Path(config.output_dir),
         free_bytes=free,
-        warnings=warnings + loss_warnings(config) + format_warnings(config),
+        warnings=warnings + loss_warnings(config) + format_warnings(config) + ignored_args_warnings(
+            config.network_args, config.network_module, alpha=config.network_alpha,
+            network_dropout=config.network_dropout),
         memory=memory,
         save_every_n_epochs=every_epochs,
         disk=disk,

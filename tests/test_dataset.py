@@ -199,10 +199,27 @@ def test_image_without_caption_or_class_tokens_trains_on_an_empty_caption_with_a
         "it trains on an empty caption, as in kohya; add caption files or set class_tokens"]
 
 
-def test_empty_caption_file_is_an_error(tmp_path):
+def test_a_caption_file_with_an_empty_first_line_trains_on_an_empty_caption_with_a_warning(tmp_path):
+    """kohya reads only the first line: blank there is an empty caption, not the class tokens."""
     _img(tmp_path / "i" / "0.png", caption="\n")
+    _img(tmp_path / "i" / "1.png", caption="   \nthe caption, on line two\n")
+    _img(tmp_path / "i" / "2.png", caption="dog, running")
+    _img(tmp_path / "i" / "3.png")                                      # no file: the class tokens
+    plan = _plan_toml(tmp_path, "[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = \"i\"\n"
+                                "class_tokens = \"sks\"\n")
+    assert [(e.path.name, e.caption, e.caption_from_file) for e in plan.entries] == [
+        ("0.png", "", True), ("1.png", "", True), ("2.png", "dog, running", True), ("3.png", "sks", False)]
+    assert plan.warnings == [
+        f"{tmp_path / 'i'}: 2 caption files have an empty first line (0.png, 1.png); kohya reads only the first "
+        "line, so these images train on an empty caption, as in kohya; put the caption on the first line"]
+    assert plan.load_batch([0, 1, 2, 3], random.Random(0)).captions == ["", "", "dog, running", "sks"]
+
+
+def test_a_caption_file_without_a_line_is_one_error_line_as_kohyas_assert(tmp_path):
+    _img(tmp_path / "i" / "0.png", caption="")
     msg = _error(tmp_path, "[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = \"i\"\nclass_tokens = \"x\"\n")
-    assert "0.caption" in msg and "empty" in msg
+    assert msg == (f"caption file {tmp_path / 'i' / '0.caption'} is empty (not one line; kohya stops on it too); "
+                   "write a caption in it, or delete it so the image takes the subset's class tokens")
 
 
 def _txt_captioned(root: Path, n: int = 3, ext: str = ".txt") -> Path:
@@ -238,11 +255,25 @@ def test_no_caption_extension_warning_when_captions_match(tmp_path):
     assert {e.caption for e in plan.entries} == {"from caption"} and plan.warnings == []
 
 
-def test_missing_caption_with_another_extension_beside_it_names_the_flag(tmp_path):
+def test_caption_under_another_extension_without_class_tokens_trains_on_an_empty_caption_naming_the_flag(tmp_path):
     _img(tmp_path / "i" / "0.png", caption="a caption", ext=".txt")
-    msg = _error(tmp_path, "[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = \"i\"\n")
-    assert msg == (f"image {tmp_path / 'i' / '0.png'} has no caption file 0.caption but has 0.txt; "
-                   "set --caption_extension=.txt (or caption_extension = \".txt\" in the dataset TOML)")
+    _img(tmp_path / "i" / "1.png", caption="own caption")
+    plan = _plan_toml(tmp_path, "[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = \"i\"\n")
+    assert [(e.path.name, e.caption) for e in plan.entries] == [("0.png", ""), ("1.png", "own caption")]
+    assert plan.warnings == [
+        f"{tmp_path / 'i'}: 1 of 2 images has no .caption caption file but a .txt file beside it, so it trains on "
+        "an empty caption; set --caption_extension=.txt (or caption_extension = \".txt\" in the dataset TOML)"]
+
+
+def test_a_folder_without_class_tokens_and_uncaptioned_images_trains_on_empty_captions_with_a_warning(tmp_path):
+    root = tmp_path / "train"
+    _img(root / "5" / "a.png")                         # kohya: "5" is 5 repeats and no class tokens
+    _img(root / "5" / "b.png", caption="b's caption")
+    plan = load_dataset_plan(DatasetArgs(train_data_dir=root, resolution=(64, 64)))
+    assert [(e.path.name, e.num_repeats, e.caption) for e in plan.entries] == [("a.png", 5, ""), ("b.png", 5, "b's caption")]
+    assert plan.warnings == [
+        f"{(root / '5').absolute()}: 1 image has no .caption caption file and the subset has no class_tokens (a.png); "
+        "it trains on an empty caption, as in kohya; add caption files or set class_tokens"]
 
 
 # ---------------------------------------------------------------- folder convention

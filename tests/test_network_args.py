@@ -250,16 +250,14 @@ def test_network_and_rank_dropout_act_on_the_down_output_as_kohya(tiny_cache):
 
 # --------------------------------------------------------------------------- config
 @pytest.mark.parametrize("items, message", [
-    (["algo=locon", "conv_dim=4"], "--network_args algo= is a LyCORIS option; it needs "
-                                   "--network_module=lycoris.kohya (not networks.lora)"),
-    (["conv_dims=4"], "--network_args unknown key 'conv_dims' for networks.lora; known: conv_dim, conv_alpha"),
     (["block_dims=1,2,3"], "--network_args block_dims must have 25 comma-separated values for SD1.x "
                            "(IN00-IN11, MID, OUT00-OUT11), got 3"),
     (["rank_dropout=1.5"], "--network_args rank_dropout='1.5' must be a probability in [0, 1)"),
     (["conv_dim"], "--network_args 'conv_dim' is not key=value"),
     (["down_lr_weight=cosin"], "--network_args down_lr_weight='cosin' must be 12 comma-separated weights or one of "
                                "cosine, sine, linear, reverse_linear, zeros"),
-    (["unit=4"], "--network_args unit= is a DyLoRA option"),
+    (["conv_dim=8.5"], "--network_args conv_dim='8.5' must be an integer ≥ 0"),           # kohya: int() fails
+    (["down_lr_weight=cosine", "block_lr_zero_threshold=x"], "--network_args block_lr_zero_threshold='x' must be"),
 ])
 def test_bad_network_args_are_one_line_naming_the_key(items, message):
     with pytest.raises(ConfigError) as err:
@@ -303,3 +301,112 @@ def test_a_locon_run_with_dropouts_resumes_exactly(assets, tmp_path):  # noqa: F
     assert json.loads(meta["ss_network_args"]) == {"conv_dim": "2", "conv_alpha": "1", "rank_dropout": "0.2",
                                                    "module_dropout": "0.2"}
     assert meta["ss_network_dropout"] == "0.1"
+
+
+# --------------------------------------------------------------------------- keys kohya ignores
+LORA_KNOWN = ("conv_dim, conv_alpha, block_dims, block_alphas, conv_block_dims, conv_block_alphas, down_lr_weight, "
+              "mid_lr_weight, up_lr_weight, block_lr_zero_threshold, rank_dropout, module_dropout, loraplus_lr_ratio, "
+              "loraplus_unet_lr_ratio, loraplus_text_encoder_lr_ratio")
+DYLORA_KNOWN = "unit, conv_dim, conv_alpha, loraplus_lr_ratio, loraplus_unet_lr_ratio, loraplus_text_encoder_lr_ratio"
+IGNORED = {
+    "lora": (dict(network_module="networks.lora", network_args=["conv_dim=4", "algo=lokr", "conv_dims=8", "unit=2"]), [
+        "--network_args: algo= is a LyCORIS option (--network_module=lycoris.kohya reads it); kohya's networks.lora "
+        "ignores it, and so does this run",
+        f"--network_args: conv_dims= is not a key kohya's networks.lora reads (it reads {LORA_KNOWN}); kohya's "
+        "networks.lora ignores it, and so does this run",
+        "--network_args: unit= is a DyLoRA option (--network_module=networks.dylora reads it); kohya's networks.lora "
+        "ignores it, and so does this run"]),
+    "lora-orphans": (dict(network_module="networks.lora",
+                          network_args=["conv_alpha=4", "block_alphas=" + ",".join(["1"] * 25),
+                                        "block_lr_zero_threshold=0.1"]), [
+        "--network_args: conv_alpha= is read only with conv_dim (the rank of the conv modules, e.g. conv_dim=4); "
+        "kohya's networks.lora ignores it, and so does this run",
+        "--network_args: block_alphas= is read only with block_dims or a down/mid/up_lr_weight; kohya's networks.lora "
+        "ignores it, and so does this run",
+        "--network_args: block_lr_zero_threshold= is read only with a down/mid/up_lr_weight; kohya's networks.lora "
+        "ignores it, and so does this run"]),
+    "dylora": (dict(network_module="networks.dylora", network_dim=4, network_alpha=2, network_dropout=0.1,
+                    network_args=["unit=2", "conv_dim=4", "conv_alpha=1", "rank_dropout=0.1", "dora_wd=True"]), [
+        "--network_args: conv_alpha= is not used by networks.dylora: its conv modules take network_alpha=2; kohya's "
+        "networks.dylora ignores it, and so does this run",
+        f"--network_args: rank_dropout= is not a key kohya's networks.dylora reads (it reads {DYLORA_KNOWN}); kohya's "
+        "networks.dylora ignores it, and so does this run",
+        "--network_args: dora_wd= is a LyCORIS option (--network_module=lycoris.kohya reads it); kohya's "
+        "networks.dylora ignores it, and so does this run",
+        "--network_dropout=0.1 is not read by kohya's networks.dylora (DyLoRA has no dropout); kohya trains without "
+        "it, and so does this run"]),
+    "lycoris": (dict(network_module="lycoris.kohya", network_args=["algo=lokr", "algos=loha", "block_dims=2"]), [
+        "--network_args: unknown key 'algos' for lycoris.kohya (it reads algo, preset, factor, conv_dim, block_size, "
+        "conv_alpha, constraint, constrain, loraplus_lr_ratio, loraplus_unet_lr_ratio, loraplus_text_encoder_lr_ratio, "
+        "dropout, rank_dropout, module_dropout, use_tucker, use_cp, use_conv_cp, disable_conv_cp, use_scalar, "
+        "train_norm, rescaled, dora_wd, wd_on_output, full_matrix, bypass_mode, rs_lora, unbalanced_factorization, "
+        "decompose_both, rank_dropout_scale, train_on_input); LyCORIS ignores it, and so does this run",
+        "--network_args: block_dims= is a networks.lora option that LyCORIS does not read; lycoris.kohya ignores it, "
+        "and so does this run"]),
+}
+
+
+@pytest.mark.parametrize("case", list(IGNORED))
+def test_network_args_kohya_ignores_train_with_one_warning_line_each(assets, tmp_path, case):  # noqa: F811
+    from engine.plan import plan_run
+
+    opts, expected = IGNORED[case]
+    cfg = make_config(assets, tmp_path / "out", **opts)        # valid: kohya trains with these
+    got = [w for w in plan_run(cfg).warnings if w.startswith(("--network_args", "--network_dropout"))]
+    assert got == expected
+
+
+def test_ignored_keys_change_nothing_in_the_network_kohya_builds(tiny_cache):
+    from engine.lycoris_net import apply_lycoris
+
+    known = ["conv_dim=4", "conv_alpha=2", "rank_dropout=0.1"]
+    assert parse_network_args(known + ["algo=lokr", "conv_dims=8", "unit=2", "block_alphas=1"]) == \
+        parse_network_args(known)
+    assert parse_network_args(["conv_alpha=4"]).conv_enabled is False
+    assert parse_network_args(["conv_dim=4", "rank_dropout=0.3"], "networks.dylora", dim=4, alpha=2) == \
+        parse_network_args(["conv_dim=4"], "networks.dylora", dim=4, alpha=2)
+    unet, te = load(tiny_cache)
+    plain = apply_lycoris(unet, te, dim=4, alpha=1, network_args=["preset=attn-mlp"])
+    unet, te = load(tiny_cache)
+    typo = apply_lycoris(unet, te, dim=4, alpha=1, network_args=["preset=attn-mlp", "algos=loha"])
+    assert [m.lora_name for m in typo.net.unet_loras] == [m.lora_name for m in plain.net.unet_loras]
+    assert {type(m).__name__ for m in typo.net.unet_loras} == {"LoConModule"}     # algo stayed LyCORIS's default
+    assert sum(p.numel() for p in typo.net.parameters()) == sum(p.numel() for p in plain.net.parameters())
+
+
+# --------------------------------------------------------------------------- network types not trained here
+@pytest.mark.parametrize("module, items, message", [
+    ("networks.lora_fa", [], "--network_module networks.lora_fa is not supported: kohya's LoRA-FA (lora_down frozen "
+                             "at its random start) is not implemented here; use networks.lora, or lycoris.kohya"),
+    ("networks.oft", [], "--network_module networks.oft is not supported: kohya's OFT is not implemented here; "
+                         "LyCORIS's orthogonal fine-tuning is: --network_module=lycoris.kohya --network_args "
+                         "algo=diag-oft (or algo=boft)"),
+    ("networks.lora_flux", [], "--network_module networks.lora_flux is not supported: it trains FLUX.1 models; this "
+                               "trainer trains SD1.x: use networks.lora (or lycoris.kohya)"),
+    ("networks.lora_sd3", [], "--network_module networks.lora_sd3 is not supported: it trains SD3 models"),
+    ("networks.control_net_lllite", [], "--network_module networks.control_net_lllite is not supported: "
+                                        "ControlNet-LLLite is trained by kohya's sdxl_train_control_net_lllite.py"),
+    ("networks.lorra", [], "--network_module must be one of networks.lora, networks.dylora, lycoris.kohya "
+                           "(got 'networks.lorra')"),
+    ("lycoris.kohya", ["algo=tlora"], "--network_args algo=tlora is not supported: LyCORIS's T-LoRA needs the "
+                                      "training loop to set a rank mask for each step's timestep"),
+])
+def test_network_types_kohya_has_but_this_trainer_does_not_are_one_line_with_the_reason(module, items, message):
+    with pytest.raises(ConfigError) as err:
+        TrainConfig(pretrained_model_name_or_path="m", train_data_dir="d", network_module=module,
+                    network_args=items).validate()
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+# sd-scripts' networks/ folder: the modules train_network.py can be given (scripts such as merge_lora left out)
+KOHYA_NETWORKS = ("lora", "dylora", "lora_fa", "oft", "lora_diffusers", "control_net_lllite",
+                  "control_net_lllite_for_train", "lora_flux", "oft_flux", "lora_sd3", "lora_lumina",
+                  "lora_hunyuan_image", "lora_anima")
+
+
+def test_every_kohya_network_module_is_trained_or_refused_with_its_reason():
+    from engine.network_args import UNSUPPORTED_MODULES
+
+    trained = set(TrainConfig.__dataclass_fields__["network_module"].metadata["choices"])
+    for name in KOHYA_NETWORKS:
+        assert f"networks.{name}" in trained or f"networks.{name}" in UNSUPPORTED_MODULES, name

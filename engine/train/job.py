@@ -106,7 +106,7 @@ class Job:
 
     # ---- state
     def _restore(self, state) -> None:
-        self.network.load_state_dict_kohya(state.lora_tensors, source=str(state.path))
+        self.network.load_state_tensors(state.lora_tensors, source=str(state.path))
         for p in self.params:
             p.data = p.data.to(self.network.param_dtype)
         self.optimizer.load_state_dict(state.optimizer_state)
@@ -126,7 +126,7 @@ class Job:
         progress = self.counters.to_state(seed=self.seed, run_id=self.run_id, config=self.cfg.to_dict(),
                                           lr_scale=self.nan.lr_scale, nan_skipped=self.nan.nan_skipped)
         return {
-            "lora": self.network.state_dict_kohya(None),
+            "lora": self.network.state_tensors(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.lr_scheduler.state_dict(),
             "rng": capture_rng(self.noise_gen, self.data_rng, self.device_type),

@@ -114,7 +114,7 @@ class NanPolicy:
 
     def rollback(self) -> None:
         snap = self.snapshot
-        self.network.load_state_dict_kohya(snap["lora"], source="the last saved state")
+        self.network.load_state_tensors(snap["lora"], source="the last saved state")
         for p in self.params:
             p.data = p.data.to(self.network.param_dtype)
         self.optimizer.load_state_dict(snap["optimizer"])
