@@ -69,7 +69,7 @@ def dataset_for(root: Path, res: int, batch: int) -> Path:
 
 
 def make_config(model: Path, root: Path, res: int, batch: int, gc: bool, steps: int, **extra):
-    from engine.config import build_config
+    from engine.config_io import build_config
 
     values = dict(FLAGS, pretrained_model_name_or_path=str(model), dataset_config=str(dataset_for(root, res, batch)),
                   output_dir=str(root / "runs" / f"{model.name}-{res}-b{batch}-gc{int(gc)}-{time.time_ns()}"),

@@ -148,7 +148,7 @@ def device_memory(device: str) -> dict:
 
 
 def make_config(model: Path, dataset: Path, out: Path, device: str, res: int, steps: int):
-    from engine.config import build_config
+    from engine.config_io import build_config
 
     values = dict(REFERENCE, pretrained_model_name_or_path=str(model), dataset_config=str(dataset),
                   output_dir=str(out), resolution=str(res), max_train_steps=steps, device=device)

@@ -16,8 +16,8 @@ from __future__ import annotations
 from typing import Any, Callable, Iterable
 
 from engine.cli_args import make_parser, overrides_from_namespace, parse_flags, parse_train_args
-from engine.config import (FIELDS, GROUPS, TrainConfig, build_config, coerce_value, field_is_optional, field_type,
-                           fields_in_group, to_toml)
+from engine.config import FIELDS, GROUPS, TrainConfig, field_is_optional, field_type, fields_in_group
+from engine.config_io import build_config, coerce_value, to_toml
 from engine.control import Command, Commands
 from engine.errors import ConfigError, ModelLoadError, SpykeError
 from engine.fit.advice import change_flags

@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from engine.config import (FIELDS, GROUPS, TrainConfig, build_config, coerce_value, field_default, field_type,
-                           fields_in_group)
+from engine.config import FIELDS, GROUPS, TrainConfig, field_default, field_type, fields_in_group
+from engine.config_io import build_config, coerce_value
 from engine.errors import ConfigError
 from engine.kohya_config import config_file_path, output_config, several_values_note
 from engine.kohya_flags import EXTRA_GROUPS, INFO, OWNERS, PENDING, REFUSED, TABLE

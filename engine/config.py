@@ -6,23 +6,17 @@ the cockpit's form are all generated from :data:`FIELDS`, so a flag cannot exist
 one place and not the others. This module is light: it imports no torch.
 
 Its length is its one job: a declaration per flag (~150 kohya flags: type, default, group, help
-line) and the rules between them; the flag table, ``--config_file`` and kohya commands live in
+line); the rules between them live in ``engine.config_checks``, reading and writing TOML and flag
+values in ``engine.config_io``; the flag table, ``--config_file`` and kohya commands live in
 ``engine.kohya_flags``, ``engine.kohya_config`` and ``engine.kohya_command``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-import os
-import shlex
 from dataclasses import dataclass, field, fields
-from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable
 
-from engine.errors import ConfigError
-from engine.scalars import scalar_value
-from engine.optimizers import optimizer_type_problem, resolve_type
 from engine.sample.samplers import DEFAULT_SAMPLER, SAMPLER_NAMES
 from engine.schedules import SCHEDULERS
 
@@ -316,6 +310,8 @@ class TrainConfig:
 
     # ---------------------------------------------------------------- derived
     def resolution_wh(self) -> tuple[int, int]:
+        from engine.config_io import parse_resolution  # engine.config_io imports this module
+
         return parse_resolution(self.resolution, "resolution")
 
     def effective_unet_lr(self) -> float:
@@ -326,79 +322,15 @@ class TrainConfig:
 
     def problems(self) -> dict[str, str]:
         """Every invalid field with a one-line reason (empty when the config is valid)."""
-        out: dict[str, str] = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            meta = f.metadata
-            if meta.get("choices") and value is not None and value not in meta["choices"]:
-                out[f.name] = f"must be one of {', '.join(meta['choices'])} (got {value!r})"
-            if isinstance(value, float) and (not math.isfinite(value) or abs(value) > FP32_MAX):
-                out[f.name] = f"must be a finite number within float32 range (got {value!r})"
-                continue
-            minimum = meta.get("minimum")
-            if minimum is not None and isinstance(value, (int, float)) and not isinstance(value, bool):
-                if value < minimum or (isinstance(value, float) and not math.isfinite(value)):
-                    out[f.name] = f"must be ≥ {minimum:g} (got {value!r})"
-        if not self.pretrained_model_name_or_path:
-            out["pretrained_model_name_or_path"] = "is required: a diffusers folder or an SD1.x .safetensors"
-        if not self.dataset_config and not self.train_data_dir:
-            out["dataset_config"] = "give --dataset_config=<dataset.toml> or --train_data_dir=<folder>"
-        try:
-            self.resolution_wh()
-        except ConfigError as err:
-            out["resolution"] = str(err).split(": ", 1)[-1]
-        if not self.output_name.strip() or any(c in self.output_name for c in "/\\"):
-            out["output_name"] = "must be a plain file name without slashes"
-        elif (too_long := _output_name_too_long(self)) is not None:
-            out["output_name"] = too_long
-        if (why := optimizer_type_problem(self.optimizer_type)) is not None:
-            out["optimizer_type"] = why
-        try:
-            resolve_type(self.optimizer_type, self.use_8bit_adam, self.use_lion_optimizer)
-        except ConfigError as err:
-            out.setdefault("use_8bit_adam" if self.use_8bit_adam else "use_lion_optimizer", str(err).split(" ", 1)[1])
-        if self.full_fp16 and self.full_bf16:
-            out["full_bf16"] = "cannot be combined with full_fp16"
-        for name, dtype in (("full_fp16", "fp16"), ("full_bf16", "bf16")):
-            if getattr(self, name) and self.mixed_precision != dtype:
-                out[name] = f"needs --mixed_precision={dtype}, as in kohya (got {self.mixed_precision})"
-        for name in ("fp8_base", "fp8_base_unet"):
-            if getattr(self, name) and self.mixed_precision == "no":
-                out[name] = ("needs --mixed_precision=fp16 or bf16, as in kohya: the float8 weights compute under "
-                             "autocast")
-                break
-        for name in AWAITING_TRAINING_SETUP:
-            if getattr(self, name) != field_default(name):
-                out.setdefault(name, "is parsed but the training setup does not apply it yet; remove it for now")
-        out.update({k: v for k, v in _network_problems(self).items() if k not in out or k == "network_module"})
-        if self.metadata_thumbnail and not self.metadata_thumbnail.startswith("data:") \
-                and not Path(self.metadata_thumbnail).expanduser().is_file():
-            out["metadata_thumbnail"] = (f"{self.metadata_thumbnail} is not a file; give an image file or a "
-                                         "data: URL")
-        if self.dim_from_weights and not self.network_weights:
-            out["dim_from_weights"] = "needs --network_weights=<a LoRA file> to read network_dim/alpha from"
-        if self.max_token_length not in (None, 75, 150, 225):
-            out["max_token_length"] = f"must be 75, 150 or 225, kohya's choices (got {self.max_token_length!r})"
-        if self.validation_split >= 1:
-            out["validation_split"] = f"must be below 1: it is the fraction held out, e.g. 0.1 (got {self.validation_split!r})"
-        if self.network_train_unet_only and self.network_train_text_encoder_only:
-            out["network_train_text_encoder_only"] = "cannot be combined with network_train_unet_only"
-        out.update({k: v for k, v in _sample_problems(self).items() if k not in out})
-        from engine.tracker_config import logging_problems
+        from engine.config_checks import config_problems  # engine.config_checks imports this module
 
-        out.update({k: v for k, v in logging_problems(self).items() if k not in out})
-        from engine.loss_config import loss_problems
-
-        out.update({k: v for k, v in loss_problems(self).items() if k not in out})
-        return out
+        return config_problems(self)
 
     def validate(self) -> "TrainConfig":
         """Raise a one-line ConfigError for the first problem; return self when valid."""
-        problems = self.problems()
-        if problems:
-            name, why = next(iter(problems.items()))
-            raise ConfigError(f"--{name} {why}")
-        return self
+        from engine.config_checks import validate_config
+
+        return validate_config(self)
 
     def to_dict(self, *, skip_defaults: bool = False) -> dict[str, Any]:
         out = {}
@@ -414,81 +346,6 @@ class TrainConfig:
 
 
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in fields(TrainConfig)}
-
-
-def _sample_problems(cfg: TrainConfig) -> dict[str, str]:
-    """The sample_* fields: a prompts file kohya can read, and one whenever sampling is asked for."""
-    from engine.sample.prompts import check_prompts_path
-
-    out: dict[str, str] = {}
-    if cfg.sample_prompts:
-        try:
-            check_prompts_path(cfg.sample_prompts)
-        except ConfigError as err:
-            out["sample_prompts"] = str(err).split(": ", 1)[-1]
-        return out
-    for name in ("sample_every_n_steps", "sample_every_n_epochs", "sample_at_first"):
-        if getattr(cfg, name):
-            out[name] = "needs --sample_prompts=<prompts.txt|.toml|.json> (the prompts to draw)"
-            break
-    return out
-
-
-def _network_problems(cfg: TrainConfig) -> dict[str, str]:
-    from engine.network_args import parse_network_args, unsupported_module
-
-    out: dict[str, str] = {}
-    if why := unsupported_module(cfg.network_module):
-        out["network_module"] = why
-    if cfg.network_dropout is not None and not 0 <= cfg.network_dropout < 1:
-        out["network_dropout"] = f"must be a probability in [0, 1) (got {cfg.network_dropout!r})"
-    if cfg.network_module in ("networks.lora", "networks.dylora", "lycoris.kohya"):  # else: refused by its own check
-        try:
-            if cfg.network_module == "lycoris.kohya":
-                from engine.lycoris_args import check_lycoris_args
-
-                check_lycoris_args(cfg.network_args)
-            else:
-                parse_network_args(cfg.network_args, cfg.network_module, dim=cfg.network_dim,
-                                   alpha=cfg.network_alpha)
-        except ConfigError as err:
-            out["network_args"] = str(err).split(": ", 1)[1]
-        if cfg.network_module == "lycoris.kohya" and cfg.dim_from_weights:
-            out["dim_from_weights"] = ("is not supported with lycoris.kohya; give --network_dim/--network_alpha "
-                                       "(and --network_args) of the file's run")
-    return out
-
-
-def name_max(folder: str | Path) -> int:
-    """The longest name, in bytes, the file system of ``folder`` (or its nearest existing parent) allows."""
-    probe = Path(folder or ".").expanduser().absolute()
-    try:
-        while not probe.exists() and probe != probe.parent:
-            probe = probe.parent
-        limit = os.pathconf(probe, "PC_NAME_MAX")
-    except (OSError, ValueError):
-        return 255
-    return limit if limit > 0 else 255
-
-
-def _output_name_too_long(cfg: TrainConfig) -> str | None:
-    """Why ``output_name`` cannot fit once the run adds its step suffix and temp-file marks (None if it fits)."""
-    from engine.state import longest_written_name
-
-    digits = max(8, len(str(cfg.max_train_steps))) if cfg.max_train_epochs is None else 8
-    try:
-        longest = len(os.fsencode(longest_written_name(cfg.output_name, digits)))
-    except (ConfigError, ValueError):
-        return None  # not a plain file name: reported by checkpoint_filename where it is used
-    size = len(os.fsencode(cfg.output_name))
-    limit = name_max(cfg.output_dir)
-    if longest <= limit:
-        return None
-    extra = longest - size
-    unit = "characters" if cfg.output_name.isascii() else "bytes in UTF-8"
-    return (f"is {size} {unit} long; use at most {max(limit - extra, 0)}: the run writes names up to {extra} "
-            f"longer (.NAME-step{'N' * digits}.safetensors.tmp-PID-RAND) and the file system of "
-            f"{cfg.output_dir or '.'} allows {limit}")
 
 
 def field_type(name: str) -> type:
@@ -511,185 +368,3 @@ def field_is_optional(name: str) -> bool:
 
 def fields_in_group(group: str) -> list[dataclasses.Field]:
     return [f for f in fields(TrainConfig) if f.metadata["group"] == group]
-
-
-def parse_resolution(value: Any, where: str) -> tuple[int, int]:
-    """'512' -> (512, 512); '768,512' or [768, 512] -> (768, 512)."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        parts = [value]
-    elif isinstance(value, (list, tuple)):
-        parts = list(value)
-    else:
-        parts = [p for p in str(value).replace("x", ",").split(",") if p.strip()]
-    try:
-        nums = [int(str(p).strip()) for p in parts]
-    except ValueError:
-        nums = []
-    if len(nums) == 1:
-        nums = nums * 2
-    if len(nums) != 2 or min(nums) < 64:
-        raise ConfigError(f"{where}: must be 'N' or 'W,H' with sides ≥ 64 (got {value!r})")
-    return nums[0], nums[1]
-
-
-def coerce_value(name: str, raw: Any, where: str) -> Any:
-    """Convert a TOML value or a CLI/form string into the field's type, or raise a one-line ConfigError.
-    A kohya flag that is no field (engine.kohya_flags.TABLE) is typed by its kohya type."""
-    if name not in FIELDS:
-        from engine.kohya_flags import TABLE
-
-        if name in TABLE:
-            from engine.kohya_config import coerce_flag
-
-            return coerce_flag(name, raw, where)
-        raise ConfigError(f"{where}: unknown option {name!r}; see `spyke-cockpit train --help` for the flags")
-    kind = field_type(name)
-    if FIELDS[name].metadata.get("kind") == "one_float":
-        from engine.kohya_config import one_float
-
-        raw = one_float(name, raw, where)
-    if kind is list:
-        return _coerce_list(name, raw, where)
-    blank = isinstance(raw, str) and raw.strip() == ""
-    if blank and FIELDS[name].metadata.get("choices"):
-        return None if field_is_optional(name) else field_default(name)  # kohya's GUI writes "" for "not chosen"
-    if raw is None or (blank and kind is not str):
-        if field_is_optional(name):
-            return None
-        raise ConfigError(f"{where}: {name} needs a value")
-    if name == "resolution" and not isinstance(raw, str):
-        w, h = parse_resolution(raw, where)
-        return f"{w},{h}" if w != h else str(w)
-    if FIELDS[name].metadata.get("kind") == "steps_or_ratio" and isinstance(raw, str) and raw.strip().endswith("%"):
-        return _percent(name, raw, where)
-    try:
-        value = scalar_value(kind, raw)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{where}: {name} must be {kind.__name__} (got {raw!r})") from None
-    if kind is float and FIELDS[name].metadata.get("kind") == "steps_or_ratio":
-        return _steps_or_ratio(name, value, where)
-    if name == "max_token_length" and value == 75:
-        return None  # kohya's default: 75 tokens (its argparse refuses 75, its config files carry it)
-    return value
-
-
-def is_dataset_toml(data: Mapping[str, Any]) -> bool:
-    """A kohya dataset config: a ``[[datasets]]`` array of tables, or a ``[general]`` table holding
-    keys only a dataset config has (``batch_size``, ``num_repeats``, ``image_dir``…)."""
-    from engine.dataset_config import DATASET_ASCENDABLE, SUBSET_ASCENDABLE, SUBSET_ONLY
-
-    datasets = data.get("datasets")
-    if isinstance(datasets, list) and all(isinstance(d, dict) for d in datasets):
-        return True
-    general = data.get("general")
-    dataset_only = (set(DATASET_ASCENDABLE) | set(SUBSET_ASCENDABLE) | set(SUBSET_ONLY)) - set(FIELDS)
-    return isinstance(general, dict) and any(key in dataset_only for key in general)
-
-
-def _coerce_list(name: str, raw: Any, where: str) -> list[str]:
-    """A TOML list of strings, a CLI value list, or one space-separated string (the form; some TOMLs)."""
-    if raw is None:
-        return []
-    if isinstance(raw, str):
-        try:
-            return shlex.split(raw)
-        except ValueError as err:
-            raise ConfigError(f"{where}: {name}: {err} in {raw!r}") from None
-    if isinstance(raw, (list, tuple)) and all(isinstance(x, str) for x in raw):
-        return [str(x) for x in raw]
-    raise ConfigError(f"{where}: {name} must be key=value strings, e.g. [\"weight_decay=0.01\"] (got {raw!r})")
-
-
-def _steps_or_ratio(name: str, value: float, where: str) -> float | int:
-    """kohya's int_or_float: below 1 a ratio of the total steps (a float), else a whole number of steps (an int)."""
-    if math.isfinite(value) and value >= 1:
-        if not value.is_integer():
-            raise ConfigError(f"{where}: {name} must be a whole number of steps, or a ratio below 1 (got {value!r})")
-        return int(value)
-    return int(value) if value == 0 else value
-
-
-def _percent(name: str, raw: str, where: str) -> float | int:
-    """kohya's int_or_float also takes a percentage of the total steps: ``10%`` is the ratio 0.1."""
-    try:
-        ratio = float(raw.strip()[:-1]) / 100.0
-    except ValueError:
-        raise ConfigError(f"{where}: {name} must be steps, a ratio below 1 or a percentage (got {raw!r})") from None
-    if not 0 <= ratio < 1:
-        raise ConfigError(f"{where}: {name} as a percentage must be from 0% to below 100% of the steps (got {raw!r})")
-    return 0 if ratio == 0 else ratio
-
-
-def load_toml_values(path: Path, *, kohya_file: bool = False, notes: list[str] | None = None) -> dict[str, Any]:
-    """Read a preset TOML: keys at top level or in any tables (kohya's config_file style), typed; kohya flags
-    that are no config field are kept too (see :func:`build_config`). A key that is neither is refused, except
-    in kohya's ``--config_file`` (``kohya_file``): kohya's argparse Namespace keeps it unread, so it is ignored
-    with one line in ``notes``. Info lines about values (several text_encoder_lr) go to ``notes`` too."""
-    from engine.kohya_config import ignored_key_note, read_toml, several_values_note
-    from engine.kohya_flags import TABLE
-
-    data = read_toml(Path(path))
-    if is_dataset_toml(data):
-        raise ConfigError(f"{path}: this is a kohya dataset config; pass it as --dataset_config={path} "
-                          "(the positional argument is a training preset)")
-    lines: list[str] = []
-    flat: dict[str, Any] = {}
-    for key, value in data.items():
-        where = f"{path} [{key}]" if isinstance(value, dict) else str(path)
-        for sub, subvalue in (value.items() if isinstance(value, dict) else [(key, value)]):
-            if kohya_file and (note := ignored_key_note(sub, where, sub in FIELDS or sub in TABLE)):
-                lines.append(note)
-                continue
-            flat[sub] = coerce_value(sub, subvalue, where)
-            if note := several_values_note(sub, subvalue, f"{where}: {sub}"):
-                lines.append(note)
-    if notes is not None:
-        notes.extend(lines)
-    return flat
-
-
-def build_config(toml_path: Path | None = None, overrides: Mapping[str, Any] | None = None, *,
-                 notes: list[str] | None = None, kohya_file: bool = False) -> TrainConfig:
-    """Defaults, then the TOML (``kohya_file``: read as kohya's ``--config_file``), then ``overrides``
-    (already-typed values, e.g. from the CLI).
-
-    kohya flags that are no field are decided by engine.kohya_flags: their info lines are appended to
-    ``notes``; one spyke-cockpit cannot honour raises a one-line ConfigError naming it."""
-    from engine.kohya_config import apply_flags
-
-    values: dict[str, Any] = {}
-    where: dict[str, str] = {}
-    lines: list[str] = []
-    if toml_path is not None:
-        loaded = load_toml_values(Path(toml_path), kohya_file=kohya_file, notes=lines)
-        values.update(loaded)
-        where.update({k: str(toml_path) for k in loaded})
-    if overrides:
-        values.update(overrides)
-        where.update({k: f"--{k}" for k in overrides})
-    extras = {k: (v, where.get(k, f"--{k}")) for k, v in values.items() if k not in FIELDS}
-    fields_set, flag_lines = apply_flags(extras, values)
-    lines.extend(flag_lines)
-    chosen = {k: v for k, v in values.items() if k in FIELDS}
-    for key, value in fields_set.items():
-        chosen.setdefault(key, value)
-    if notes is not None:
-        notes.extend(lines)
-    return TrainConfig(**chosen)
-
-
-def to_toml(config: TrainConfig, *, skip_defaults: bool = False) -> str:
-    """The config as a grouped TOML document (None values are left out)."""
-    import tomli_w
-
-    doc: dict[str, dict[str, Any]] = {}
-    for group in GROUPS:
-        table = {}
-        for f in fields_in_group(group):
-            value = getattr(config, f.name)
-            if value is None or (skip_defaults and value == field_default(f.name)):
-                continue
-            table[f.name] = value
-        if table:
-            doc[group] = table
-    return tomli_w.dumps(doc)

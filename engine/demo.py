@@ -6,7 +6,8 @@ import datetime as dt
 import os
 from pathlib import Path
 
-from engine.config import TrainConfig, build_config
+from engine.config import TrainConfig
+from engine.config_io import build_config
 
 DEMO_PRESET = Path(__file__).resolve().parent.parent / "configs" / "demo.toml"
 

@@ -13,7 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from engine.config import TrainConfig, to_toml
+from engine.config import TrainConfig
+from engine.config_io import to_toml
 from engine.errors import ConfigError, ModelLoadError
 from engine.output_guard import OutputCheck, check_outputs
 from engine.plan import RunPlan, missing_model, plan_run

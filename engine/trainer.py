@@ -19,7 +19,8 @@ from typing import Callable, Iterable
 
 from engine.run.channel import ControlChannel
 from engine.checkpoint import cleanup_temp_files
-from engine.config import TrainConfig, to_toml
+from engine.config import TrainConfig
+from engine.config_io import to_toml
 from engine.control import TrainingControl
 from engine.devices import enable_mps_fallback, pick_device
 from engine.errors import ConfigError, ModelLoadError, SpykeError

@@ -92,7 +92,7 @@ def test_a_math_fallback_is_named_as_such_in_the_line_but_mps_own_kernel_is_not(
 
 
 def test_attention_flags_info_lines_point_at_the_start_up_kernel_line():
-    from engine.config import build_config
+    from engine.config_io import build_config
 
     for flag in ("xformers", "sdpa", "mem_eff_attn"):
         notes: list[str] = []

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from engine.cli_args import make_parser, parse_train_args
-from engine.config import FIELDS, TrainConfig, build_config, to_toml
+from engine.config import FIELDS, TrainConfig
+from engine.config_io import build_config, to_toml
 from engine.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -257,7 +258,7 @@ def test_a_preset_with_a_general_table_of_training_keys_still_loads(tmp_path):
 
 
 def test_an_output_name_too_long_for_the_file_system_is_refused_up_front(tmp_path):
-    from engine.config import name_max
+    from engine.config_checks import name_max
     from engine.state import longest_written_name
 
     cfg = TrainConfig(pretrained_model_name_or_path="m", train_data_dir="x", output_dir=str(tmp_path / "out"))

@@ -683,7 +683,7 @@ import torch, diffusers, transformers, accelerate, peft, safetensors.torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 import engine.trainer, engine.models, engine.lora, engine.dataset, engine.state, engine.checkpoint
-from engine.config import build_config
+from engine.config_io import build_config
 from engine.headless import run_headless
 children = {}
 
@@ -813,7 +813,7 @@ def zygote():
 
 
 def write_toml(config, path: Path) -> Path:
-    from engine.config import to_toml
+    from engine.config_io import to_toml
 
     path.write_text(to_toml(config))
     return path

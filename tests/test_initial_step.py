@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import TrainConfig, build_config
+from engine.config import TrainConfig
+from engine.config_io import build_config
 from engine.errors import ConfigError
 from engine.events import LogMessage, RunStarted, StepCompleted
 from engine.plan import plan_run

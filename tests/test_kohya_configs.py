@@ -8,7 +8,8 @@ import pytest
 
 from engine.api import export_kohya, import_kohya
 from engine.cli_args import make_parser, parse_train_args
-from engine.config import FIELDS, coerce_value
+from engine.config import FIELDS
+from engine.config_io import coerce_value
 from engine.errors import ConfigError
 from engine.kohya_config import read_toml
 from engine.kohya_flags import OWNERS, TABLE, decide

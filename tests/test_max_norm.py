@@ -96,7 +96,7 @@ def test_a_run_with_scale_weight_norms_caps_every_module_and_resumes_exactly(ass
 @pytest.mark.parametrize("where", ["cli", "preset", "config_file"])
 def test_scale_weight_norms_is_kohyas_float_flag_everywhere(tmp_path, where):
     from engine.cli_args import make_parser, parse_train_args
-    from engine.config import build_config
+    from engine.config_io import build_config
 
     parser = make_parser("spyke-cockpit train", "test")
     if where == "cli":

@@ -273,7 +273,7 @@ def budget_of(monkeypatch, in_run: float, at_start: float = 16 * GB) -> None:
 
 def with_flags(config, text: str):
     """``config`` with the flags a suggestion names, as the command line would set them."""
-    from engine.config import coerce_value
+    from engine.config_io import coerce_value
     from engine.fit.advice import change_flags
 
     flags = change_flags(text)

@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from engine.checkpoint import read_lora_file, save_lora_file
-from engine.config import TrainConfig, build_config
+from engine.config import TrainConfig
+from engine.config_io import build_config
 from engine.errors import CheckpointError, ConfigError
 from engine.lora import ADAPTER_NAME, apply_lora
 from engine.network_args import parse_network_args

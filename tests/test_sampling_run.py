@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import build_config
+from engine.config_io import build_config
 from engine.control import TrainingControl
 from engine.demo import prepare_demo
 from engine.errors import ConfigError

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from engine.cli_args import make_parser, parse_train_args
-from engine.config import TrainConfig, build_config, coerce_value, to_toml
+from engine.config import TrainConfig
+from engine.config_io import build_config, coerce_value, to_toml
 from engine.errors import ConfigError
 from engine.optimizers import build_optimizer
 from engine.schedules import build_scheduler, steps_from

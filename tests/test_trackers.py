@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from engine.cli_args import make_parser, parse_train_args
-from engine.config import build_config
+from engine.config_io import build_config
 from engine.demo import prepare_demo
 from engine.errors import ConfigError
 from engine.events import StepCompleted

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.config import build_config
+from engine.config_io import build_config
 from engine.demo import prepare_demo
 from engine.events import (
     CheckpointSaved,
