@@ -13,6 +13,7 @@ import torch
 from engine.config import TrainConfig
 from engine.events import CheckpointRemoved, LogMessage, ValidationLoss
 from engine.tiny import generate_dataset
+from tests.test_saving_flags import train
 
 NAME = "best"
 
@@ -33,13 +34,6 @@ def make_config(tiny_cache, five, out: Path, **overrides) -> TrainConfig:
     return TrainConfig(**values)
 
 
-def train(cfg):
-    from engine.trainer import Trainer
-
-    events: list = []
-    result = Trainer(cfg, sinks=[events.append]).run()
-    assert result.status == "completed", result.error
-    return result, events
 
 
 def step_file(step: int) -> str:
