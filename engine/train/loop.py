@@ -113,7 +113,7 @@ class Loop:
             norms = (None, None, None)
             if cfg.scale_weight_norms and job.max_norm_supported:   # kohya: after the optimizer step, each step
                 norms = job.network.apply_max_norm(cfg.scale_weight_norms, job.device)
-            lrs = {name: float(g["lr"]) for name, g in zip(job.group_names, optimizer.param_groups)}
+            lrs, _ = scheduled_lrs(job.group_names, optimizer.param_groups)    # the rates this step trained with
             lr_scheduler.step()
             next_lrs, d_lrs = scheduled_lrs(job.group_names, optimizer.param_groups)
             epoch_number = c.epoch + 1
