@@ -79,6 +79,8 @@ class TrainConfig:
                               "dataset-TOML subsets).", minimum=1)
     max_token_length: int | None = _f(None, "dataset", "Caption tokens: 75, 150 or 225 (longer captions are "
                                       "encoded in 75-token chunks).", minimum=1)
+    weighted_captions: bool = _f(False, "dataset", "Read (word:1.3), (word) and [word] in captions as attention "
+                                 "weights on those tokens (keep commas out of the brackets when shuffling).")
     resolution: str = _f("512", "dataset", "Training resolution: 'N' or 'W,H'.")
     train_batch_size: int = _f(1, "dataset", "Images per step.", minimum=1)
     caption_extension: str = _f(".caption", "dataset", "Caption file extension.")

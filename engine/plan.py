@@ -112,6 +112,25 @@ def check_latent_caching(config: TrainConfig, dataset: DatasetPlan, warnings: li
                                   f"or {which} (kohya refuses this too)")
 
 
+def check_caption_weights(config: TrainConfig, dataset: DatasetPlan) -> None:
+    """``--weighted_captions``: every caption's brackets must read as weights before the run starts (kohya
+    stops mid-run on the first bad one)."""
+    if not config.weighted_captions:
+        return
+    from engine.sample.weights import parse_weights
+
+    for index, entry in enumerate(dataset.entries):
+        sub = dataset.subset_of(index)
+        for text, where in ((entry.caption, f"the caption of {entry.path.name}" if entry.caption_from_file else
+                             f"class_tokens of {sub.where}"), (sub.caption_prefix, f"caption_prefix of {sub.where}"),
+                            (sub.caption_suffix, f"caption_suffix of {sub.where}")):
+            try:
+                parse_weights(text or "")
+            except ValueError as err:
+                raise ConfigError(f"--weighted_captions: {where}: {err}; write the weight as (word:1.2), or escape "
+                                  "the brackets as \\( \\)") from None
+
+
 def schedule_checkpoints(config: TrainConfig, total_steps: int, num_epochs: int,
                          steps_per_epoch: int, every_epochs: int | None = None,
                          epoch_offset: int = 0, first_step: int = 0) -> list[PlannedCheckpoint]:
@@ -156,6 +175,7 @@ def plan_run(config: TrainConfig) -> RunPlan:
         check_mps_watermarks()
     dataset = load_dataset_plan(dataset_args(config))
     check_latent_caching(config, dataset, dataset.warnings)
+    check_caption_weights(config, dataset)
     memory = memory_preflight(config, dataset)
     enforce(memory, config.ignore_memory_check)
     total_steps, num_epochs = compute_total_steps(

@@ -14,6 +14,11 @@ Training and validation (kohya's ``SdTokenizeStrategy`` / ``SdTextEncodingStrate
 * The chunks are joined back: the first chunk's BOS, the 75 inner states of every chunk, the
   last chunk's EOS -- ``75 * n + 2`` states (152 for 150, 227 for 225). 75 and no flag give
   the 77 states of one plain encoder call, unchanged.
+* ``--weighted_captions`` (kohya's ``tokenize_with_weights`` / ``encode_tokens_with_weights``): the
+  caption's ``(word:1.2)`` / ``[word]`` weights are read by :mod:`engine.sample.weights`, each weighted
+  piece is tokenized on its own, and each token's hidden state is multiplied by its weight after the
+  encoder (BOS, EOS and padding keep 1). Unlike the sample pipeline, training does not rescale the
+  states to their former mean -- kohya does not either.
 
 Sample images (kohya's long-prompt pipeline, which ignores ``--max_token_length``): a prompt
 may have up to 225 tokens; it and the negative prompt are padded to the same number of
@@ -46,6 +51,46 @@ def caption_token_ids(tokenizer, text: str, max_token_length: int | None) -> "to
         return ids[None]
     return torch.stack([_wrap(tokenizer, ids[:1], ids[i:i + model_max - 2], ids[-1:])
                         for i in range(1, length - model_max + 2, model_max - 2)])
+
+
+def weighted_caption_token_ids(tokenizer, text: str, max_token_length: int | None
+                               ) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """kohya's ``_get_input_ids(weighted=True)``: the caption's ids and each id's weight, both (chunks, 77).
+
+    The pieces' tokens are cut to ``max_token_length`` (75 without the flag), wrapped in BOS/EOS and padded;
+    longer than 77 they are chunked as :func:`caption_token_ids` chunks them, each chunk's BOS and EOS
+    weighing 1."""
+    import torch
+
+    from engine.sample.weights import weighted_tokens
+
+    model_max = tokenizer.model_max_length
+    length = model_max if max_token_length is None else max_token_length + 2
+    tokens, weights = weighted_tokens(tokenizer, text, length - 2)
+    pad = length - 2 - len(tokens)
+    ids = torch.tensor([tokenizer.bos_token_id] + tokens + [tokenizer.eos_token_id] + [tokenizer.pad_token_id] * pad)
+    flat = torch.tensor([1.0] + weights + [1.0] * (pad + 1))
+    if length <= model_max:
+        return ids[None], flat[None]
+    starts = range(1, length - model_max + 2, model_max - 2)
+    chunked = torch.stack([_wrap(tokenizer, ids[:1], ids[i:i + model_max - 2], ids[-1:]) for i in starts])
+    chunk_weights = torch.ones(chunked.shape)
+    for n, i in enumerate(starts):
+        chunk_weights[n, 1:model_max - 1] = flat[i:i + model_max - 2]
+    return chunked, chunk_weights
+
+
+def weigh_captions(hidden: "torch.Tensor", weights: "torch.Tensor") -> "torch.Tensor":
+    """kohya's ``encode_tokens_with_weights``: joined caption states (B, 77 or 75 * n + 2, D) times their
+    tokens' weights (B, n, 77); BOS, EOS and padding states keep theirs (1)."""
+    import torch
+
+    if weights.shape[1] == 1:
+        return hidden * weights[:, 0, :, None].to(hidden.dtype)
+    per_state = torch.cat([torch.ones_like(weights[:, 0, :1])] +
+                          [weights[:, i, 1:-1] for i in range(weights.shape[1])] +
+                          [torch.ones_like(weights[:, 0, :1])], dim=1)
+    return hidden * per_state[:, :, None].to(hidden.dtype)
 
 
 def _wrap(tokenizer, bos: "torch.Tensor", inner: "torch.Tensor", last: "torch.Tensor") -> "torch.Tensor":

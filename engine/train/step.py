@@ -44,21 +44,26 @@ class TrainStep:
 
     # ---- inputs
     def encode_prompts(self, captions: list[str]):
-        """The captions' text conditioning, kohya's way (``--max_token_length`` chunks, ``clip_skip``)."""
+        """The captions' text conditioning, kohya's way (``--max_token_length`` chunks, ``clip_skip``,
+        ``--weighted_captions``)."""
         import torch
 
-        from engine.text_encoding import caption_token_ids, encode_captions
+        from engine.text_encoding import caption_token_ids, encode_captions, weigh_captions, weighted_caption_token_ids
 
-        ids = []
+        weighted = self.cfg.weighted_captions
+        ids, weights = [], []
         for caption in captions:
             cached = self.token_cache.get(caption)
             if cached is None:
-                cached = caption_token_ids(self.m.tokenizer, caption, self.cfg.max_token_length)
+                cached = (weighted_caption_token_ids(self.m.tokenizer, caption, self.cfg.max_token_length) if weighted
+                          else (caption_token_ids(self.m.tokenizer, caption, self.cfg.max_token_length), None))
                 self.token_cache[caption] = cached
-            ids.append(cached)
+            ids.append(cached[0])
+            weights.append(cached[1])
         input_ids = torch.stack(ids).to(self.device)
         with torch.set_grad_enabled(self.m.train_te):
-            return encode_captions(self.m.te, input_ids, self.cfg.clip_skip)
+            hidden = encode_captions(self.m.te, input_ids, self.cfg.clip_skip)
+            return weigh_captions(hidden, torch.stack(weights).to(self.device)) if weighted else hidden
 
     def vae_latents(self, pixels, generator):
         import torch
