@@ -125,7 +125,7 @@ def load_toml_values(path: Path, *, kohya_file: bool = False, notes: list[str] |
     that are no config field are kept too (see :func:`build_config`). A key that is neither is refused, except
     in kohya's ``--config_file`` (``kohya_file``): kohya's argparse Namespace keeps it unread, so it is ignored
     with one line in ``notes``. Info lines about values (several text_encoder_lr) go to ``notes`` too."""
-    from engine.kohya_config import ignored_key_note, read_toml, several_values_note
+    from engine.kohya_config import float_steps_note, ignored_key_note, read_toml, several_values_note
     from engine.kohya_flags import TABLE
 
     data = read_toml(Path(path))
@@ -142,6 +142,8 @@ def load_toml_values(path: Path, *, kohya_file: bool = False, notes: list[str] |
                 continue
             flat[sub] = coerce_value(sub, subvalue, where)
             if note := several_values_note(sub, subvalue, f"{where}: {sub}"):
+                lines.append(note)
+            if kohya_file and (note := float_steps_note(sub, subvalue, f"{where}: {sub}")):
                 lines.append(note)
     if notes is not None:
         notes.extend(lines)

@@ -84,6 +84,20 @@ def several_values_note(name: str, raw: Any, shown: str) -> str | None:
             f"the first value, {values[0]:g}, and so does spyke-cockpit")
 
 
+def float_steps_note(name: str, raw: Any, shown: str) -> str | None:
+    """The info line for ``lr_warmup_steps = 100.0`` in a --config_file: kohya's config reader keeps the TOML
+    float and its scheduler takes any float as a ratio of the total steps (100.0 = a warm-up 100 times the run,
+    never finished). spyke-cockpit reads a whole float of 1 or more as that many steps, and says so."""
+    from engine.config import FIELDS
+
+    if name not in FIELDS or FIELDS[name].metadata.get("kind") != "steps_or_ratio" or not isinstance(raw, float):
+        return None
+    if not (raw >= 1 and raw.is_integer()):
+        return None
+    return (f"{shown} = {raw!r}: read as {int(raw)} steps; kohya would take this float as a ratio of the total "
+            f"steps ({raw:g} x the run's length); write {int(raw)} to mean steps")
+
+
 def ignored_key_note(name: str, where: str, known: bool) -> str | None:
     """kohya's ``--config_file`` becomes an argparse Namespace: a key that is no flag stays in it unread. The
     warning line for such a key (None for a flag's key, which is read)."""

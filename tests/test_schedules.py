@@ -159,3 +159,18 @@ def test_the_form_shows_a_key_value_list_as_spaced_text_that_reads_back_the_same
     assert text == "betas=0.9,0.99 'name=\"a b\"' decouple=True"
     assert coerce_value("optimizer_args", text, "optimizer_args") == values
     assert _display(10) == "10" and _display(0.1) == "0.1"   # lr_warmup_steps: steps print as an int
+
+
+def test_a_whole_float_warmup_in_a_kohya_config_file_is_steps_with_one_line_saying_how_kohya_differs(tmp_path):
+    cfg_file = tmp_path / "k.toml"
+    cfg_file.write_text("[optimizer]\nlr_warmup_steps = 100.0\nlr_decay_steps = 0.25\n")
+    notes: list[str] = []
+    cfg = parse_train_args(make_parser("spyke-cockpit train", "test"), [f"--config_file={cfg_file}"], notes=notes)[1]
+    assert (cfg.lr_warmup_steps, cfg.lr_decay_steps) == (100, 0.25)
+    assert notes == [f"{cfg_file} [optimizer]: lr_warmup_steps = 100.0: read as 100 steps; kohya would take this "
+                     "float as a ratio of the total steps (100 x the run's length); write 100 to mean steps"]
+    preset = tmp_path / "p.toml"
+    preset.write_text("lr_warmup_steps = 100.0\n")
+    notes.clear()
+    assert parse_train_args(make_parser("spyke-cockpit train", "test"), [str(preset)], notes=notes)[1].lr_warmup_steps \
+        == 100 and notes == []
