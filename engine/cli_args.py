@@ -12,7 +12,7 @@ from engine.config import FIELDS, GROUPS, TrainConfig, field_default, field_type
 from engine.config_io import build_config, coerce_value
 from engine.errors import ConfigError
 from engine.kohya_config import config_file_path, output_config, several_values_note
-from engine.kohya_flags import EXTRA_GROUPS, INFO, OWNERS, PENDING, REFUSED, TABLE
+from engine.kohya_flags import EXTRA_GROUPS, GUI_ONLY, INFO, OWNERS, PENDING, REFUSED, TABLE
 
 _STATUS = {INFO: "accepted, no effect on the weights", REFUSED: "not supported", PENDING: "not supported yet"}
 
@@ -92,6 +92,8 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 def _table_help(flag: Any) -> str:
     """The help line of a kohya flag that is no config field: what it does here, or why it is refused."""
+    if flag.name in GUI_ONLY:
+        return f"config files only: {flag.line}; refused on the command line"
     if flag.status == INFO:
         return flag.line or _STATUS[INFO]
     if flag.status == REFUSED:

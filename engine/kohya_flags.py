@@ -133,24 +133,14 @@ _GUI_ONLY = {
     "noise_offset_type": "the GUI's noise-offset choice; sd-scripts ignores it (noise_offset / "
                          "multires_noise_iterations decide)",
 }
+GUI_ONLY = tuple(_GUI_ONLY)   # config-file keys only: hidden from --help, refused on the command line
+_GUI_ONLY_FIX = {"epoch": "use --max_train_epochs=N for the run's length",
+                 "noise_offset_type": "use --noise_offset=X or --multires_noise_iterations=N"}
 for _name, _why in _GUI_ONLY.items():
     _ROWS.append(KohyaFlag(_name, str, "other", INFO, _why, decide=lambda v, g, _w=_why, _n=_name: f"{_n}: {_w}"))
 
 # Flags of this parser another part of spyke-cockpit implements (refused until then, unless off/default).
 _PENDING_ELSEWHERE: list[tuple[str, type, str, Any]] = [
-    # logging
-    ("logging_dir", str, "logging", None), ("log_with", str, "logging", None), ("log_prefix", str, "logging", None),
-    ("log_tracker_name", str, "logging", None), ("log_tracker_config", str, "logging", None),
-    ("wandb_run_name", str, "logging", None), ("wandb_api_key", str, "logging", None),
-    # training semantics: network, loss, noise, captions, augmentation, validation
-    ("weighted_captions", bool, "training", False),
-    ("caption_dropout_rate", float, "training", 0.0), ("caption_dropout_every_n_epochs", int, "training", 0),
-    ("caption_tag_dropout_rate", float, "training", 0.0), ("caption_prefix", str, "training", None),
-    ("caption_suffix", str, "training", None), ("caption_separator", str, "training", ","),
-    ("keep_tokens_separator", str, "training", ""), ("secondary_separator", str, "training", None),
-    ("enable_wildcard", bool, "training", False), ("color_aug", bool, "training", False),
-    ("random_crop", bool, "training", False), ("face_crop_aug_range", str, "training", None),
-    ("token_warmup_min", int, "training", 1), ("token_warmup_step", float, "training", 0),
     ("resize_interpolation", str, "training", None),
 ]
 
@@ -176,6 +166,9 @@ def decide(name: str, value: Any, given: Mapping[str, Any], where: str) -> tuple
     Raises a one-line ConfigError naming the flag when spyke-cockpit cannot honour it.
     """
     flag = TABLE[name]
+    if name in _GUI_ONLY and where == f"--{name}":
+        raise ConfigError(f"--{name}: not a train_network.py flag (kohya refuses it on the command line); "
+                          f"{_GUI_ONLY_FIX[name]}")
     if flag.status == ALIAS:
         note = flag.decide(value, given) if flag.decide else None
         return note, ({flag.target: value} if not _is_off(flag, value) or flag.kind is not bool else {})

@@ -569,3 +569,18 @@ def test_output_config_of_a_gui_config_file_is_a_config_file_that_reads_back_the
     doc = read_toml(written)
     assert not {"wandb_api_key", "config_file", "output_config", "max_token_length"} & set(doc)
     assert parse([f"--config_file={written}"]) == parse([f"--config_file={filled}"])
+
+
+@pytest.mark.parametrize("flag, fix", [("--epoch=10", "--max_train_epochs"), ("--noise_offset_type=Original",
+                                                                          "--noise_offset")])
+def test_a_gui_only_key_is_ignored_in_a_config_file_but_refused_on_the_command_line(tmp_path, flag, fix):
+    name, value = flag[2:].split("=")
+    cfg_file = tmp_path / "k.toml"
+    cfg_file.write_text(f'[basic]\n{name} = "{value}"\n')
+    notes: list[str] = []
+    parse_train_args(parser(), [f"--config_file={cfg_file}"], notes=notes)
+    assert any(line.startswith(f"{name}: ") and "sd-scripts ignores it" in line for line in notes)
+    with pytest.raises(ConfigError, match=rf"^--{name}: not a train_network\.py flag .*; use {fix}"):
+        parse_train_args(parser(), [flag], notes=[])
+    assert "config files only: " in next(line for line in parser().format_help().splitlines()
+                                         if line.startswith(f"  --{name} "))
