@@ -345,13 +345,15 @@ def preview_text(plan: Any) -> Text:
         kept = sum(1 for ck in checkpoints if getattr(ck, "kept", True))
         text.append(f"{len(checkpoints)} checkpoints" + (f" ({kept} kept)" if kept < len(checkpoints) else "") + ":\n")
         shown = checkpoints if len(checkpoints) <= 6 else checkpoints[:3] + [None] + checkpoints[-2:]
+        validated = getattr(getattr(plan, "dataset", None), "validation", None) is not None
+        removed = "  (removed later unless it has the best validation loss)\n" if validated else "  (removed later)\n"
         for ck in shown:
             if ck is None:
                 text.append("   …\n", style="dim")
                 continue
             text.append(f"{ck.step:>6} ", style="dim")
             text.append(f"{ck.filename}")
-            text.append("\n" if getattr(ck, "kept", True) else "  (removed later)\n", style="dim")
+            text.append("\n" if getattr(ck, "kept", True) else removed, style="dim")
     free = getattr(plan, "free_bytes", None)
     text.append(f"output {plan.output_dir}\n")
     text.append(f"free space {format_bytes(free)}")

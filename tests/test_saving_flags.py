@@ -120,6 +120,9 @@ def test_save_last_n_epochs_plan_keeps_the_last_epoch_files(assets, tmp_path):
 
     shown = preview_text(plan).plain
     assert "6 checkpoints (3 kept):" in shown and f"{NAME}-000001.safetensors  (removed later)" in shown
+    validated = preview_text(plan_run(make_config(assets, tmp_path / "v", max_train_epochs=6, save_every_n_epochs=1,
+                                                  save_last_n_epochs=2, validation_split=0.5))).plain
+    assert f"{NAME}-000001.safetensors  (removed later unless it has the best validation loss)" in validated
 
 
 def test_save_n_epoch_ratio_sets_the_epoch_interval_as_kohya(assets, tmp_path):
