@@ -115,6 +115,27 @@ def test_savings_list_only_the_settings_that_lower_the_peak():
     assert done == {}
 
 
+def test_on_cuda_the_advice_offers_the_base_model_in_float8_after_mixed_precision():
+    from engine.fit.advice import advise, families
+
+    shapes = sd15_shapes()
+    mixed = Settings(512, 512, 1, True, network_dim=32, device="cuda", mixed_precision="bf16")
+    saved = dict(savings(shapes, mixed))
+    want = estimate(shapes, mixed).peak_bytes - estimate(shapes, dataclasses.replace(mixed, fp8_base=True)).peak_bytes
+    assert saved["--fp8_base"] == want > 0.5e9            # the U-Net and text encoder at 1 byte instead of 2
+    full = Settings(512, 512, 1, True, network_dim=32, device="cuda")
+    (precision,) = [f for f in families(full) if f.name == "mixed_precision"]
+    assert [o.flag for o in precision.steps] == ["--mixed_precision=bf16", "--mixed_precision=bf16 --fp8_base"]
+    bf16_peak = estimate(shapes, dataclasses.replace(full, mixed_precision="bf16")).peak_bytes
+    target = estimate(shapes, dataclasses.replace(full, mixed_precision="bf16", fp8_base=True)).peak_bytes
+    assert target < bf16_peak
+    fits = advise(shapes, full, [precision], target).fits
+    assert [c.flags for c in fits] == [("--mixed_precision=bf16 --fp8_base",)]
+    assert "--fp8_base" not in dict(savings(shapes, dataclasses.replace(mixed, device="mps")))            # float8 cannot run there
+    assert "--fp8_base" not in dict(savings(shapes, dataclasses.replace(mixed, network_module="lycoris.kohya")))
+    assert "--fp8_base" not in dict(savings(shapes, dataclasses.replace(mixed, fp8_base_unet=True)))
+
+
 def test_verdict_is_fits_below_85_percent_tight_to_100_and_too_big_above(tiny_cache, tmp_path):
     config = tiny_config(tiny_cache, tmp_path)
     peak = memory_preflight(config, device=fake_device(16 * GB)).estimate.peak_bytes

@@ -1,7 +1,7 @@
 """What to change so a run fits: the memory estimator's settings, searched against a budget (no torch).
 
 Each family of settings lowers the peak one way (latents cached, gradient checkpointing, mixed precision
-on a GPU, a smaller batch, the text encoder left untrained, a lower resolution); a family with steps (the
+on a GPU and then the base model in float8 on CUDA, a smaller batch, the text encoder left untrained, a lower resolution); a family with steps (the
 batch halved, the resolution at three quarters, again) offers its mildest step first. :func:`advise`
 estimates the peak after each (``engine.fit.estimate``) and names:
 
@@ -114,10 +114,20 @@ def families(s: Settings, *, resolution: tuple[int, int] | None = None, effect: 
     if not s.gradient_checkpointing:
         out.append(Family("gradient_checkpointing", 1,
                           (Option("--gradient_checkpointing", {"gradient_checkpointing": True}),)))
+    # --fp8_base (the frozen base in float8, kohya's flag) where float8 computes: CUDA, a network that adds to
+    # the base layer's forward, under mixed precision -- on its own, or as the precision family's second step
+    from engine.models import FP8_NETWORKS
+
+    fp8 = (s.device == "cuda" and not (s.fp8_base or s.fp8_base_unet) and s.network_module in FP8_NETWORKS)
     if s.device in ("cuda", "mps") and s.mixed_precision == "no":
         precision = "bf16" if s.device == "cuda" else "fp16"
-        out.append(Family("mixed_precision", 2, (Option(f"--mixed_precision={precision}",
-                                                        {"mixed_precision": precision}),)))
+        steps = [Option(f"--mixed_precision={precision}", {"mixed_precision": precision})]
+        if fp8:
+            steps.append(Option(f"--mixed_precision={precision} --fp8_base",
+                                {"mixed_precision": precision, "fp8_base": True}))
+        out.append(Family("mixed_precision", 2, tuple(steps)))
+    elif fp8 and s.mixed_precision != "no":
+        out.append(Family("fp8_base", 2, (Option("--fp8_base", {"fp8_base": True}),)))
     batches, b = [], s.batch
     while b > 1:
         b = max(1, b // 2)
