@@ -91,11 +91,17 @@ async def chart_caught_up(pilot) -> None:
 
 
 async def settled_screen(pilot, tries: int = 60) -> None:
-    """Wait until two screenshots a moment apart are the same (the panels have caught up with the state),
-    instead of a fixed pause that a loaded machine can outrun."""
+    """Wait until two screenshots a moment apart are the same (the panels have caught up with the state) and
+    no table still has columns to size, instead of a fixed pause that a loaded machine can outrun."""
+    from textual.widgets import DataTable
+
     before = None
     for _ in range(tries):
         await pilot.pause(0.1)
+        # a table sizes its columns to new rows when the app is next idle, which a busy machine puts off
+        if any(t._require_update_dimensions for t in pilot.app.screen.query(DataTable)):
+            before = None
+            continue
         now = pilot.app.export_screenshot()
         if now == before:
             return
