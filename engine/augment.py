@@ -122,9 +122,10 @@ def face_from_name(path: Path) -> tuple[int, int, int, int] | None:
 
 
 def face_crop(img, face: tuple[int, int, int, int], target: tuple[int, int], face_range: tuple[float, float],
-              random_crop: bool, rng: random.Random) -> np.ndarray:
-    """kohya ``crop_target``: a PIL RGB image → uint8 HWC of ``target`` (w, h) around the face."""
-    from PIL import Image
+              random_crop: bool, rng: random.Random, interpolation: str | None = None) -> np.ndarray:
+    """kohya ``crop_target``: a PIL RGB image → uint8 HWC of ``target`` (w, h) around the face, scaled
+    with the subset's ``resize_interpolation`` (``engine.resize``)."""
+    from engine.resize import resize
 
     width, height = img.size
     tw, th = target
@@ -141,9 +142,7 @@ def face_crop(img, face: tuple[int, int, int, int], target: tuple[int, int], fac
     if nh < th or nw < tw:
         raise DatasetError(f"image {width}x{height} is smaller than the resolution {tw}x{th}; face_crop_aug_range "
                            f"needs images at least that large")
-    if (nw, nh) != (width, height):
-        img = img.resize((nw, nh), Image.Resampling.BOX)
-    arr = np.array(img, dtype=np.uint8)
+    arr = resize(img, (nw, nh), interpolation)
     face_cx, face_cy = int(face_cx * scale + 0.5), int(face_cy * scale + 0.5)
     for axis, (want, length, face_p) in enumerate(zip((th, tw), (nh, nw), (face_cy, face_cx))):
         p1 = face_p - want // 2

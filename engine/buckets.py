@@ -112,12 +112,13 @@ class BucketSelector:
         return BucketChoice(reso, resized, ar_error)
 
 
-def resize_and_crop(image, reso: tuple[int, int], resized_size: tuple[int, int]) -> np.ndarray:
+def resize_and_crop(image, reso: tuple[int, int], resized_size: tuple[int, int],
+                    interpolation: str | None = None) -> np.ndarray:
     """Resize a PIL RGB image to ``resized_size`` then center-crop to ``reso``; uint8 HWC.
 
-    Downscaling uses a box filter (kohya: cv2 INTER_AREA), upscaling Lanczos.
+    ``interpolation``: kohya's ``resize_interpolation`` (``engine.resize``; None: area down, Lanczos up).
     """
-    arr = resize_only(image, resized_size)
+    arr = resize_only(image, resized_size, interpolation)
     h, w = arr.shape[:2]
     if w > reso[0]:
         p = (w - reso[0]) // 2
@@ -130,11 +131,8 @@ def resize_and_crop(image, reso: tuple[int, int], resized_size: tuple[int, int])
     return np.ascontiguousarray(arr)
 
 
-def resize_only(image, resized_size: tuple[int, int]) -> np.ndarray:
-    """Resize a PIL RGB image to ``resized_size`` (box filter down, Lanczos up); uint8 HWC, writable."""
-    from PIL import Image
+def resize_only(image, resized_size: tuple[int, int], interpolation: str | None = None) -> np.ndarray:
+    """Resize a PIL image to ``resized_size`` with kohya's ``resize_interpolation``; uint8 HWC, writable."""
+    from engine.resize import resize
 
-    if image.size != tuple(resized_size):
-        shrinking = resized_size[0] * resized_size[1] < image.size[0] * image.size[1]
-        image = image.resize(tuple(resized_size), Image.Resampling.BOX if shrinking else Image.Resampling.LANCZOS)
-    return np.array(image, dtype=np.uint8)
+    return resize(image, resized_size, interpolation)

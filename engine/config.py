@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Iterable
 
 from engine.sample.samplers import DEFAULT_SAMPLER, SAMPLER_NAMES
+from engine.resize import FLAG_CHOICES as RESIZE_INTERPOLATIONS
 from engine.schedules import SCHEDULERS
 
 # Groups, in the order the cockpit's form shows them.
@@ -114,6 +115,9 @@ class TrainConfig:
     color_aug: bool = _f(False, "dataset", "Random weak hue/gamma augmentation (not with --cache_latents).")
     random_crop: bool = _f(False, "dataset", "Random instead of centre crop (not with --cache_latents).")
     face_crop_aug_range: str = _f("", "dataset", "Face crop scale range 'lo,hi' (face from names name_cx_cy_w_h).")
+    resize_interpolation: str | None = _f(
+        None, "dataset", "How images are resized to their bucket (default: area when shrinking, lanczos when "
+        "enlarging; dataset TOMLs also take box).", choices=RESIZE_INTERPOLATIONS)
     cache_latents_to_disk: bool = _f(False, "dataset", "Cache latents on disk, reused by later runs (implies "
                                      "--cache_latents; see the README for the folder).")
     max_data_loader_n_workers: int = _f(

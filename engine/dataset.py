@@ -182,6 +182,15 @@ class DatasetPlan:
         sub = self.subset_of(entry_index)
         return bool(sub.color_aug or sub.random_crop or self._face_crops(entry_index))
 
+    def resize_method(self, entry_index: int) -> str:
+        """How the entry's image is resized to its ``resized_size`` (``engine.resize.method``); "" when it is not."""
+        from engine.resize import method
+
+        e = self.entries[entry_index]
+        if tuple(e.image_size) == tuple(e.resized_size):
+            return ""
+        return method(self.subset_of(entry_index).resize_interpolation, e.image_size, e.resized_size)
+
     def _face_crops(self, entry_index: int) -> bool:
         e = self.entries[entry_index]
         return e.face is not None and not self.datasets[e.dataset_index].enable_bucket
@@ -229,7 +238,8 @@ class DatasetPlan:
         if arr is not None:
             return arr
         e = self.entries[entry_index]
-        arr = resize_and_crop(self._decoded(entry_index), e.bucket, e.resized_size)
+        arr = resize_and_crop(self._decoded(entry_index), e.bucket, e.resized_size,
+                              self.subset_of(entry_index).resize_interpolation)
         if self.cache_images:
             self._cache[entry_index] = arr
         return arr
@@ -241,7 +251,7 @@ class DatasetPlan:
         if self._face_crops(entry_index):
             ds = self.datasets[e.dataset_index]
             arr = face_crop(self._source(entry_index, resized=False), e.face, ds.resolution,
-                            sub.face_crop_aug_range, sub.random_crop, rng)
+                            sub.face_crop_aug_range, sub.random_crop, rng, sub.resize_interpolation)
         elif sub.random_crop:
             arr = self._source(entry_index, resized=True)
             left, top = crop_offsets((arr.shape[1], arr.shape[0]), e.bucket, True, rng)
@@ -258,7 +268,7 @@ class DatasetPlan:
         if got is None:
             e = self.entries[entry_index]
             im = self._decoded(entry_index)
-            got = resize_only(im, e.resized_size) if resized else im
+            got = resize_only(im, e.resized_size, self.subset_of(entry_index).resize_interpolation) if resized else im
             if self.cache_images:
                 self._resized[entry_index] = got
         return got

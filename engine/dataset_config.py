@@ -9,7 +9,7 @@ Value fallback (kohya ``config_util``): subset → dataset → ``[general]`` →
   ``caption_dropout_every_n_epochs``, ``caption_tag_dropout_rate``, ``caption_separator``,
   ``keep_tokens_separator``, ``secondary_separator``, ``enable_wildcard``,
   ``token_warmup_min``/``token_warmup_step``, ``color_aug``, ``random_crop``,
-  ``face_crop_aug_range``)
+  ``face_crop_aug_range``, ``resize_interpolation``)
 * subset only: ``image_dir`` (required unless ``metadata_file``), ``is_reg``,
   ``metadata_file`` (a fine-tuning subset: captions from kohya's JSON/JSONL metadata;
   every subset of that dataset must have one, as in kohya), ``alpha_mask`` (default
@@ -18,7 +18,8 @@ Value fallback (kohya ``config_util``): subset → dataset → ``[general]`` →
 * dataset-or-general only: ``resolution`` (int or ``[w, h]``), ``batch_size``,
   ``enable_bucket``, ``min_bucket_reso``, ``max_bucket_reso``, ``bucket_reso_steps``,
   ``bucket_no_upscale``, ``validation_split``, ``validation_seed`` (the held-out images of
-  each subset; see ``engine.dataset_split``)
+  each subset; see ``engine.dataset_split``); ``resize_interpolation`` is read at both levels, as
+  kohya reads it (a subset's own, else its dataset's, ``[general]``'s, the flag's)
 
 Other kohya options are accepted only when they hold kohya's default (so they change
 nothing); any other value, and any unknown key, is a ``DatasetError``.
@@ -66,6 +67,7 @@ class CaptionOptions:
     color_aug: bool = False
     random_crop: bool = False
     face_crop_aug_range: str | tuple[float, float] | None = None   # "lo,hi" on the command line
+    resize_interpolation: str | None = None   # engine.resize; None: kohya's default (area down, lanczos up)
 
 
 CAPTION_KEYS = tuple(f.name for f in fields(CaptionOptions))
@@ -129,6 +131,7 @@ class DatasetSpec:
     where: str
     validation_split: float = 0.0
     validation_seed: int = 0          # resolved: validation_seed, else the run's seed, else 0
+    resize_interpolation: str | None = None   # the dataset's own (kohya: dataset → general → flag); subsets pick theirs
 
 
 SUBSET_ASCENDABLE = {
@@ -152,6 +155,7 @@ SUBSET_ASCENDABLE = {
     "color_aug": "bool",
     "random_crop": "bool",
     "face_crop_aug_range": "range2",
+    "resize_interpolation": "interpolation",
 }
 # kohya's DreamBooth-only subset keys: not allowed beside metadata_file
 DREAMBOOTH_ONLY = ("caption_extension", "class_tokens", "is_reg")
@@ -167,6 +171,7 @@ DATASET_ASCENDABLE = {
     "bucket_no_upscale": "bool",
     "validation_split": "float",
     "validation_seed": "int",
+    "resize_interpolation": "interpolation",
 }
 # CLI flag for each option (kohya names); options without a flag have a fixed default.
 CLI_FLAG = {"batch_size": "train_batch_size", "num_repeats": "dataset_repeats"}
@@ -178,7 +183,7 @@ _ABSENT = object()   # kohya default is "not set": any value changes behaviour
 UNSUPPORTED = {
     "subset": {"cache_info": _ANY, "custom_attributes": {}},
     "subset_only": {},
-    "dataset": {"network_multiplier": 1.0, "resize_interpolation": _ABSENT},
+    "dataset": {"network_multiplier": 1.0},
 }
 _ALL_KNOWN = (
     set(SUBSET_ASCENDABLE) | set(SUBSET_ONLY) | set(DATASET_ASCENDABLE)
@@ -208,6 +213,16 @@ def _check_type(kind: str, value: Any, where: str, key: str) -> Any:
     if kind == "float":
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise DatasetError(f"{where}: {key} = {value!r} is {_tname(value)}; it must be a number, e.g. {key} = 0.1")
+        return value
+    if kind == "interpolation":   # kohya's resize_interpolation (a TOML also takes "box"); "" = not set
+        from engine.resize import TOML_CHOICES
+
+        if value == "":
+            return None
+        if not isinstance(value, str) or value not in TOML_CHOICES:
+            raise DatasetError(f"{where}: {key} = {value!r} is not a resize interpolation; use one of "
+                               f"{', '.join(TOML_CHOICES)} (or leave it out for kohya's default: area when "
+                               f"shrinking, lanczos when enlarging)")
         return value
     if kind == "range2":   # kohya face_crop_aug_range: [lo, hi] in TOML, "lo,hi" on the CLI
         if isinstance(value, str):
@@ -345,6 +360,7 @@ def _make_dataset(ds_layers: list[tuple[dict, str]], args: DatasetArgs, subsets:
         bucket_reso_steps=steps, bucket_no_upscale=vals["bucket_no_upscale"],
         subsets=tuple(subsets), where=where,
         validation_split=float(vals["validation_split"]), validation_seed=int(split_seed),
+        resize_interpolation=vals["resize_interpolation"],
     )
 
 

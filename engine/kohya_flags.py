@@ -139,15 +139,6 @@ _GUI_ONLY_FIX = {"epoch": "use --max_train_epochs=N for the run's length",
 for _name, _why in _GUI_ONLY.items():
     _ROWS.append(KohyaFlag(_name, str, "other", INFO, _why, decide=lambda v, g, _w=_why, _n=_name: f"{_n}: {_w}"))
 
-# Flags of this parser another part of spyke-cockpit implements (refused until then, unless off/default).
-_PENDING_ELSEWHERE: list[tuple[str, type, str, Any]] = [
-    ("resize_interpolation", str, "training", None),
-]
-
-_FORM_GROUP = {"logging": "logging", "training": "other", "saving": "saving"}
-for _name, _kind, _owner, _default in _PENDING_ELSEWHERE:
-    _ROWS.append(KohyaFlag(_name, _kind, _FORM_GROUP[_owner], PENDING, "", _default, _owner))
-
 TABLE: dict[str, KohyaFlag] = {row.name: row for row in _ROWS}
 # The launcher's own flags, read by import-kohya (accelerate launch …): they never reach train_network.py.
 CONFIG_FILE_FLAGS = ("config_file", "output_config")

@@ -2,7 +2,7 @@
 
 Folder: ``$XDG_CACHE_HOME/spyke-cockpit/latents/`` (``~/.cache/spyke-cockpit/latents/`` when
 XDG_CACHE_HOME is unset); safe to delete at any time. One ``<key>.safetensors`` per image x
-bucket x flip x VAE. Unlike kohya's ``<image>.npz`` written beside each image, nothing is
+bucket x resize method x flip x VAE. Unlike kohya's ``<image>.npz`` written beside each image, nothing is
 written into the dataset folder, and the key is the image's *content* (so a re-saved or
 renamed image is never served stale latents) plus the VAE's identity (weights and dtype).
 
@@ -13,7 +13,8 @@ warm cache or no cache.
 
 The training setup calls, per (entry, flip), before encoding::
 
-    key = cache_key(image_sha256(entry.path), entry.bucket, entry.resized_size, flip, vae_identity(vae, dtype))
+    key = cache_key(image_sha256(entry.path), entry.bucket, entry.resized_size, flip, vae_identity(vae, dtype),
+                    resize_method)     # engine.resize.method: how the image is resized to resized_size
     moments = cache.get(key)
     if moments is None:
         moments = vae.encode(pixels).latent_dist.parameters[0]
@@ -35,7 +36,7 @@ if TYPE_CHECKING:
 
 __all__ = ["default_cache_dir", "LatentDiskCache", "cache_key", "image_sha256", "vae_identity"]
 
-FORMAT = "spyke-latents-1"
+FORMAT = "spyke-latents-2"   # 2: the key names the resize method (kohya's resize_interpolation)
 
 
 def default_cache_dir() -> Path:
@@ -63,8 +64,9 @@ def vae_identity(vae, dtype) -> str:
 
 
 def cache_key(image_hash: str, bucket: tuple[int, int], resized_size: tuple[int, int], flip: bool,
-              vae_id: str) -> str:
-    text = f"{FORMAT}|{image_hash}|{bucket[0]}x{bucket[1]}|{resized_size[0]}x{resized_size[1]}|{int(flip)}|{vae_id}"
+              vae_id: str, resize_method: str = "") -> str:
+    text = (f"{FORMAT}|{image_hash}|{bucket[0]}x{bucket[1]}|{resized_size[0]}x{resized_size[1]}|{int(flip)}|{vae_id}"
+            f"|{resize_method}")
     return hashlib.sha256(text.encode()).hexdigest()
 
 

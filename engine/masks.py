@@ -11,7 +11,7 @@ Where a mask comes from (kohya ``train_util``):
   the image's size (kohya asserts all three).
 
 The mask goes through the image's geometry: EXIF orientation, the resize to the bucket's
-``resized_size`` (box filter down, Lanczos up, like the pixels), the centre, random or face crop
+``resized_size`` (with the subset's ``resize_interpolation``, like the pixels), the centre, random or face crop
 (replaying the same random draws), then the flip. One departure from kohya: kohya stretches a
 conditioning image straight to the bucket size instead of resizing and centre-cropping it like
 its image, so its mask drifts from the picture by up to half the cropped overhang; here it lies
@@ -142,7 +142,8 @@ class LossMasks:
         if got is None:
             e = self.plan.entries[entry_index]
             src = self._source_image(entry_index)
-            arr = None if src is None else resize_and_crop(src, e.bucket, e.resized_size)
+            arr = None if src is None else resize_and_crop(src, e.bucket, e.resized_size,
+                                                           self.plan.subset_of(entry_index).resize_interpolation)
             got = self._values(arr, entry_index)
             if self.plan.cache_images:
                 self._plain[entry_index] = got
@@ -162,9 +163,9 @@ class LossMasks:
         rng.setstate(rng_state)
         if plan._face_crops(entry_index):
             arr = face_crop(src, e.face, plan.datasets[e.dataset_index].resolution, sub.face_crop_aug_range,
-                            sub.random_crop, rng)
+                            sub.random_crop, rng, sub.resize_interpolation)
         elif sub.random_crop:
-            arr = resize_only(src, e.resized_size)
+            arr = resize_only(src, e.resized_size, sub.resize_interpolation)
             left, top = crop_offsets((arr.shape[1], arr.shape[0]), e.bucket, True, rng)
             arr = arr[top:top + e.bucket[1], left:left + e.bucket[0]]
         else:

@@ -206,6 +206,7 @@ def test_the_final_file_carries_every_kohya_metadata_key(main_run):
         "ss_seed": "42", "ss_clip_skip": "2", "ss_lr_scheduler": "cosine", "ss_lr_warmup_steps": "0",
         "ss_gradient_checkpointing": "True", "ss_mixed_precision": "no", "ss_cache_latents": "False",
         "ss_prior_loss_weight": "1.0", "ss_max_grad_norm": "1.0", "ss_session_id": result.run_dir.name,
+        "ss_resize_interpolation": "None",
         "modelspec.architecture": "stable-diffusion-v1/lora", "modelspec.title": NAME,
         "modelspec.resolution": "64x64", "modelspec.prediction_type": "epsilon", "modelspec.encoder_layer": "2",
     }

@@ -12,7 +12,7 @@ kohya's ``train_network.py`` writes the dataset facts one of two ways:
 Every value is what the plan trains on (TOML over CLI, bucket sizes after rounding;
 kohya's ``None`` bucket sizes when bucketing is off), never a command-line default.
 Caption and augmentation options carry the values trained with (``color_aug``,
-``caption_prefix``, ...); ``resize_interpolation`` is null (not implemented). Each subset also
+``caption_prefix``, ``resize_interpolation``, ...). Each subset also
 records its ``caption_extension``, which kohya leaves out; a fine-tuning subset records
 ``metadata_file`` instead of ``class_tokens``/``is_reg`` (and its dataset ``is_dreambooth`` false).
 """
@@ -126,7 +126,7 @@ def _subset(sub: SubsetSpec, img_count: int) -> dict[str, Any]:
         "enable_wildcard": bool(sub.enable_wildcard),
         "caption_prefix": sub.caption_prefix,
         "caption_suffix": sub.caption_suffix,
-        "resize_interpolation": None,
+        "resize_interpolation": sub.resize_interpolation,
         "image_dir": sub.image_dir.name,
     }
     if sub.metadata_file is not None:
@@ -169,7 +169,7 @@ def _dataset(plan: DatasetPlan, index: int) -> dict[str, Any]:
         "max_bucket_reso": hi,
         "tag_frequency": tag_frequency(plan, index),
         "bucket_info": bucket_info(plan, index),
-        "resize_interpolation": None,
+        "resize_interpolation": ds.resize_interpolation,
         "subsets": [_subset(s, n) for s, n in counts],
     }
 

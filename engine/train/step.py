@@ -97,7 +97,8 @@ class TrainStep:
                     pixels = self.plan.dataset.load_image(index, flip=flip).unsqueeze(0)
                     cache[(index, flip)] = self.vae_latents(pixels, gen)[0].to(self.m.weight_dtype)
                 else:
-                    key = cache_key(image_sha256(e.path), e.bucket, e.resized_size, flip, vae_id)
+                    key = cache_key(image_sha256(e.path), e.bucket, e.resized_size, flip, vae_id,
+                                    self.plan.dataset.resize_method(index))
                     moments = disk.get(key)
                     if moments is None:
                         pixels = self.plan.dataset.load_image(index, flip=flip).unsqueeze(0)
