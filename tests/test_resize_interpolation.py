@@ -193,3 +193,15 @@ def test_metadata_records_the_flag_and_each_dataset_and_subset_value(tmp_path):
     assert meta["ss_resize_interpolation"] == "cubic"
     assert datasets[0]["resize_interpolation"] == "bilinear"
     assert datasets[0]["subsets"][0]["resize_interpolation"] == "box"
+
+
+def test_a_preset_toml_sets_it(tmp_path):
+    from engine.config_io import build_config, to_toml
+
+    preset = tmp_path / "p.toml"
+    preset.write_text('[dataset]\nresize_interpolation = "nearest"\n', encoding="utf-8")
+    cfg = build_config(preset)
+    assert cfg.resize_interpolation == "nearest"
+    again = tmp_path / "again.toml"
+    again.write_text(to_toml(cfg), encoding="utf-8")
+    assert build_config(again).resize_interpolation == "nearest"
