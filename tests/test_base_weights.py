@@ -339,3 +339,11 @@ def test_a_run_over_merged_weights_trains_and_saves_only_its_own_network(assets,
 def test_resuming_a_run_with_base_weights_equals_the_straight_run(assets, lora_file, loha_file, tmp_path):
     check_resume_equals_straight(assets, tmp_path / "out", base_weights=[str(lora_file), str(loha_file)],
                                  base_weights_multiplier=[0.7])
+
+
+def test_the_forms_text_of_the_lists_reads_back_as_the_same_values():
+    from cockpit.form import _display
+    from engine.config_io import coerce_value
+
+    for name, value in (("base_weights", ["a b.safetensors", "c.pt"]), ("base_weights_multiplier", [0.5, 1.0])):
+        assert coerce_value(name, _display(value), name) == value
