@@ -41,8 +41,8 @@ class PlainCheckbox(Checkbox):
 def _display(value: Any) -> str:
     if value is None:
         return ""
-    if isinstance(value, list):  # kohya's key=value lists, space-separated
-        return shlex.join(value)
+    if isinstance(value, list):  # kohya's key=value lists (or paths, numbers), space-separated
+        return shlex.join(str(v) for v in value)
     if isinstance(value, float):
         return repr(value) if abs(value) >= 1e-4 or value == 0 else f"{value:g}"
     return str(value)

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from engine.config import FIELDS, GROUPS, TrainConfig, field_default, field_type, fields_in_group
+from engine.config import FIELDS, GROUPS, TrainConfig, field_default, field_item_type, field_type, fields_in_group
 from engine.config_io import build_config, coerce_value
 from engine.errors import ConfigError
 from engine.kohya_config import config_file_path, output_config, several_values_note
@@ -69,7 +69,9 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
             if field_type(f.name) is bool:
                 group.add_argument(f"--{f.name}", action="store_true", default=None, help=help_text)
             elif field_type(f.name) is list:  # kohya's nargs="*": --optimizer_args a=1 b=2
-                group.add_argument(f"--{f.name}", nargs="*", default=None, metavar="KEY=VALUE", help=help_text)
+                metavar = ("PATH" if f.metadata.get("kind") == "paths" else
+                           "X" if field_item_type(f.name) is float else "KEY=VALUE")
+                group.add_argument(f"--{f.name}", nargs="*", default=None, metavar=metavar, help=help_text)
             elif f.metadata.get("kind") == "one_float":  # kohya's nargs="*" of numbers
                 group.add_argument(f"--{f.name}", nargs="*", default=None, metavar="LR", help=help_text)
             else:

@@ -149,6 +149,12 @@ class TrainConfig:
         [], "network", "Network options: key=value ... (networks.lora: conv_dim=8 conv_alpha=4 block_dims=… "
         "down_lr_weight=… rank_dropout=0.1 module_dropout=0.1 loraplus_lr_ratio=16; networks.dylora: unit=N "
         "conv_dim=<network_dim> loraplus_lr_ratio=…; lycoris.kohya: algo=lokr preset=full factor=8 dora_wd=True …).")
+    # --- network: kohya's --base_weights (engine.base_weights): LoRA files merged into the base before training
+    base_weights: list[str] = _f(
+        [], "network", "LoRA/LyCORIS files merged into the base model before training (kohya's layout); the "
+        "trained file holds only the new network.", kind="paths")
+    base_weights_multiplier: list[float] = _f(
+        [], "network", "Merge strength of each --base_weights file, in order (1.0 for a file without one).")
     network_dropout: float | None = _f(None, "network", "Dropout on each LoRA's down output while training "
                                        "(kohya's neuron dropout, e.g. 0.1).", minimum=0)
     scale_weight_norms: float | None = _f(None, "network", "After each step, scale down every LoRA module whose "
@@ -355,12 +361,18 @@ FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in fields(TrainConfig)}
 
 
 def field_type(name: str) -> type:
-    """The type of a field: bool, int, float, str (Optional unwrapped) or list (of str, kohya's nargs="*")."""
+    """The type of a field: bool, int, float, str (Optional unwrapped) or list (kohya's nargs="*": of str, or of
+    float for :func:`field_item_type` float)."""
     annotation = str(FIELDS[name].type)
     for kind in ("bool", "int", "float", "str", "list"):
         if annotation.startswith(kind):
             return {"bool": bool, "int": int, "float": float, "str": str, "list": list}[kind]
     raise AssertionError(f"unsupported field type {annotation} for {name}")
+
+
+def field_item_type(name: str) -> type:
+    """The type of a list field's items: str, or float (``list[float]``)."""
+    return float if str(FIELDS[name].type).replace(" ", "") == "list[float]" else str
 
 
 def field_default(name: str) -> Any:

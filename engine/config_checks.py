@@ -64,6 +64,11 @@ def config_problems(cfg: TrainConfig) -> dict[str, str]:
             and not Path(cfg.metadata_thumbnail).expanduser().is_file():
         out["metadata_thumbnail"] = (f"{cfg.metadata_thumbnail} is not a file; give an image file or a "
                                      "data: URL")
+    if cfg.base_weights:
+        from engine.base_weights import path_problem
+
+        if why := path_problem(cfg.base_weights):
+            out["base_weights"] = why
     if cfg.dim_from_weights and not cfg.network_weights:
         out["dim_from_weights"] = "needs --network_weights=<a LoRA file> to read network_dim/alpha from"
     if cfg.max_token_length not in (None, 75, 150, 225):

@@ -8,7 +8,8 @@ import shlex
 from pathlib import Path
 from typing import Any, Mapping
 
-from engine.config import FIELDS, GROUPS, TrainConfig, field_default, field_is_optional, field_type, fields_in_group
+from engine.config import (FIELDS, GROUPS, TrainConfig, field_default, field_is_optional, field_item_type, field_type,
+                           fields_in_group)
 from engine.errors import ConfigError
 from engine.scalars import scalar_value
 
@@ -86,18 +87,42 @@ def is_dataset_toml(data: Mapping[str, Any]) -> bool:
     return isinstance(general, dict) and any(key in dataset_only for key in general)
 
 
-def _coerce_list(name: str, raw: Any, where: str) -> list[str]:
-    """A TOML list of strings, a CLI value list, or one space-separated string (the form; some TOMLs)."""
+def _coerce_list(name: str, raw: Any, where: str) -> list:
+    """A TOML list, a CLI value list, or one space-separated string (the form; some TOMLs); a lone TOML value
+    is a list of one. ``list[float]`` fields (kohya's ``type=float, nargs="*"``) get numbers; ``""`` or
+    ``[]`` is the empty list (unset)."""
     if raw is None:
         return []
     if isinstance(raw, str):
         try:
-            return shlex.split(raw)
+            items: list = shlex.split(raw)
         except ValueError as err:
             raise ConfigError(f"{where}: {name}: {err} in {raw!r}") from None
-    if isinstance(raw, (list, tuple)) and all(isinstance(x, str) for x in raw):
-        return [str(x) for x in raw]
+    elif isinstance(raw, (list, tuple)):
+        items = list(raw)
+    else:
+        items = [raw]
+    if field_item_type(name) is float:
+        return [_number_item(name, x, where) for x in items]
+    if isinstance(raw, (str, list, tuple)) and all(isinstance(x, str) for x in items):
+        return [str(x) for x in items]
+    if FIELDS[name].metadata.get("kind") == "paths":
+        raise ConfigError(f"{where}: {name} must be file paths, e.g. [\"a.safetensors\"] (got {raw!r})")
     raise ConfigError(f"{where}: {name} must be key=value strings, e.g. [\"weight_decay=0.01\"] (got {raw!r})")
+
+
+def _number_item(name: str, value: Any, where: str) -> float:
+    """One number of a ``list[float]`` field, or the one-line error naming it."""
+    shown = where if where in (f"--{name}", name) else f"{where}: {name}"
+    try:
+        number = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError):
+        number = math.nan
+    if math.isnan(number) and not (isinstance(value, str) and value.strip().lower() == "nan"):
+        raise ConfigError(f"{shown}: {value!r} is not a number")
+    if not math.isfinite(number):
+        raise ConfigError(f"{shown}: {value!r} is not a finite number")
+    return number
 
 
 def _steps_or_ratio(name: str, value: float, where: str) -> float | int:

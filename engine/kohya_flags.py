@@ -105,10 +105,6 @@ _ROWS: list[KohyaFlag] = [
     KohyaFlag("conditioning_data_dir", str, "dataset", INFO,
               "kohya's train_network.py reads conditioning_data_dir only from dataset-TOML subsets (with "
               "--masked_loss); the flag itself changes nothing"),
-    # --- network
-    KohyaFlag("base_weights", list, "network", PENDING, "merging LoRA weights into the base model", [], "training"),
-    KohyaFlag("base_weights_multiplier", list, "network", PENDING, "merging LoRA weights into the base model", [],
-              "training"),
     # --- other: console
     KohyaFlag("console_log_level", str, "logging", INFO, "progress lines go to the console and the run folder"),
     KohyaFlag("console_log_file", str, "logging", INFO,

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from engine.base_weights import multiplier_warnings
 from engine.disk_budget import DiskBudget, disk_budget, disk_warning
 from engine.kohya.names import checkpoint_filename
 from engine.config import TrainConfig
@@ -217,7 +218,8 @@ def plan_run(config: TrainConfig) -> RunPlan:
         checkpoints=checkpoints,
         output_dir=Path(config.output_dir),
         free_bytes=free,
-        warnings=warnings + loss_warnings(config) + format_warnings(config) + ignored_args_warnings(
+        warnings=warnings + loss_warnings(config) + format_warnings(config) + multiplier_warnings(
+            config.base_weights, config.base_weights_multiplier) + ignored_args_warnings(
             config.network_args, config.network_module, alpha=config.network_alpha,
             network_dropout=config.network_dropout),
         memory=memory,

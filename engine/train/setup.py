@@ -66,6 +66,10 @@ def setup_models(cfg: TrainConfig, base, device, seed: int) -> Models:
     if cfg.vae:  # kohya's --vae: the external VAE replaces the base model's
         vae = load_external_vae(cfg.vae, sd_config_dir=Path(cfg.sd_config_dir) if cfg.sd_config_dir else None)
     notes: list[str] = []
+    if cfg.base_weights:  # kohya's --base_weights: merged into the float32 base before the network is made
+        from engine.base_weights import merge_base_weights
+
+        notes += merge_base_weights(cfg.base_weights, cfg.base_weights_multiplier, unet, te)
     unet_lr, te_lr = cfg.effective_unet_lr(), cfg.effective_text_encoder_lr()
     train_te = not cfg.network_train_unet_only
     train_unet = not cfg.network_train_text_encoder_only and unet_lr > 0
