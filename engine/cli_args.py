@@ -12,9 +12,9 @@ from engine.config import FIELDS, GROUPS, TrainConfig, field_default, field_item
 from engine.config_io import build_config, coerce_value
 from engine.errors import ConfigError
 from engine.kohya_config import config_file_path, output_config, several_values_note
-from engine.kohya_flags import EXTRA_GROUPS, GUI_ONLY, INFO, OWNERS, PENDING, REFUSED, TABLE
+from engine.kohya_flags import EXTRA_GROUPS, GUI_ONLY, INFO, REFUSED, TABLE
 
-_STATUS = {INFO: "accepted, no effect on the weights", REFUSED: "not supported", PENDING: "not supported yet"}
+_STATUS = {INFO: "accepted, no effect on the weights", REFUSED: "not supported"}
 
 
 _SWITCH_VALUE = re.compile(r"argument (--\w+): ignored explicit argument (.*)$")
@@ -100,8 +100,6 @@ def _table_help(flag: Any) -> str:
         return flag.line or _STATUS[INFO]
     if flag.status == REFUSED:
         return flag.line if _STATUS[REFUSED] in flag.line else f"{_STATUS[REFUSED]}: {flag.line}".rstrip(": ")
-    if flag.status == PENDING:
-        return f"{_STATUS[PENDING]} ({flag.line or OWNERS[flag.owner]})"
     return f"kohya spelling of --{flag.target}"
 
 

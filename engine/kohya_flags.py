@@ -2,8 +2,8 @@
 
 One table, :data:`TABLE`: flag -> :class:`KohyaFlag` (its kohya type, the form group it belongs
 to, and the decision). The rule: only a flag that cannot change the trained weights is accepted
-with one info line; a flag that changes training is never a silent no-op, so until it is
-implemented it is refused in one line naming it. A value equal to kohya's default (or an "off"
+with one info line; a flag that changes training is never a silent no-op: it is a config field
+(implemented) or refused in one line naming it. A value equal to kohya's default (or an "off"
 switch) changes nothing in kohya either, so it is accepted without a word: the GUI writes
 ``loss_type = "l2"`` and ``xformers = false`` into every config.
 
@@ -20,15 +20,8 @@ from engine.errors import ConfigError
 
 INFO = "info"            # accepted; cannot change the weights; one info line when switched on
 REFUSED = "refused"      # spyke-cockpit will not do it; one line when switched on
-PENDING = "pending"      # changes training and is not implemented yet; refused in one line when switched on
 ALIAS = "alias"          # kohya's other spelling of a field
 
-# Who implements a pending flag (shown in the refusal and grouped in the tests).
-OWNERS = {
-    "logging": "TensorBoard/wandb logging",
-    "training": "the network_args / loss / caption options",
-    "saving": "the saving options",
-}
 # Help-only sections for flags outside the form's groups.
 EXTRA_GROUPS = {"logging": "Logging & console", "other": "Other kohya flags"}
 
@@ -41,7 +34,6 @@ class KohyaFlag:
     status: str
     line: str = ""           # the info line, or why it is refused
     default: Any = None      # kohya's default: the same value is accepted silently
-    owner: str = ""          # PENDING: a key of OWNERS
     target: str = ""         # ALIAS: the field it sets
     decide: Callable[[Any, Mapping[str, Any]], str | None] | None = None  # custom: info line or raise
 
@@ -170,17 +162,4 @@ def decide(name: str, value: Any, given: Mapping[str, Any], where: str) -> tuple
     if flag.status == INFO:
         return f"{shown}: accepted; {flag.line}", {}
     prefix = "" if where == f"--{name}" else f"{where}: "
-    if flag.status == REFUSED:
-        raise ConfigError(f"{prefix}{shown}: {flag.line}; remove it")
-    what = flag.line or OWNERS[flag.owner]
-    raise ConfigError(f"{prefix}{shown}: not supported yet ({what}); remove it or set it to kohya's default "
-                      f"({flag.default!r})" if flag.default not in (None, False, []) else
-                      f"{prefix}{shown}: not supported yet ({what}); remove it")
-
-
-def pending_by_owner() -> dict[str, list[str]]:
-    out: dict[str, list[str]] = {}
-    for flag in TABLE.values():
-        if flag.status == PENDING:
-            out.setdefault(flag.owner, []).append(flag.name)
-    return out
+    raise ConfigError(f"{prefix}{shown}: {flag.line}; remove it")   # REFUSED

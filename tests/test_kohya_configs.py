@@ -12,7 +12,7 @@ from engine.config import FIELDS
 from engine.config_io import coerce_value
 from engine.errors import ConfigError
 from engine.kohya_config import read_toml
-from engine.kohya_flags import OWNERS, TABLE, decide
+from engine.kohya_flags import TABLE, decide
 
 GUI_CONFIGS = Path(__file__).resolve().parent.parent.parent / "shared" / "kohya-gui-configs"
 PLACEHOLDERS = {"TRAIN_DATA_DIR": "/data/train", "REG_DATA_DIR": "/data/reg", "OUTPUT_DIR": "/data/out",
@@ -265,8 +265,15 @@ def test_import_kohya_without_a_command_is_one_line():
         import_kohya("echo hello\n")
 
 
-def test_every_pending_flag_names_who_implements_it():
-    assert all(flag.owner in OWNERS for flag in TABLE.values() if flag.status == "pending")
+def test_every_kohya_flag_outside_the_config_is_accepted_refused_with_a_reason_or_an_alias():
+    from engine.kohya_flags import ALIAS, INFO, REFUSED
+
+    assert {flag.status for flag in TABLE.values()} <= {INFO, REFUSED, ALIAS}
+    assert all(flag.line or flag.decide for flag in TABLE.values() if flag.status != ALIAS)
+    refused = [name for name, flag in TABLE.items() if flag.status == REFUSED]
+    assert "base_weights" not in TABLE and "resize_interpolation" not in TABLE and "deepspeed" in refused
+    with pytest.raises(ConfigError, match=r"^--deepspeed: DeepSpeed is not supported .*; remove it$"):
+        decide("deepspeed", True, {}, "--deepspeed")
 
 
 def _gui_keys_all_accepted(path: Path) -> bool:
