@@ -374,11 +374,17 @@ class PreviewPanel(Panel):
 
     def show_plan(self, plan: Any) -> None:
         self.remove_class("-error")
-        self.query_one("#preview-text", Static).update(preview_text(plan))
+        self._show(preview_text(plan))
 
     def show_message(self, message: str, *, error: bool = False) -> None:
         self.set_class(error, "-error")
-        self.query_one("#preview-text", Static).update(Text(message, style="bold red" if error else "dim"))
+        self._show(Text(message, style="bold red" if error else "dim"))
+
+    def _show(self, text: Text) -> None:
+        """A plan worked out in the background can arrive as the app closes, its text already gone: then it
+        has nowhere to go."""
+        for static in self.query("#preview-text").results(Static):
+            static.update(text)
 
     def show(self, state: CockpitState, now: float) -> None:
         return

@@ -548,6 +548,21 @@ async def test_the_footer_spells_pause_with_space_before_and_during_training():
 
 
 @sync
+async def test_a_plan_that_arrives_as_the_app_closes_is_dropped_without_an_error():
+    from cockpit.app import PreviewReady
+
+    app = make_app(config=valid_config())
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        plan = app._plan
+        await app.query_one("#preview-text").remove()          # the screen is being torn down
+        app.post_message(PreviewReady(app._preview_token, plan=plan))
+        app.post_message(PreviewReady(app._preview_token, error="the dataset folder is gone"))
+        await settle(app, pilot)
+        assert app.is_running and app._plan is None
+
+
+@sync
 async def test_a_checkbox_reads_ticked_or_not_without_colours():
     app = make_app(config=valid_config())
     async with app.run_test(size=SIZE) as pilot:
