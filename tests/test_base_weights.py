@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from engine.errors import ConfigError
-from engine.events import LogMessage
+from engine.events import LogMessage, StepCompleted
 from tests.test_durable import assets, check_resume_equals_straight, make_config, read_tensors, train  # noqa: F401
 from tests.test_lycoris import ALGOS
 
@@ -334,6 +334,9 @@ def test_a_run_over_merged_weights_trains_and_saves_only_its_own_network(assets,
     linear = f"{kohya_name(LINEAR)}.lora_down.weight"
     assert cfg.network_dim != 2 and saved[linear].shape[0] == cfg.network_dim    # the run's rank, not the file's
     assert len(saved) % 3 == 0 and all(k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha")) for k in saved)
+    plain = train(cfg.replace(output_dir=str(tmp_path / "plain"), base_weights=[], base_weights_multiplier=[]))
+    losses = [[e.loss for e in r.events if isinstance(e, StepCompleted)] for r in (run, plain)]
+    assert len(losses[0]) == len(losses[1]) == 2 and losses[0][0] != losses[1][0]   # the same batch, another base
 
 
 def test_resuming_a_run_with_base_weights_equals_the_straight_run(assets, lora_file, loha_file, tmp_path):
