@@ -205,24 +205,48 @@ def cleanup_temp_dirs(folder: Path) -> list[Path]:
     return removed
 
 
-# Fields whose change makes a resumed run a different run.
-RUN_DEFINING = (
-    "network_module", "scale_weight_norms",
-    "pretrained_model_name_or_path", "dataset_config", "train_data_dir", "reg_data_dir", "resolution",
-    "train_batch_size", "enable_bucket", "network_dim", "network_alpha", "network_train_unet_only",
-    "network_train_text_encoder_only", "learning_rate", "unet_lr", "text_encoder_lr", "optimizer_type",
-    "lr_scheduler", "lr_warmup_steps", "lr_scheduler_num_cycles", "lr_scheduler_power", "max_train_steps",
-    "max_train_epochs", "gradient_accumulation_steps", "seed", "clip_skip", "noise_offset", "min_snr_gamma",
-    "prior_loss_weight", "mixed_precision", "output_name", "caption_extension", "shuffle_caption", "keep_tokens",
-    "flip_aug", "optimizer_args", "use_8bit_adam", "use_lion_optimizer", "lr_scheduler_type", "lr_scheduler_args",
-    "lr_decay_steps", "lr_scheduler_min_lr_ratio", "lr_scheduler_timescale",
-    "network_args", "network_dropout", "in_json", "dataset_repeats", "max_token_length", "masked_loss", "alpha_mask",
-)
+# Fields a resumed run may change: where and how often it saves, logs, samples and validates, what it
+# does on a NaN or a full disk, which device and data loader it uses, how it resumes. They change neither
+# the images trained on nor the math of a step. Every other setting defines the run: a resume that
+# changes one is refused unless --resume_force, so a field added later is guarded without being listed.
+RESUME_FREE = frozenset({
+    # how the run resumes or restarts
+    "resume", "resume_force", "initial_step", "initial_epoch", "skip_until_initial_step", "overwrite",
+    # where the files go and which ones are kept (output_name stays run-defining: the files are named by it)
+    "output_dir", "save_model_as", "save_every_n_steps", "save_every_n_epochs", "save_precision", "save_state",
+    "save_state_on_train_end", "save_last_n_steps", "save_last_n_epochs", "save_last_n_steps_state",
+    "save_last_n_epochs_state", "save_n_epoch_ratio", "training_comment", "no_metadata",
+    "metadata_title", "metadata_author", "metadata_description", "metadata_license", "metadata_tags",
+    "metadata_usage_hint", "metadata_thumbnail", "metadata_merged_from", "metadata_trigger_phrase",
+    "metadata_preprocessor", "metadata_is_negative_embedding",
+    # watching the run: logs, trackers, samples, validation, notifications
+    "logging_dir", "log_with", "log_prefix", "log_tracker_name", "log_tracker_config", "wandb_run_name",
+    "wandb_api_key", "log_config", "sample_prompts", "sample_every_n_steps", "sample_every_n_epochs",
+    "sample_at_first", "sample_sampler", "validate_every_n_steps", "validate_every_n_epochs",
+    "max_validation_steps", "no_notify",
+    # guards and the machine: same math on another device, loader or memory layout
+    "nan_policy", "device", "ignore_memory_check", "no_prevent_sleep", "gradient_checkpointing",
+    "no_half_vae", "cache_latents", "cache_latents_to_disk", "max_data_loader_n_workers",
+    "persistent_data_loader_workers", "allow_pickle", "sd_config_dir",
+    # the start only: on a resume the network comes from the state folder
+    "network_weights", "dim_from_weights",
+})
 
 
 def config_mismatches(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """The run-defining settings (every field outside :data:`RESUME_FREE`) that differ between the saved
+    run and this one; a field the saved run did not know (an older version's state) is not compared."""
     out = []
-    for name in RUN_DEFINING:
-        if name in saved and saved.get(name) != current.get(name):
-            out.append(f"{name}: saved {saved.get(name)!r}, now {current.get(name)!r}")
+    for name, now in current.items():
+        if name in RESUME_FREE or name not in saved:
+            continue
+        if _comparable(saved[name]) != _comparable(now):
+            out.append(f"{name}: saved {saved[name]!r}, now {now!r}")
     return out
+
+
+def _comparable(value: Any) -> Any:
+    """JSON turns tuples into lists: compare the two spellings of one value as equal."""
+    if isinstance(value, (list, tuple)):
+        return [_comparable(v) for v in value]
+    return value

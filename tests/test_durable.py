@@ -256,6 +256,10 @@ def test_resume_with_changed_settings_is_one_clear_error_unless_forced(assets, a
     assert "\n" not in message and "network_dim" in message and "--resume_force" in message
     assert "8" in message and "4" in message  # saved and new values
     assert isinstance(ConfigError(message), ConfigError)
+    # Not only the long-known settings: a loss or resize choice made later is guarded as well.
+    other = train(make_config(assets, out, resume=str(state_dir), loss_type="huber", resize_interpolation="bicubic"))
+    assert other.result.status == "failed"
+    assert "loss_type: saved 'l2', now 'huber'" in other.result.error and "resize_interpolation" in other.result.error
 
     # A setting that does not change the run (how often to save) is not a mismatch; --resume_force
     # continues despite a changed one, and says so.
