@@ -28,6 +28,10 @@ def preflight(config: TrainConfig) -> tuple[str | None, OutputCheck]:
     base model, resume state, output folder); return the run id of the state being resumed (if any)
     and what the run would do to the output folder's files (the trainer's own rules, nothing applied)."""
     config.validate()
+    if config.dim_from_weights:   # as the trainer: the rank and alpha come from the file (torch reads it)
+        from engine.network_weights import resolve_dim_from_weights
+
+        config = resolve_dim_from_weights(config)
     plan = plan_run(config)
     if (missing := missing_model(config)) is not None:
         raise ModelLoadError(missing)

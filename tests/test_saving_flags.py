@@ -425,3 +425,22 @@ def test_metadata_flags_with_a_pt_file_say_they_are_not_written(assets, tmp_path
             "only, no metadata (as in kohya); use --save_model_as=safetensors to keep them") in plan.warnings
     assert not [w for w in plan_run(make_config(assets, tmp_path / "p", metadata_title="t")).warnings
                 if "not written" in w]
+
+
+def test_a_detached_resume_reads_the_rank_from_the_file_as_the_trainer_does(assets, tmp_path, trained_lora):
+    import json
+
+    from engine.detach import preflight
+    from engine.network_weights import resolve_dim_from_weights
+
+    out = tmp_path / "o"
+    state = out / "spyke_demo-step00000001-state"
+    state.mkdir(parents=True)
+    cfg = make_config(assets, out, network_weights=str(trained_lora), dim_from_weights=True, resume=str(state),
+                      network_dim=8)
+    saved = resolve_dim_from_weights(cfg.replace(resume=""))     # what the run saved: the file's rank 4
+    assert (saved.network_dim, cfg.network_dim) == (4, 8)
+    (state / "progress.json").write_text(json.dumps({"global_step": 1, "config": saved.to_dict(),
+                                                     "seed": cfg.seed or 1, "run_id": "r1"}))
+    run_id, _ = preflight(cfg)
+    assert run_id == "r1"
