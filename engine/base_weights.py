@@ -40,7 +40,8 @@ def path_problem(paths: Sequence[str]) -> str | None:
     """Why ``--base_weights`` cannot be read, checked before the base model loads (None when every file is)."""
     for path in paths:
         if not Path(path).expanduser().is_file():
-            return f"{path}: no such file; give LoRA files (.safetensors, .pt or .ckpt) to merge into the base model"
+            what = "a folder, not a file" if Path(path).expanduser().is_dir() else "no such file"
+            return f"{path}: {what}; give LoRA files (.safetensors, .pt or .ckpt) to merge into the base model"
     return None
 
 

@@ -247,6 +247,8 @@ def test_a_missing_file_is_refused_before_the_base_model_loads_and_extra_multipl
         make_config(assets, tmp_path / "out", base_weights=[str(lora_file), str(missing)])
     assert str(err.value) == (f"--base_weights {missing}: no such file; give LoRA files (.safetensors, .pt or "
                               ".ckpt) to merge into the base model")
+    with pytest.raises(ConfigError, match=r"--base_weights .*: a folder, not a file; give LoRA files"):
+        make_config(assets, tmp_path / "out", base_weights=[str(tmp_path)])
     plan = plan_run(make_config(assets, tmp_path / "out", base_weights=[str(lora_file)],
                                 base_weights_multiplier=[0.5, 2.0]))
     assert ("--base_weights_multiplier: 2 values for 1 --base_weights file(s); the extra 2 merge nothing (kohya "
