@@ -11,8 +11,9 @@ keys (kohya's ``lora_down``/``lora_up``/``alpha``, conv, ``lora_mid``; LoHa, LoK
 its kohya name names, and merged by that module's ``merge_to(multiplier)``. That is what
 ``lycoris.kohya.create_network_from_weights`` + ``merge_to`` do for kohya, less two faults of LyCORIS 4.1:
 its network's ``merge_to`` merges every module with multiplier 1 (not the one the network was built with)
-(and LoHa/LoKr modules scale their ΔW twice, see :func:`_merge`), and ``create_network_from_weights`` first builds a throwaway full network from whatever preset an earlier
-network left in the class (over an SD1.x UNet the default one stops on "duplicated lora name"). The text
+(and LoHa/LoKr modules scale their ΔW twice, see :func:`_merge`), and ``create_network_from_weights`` first
+builds a throwaway full network from whatever preset an earlier network left in the class (over an SD1.x UNet
+the default one stops on "duplicated lora name"). The text
 encoder is named under ``text_model`` (``engine.lycoris_net``), so its keys are kohya's
 ``lora_te_text_model_…``. The base models are float32 when this runs (the merge computes in the weight's
 dtype); the merged weights are cast with the rest of the model.

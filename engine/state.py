@@ -240,13 +240,6 @@ def config_mismatches(saved: dict[str, Any], current: dict[str, Any]) -> list[st
     for name, now in current.items():
         if name in RESUME_FREE or name not in saved:
             continue
-        if _comparable(saved[name]) != _comparable(now):
+        if saved[name] != now:   # to_dict gives lists, as the saved JSON has them
             out.append(f"{name}: saved {saved[name]!r}, now {now!r}")
     return out
-
-
-def _comparable(value: Any) -> Any:
-    """JSON turns tuples into lists: compare the two spellings of one value as equal."""
-    if isinstance(value, (list, tuple)):
-        return [_comparable(v) for v in value]
-    return value

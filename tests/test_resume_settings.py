@@ -44,8 +44,10 @@ def test_a_field_the_saved_run_did_not_know_is_not_compared():
     assert config_mismatches(saved, _saved(resize_interpolation="area")) == []
 
 
-def test_a_list_read_back_from_json_equals_the_same_tuple():
-    saved = _saved(optimizer_args=["weight_decay=0.1"])
-    current = _saved()
-    current["optimizer_args"] = ("weight_decay=0.1",)
-    assert config_mismatches(saved, current) == []
+def test_a_list_setting_read_back_from_the_state_json_is_unchanged():
+    import json
+
+    saved = json.loads(json.dumps(_saved(optimizer_args=["weight_decay=0.1"], base_weights_multiplier=[0.5])))
+    assert config_mismatches(saved, _saved(optimizer_args=["weight_decay=0.1"], base_weights_multiplier=[0.5])) == []
+    assert config_mismatches(saved, _saved(optimizer_args=["weight_decay=0.2"], base_weights_multiplier=[0.5])) == [
+        "optimizer_args: saved ['weight_decay=0.1'], now ['weight_decay=0.2']"]
